@@ -1,0 +1,1 @@
+//! Consistent hashing ring of kv.
