@@ -1,1 +1,176 @@
-fn main() {}
+//! kv-node: one storage node of kv. Wiring only: read the config, open the store (recovery),
+//! start the cluster layer, serve HTTP, and shut down cleanly on SIGTERM or Ctrl-C.
+
+mod api;
+mod config;
+mod error;
+mod internal;
+mod routes;
+mod status;
+mod telemetry;
+
+use config::{NodeConfig, HELP_VARIABLES};
+use kv_cluster::{Cluster, ClusterConfig};
+use kv_core::{Store, StoreConfig};
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+use tracing::{error, info, warn};
+
+/// How long a clean shutdown gives peers to take their hints before keeping them on disk.
+const HINT_DELIVERY_BUDGET: Duration = Duration::from_secs(2);
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("--help" | "-h") => return print_help(),
+        Some("--version" | "-V") => {
+            return print_line(&format!("kv-node {}", env!("CARGO_PKG_VERSION")))
+        }
+        Some(other) => {
+            eprintln!("kv-node: unknown argument {other:?}; kv-node is configured by environment variables (see kv-node --help)");
+            return ExitCode::from(2);
+        }
+        None => {}
+    }
+    let config = match NodeConfig::from_env() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("kv-node: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init_tracing(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("kv-node: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("kv-node: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Recovers the store, serves until a shutdown signal, then drains and checkpoints.
+async fn run(config: NodeConfig) -> Result<(), String> {
+    let mut store_config = StoreConfig::new(config.data_dir.clone(), kv_core::node_id(&config.url));
+    store_config.sync = config.wal_sync;
+    store_config.sync_interval = config.wal_sync_interval;
+    store_config.snapshot_interval = config.snapshot_interval;
+    store_config.wal_max_bytes = config.wal_max_bytes;
+    store_config.tombstone_grace = config.tombstone_grace;
+    info!(node = %config.name, data_dir = %config.data_dir.display(), "recovering");
+    let store = tokio::task::spawn_blocking(move || Store::open(store_config))
+        .await
+        .map_err(|e| format!("recovery task failed: {e}"))?
+        .map_err(|e| format!("cannot open the store: {e}"))?;
+    let status = store.status();
+    info!(
+        keys = status.keys,
+        wal_bytes = status.wal_bytes,
+        "recovered"
+    );
+
+    let cluster =
+        Cluster::start(cluster_config(&config), store.clone()).map_err(|e| e.to_string())?;
+    let metrics = telemetry::init_metrics();
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    info!(node = %config.name, url = %config.url, listen = %config.listen, nodes = config.nodes.len(), "serving");
+    let grace = config.shutdown_grace;
+    let app = routes::app(routes::AppState::new(config, cluster.clone(), metrics));
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        let _ = stopping_tx.send(());
+    });
+    let server = tokio::spawn(async move { server.await });
+    let _ = stopping_rx.await;
+    info!("shutting down: no new connections; finishing requests in flight");
+    if tokio::time::timeout(grace, server).await.is_err() {
+        warn!(
+            grace_secs = grace.as_secs(),
+            "requests still in flight after the grace period; closing"
+        );
+    }
+    cluster.shutdown(HINT_DELIVERY_BUDGET).await;
+    store
+        .shutdown()
+        .await
+        .map_err(|e| format!("shutdown checkpoint failed: {e}"))?;
+    info!("stopped cleanly");
+    Ok(())
+}
+
+fn cluster_config(config: &NodeConfig) -> ClusterConfig {
+    ClusterConfig {
+        me: config.url.clone(),
+        nodes: config.nodes.clone(),
+        replication_factor: config.replication_factor,
+        vnodes: config.vnodes,
+        secret: config.cluster_secret.clone(),
+        health_interval: config.health_interval,
+        health_timeout: config.health_timeout,
+        connect_timeout: Duration::from_millis(500),
+        peer_timeout: config.peer_timeout,
+        write_consistency: config.write_consistency,
+        read_consistency: config.read_consistency,
+        hints_dir: config.data_dir.join("hints"),
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}
+
+fn print_help() -> ExitCode {
+    let mut text = format!(
+        "kv-node {}: one storage node of kv, a distributed key-value store.\n\n\
+         Usage: kv-node            (configured by environment variables)\n       \
+         kv-node --help | --version\n\nEnvironment variables (default in brackets):\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    for (name, default, meaning) in HELP_VARIABLES {
+        text.push_str(&format!("  {name:<26} {meaning} [{default}]\n"));
+    }
+    print_line(&text)
+}
+
+fn print_line(text: &str) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}") {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::FAILURE,
+    }
+}

@@ -1,1 +1,42 @@
-//! Storage engine of kv.
+//! Storage engine of kv: the in-memory map, the write-ahead log, snapshots and recovery.
+//! No network, no HTTP: the node wires this to its API.
+//!
+//! # Layout
+//!
+//! - [`version`]: `Version` (hybrid logical clock + node id), `Clock`, `node_id`.
+//! - `record`: what a record is and its bytes.
+//! - [`frame`]: `[len][crc32c][payload]` framing and the torn-tail rule.
+//! - `map`: the sharded in-memory map of newest entries (`Entry`).
+//! - `segment`, `wal`: WAL segment files and the writer thread (group commit).
+//! - `snapshot`, `checkpoint`: `snapshot.db` and the thread that writes it.
+//! - `recovery`: snapshot load plus WAL replay at start-up.
+//! - `lock`: the data folder's lock file.
+//! - `store`: the `Store` facade; `config`: `StoreConfig`, `SyncMode`; `error`: `Error`.
+//!
+//! # Files in the data folder
+//!
+//! `LOCK` (held while open), `wal-00000001.log`, `wal-00000002.log`, ... (WAL segments; only the
+//! newest is appended to), `snapshot.db` (the map at the last checkpoint, naming the first
+//! segment to replay after it) and, briefly, `snapshot.db.tmp`.
+
+mod checkpoint;
+mod config;
+mod error;
+pub mod frame;
+mod lock;
+mod map;
+mod record;
+mod recovery;
+mod segment;
+mod snapshot;
+mod store;
+pub mod version;
+mod wal;
+
+pub use checkpoint::CheckpointStats;
+pub use config::{StoreConfig, SyncMode};
+pub use error::Error;
+pub use map::Entry;
+pub use record::{Record, MAX_KEY_LEN, MAX_VALUE_LEN};
+pub use store::{Store, StoreStatus};
+pub use version::{node_id, Clock, Version};

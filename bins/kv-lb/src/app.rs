@@ -1,0 +1,120 @@
+//! The router and the state every handler shares: which route goes where, which layers wrap
+//! them (request id, metrics and span on all; auth on data routes), and JSON 404/405.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::{Method, Uri};
+use axum::middleware::{from_fn, from_fn_with_state};
+use axum::routing::{any, get, post};
+use axum::Router;
+use kv_ring::Ring;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::config::LbConfig;
+use crate::error::ApiError;
+use crate::health::{health_route, HealthTable};
+use crate::metrics::metrics_route;
+use crate::status::{status_route, Counters};
+use crate::upstream::Upstream;
+use crate::{auth, proxy, request_context};
+
+/// Slack allowed above `MAX_VALUE_BYTES` for the JSON around the value (`{"value": ...}`).
+pub const BODY_MARGIN_BYTES: usize = 64 * 1024;
+
+/// State shared by every handler.
+pub type SharedState = Arc<LbState>;
+
+/// Everything a request needs: the ring, node health, the client to the nodes and settings.
+#[derive(Debug)]
+pub struct LbState {
+    /// The ring, built from `DATABASE_NODES` with `VNODES`; indices match `health`.
+    pub ring: Ring,
+    /// N: how many replicas of a key are candidates.
+    pub replication_factor: usize,
+    /// What the load balancer believes about each node.
+    pub health: Arc<HealthTable>,
+    /// Pooled client to the nodes.
+    pub upstream: Upstream,
+    /// Counts shown by `GET /`.
+    pub counters: Counters,
+    /// Bearer token required on data routes, if any.
+    pub auth_token: Option<String>,
+    /// Largest request body accepted, in bytes.
+    pub body_limit: usize,
+    /// Deadline of one proxied request, failovers included.
+    pub request_timeout: Duration,
+    /// Renders `GET /metrics`.
+    pub metrics: PrometheusHandle,
+    /// When the process started, for the uptime.
+    pub started: Instant,
+    round_robin: AtomicUsize,
+}
+
+impl LbState {
+    /// Builds the state from a checked configuration.
+    pub fn new(config: &LbConfig, metrics: PrometheusHandle) -> SharedState {
+        let ring = Ring::new(&config.nodes, config.vnodes);
+        let health = Arc::new(HealthTable::new(ring.nodes()));
+        Arc::new(LbState {
+            replication_factor: config.replication_factor.min(ring.len()),
+            ring,
+            health,
+            upstream: Upstream::new(),
+            counters: Counters::default(),
+            auth_token: config.auth_token.clone(),
+            body_limit: config.max_value_bytes.saturating_add(BODY_MARGIN_BYTES),
+            request_timeout: config.request_timeout,
+            metrics,
+            started: Instant::now(),
+            round_robin: AtomicUsize::new(0),
+        })
+    }
+
+    /// Every node, starting one further round the ring at each call: the order for requests
+    /// that have no key (`/batch`, `/v1`), which any node can serve.
+    pub fn round_robin(&self) -> Vec<usize> {
+        let count = self.ring.len();
+        if count == 0 {
+            return Vec::new();
+        }
+        let start = self.round_robin.fetch_add(1, Ordering::Relaxed) % count;
+        (0..count).map(|i| (start + i) % count).collect()
+    }
+}
+
+/// The whole application: status routes, data routes behind auth, JSON fallbacks.
+pub fn app(state: SharedState) -> Router {
+    let data = Router::new()
+        .route("/v1", any(proxy::any_node))
+        .route("/v1/", any(proxy::any_node))
+        .route("/v1/{*key}", any(proxy::key_owner))
+        .route("/batch", post(proxy::any_node).fallback(method_not_allowed))
+        .route_layer(from_fn_with_state(Arc::clone(&state), auth::require_token));
+    Router::new()
+        .route("/", get(status_route).fallback(method_not_allowed))
+        .route("/health", get(health_route).fallback(method_not_allowed))
+        .route("/metrics", get(metrics_route).fallback(method_not_allowed))
+        .merge(data)
+        .fallback(not_found)
+        .layer(from_fn(request_context::track))
+        .with_state(state)
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::NotFound {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+    }
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,415 @@
+//! Configuration of the load balancer: environment variables read once with envy, checked and
+//! turned into a typed [`LbConfig`]. After [`LbConfig::from_env`] no code reads the environment.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tracing_subscriber::EnvFilter;
+use url::Url;
+
+/// Node list used when `DATABASE_NODES` is unset: the three nodes `scripts/cluster.sh up` starts.
+pub const DEFAULT_DATABASE_NODES: &str =
+    "http://127.0.0.1:8001,http://127.0.0.1:8002,http://127.0.0.1:8003";
+const DEFAULT_LB_PORT: u16 = 9000;
+const DEFAULT_BIND_ADDR: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+const DEFAULT_REPLICATION_FACTOR: usize = 3;
+const DEFAULT_HEALTH_CHECK_INTERVAL_MS: u64 = 1000;
+const DEFAULT_HEALTH_CHECK_TIMEOUT_MS: u64 = 500;
+const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 10_000;
+const DEFAULT_MAX_VALUE_BYTES: usize = 1_048_576;
+/// Upper bound of every `*_MS` variable (one hour): keeps deadline arithmetic far from overflow.
+const MAX_MILLIS: u64 = 3_600_000;
+const MAX_VNODES: usize = 4096;
+const MAX_VALUE_BYTES_LIMIT: usize = 1 << 30;
+
+/// Text of `kv-lb --help`: every variable with its default, in the order of `.env.example`.
+pub fn help_text() -> String {
+    format!(
+        "\
+kv-lb {version}: owner-routing load balancer of kv
+
+Usage: kv-lb [--help | --version]
+Configuration is read from the environment (default in brackets):
+
+  DATABASE_NODES            comma-separated node URLs             [{DEFAULT_DATABASE_NODES}]
+  LB_PORT                   port to listen on                     [{DEFAULT_LB_PORT}]
+  BIND_ADDR                 address to bind (0.0.0.0: all)        [{DEFAULT_BIND_ADDR}]
+  REPLICATION_FACTOR        replicas per key (N), as on the nodes [{DEFAULT_REPLICATION_FACTOR}, capped at the node count]
+  VNODES                    virtual nodes per node, as on nodes   [{vnodes}]
+  AUTH_TOKEN                bearer token required on /v1, /batch  [unset: no auth]
+  HEALTH_CHECK_INTERVAL_MS  period of GET /health on each node    [{DEFAULT_HEALTH_CHECK_INTERVAL_MS}]
+  HEALTH_CHECK_TIMEOUT_MS   deadline of one health check          [{DEFAULT_HEALTH_CHECK_TIMEOUT_MS}]
+  REQUEST_TIMEOUT_MS        deadline of one request, failover too [{DEFAULT_REQUEST_TIMEOUT_MS}]
+  MAX_VALUE_BYTES           value size limit (body cap: + 64 KiB) [{DEFAULT_MAX_VALUE_BYTES}]
+  RUST_LOG                  tracing filter                        [info]
+  LOG_FORMAT                text or json                          [text]
+",
+        version = env!("CARGO_PKG_VERSION"),
+        vnodes = kv_ring::DEFAULT_VNODES,
+    )
+}
+
+/// Raw environment, all strings, so every parse error is ours and names its variable.
+#[derive(Debug, Default, Deserialize)]
+struct LbEnv {
+    database_nodes: Option<String>,
+    lb_port: Option<String>,
+    bind_addr: Option<String>,
+    replication_factor: Option<String>,
+    vnodes: Option<String>,
+    auth_token: Option<String>,
+    health_check_interval_ms: Option<String>,
+    health_check_timeout_ms: Option<String>,
+    request_timeout_ms: Option<String>,
+    max_value_bytes: Option<String>,
+    rust_log: Option<String>,
+    log_format: Option<String>,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The checked configuration of the load balancer.
+#[derive(Clone, Debug)]
+pub struct LbConfig {
+    /// Node URLs (`DATABASE_NODES`), as written, without a trailing slash; the ring sorts them.
+    pub nodes: Vec<String>,
+    /// Address to listen on (`BIND_ADDR`:`LB_PORT`).
+    pub listen: SocketAddr,
+    /// Replicas per key (`REPLICATION_FACTOR`), already capped at the number of nodes.
+    pub replication_factor: usize,
+    /// Virtual nodes per node (`VNODES`); must match the nodes' value.
+    pub vnodes: usize,
+    /// Bearer token required on data routes (`AUTH_TOKEN`); `None` when unset or empty.
+    pub auth_token: Option<String>,
+    /// Period of the active health checks (`HEALTH_CHECK_INTERVAL_MS`).
+    pub health_check_interval: Duration,
+    /// Deadline of one health check (`HEALTH_CHECK_TIMEOUT_MS`).
+    pub health_check_timeout: Duration,
+    /// Deadline of one proxied request, failovers included (`REQUEST_TIMEOUT_MS`).
+    pub request_timeout: Duration,
+    /// Largest value accepted (`MAX_VALUE_BYTES`); request bodies may exceed it by a margin.
+    pub max_value_bytes: usize,
+    /// Tracing filter (`RUST_LOG`), already checked to parse.
+    pub log_filter: String,
+    /// Log line format (`LOG_FORMAT`).
+    pub log_format: LogFormat,
+}
+
+/// A rejected variable: printed as `NAME=value: expected ...` and exit code 2.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    variable: &'static str,
+    value: String,
+    expected: String,
+}
+
+impl ConfigError {
+    fn new(variable: &'static str, value: &str, expected: impl Into<String>) -> Self {
+        ConfigError {
+            variable,
+            value: value.to_owned(),
+            expected: expected.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}={}: expected {}",
+            self.variable, self.value, self.expected
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl LbConfig {
+    /// Reads and checks the process environment.
+    pub fn from_env() -> Result<LbConfig, ConfigError> {
+        let env: LbEnv = envy::from_env().map_err(|e| {
+            ConfigError::new(
+                "environment",
+                &e.to_string(),
+                "UTF-8 values for every variable",
+            )
+        })?;
+        env.validate()
+    }
+}
+
+impl LbEnv {
+    /// Turns the raw strings into a typed configuration; the first bad variable wins.
+    fn validate(self) -> Result<LbConfig, ConfigError> {
+        let nodes = parse_nodes(self.database_nodes.as_deref())?;
+        let port = parse_port(self.lb_port.as_deref())?;
+        let bind = parse_bind_addr(self.bind_addr.as_deref())?;
+        let replication_factor = parse_count(
+            "REPLICATION_FACTOR",
+            self.replication_factor.as_deref(),
+            DEFAULT_REPLICATION_FACTOR,
+            usize::MAX,
+        )?
+        .min(nodes.len());
+        let vnodes = parse_count(
+            "VNODES",
+            self.vnodes.as_deref(),
+            kv_ring::DEFAULT_VNODES,
+            MAX_VNODES,
+        )?;
+        Ok(LbConfig {
+            nodes,
+            listen: SocketAddr::new(bind, port),
+            replication_factor,
+            vnodes,
+            auth_token: self.auth_token.filter(|token| !token.is_empty()),
+            health_check_interval: parse_millis(
+                "HEALTH_CHECK_INTERVAL_MS",
+                self.health_check_interval_ms.as_deref(),
+                DEFAULT_HEALTH_CHECK_INTERVAL_MS,
+            )?,
+            health_check_timeout: parse_millis(
+                "HEALTH_CHECK_TIMEOUT_MS",
+                self.health_check_timeout_ms.as_deref(),
+                DEFAULT_HEALTH_CHECK_TIMEOUT_MS,
+            )?,
+            request_timeout: parse_millis(
+                "REQUEST_TIMEOUT_MS",
+                self.request_timeout_ms.as_deref(),
+                DEFAULT_REQUEST_TIMEOUT_MS,
+            )?,
+            max_value_bytes: parse_count(
+                "MAX_VALUE_BYTES",
+                self.max_value_bytes.as_deref(),
+                DEFAULT_MAX_VALUE_BYTES,
+                MAX_VALUE_BYTES_LIMIT,
+            )?,
+            log_filter: parse_log_filter(self.rust_log.as_deref())?,
+            log_format: parse_log_format(self.log_format.as_deref())?,
+        })
+    }
+}
+
+/// `DATABASE_NODES`: at least one `http://host:port` URL, written in canonical form (lower-case
+/// host, no default port, no path) so the ring here and on the nodes hashes the same strings.
+fn parse_nodes(raw: Option<&str>) -> Result<Vec<String>, ConfigError> {
+    let raw = raw.unwrap_or(DEFAULT_DATABASE_NODES);
+    let expected = |detail: String| {
+        ConfigError::new(
+            "DATABASE_NODES",
+            raw,
+            format!("comma-separated node URLs such as http://127.0.0.1:8001 ({detail})"),
+        )
+    };
+    let mut nodes = Vec::new();
+    for entry in raw.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let written = entry.trim_end_matches('/');
+        let url = Url::parse(written).map_err(|e| expected(format!("'{entry}': {e}")))?;
+        if url.scheme() != "http" || url.host_str().is_none() {
+            return Err(expected(format!(
+                "'{entry}' is not an http:// URL with a host"
+            )));
+        }
+        if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+            return Err(expected(format!(
+                "'{entry}' has a path, query or fragment; give the node's base URL"
+            )));
+        }
+        let canonical = url.as_str().trim_end_matches('/');
+        if canonical != written {
+            return Err(expected(format!("write '{entry}' as '{canonical}'")));
+        }
+        nodes.push(written.to_owned());
+    }
+    if nodes.is_empty() {
+        return Err(expected("at least one".to_owned()));
+    }
+    Ok(nodes)
+}
+
+fn parse_port(raw: Option<&str>) -> Result<u16, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(DEFAULT_LB_PORT);
+    };
+    match raw.trim().parse::<u16>() {
+        Ok(port) if port > 0 => Ok(port),
+        _ => Err(ConfigError::new(
+            "LB_PORT",
+            raw,
+            "a port number from 1 to 65535",
+        )),
+    }
+}
+
+fn parse_bind_addr(raw: Option<&str>) -> Result<IpAddr, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(DEFAULT_BIND_ADDR);
+    };
+    raw.trim().parse().map_err(|_| {
+        ConfigError::new(
+            "BIND_ADDR",
+            raw,
+            "an IP address such as 127.0.0.1 or 0.0.0.0",
+        )
+    })
+}
+
+/// A whole number in `1..=max`, or `default` when unset.
+fn parse_count(
+    variable: &'static str,
+    raw: Option<&str>,
+    default: usize,
+    max: usize,
+) -> Result<usize, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(default);
+    };
+    match raw.trim().parse::<usize>() {
+        Ok(count) if (1..=max).contains(&count) => Ok(count),
+        _ if max == usize::MAX => Err(ConfigError::new(variable, raw, "a whole number >= 1")),
+        _ => Err(ConfigError::new(
+            variable,
+            raw,
+            format!("a whole number from 1 to {max}"),
+        )),
+    }
+}
+
+/// A whole number of milliseconds in `1..=MAX_MILLIS`, or `default` when unset.
+fn parse_millis(
+    variable: &'static str,
+    raw: Option<&str>,
+    default: u64,
+) -> Result<Duration, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(Duration::from_millis(default));
+    };
+    match raw.trim().parse::<u64>() {
+        Ok(ms) if (1..=MAX_MILLIS).contains(&ms) => Ok(Duration::from_millis(ms)),
+        _ => Err(ConfigError::new(
+            variable,
+            raw,
+            format!("a whole number of milliseconds from 1 to {MAX_MILLIS}"),
+        )),
+    }
+}
+
+fn parse_log_filter(raw: Option<&str>) -> Result<String, ConfigError> {
+    let filter = raw.unwrap_or("info");
+    EnvFilter::try_new(filter).map_err(|e| {
+        ConfigError::new(
+            "RUST_LOG",
+            filter,
+            format!("a tracing filter such as info or kv_lb=debug ({e})"),
+        )
+    })?;
+    Ok(filter.to_owned())
+}
+
+fn parse_log_format(raw: Option<&str>) -> Result<LogFormat, ConfigError> {
+    match raw.map(str::trim) {
+        None | Some("text") => Ok(LogFormat::Text),
+        Some("json") => Ok(LogFormat::Json),
+        Some(other) => Err(ConfigError::new("LOG_FORMAT", other, "text or json")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Result<LbConfig, ConfigError> {
+        let vars = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let env: LbEnv = envy::from_iter(vars).expect("all fields are optional strings");
+        env.validate()
+    }
+
+    fn error(pairs: &[(&str, &str)]) -> String {
+        env(pairs).expect_err("should be rejected").to_string()
+    }
+
+    #[test]
+    fn defaults_apply_when_nothing_is_set() {
+        let config = env(&[]).unwrap();
+        assert_eq!(config.nodes.len(), 3);
+        assert_eq!(config.listen, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(config.replication_factor, 3);
+        assert_eq!(config.vnodes, kv_ring::DEFAULT_VNODES);
+        assert_eq!(config.auth_token, None);
+        assert_eq!(config.request_timeout, Duration::from_secs(10));
+        assert_eq!(config.max_value_bytes, 1_048_576);
+        assert_eq!(config.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn values_are_parsed() {
+        let config = env(&[
+            (
+                "DATABASE_NODES",
+                " http://10.0.0.1:8001/ , http://node-b:8001,",
+            ),
+            ("LB_PORT", "9100"),
+            ("BIND_ADDR", "0.0.0.0"),
+            ("REPLICATION_FACTOR", "5"),
+            ("VNODES", "64"),
+            ("AUTH_TOKEN", "s3cret"),
+            ("LOG_FORMAT", "json"),
+        ])
+        .unwrap();
+        assert_eq!(config.nodes, ["http://10.0.0.1:8001", "http://node-b:8001"]);
+        assert_eq!(config.listen, "0.0.0.0:9100".parse().unwrap());
+        assert_eq!(config.replication_factor, 2, "capped at the node count");
+        assert_eq!(config.vnodes, 64);
+        assert_eq!(config.auth_token.as_deref(), Some("s3cret"));
+        assert_eq!(config.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn empty_auth_token_means_no_auth() {
+        assert_eq!(env(&[("AUTH_TOKEN", "")]).unwrap().auth_token, None);
+    }
+
+    #[test]
+    fn every_bad_value_names_variable_value_and_expectation() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("DATABASE_NODES", "", "DATABASE_NODES=: expected comma-separated node URLs such as http://127.0.0.1:8001 (at least one)"),
+            ("DATABASE_NODES", "localhost:8001", "is not an http:// URL with a host"),
+            ("DATABASE_NODES", "http://", "'http://': empty host"),
+            ("DATABASE_NODES", "https://a:1", "'https://a:1' is not an http:// URL"),
+            ("DATABASE_NODES", "http://A:8001", "write 'http://A:8001' as 'http://a:8001'"),
+            ("DATABASE_NODES", "http://a:1/x", "'http://a:1/x' has a path, query or fragment"),
+            ("DATABASE_NODES", "http://a:80", "write 'http://a:80' as 'http://a'"),
+            ("LB_PORT", "0", "LB_PORT=0: expected a port number from 1 to 65535"),
+            ("LB_PORT", "70000", "LB_PORT=70000: expected a port number"),
+            ("BIND_ADDR", "localhost", "BIND_ADDR=localhost: expected an IP address"),
+            ("REPLICATION_FACTOR", "0", "REPLICATION_FACTOR=0: expected a whole number >= 1"),
+            ("REPLICATION_FACTOR", "three", "REPLICATION_FACTOR=three: expected a whole number >= 1"),
+            ("VNODES", "0", "VNODES=0: expected a whole number from 1 to 4096"),
+            ("VNODES", "100000", "VNODES=100000: expected a whole number from 1 to 4096"),
+            ("HEALTH_CHECK_INTERVAL_MS", "0", "HEALTH_CHECK_INTERVAL_MS=0: expected a whole number of milliseconds"),
+            ("HEALTH_CHECK_TIMEOUT_MS", "-5", "HEALTH_CHECK_TIMEOUT_MS=-5: expected a whole number of milliseconds"),
+            ("REQUEST_TIMEOUT_MS", "99999999999", "REQUEST_TIMEOUT_MS=99999999999: expected a whole number of milliseconds from 1 to 3600000"),
+            ("MAX_VALUE_BYTES", "1k", "MAX_VALUE_BYTES=1k: expected a whole number from 1 to 1073741824"),
+            ("RUST_LOG", "kv_lb=loud", "RUST_LOG=kv_lb=loud: expected a tracing filter"),
+            ("LOG_FORMAT", "xml", "LOG_FORMAT=xml: expected text or json"),
+        ];
+        for (variable, value, wanted) in cases {
+            let message = error(&[(variable, value)]);
+            assert!(
+                message.contains(wanted),
+                "{variable}={value}: got {message:?}"
+            );
+            assert!(!message.contains('\n'), "one line: {message:?}");
+        }
+    }
+}

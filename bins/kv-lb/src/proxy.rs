@@ -1,0 +1,218 @@
+//! The data path: read the client's request once, pick the candidate nodes (the key's replicas
+//! in ring order, healthy first), send it to the first, and fail over to the next only when
+//! that is safe. The node's answer streams back unchanged.
+//!
+//! Retry rules:
+//! - connection refused / connect timeout: the node never saw the request, so every method is
+//!   retried on the next candidate, and the node is marked down at once;
+//! - timeout, 5xx, or a connection lost mid-request: only `GET`/`HEAD` are retried; a write
+//!   may already have been applied, so it gets 504 / the node's 5xx / 502 instead.
+
+use std::time::{Duration, Instant};
+
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, Method};
+use axum::response::Response;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use tracing::{debug, warn};
+
+use crate::app::{LbState, SharedState};
+use crate::error::ApiError;
+use crate::metrics;
+use crate::upstream::{into_client_response, strip_hop_by_hop, BufferedRequest, Outcome};
+
+/// `/v1/{*key}`, any method: to the key's first healthy replica.
+pub async fn key_owner(
+    State(state): State<SharedState>,
+    key: Result<Path<String>, PathRejection>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let Path(key) = key.map_err(|e| ApiError::BadRequest(format!("unreadable key: {e}")))?;
+    let preference = state.ring.preference_list(&key, state.replication_factor);
+    debug!(%key, ?preference, "routing by key");
+    forward(&state, &preference, request).await
+}
+
+/// `/batch`, `/v1` (listing): to any healthy node, round-robin.
+pub async fn any_node(
+    State(state): State<SharedState>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let preference = state.round_robin();
+    forward(&state, &preference, request).await
+}
+
+/// Sends the request to `preference` (healthy nodes first) until one answers or retrying is
+/// no longer safe, all within `REQUEST_TIMEOUT_MS`.
+async fn forward(
+    state: &LbState,
+    preference: &[usize],
+    request: Request,
+) -> Result<Response, ApiError> {
+    state.counters.request();
+    let request = buffer(request, state.body_limit, state.request_timeout).await?;
+    let deadline = Instant::now() + state.request_timeout;
+    let retry_reads = is_read(&request.method);
+    let order = state.health.healthy_first(preference);
+    let mut failures = Failures::default();
+    for (position, &node) in order.iter().enumerate() {
+        let Some(url) = state.health.url(node) else {
+            continue;
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            break;
+        }
+        if position > 0 {
+            state.counters.retry();
+        }
+        let is_last = position + 1 == order.len();
+        let budget = attempt_budget(remaining, retry_reads, order.len() - position);
+        match state.upstream.send(url, &request, budget).await? {
+            Outcome::Answered(response)
+                if retry_reads && !is_last && response.status().is_server_error() =>
+            {
+                metrics::upstream_error(url, "status_5xx");
+                failures.note(url, format!("answered {}", response.status()));
+                failures.last_server_error = Some(response);
+            }
+            Outcome::Answered(response) => {
+                if preference.first() != Some(&node) {
+                    state.counters.failover();
+                }
+                return Ok(into_client_response(response));
+            }
+            Outcome::ConnectFailed(reason) => {
+                metrics::upstream_error(url, "connect");
+                state.health.mark_down(node, &reason);
+                failures.note(url, reason);
+            }
+            Outcome::TimedOut if retry_reads => {
+                metrics::upstream_error(url, "timeout");
+                failures.note(url, format!("no answer within {} ms", budget.as_millis()));
+            }
+            Outcome::TimedOut => {
+                metrics::upstream_error(url, "timeout");
+                return Err(ApiError::Timeout(state.request_timeout));
+            }
+            Outcome::Failed(reason) if retry_reads => {
+                metrics::upstream_error(url, "io");
+                failures.note(url, reason);
+            }
+            Outcome::Failed(reason) => {
+                metrics::upstream_error(url, "io");
+                let node = url.to_owned();
+                return Err(ApiError::BadGateway { node, reason });
+            }
+        }
+    }
+    failures.into_result(Instant::now() >= deadline, state.request_timeout)
+}
+
+/// Why every candidate failed so far, and the last 5xx a node sent (a read's best answer
+/// when no replica does better: it carries the node's own explanation).
+#[derive(Default)]
+struct Failures {
+    tried: usize,
+    last_reason: String,
+    last_server_error: Option<hyper::Response<Incoming>>,
+}
+
+impl Failures {
+    fn note(&mut self, node: &str, reason: String) {
+        warn!(node, %reason, "attempt failed, trying the next replica");
+        self.tried += 1;
+        self.last_reason = format!("{node}: {reason}");
+    }
+
+    fn into_result(self, deadline_passed: bool, timeout: Duration) -> Result<Response, ApiError> {
+        if let Some(response) = self.last_server_error {
+            return Ok(into_client_response(response));
+        }
+        if deadline_passed {
+            return Err(ApiError::Timeout(timeout));
+        }
+        Err(ApiError::Unavailable {
+            tried: self.tried,
+            reason: self.last_reason,
+        })
+    }
+}
+
+/// `GET` and `HEAD` change nothing, so they may be retried after any failure.
+fn is_read(method: &Method) -> bool {
+    method == Method::GET || method == Method::HEAD
+}
+
+/// Time allowed for one attempt. A read shares what is left of the deadline equally among
+/// the candidates left, so one hung node cannot eat the time of the replicas behind it; a
+/// write is never retried after a timeout, so it gets all of it.
+fn attempt_budget(remaining: Duration, retry_reads: bool, candidates_left: usize) -> Duration {
+    if !retry_reads || candidates_left <= 1 {
+        return remaining;
+    }
+    let share = u32::try_from(candidates_left).unwrap_or(u32::MAX);
+    remaining / share
+}
+
+/// Reads the whole body (at most `limit` bytes, within `timeout`) so it can be sent again.
+async fn buffer(
+    request: Request,
+    limit: usize,
+    timeout: Duration,
+) -> Result<BufferedRequest, ApiError> {
+    let (mut parts, body) = request.into_parts();
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    let collected = tokio::time::timeout(timeout, Limited::new(body, limit).collect())
+        .await
+        .map_err(|_| ApiError::BodyTimeout(timeout))?
+        .map_err(|e| {
+            if e.downcast_ref::<LengthLimitError>().is_some() {
+                ApiError::PayloadTooLarge { limit }
+            } else {
+                ApiError::BadRequest(format!("the request body could not be read: {e}"))
+            }
+        })?;
+    strip_hop_by_hop(&mut parts.headers);
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .to_owned();
+    Ok(BufferedRequest {
+        method: parts.method,
+        path_and_query,
+        headers: parts.headers,
+        body: collected.to_bytes(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_share_the_deadline_writes_keep_it() {
+        let ten = Duration::from_secs(10);
+        assert_eq!(attempt_budget(ten, true, 2), Duration::from_secs(5));
+        assert_eq!(attempt_budget(ten, true, 1), ten);
+        assert_eq!(attempt_budget(ten, false, 3), ten);
+    }
+
+    #[test]
+    fn only_get_and_head_are_reads() {
+        assert!(is_read(&Method::GET));
+        assert!(is_read(&Method::HEAD));
+        for method in [Method::POST, Method::PUT, Method::DELETE, Method::PATCH] {
+            assert!(!is_read(&method));
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! Connections to the nodes: one pooled keep-alive HTTP/1.1 client, one attempt at a time with a
+//! deadline, and the classification of what went wrong (which decides whether a retry is safe).
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, HeaderName, Method, Request, Response, Uri};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::error::ApiError;
+
+/// Deadline to open a TCP connection to a node; a node that does not accept within it is down.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(300);
+/// How long an idle pooled connection is kept.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle connections kept per node.
+const POOL_MAX_IDLE_PER_NODE: usize = 128;
+
+/// Headers that describe one connection, not the message, so a proxy must not pass them on
+/// (RFC 9110 section 7.6.1). `Host` is set again by the client from the node's URL.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// A client request, fully read, so it can be sent again to another replica.
+#[derive(Debug, Clone)]
+pub struct BufferedRequest {
+    /// Method, passed on unchanged.
+    pub method: Method,
+    /// Raw path and query, passed on unchanged (`/v1/a%2Fb?w=all`).
+    pub path_and_query: String,
+    /// Headers, hop-by-hop ones already removed.
+    pub headers: HeaderMap,
+    /// The whole body.
+    pub body: Bytes,
+}
+
+/// What one attempt at one node produced.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The node answered (any status); its body is still streaming.
+    Answered(Response<Incoming>),
+    /// No connection could be opened: the node never saw the request, so any retry is safe.
+    ConnectFailed(String),
+    /// The node did not answer before the attempt's deadline.
+    TimedOut,
+    /// The connection failed after the request may have been sent.
+    Failed(String),
+}
+
+/// The pooled client to the nodes. Cheap to clone (the pool is shared).
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Upstream {
+    /// Builds the client: HTTP/1.1, keep-alive pool, TCP_NODELAY, short connect timeout.
+    pub fn new() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(POOL_MAX_IDLE_PER_NODE)
+            .build(connector);
+        Upstream { client }
+    }
+
+    /// Sends `request` to the node at `node_url` and waits at most `deadline` for its head.
+    pub async fn send(
+        &self,
+        node_url: &str,
+        request: &BufferedRequest,
+        deadline: Duration,
+    ) -> Result<Outcome, ApiError> {
+        let mut outgoing = Request::new(Full::new(request.body.clone()));
+        *outgoing.method_mut() = request.method.clone();
+        *outgoing.uri_mut() = node_uri(node_url, &request.path_and_query)?;
+        *outgoing.headers_mut() = request.headers.clone();
+        Ok(self.attempt(outgoing, deadline).await)
+    }
+
+    /// `GET {node_url}/health`: the node's status, or why it could not be reached.
+    pub async fn get_health(&self, node_url: &str, deadline: Duration) -> Result<u16, String> {
+        let uri = node_uri(node_url, "/health").map_err(|e| e.to_string())?;
+        let mut request = Request::new(Full::new(Bytes::new()));
+        *request.uri_mut() = uri;
+        let response = match self.attempt(request, deadline).await {
+            Outcome::Answered(response) => response,
+            Outcome::ConnectFailed(reason) | Outcome::Failed(reason) => return Err(reason),
+            Outcome::TimedOut => return Err(format!("no answer within {deadline:?}")),
+        };
+        let status = response.status().as_u16();
+        // Drain the (tiny) body so the connection goes back to the pool.
+        let drained = tokio::time::timeout(deadline, drain(response.into_body())).await;
+        match drained {
+            Ok(Ok(())) => Ok(status),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(format!("body not read within {deadline:?}")),
+        }
+    }
+
+    async fn attempt(&self, request: Request<Full<Bytes>>, deadline: Duration) -> Outcome {
+        match tokio::time::timeout(deadline, self.client.request(request)).await {
+            Err(_) => Outcome::TimedOut,
+            Ok(Ok(response)) => Outcome::Answered(response),
+            Ok(Err(e)) if e.is_connect() => Outcome::ConnectFailed(error_chain(&e)),
+            Ok(Err(e)) => Outcome::Failed(error_chain(&e)),
+        }
+    }
+}
+
+/// Removes hop-by-hop headers (and `Host`, which the client sets from the node URL).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::HOST);
+}
+
+/// Turns a node's response into ours: status, headers (minus hop-by-hop) and streamed body.
+pub fn into_client_response(response: Response<Incoming>) -> axum::response::Response {
+    let (mut parts, body) = response.into_parts();
+    for name in &HOP_BY_HOP {
+        parts.headers.remove(name);
+    }
+    Response::from_parts(parts, Body::new(body))
+}
+
+fn node_uri(node_url: &str, path_and_query: &str) -> Result<Uri, ApiError> {
+    format!("{node_url}{path_and_query}")
+        .parse()
+        .map_err(|e| ApiError::Internal(format!("bad node URI {node_url}{path_and_query}: {e}")))
+}
+
+async fn drain(mut body: Incoming) -> Result<(), String> {
+    use http_body_util::BodyExt;
+    while let Some(frame) = body.frame().await {
+        frame.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// The error and its causes on one line: hyper's top-level message alone ("client error
+/// (Connect)") does not say what happened.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

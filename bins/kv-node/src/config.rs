@@ -1,0 +1,541 @@
+//! Node configuration: read once from the environment (envy), every value checked, defaults that
+//! depend on other variables filled in. After `NodeConfig::from_env`, no code reads env vars.
+
+use kv_cluster::Consistency;
+use kv_core::SyncMode;
+use serde::Deserialize;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The raw environment: strings only, so that every parse error is ours and names its variable.
+/// Fields are in the order of `.env.example` and `kv-node --help`.
+#[derive(Debug, Default, Deserialize)]
+struct NodeEnv {
+    current_node_url: Option<String>,
+    cluster_nodes: Option<String>,
+    node_name: Option<String>,
+    port: Option<String>,
+    bind_addr: Option<String>,
+    replication_factor: Option<String>,
+    data_dir: Option<String>,
+    snapshot_interval_secs: Option<String>,
+    wal_sync: Option<String>,
+    wal_sync_interval_ms: Option<String>,
+    wal_max_bytes: Option<String>,
+    tombstone_grace_secs: Option<String>,
+    write_consistency: Option<String>,
+    read_consistency: Option<String>,
+    vnodes: Option<String>,
+    max_key_bytes: Option<String>,
+    max_value_bytes: Option<String>,
+    auth_token: Option<String>,
+    cluster_secret: Option<String>,
+    health_check_interval_ms: Option<String>,
+    health_check_timeout_ms: Option<String>,
+    peer_timeout_ms: Option<String>,
+    request_timeout_ms: Option<String>,
+    shutdown_grace_secs: Option<String>,
+    log_format: Option<String>,
+}
+
+/// Every variable with its default and meaning, for `kv-node --help`.
+pub const HELP_VARIABLES: &[(&str, &str, &str)] = &[
+    (
+        "CURRENT_NODE_URL",
+        "http://127.0.0.1:$PORT",
+        "this node's URL as peers and the LB know it",
+    ),
+    (
+        "CLUSTER_NODES",
+        "this node alone",
+        "comma-separated URLs of all nodes, this one included",
+    ),
+    (
+        "NODE_NAME",
+        "node1",
+        "name shown in status, logs and metrics",
+    ),
+    ("PORT", "8000", "port to listen on"),
+    (
+        "BIND_ADDR",
+        "127.0.0.1",
+        "address to bind; 0.0.0.0 for multi-host",
+    ),
+    (
+        "REPLICATION_FACTOR",
+        "3",
+        "N, copies of each key; capped at the number of nodes",
+    ),
+    (
+        "DATA_DIR",
+        "./data/$NODE_NAME",
+        "folder of the WAL segments, snapshot.db and hints",
+    ),
+    (
+        "SNAPSHOT_INTERVAL_SECS",
+        "300",
+        "seconds between periodic checkpoints",
+    ),
+    (
+        "WAL_SYNC",
+        "always",
+        "always (fsync before ack, group commit) | interval | never",
+    ),
+    (
+        "WAL_SYNC_INTERVAL_MS",
+        "100",
+        "fsync period when WAL_SYNC=interval",
+    ),
+    (
+        "WAL_MAX_BYTES",
+        "67108864",
+        "checkpoint when the WAL grows past this many bytes",
+    ),
+    (
+        "TOMBSTONE_GRACE_SECS",
+        "86400",
+        "deleted keys' tombstones are collected after this",
+    ),
+    (
+        "WRITE_CONSISTENCY",
+        "quorum",
+        "default W: one | quorum | all | 1..N",
+    ),
+    (
+        "READ_CONSISTENCY",
+        "quorum",
+        "default R: one | quorum | all | 1..N",
+    ),
+    (
+        "VNODES",
+        "kv_cluster::DEFAULT_VNODES",
+        "virtual nodes per node; must match the LB's",
+    ),
+    (
+        "MAX_KEY_BYTES",
+        "1024",
+        "longest key, in bytes of UTF-8 (400 beyond)",
+    ),
+    (
+        "MAX_VALUE_BYTES",
+        "1048576",
+        "largest value, in bytes of JSON (413 beyond)",
+    ),
+    (
+        "AUTH_TOKEN",
+        "unset",
+        "when set, /v1 requests need Authorization: Bearer <token>",
+    ),
+    (
+        "CLUSTER_SECRET",
+        "unset",
+        "when set, node-to-node calls carry it; /internal needs it",
+    ),
+    (
+        "HEALTH_CHECK_INTERVAL_MS",
+        "500",
+        "time between health checks of each peer",
+    ),
+    (
+        "HEALTH_CHECK_TIMEOUT_MS",
+        "500",
+        "deadline of one health check",
+    ),
+    (
+        "PEER_TIMEOUT_MS",
+        "2000",
+        "deadline of a replication, replica read or forward call",
+    ),
+    (
+        "REQUEST_TIMEOUT_MS",
+        "10000",
+        "deadline of a client request (504 beyond)",
+    ),
+    (
+        "SHUTDOWN_GRACE_SECS",
+        "10",
+        "how long SIGTERM waits for requests in flight",
+    ),
+    ("RUST_LOG", "info", "tracing filter"),
+    ("LOG_FORMAT", "text", "text | json"),
+];
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The validated configuration of one node.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Name shown in status, logs and metrics.
+    pub name: String,
+    /// This node's canonical URL.
+    pub url: String,
+    /// Every node's canonical URL, this one included.
+    pub nodes: Vec<String>,
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// N as configured (the cluster caps it at the number of nodes).
+    pub replication_factor: usize,
+    /// Where this node's files live.
+    pub data_dir: PathBuf,
+    /// Periodic checkpoint interval.
+    pub snapshot_interval: Duration,
+    /// WAL durability mode.
+    pub wal_sync: SyncMode,
+    /// fsync period for `WAL_SYNC=interval`.
+    pub wal_sync_interval: Duration,
+    /// WAL size that triggers a checkpoint.
+    pub wal_max_bytes: u64,
+    /// Age after which tombstones are collected.
+    pub tombstone_grace: Duration,
+    /// Default W.
+    pub write_consistency: Consistency,
+    /// Default R.
+    pub read_consistency: Consistency,
+    /// Virtual nodes per node.
+    pub vnodes: usize,
+    /// Longest key in bytes.
+    pub max_key_bytes: usize,
+    /// Largest value in bytes.
+    pub max_value_bytes: usize,
+    /// Bearer token required on `/v1` and admin routes.
+    pub auth_token: Option<String>,
+    /// Shared secret of node-to-node calls.
+    pub cluster_secret: Option<String>,
+    /// Time between health checks of each peer.
+    pub health_interval: Duration,
+    /// Deadline of one health check.
+    pub health_timeout: Duration,
+    /// Deadline of one peer call.
+    pub peer_timeout: Duration,
+    /// Deadline of one client request.
+    pub request_timeout: Duration,
+    /// How long shutdown waits for requests in flight.
+    pub shutdown_grace: Duration,
+    /// Log output format.
+    pub log_format: LogFormat,
+}
+
+/// A configuration error: one line naming the variable, its value and what was expected.
+#[derive(Debug, thiserror::Error)]
+#[error("{var}={value}: {expected}")]
+pub struct ConfigError {
+    var: &'static str,
+    value: String,
+    expected: String,
+}
+
+fn bad(var: &'static str, value: &str, expected: impl Into<String>) -> ConfigError {
+    ConfigError {
+        var,
+        value: value.to_owned(),
+        expected: expected.into(),
+    }
+}
+
+impl NodeConfig {
+    /// Reads and validates the process environment.
+    pub fn from_env() -> Result<NodeConfig, ConfigError> {
+        let env: NodeEnv = envy::from_env().map_err(|e| bad("environment", "", e.to_string()))?;
+        env.validate()
+    }
+}
+
+/// Turns a node URL into the canonical `scheme://host:port` form every node and the LB use on the
+/// ring, so `http://localhost:8001/` and `http://localhost:8001` are the same node.
+pub fn canonical_url(var: &'static str, raw: &str) -> Result<String, ConfigError> {
+    let expected = "expected a URL like http://127.0.0.1:8001";
+    let url = url::Url::parse(raw.trim()).map_err(|_| bad(var, raw, expected))?;
+    let host = url.host_str().filter(|h| !h.is_empty());
+    match (url.scheme(), host, url.port_or_known_default()) {
+        ("http" | "https", Some(host), Some(port))
+            if url.path() == "/" && url.query().is_none() =>
+        {
+            Ok(format!("{}://{host}:{port}", url.scheme()))
+        }
+        _ => Err(bad(var, raw, expected)),
+    }
+}
+
+fn parse_num<T: std::str::FromStr + PartialOrd + Copy + std::fmt::Display>(
+    var: &'static str,
+    raw: Option<&str>,
+    default: T,
+    min: T,
+    max: T,
+) -> Result<T, ConfigError> {
+    let Some(raw) = raw else { return Ok(default) };
+    match raw.trim().parse::<T>() {
+        Ok(v) if v >= min && v <= max => Ok(v),
+        _ => Err(bad(
+            var,
+            raw,
+            format!("expected a whole number from {min} to {max}"),
+        )),
+    }
+}
+
+fn millis(var: &'static str, raw: Option<&str>, default: u64) -> Result<Duration, ConfigError> {
+    parse_num(var, raw, default, 1, 3_600_000).map(Duration::from_millis)
+}
+
+fn secs(var: &'static str, raw: Option<&str>, default: u64) -> Result<Duration, ConfigError> {
+    parse_num(var, raw, default, 1, 10 * 365 * 86_400).map(Duration::from_secs)
+}
+
+fn non_empty(raw: Option<String>) -> Option<String> {
+    raw.filter(|s| !s.trim().is_empty())
+}
+
+impl NodeEnv {
+    fn validate(self) -> Result<NodeConfig, ConfigError> {
+        let name = non_empty(self.node_name).unwrap_or_else(|| "node1".to_owned());
+        if !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(bad(
+                "NODE_NAME",
+                &name,
+                "expected letters, digits, '-', '_' or '.'",
+            ));
+        }
+        let port: u16 = parse_num("PORT", self.port.as_deref(), 8000, 1, 65535)?;
+        let bind = self.bind_addr.as_deref().unwrap_or("127.0.0.1");
+        let ip: IpAddr = bind.trim().parse().map_err(|_| {
+            bad(
+                "BIND_ADDR",
+                bind,
+                "expected an IP address like 127.0.0.1 or 0.0.0.0",
+            )
+        })?;
+        let url = match non_empty(self.current_node_url) {
+            Some(raw) => canonical_url("CURRENT_NODE_URL", &raw)?,
+            None => format!("http://127.0.0.1:{port}"),
+        };
+        let nodes = match non_empty(self.cluster_nodes.clone()) {
+            Some(raw) => raw
+                .split(',')
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| canonical_url("CLUSTER_NODES", s))
+                .collect::<Result<Vec<_>, _>>()?,
+            None => vec![url.clone()],
+        };
+        if !nodes.contains(&url) {
+            let listed = self.cluster_nodes.unwrap_or_default();
+            return Err(bad(
+                "CURRENT_NODE_URL",
+                &url,
+                format!("expected one of the CLUSTER_NODES ({listed})"),
+            ));
+        }
+        let replication_factor = parse_num(
+            "REPLICATION_FACTOR",
+            self.replication_factor.as_deref(),
+            3,
+            1,
+            1000,
+        )?;
+        let n = replication_factor.min(nodes.len());
+        let consistency =
+            |var: &'static str, raw: Option<String>| -> Result<Consistency, ConfigError> {
+                match raw {
+                    None => Ok(Consistency::Quorum),
+                    Some(raw) => Consistency::parse(var, &raw, n).map_err(|_| {
+                        bad(
+                            var,
+                            &raw,
+                            format!("expected one, quorum, all or a number from 1 to {n}"),
+                        )
+                    }),
+                }
+            };
+        let wal_sync = match self.wal_sync.as_deref() {
+            None => SyncMode::Always,
+            Some(raw) => raw
+                .trim()
+                .to_ascii_lowercase()
+                .parse()
+                .map_err(|_| bad("WAL_SYNC", raw, "expected always, interval or never"))?,
+        };
+        let log_format = match self.log_format.as_deref().map(str::trim) {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => return Err(bad("LOG_FORMAT", other, "expected text or json")),
+        };
+        Ok(NodeConfig {
+            data_dir: non_empty(self.data_dir)
+                .map_or_else(|| PathBuf::from("./data").join(&name), PathBuf::from),
+            name,
+            url,
+            nodes,
+            listen: SocketAddr::new(ip, port),
+            replication_factor,
+            snapshot_interval: secs(
+                "SNAPSHOT_INTERVAL_SECS",
+                self.snapshot_interval_secs.as_deref(),
+                300,
+            )?,
+            wal_sync,
+            wal_sync_interval: millis(
+                "WAL_SYNC_INTERVAL_MS",
+                self.wal_sync_interval_ms.as_deref(),
+                100,
+            )?,
+            wal_max_bytes: parse_num(
+                "WAL_MAX_BYTES",
+                self.wal_max_bytes.as_deref(),
+                64 << 20,
+                4096,
+                1 << 40,
+            )?,
+            tombstone_grace: secs(
+                "TOMBSTONE_GRACE_SECS",
+                self.tombstone_grace_secs.as_deref(),
+                86_400,
+            )?,
+            write_consistency: consistency("WRITE_CONSISTENCY", self.write_consistency)?,
+            read_consistency: consistency("READ_CONSISTENCY", self.read_consistency)?,
+            vnodes: parse_num(
+                "VNODES",
+                self.vnodes.as_deref(),
+                kv_cluster::DEFAULT_VNODES,
+                1,
+                4096,
+            )?,
+            max_key_bytes: parse_num(
+                "MAX_KEY_BYTES",
+                self.max_key_bytes.as_deref(),
+                1024,
+                1,
+                65_536,
+            )?,
+            max_value_bytes: parse_num(
+                "MAX_VALUE_BYTES",
+                self.max_value_bytes.as_deref(),
+                1 << 20,
+                1,
+                64 << 20,
+            )?,
+            auth_token: non_empty(self.auth_token),
+            cluster_secret: non_empty(self.cluster_secret),
+            health_interval: millis(
+                "HEALTH_CHECK_INTERVAL_MS",
+                self.health_check_interval_ms.as_deref(),
+                500,
+            )?,
+            health_timeout: millis(
+                "HEALTH_CHECK_TIMEOUT_MS",
+                self.health_check_timeout_ms.as_deref(),
+                500,
+            )?,
+            peer_timeout: millis("PEER_TIMEOUT_MS", self.peer_timeout_ms.as_deref(), 2000)?,
+            request_timeout: millis(
+                "REQUEST_TIMEOUT_MS",
+                self.request_timeout_ms.as_deref(),
+                10_000,
+            )?,
+            shutdown_grace: secs(
+                "SHUTDOWN_GRACE_SECS",
+                self.shutdown_grace_secs.as_deref(),
+                10,
+            )?,
+            log_format,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Result<NodeConfig, ConfigError> {
+        let vars = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        envy::from_iter::<_, NodeEnv>(vars).unwrap().validate()
+    }
+
+    #[test]
+    fn no_environment_gives_one_node_on_port_8000() {
+        let c = env(&[]).unwrap();
+        assert_eq!(c.url, "http://127.0.0.1:8000");
+        assert_eq!(c.nodes, vec![c.url.clone()]);
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8000");
+        assert_eq!(c.data_dir, PathBuf::from("./data/node1"));
+        assert_eq!(c.wal_sync, SyncMode::Always);
+        assert_eq!(c.write_consistency, Consistency::Quorum);
+    }
+
+    #[test]
+    fn seed_variables_are_read_and_urls_canonicalised() {
+        let c = env(&[
+            ("CURRENT_NODE_URL", "http://localhost:8002/"),
+            (
+                "CLUSTER_NODES",
+                "http://localhost:8001, http://localhost:8002,http://localhost:8003/",
+            ),
+            ("NODE_NAME", "node2"),
+            ("PORT", "8002"),
+            ("REPLICATION_FACTOR", "2"),
+        ])
+        .unwrap();
+        assert_eq!(c.url, "http://localhost:8002");
+        assert_eq!(c.nodes[2], "http://localhost:8003");
+        assert_eq!(c.data_dir, PathBuf::from("./data/node2"));
+        assert_eq!(c.replication_factor, 2);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable_value_and_expectation() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (
+                &[("REPLICATION_FACTOR", "0")],
+                "REPLICATION_FACTOR=0: expected a whole number from 1",
+            ),
+            (
+                &[("PORT", "70000")],
+                "PORT=70000: expected a whole number from 1 to 65535",
+            ),
+            (&[("PORT", "abc")], "PORT=abc:"),
+            (
+                &[("CLUSTER_NODES", "not a url")],
+                "CLUSTER_NODES=not a url: expected a URL",
+            ),
+            (
+                &[
+                    ("CURRENT_NODE_URL", "http://127.0.0.1:9"),
+                    ("CLUSTER_NODES", "http://127.0.0.1:8"),
+                ],
+                "CURRENT_NODE_URL=http://127.0.0.1:9: expected one of the CLUSTER_NODES",
+            ),
+            (
+                &[("WAL_SYNC", "sometimes")],
+                "WAL_SYNC=sometimes: expected always, interval or never",
+            ),
+            (
+                &[("WRITE_CONSISTENCY", "4")],
+                "WRITE_CONSISTENCY=4: expected one, quorum, all or a number from 1 to 1",
+            ),
+            (
+                &[("BIND_ADDR", "localhost")],
+                "BIND_ADDR=localhost: expected an IP address",
+            ),
+            (
+                &[("LOG_FORMAT", "xml")],
+                "LOG_FORMAT=xml: expected text or json",
+            ),
+            (&[("NODE_NAME", "../etc")], "NODE_NAME=../etc:"),
+        ];
+        for (pairs, want) in cases {
+            let got = env(pairs).unwrap_err().to_string();
+            assert!(got.starts_with(want), "{got:?} should start with {want:?}");
+            assert!(!got.contains('\n'));
+        }
+    }
+}

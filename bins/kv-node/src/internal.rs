@@ -1,0 +1,46 @@
+//! Node-to-node endpoints under `/internal`: replication of record batches and reads of this
+//! node's own entry for a key. Not for clients.
+
+use crate::api::parse_key;
+use crate::error::ApiError;
+use crate::routes::AppState;
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use kv_cluster::peer::{decode_batch, ENTRY_PATH, MAX_BATCH_BYTES};
+
+/// `POST /internal/replicate`: applies a batch of records durably, then answers.
+pub async fn replicate(
+    State(app): State<AppState>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let body: Bytes = axum::body::to_bytes(request.into_body(), MAX_BATCH_BYTES)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge {
+            what: "replication batch",
+            limit: MAX_BATCH_BYTES,
+        })?;
+    let records = decode_batch(&body).map_err(|e| ApiError::bad_request("invalid_batch", e))?;
+    let applied = app.cluster().apply_replicated(records).await?;
+    Ok(axum::Json(serde_json::json!({ "applied": applied })).into_response())
+}
+
+/// `GET /internal/entry/{key}`: this node's entry for the key as an encoded record (tombstones
+/// included), or 404 when it has none.
+pub async fn entry(State(app): State<AppState>, request: Request) -> Result<Response, ApiError> {
+    let key = parse_key(request.uri().path(), ENTRY_PATH, app.config().max_key_bytes)?;
+    match app.cluster().local_record(&key) {
+        Some(record) => {
+            let mut body = Vec::with_capacity(key.len() + 64);
+            record.encode(&mut body);
+            let mut response = (StatusCode::OK, body).into_response();
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            Ok(response)
+        }
+        None => Err(ApiError::NotFound(format!("no local entry for {key:?}"))),
+    }
+}

@@ -1,0 +1,144 @@
+//! The node's router: which path goes to which handler, and the layers around them (request id
+//! and metrics on everything, the bearer token on `/v1`, the cluster secret on `/internal`).
+
+use crate::config::NodeConfig;
+use crate::error::ApiError;
+use crate::{api, internal, status, telemetry};
+use axum::extract::{Request, State};
+use axum::http::HeaderMap;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{any, get, post};
+use axum::Router;
+use kv_cluster::{Cluster, REQUEST_ID_HEADER, SECRET_HEADER};
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::sync::Arc;
+use std::time::Instant;
+use subtle::ConstantTimeEq;
+
+/// What every handler can reach. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    inner: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: NodeConfig,
+    cluster: Cluster,
+    metrics: PrometheusHandle,
+    started: Instant,
+}
+
+impl AppState {
+    /// Bundles the pieces the handlers use.
+    pub fn new(config: NodeConfig, cluster: Cluster, metrics: PrometheusHandle) -> AppState {
+        let shared = Shared {
+            config,
+            cluster,
+            metrics,
+            started: Instant::now(),
+        };
+        AppState {
+            inner: Arc::new(shared),
+        }
+    }
+
+    /// The node's configuration.
+    pub fn config(&self) -> &NodeConfig {
+        &self.inner.config
+    }
+
+    /// The cluster layer (which owns the store).
+    pub fn cluster(&self) -> &Cluster {
+        &self.inner.cluster
+    }
+
+    /// The Prometheus registry's handle.
+    pub fn metrics(&self) -> &PrometheusHandle {
+        &self.inner.metrics
+    }
+
+    /// When this process started serving.
+    pub fn started(&self) -> Instant {
+        self.inner.started
+    }
+}
+
+/// The request id a middleware put on the request (or an empty one if none ran).
+pub fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Builds the node's whole HTTP surface.
+pub fn app(state: AppState) -> Router {
+    let data = Router::new()
+        .route("/v1", any(api::no_key))
+        .route("/v1/", any(api::no_key))
+        .route("/v1/{*key}", any(api::data))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    let internal = Router::new()
+        .route("/internal/replicate", post(internal::replicate))
+        .route("/internal/entry/{*key}", get(internal::entry))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_secret,
+        ));
+    Router::new()
+        .route("/", get(status::status))
+        .route("/health", get(status::health))
+        .route("/metrics", get(status::metrics))
+        .merge(data)
+        .merge(internal)
+        .fallback(status::no_route)
+        .method_not_allowed_fallback(status::wrong_method)
+        .layer(middleware::from_fn(telemetry::observe))
+        .with_state(state)
+}
+
+/// `AUTH_TOKEN`: when set, the request needs `Authorization: Bearer <token>` (constant-time check).
+async fn require_token(
+    State(app): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    if let Some(token) = &app.config().auth_token {
+        let given = request
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        if !bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+            return Err(ApiError::Unauthorized(
+                "missing or wrong bearer token (Authorization: Bearer <AUTH_TOKEN>)",
+            ));
+        }
+    }
+    Ok(next.run(request).await)
+}
+
+/// `CLUSTER_SECRET`: when set, `/internal` calls must carry it.
+async fn require_secret(
+    State(app): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    if let Some(secret) = &app.config().cluster_secret {
+        let given = request
+            .headers()
+            .get(SECRET_HEADER)
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        if !bool::from(given.ct_eq(secret.as_bytes())) {
+            return Err(ApiError::Unauthorized(
+                "node-to-node calls need the cluster secret",
+            ));
+        }
+    }
+    Ok(next.run(request).await)
+}

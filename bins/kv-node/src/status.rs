@@ -1,0 +1,81 @@
+//! Operator endpoints: `GET /` (what this node knows), `GET /health`, `GET /metrics`, and the
+//! JSON answers for unknown routes and methods.
+
+use crate::error::ApiError;
+use crate::routes::AppState;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+use std::time::UNIX_EPOCH;
+
+/// `GET /`: name, URL, program version, uptime, storage figures and every peer's health.
+pub async fn status(State(app): State<AppState>) -> Json<Value> {
+    let config = app.config();
+    let cluster = app.cluster().status();
+    let store = app.cluster().store().status();
+    let last_snapshot = store
+        .last_snapshot
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as u64);
+    let (w, r) = app.cluster().default_consistency();
+    Json(json!({
+        "name": config.name,
+        "url": config.url,
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_secs": app.started().elapsed().as_secs(),
+        "keys": store.keys,
+        "tombstones": store.tombstones,
+        "value_bytes": store.value_bytes,
+        "wal_bytes": store.wal_bytes,
+        "wal_sync": format!("{:?}", config.wal_sync).to_lowercase(),
+        "last_snapshot_unix_ms": last_snapshot,
+        "writes_refused": store.failed,
+        "data_dir": config.data_dir,
+        "replication_factor": cluster.replication_factor,
+        "write_consistency": w.to_string(),
+        "read_consistency": r.to_string(),
+        "vnodes": cluster.vnodes,
+        "nodes": cluster.nodes,
+        "peers": cluster.peers,
+        "hints_pending": cluster.hints_pending,
+        "hints_delivered": cluster.hints_delivered,
+        "forwarded_requests": cluster.forwarded_requests,
+        "read_repairs": cluster.read_repairs,
+    }))
+}
+
+/// `GET /health`: `200 {"status": "ok"}`; the node only listens once recovery has finished.
+/// A node whose WAL failed says so, but stays 200: it still serves reads.
+pub async fn health(State(app): State<AppState>) -> Json<Value> {
+    match app.cluster().store().status().failed {
+        None => Json(json!({"status": "ok"})),
+        Some(reason) => Json(json!({"status": "degraded", "writes_refused": reason})),
+    }
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics(State(app): State<AppState>) -> Response {
+    crate::telemetry::record_store_gauges(app.cluster());
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        app.metrics().render(),
+    )
+        .into_response()
+}
+
+/// Any path no route takes.
+pub async fn no_route(request: Request) -> ApiError {
+    ApiError::NotFound(format!("no such route: {}", request.uri().path()))
+}
+
+/// A known path with a method it does not take.
+pub async fn wrong_method(request: Request) -> ApiError {
+    ApiError::MethodNotAllowed {
+        method: request.method().to_string(),
+        allow: "GET",
+    }
+}

@@ -1,0 +1,124 @@
+//! Logs and metrics: the tracing subscriber (`RUST_LOG`, `LOG_FORMAT`), the Prometheus recorder,
+//! and the middleware that gives every request an id, a span and its request metrics.
+
+use crate::config::LogFormat;
+use axum::extract::{MatchedPath, Request};
+use axum::http::HeaderValue;
+use axum::middleware::Next;
+use axum::response::Response;
+use kv_cluster::{Cluster, REQUEST_ID_HEADER};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::time::Instant;
+use tracing::Instrument;
+use tracing_subscriber::EnvFilter;
+
+/// Latency buckets in seconds: 100 µs to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    10.0,
+];
+
+/// Installs the tracing subscriber: filter from `RUST_LOG` (default `info`), text or JSON lines on stderr.
+pub fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
+    let result = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init(),
+    };
+    if let Err(e) = result {
+        eprintln!("kv-node: cannot install the log subscriber: {e}");
+    }
+}
+
+/// Installs the global Prometheus recorder, or (when one is installed already, as in tests) makes
+/// a detached one so that `/metrics` still renders.
+pub fn init_metrics() -> PrometheusHandle {
+    let builder = || {
+        PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+            .unwrap_or_else(|_| PrometheusBuilder::new())
+    };
+    match builder().install_recorder() {
+        Ok(handle) => handle,
+        Err(_) => builder().build_recorder().handle(),
+    }
+}
+
+/// A request id: the caller's `X-Request-Id` when it sent a usable one, else 16 random hex digits.
+fn take_or_make_request_id(request: &mut Request) -> HeaderValue {
+    if let Some(id) = request.headers().get(REQUEST_ID_HEADER) {
+        if !id.is_empty() && id.len() <= 128 {
+            return id.clone();
+        }
+    }
+    let id = format!("{:016x}", rand::random::<u64>());
+    let value = HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+    request
+        .headers_mut()
+        .insert(REQUEST_ID_HEADER, value.clone());
+    value
+}
+
+/// Middleware on every route: request id (taken or made, echoed back), a span carrying it, and
+/// the request counter and latency histogram by route, method and status.
+pub async fn observe(mut request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let id = take_or_make_request_id(&mut request);
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let method = request.method().to_string();
+    let span = tracing::info_span!(
+        "request",
+        request_id = id.to_str().unwrap_or_default(),
+        method = %method,
+        route = %route,
+    );
+    let mut response = next.run(request).instrument(span.clone()).await;
+    let status = response.status().as_u16().to_string();
+    let elapsed = started.elapsed();
+    span.in_scope(|| {
+        tracing::debug!(
+            status,
+            elapsed_ms = elapsed.as_secs_f64() * 1000.0,
+            "answered"
+        )
+    });
+    metrics::counter!("kv_http_requests_total", "route" => route.clone(), "method" => method.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("kv_http_request_duration_seconds", "route" => route, "method" => method)
+        .record(elapsed.as_secs_f64());
+    response.headers_mut().insert(REQUEST_ID_HEADER, id);
+    response
+}
+
+/// Refreshes the gauges read from the store and cluster just before `/metrics` renders.
+pub fn record_store_gauges(cluster: &Cluster) {
+    let store = cluster.store().status();
+    metrics::gauge!("kv_keys").set(store.keys as f64);
+    metrics::gauge!("kv_tombstones").set(store.tombstones as f64);
+    metrics::gauge!("kv_value_bytes").set(store.value_bytes as f64);
+    metrics::gauge!("kv_wal_bytes").set(store.wal_bytes as f64);
+    metrics::gauge!("kv_writes_refused").set(if store.failed.is_some() { 1.0 } else { 0.0 });
+    let status = cluster.status();
+    metrics::gauge!("kv_hints_pending").set(status.hints_pending as f64);
+    for peer in status.peers {
+        let up = if peer.health.state == kv_cluster::PeerState::Down {
+            0.0
+        } else {
+            1.0
+        };
+        metrics::gauge!("kv_peer_up", "peer" => peer.health.url).set(up);
+    }
+}

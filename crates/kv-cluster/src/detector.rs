@@ -1,0 +1,202 @@
+//! Failure detector: what this node believes about each peer's health, fed by periodic health
+//! checks and by connection errors seen on real calls.
+
+use parking_lot::Mutex;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+/// Consecutive failed health checks (timeouts, errors) after which a peer is marked down. A refused
+/// connection marks it down at once: nothing listens there.
+pub const DOWN_AFTER_FAILURES: u32 = 2;
+
+/// What this node believes about one peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerState {
+    /// Not checked yet; treated as up so that a fresh cluster serves at once.
+    Unknown,
+    /// Answered its last health check.
+    Up,
+    /// Failed repeated checks or refused a connection; skipped without waiting for a timeout.
+    Down,
+}
+
+/// One peer's health as shown in `GET /`.
+#[derive(Clone, Debug, Serialize)]
+pub struct PeerStatus {
+    /// The peer's URL.
+    pub url: String,
+    /// What this node believes.
+    pub state: PeerState,
+    /// Round trip of the last successful health check.
+    pub latency_ms: Option<f64>,
+    /// Failed checks in a row.
+    pub consecutive_failures: u32,
+    /// Seconds since the state last changed.
+    pub since_secs: u64,
+    /// Wall-clock time of the last successful check, in Unix milliseconds.
+    pub last_seen_unix_ms: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Health {
+    state: Mutex<(PeerState, Instant)>,
+    failures: AtomicU32,
+    latency_us: AtomicU64,
+    last_seen_unix_ms: AtomicU64,
+}
+
+/// Health of every peer, shared by the request path (is it up?) and the check loop (record results).
+#[derive(Debug)]
+pub struct FailureDetector {
+    peers: HashMap<String, Health>,
+    order: Vec<String>,
+}
+
+impl FailureDetector {
+    /// A detector for `peers` (this node excluded), all `Unknown` until checked.
+    pub fn new(peers: impl IntoIterator<Item = String>) -> FailureDetector {
+        let order: Vec<String> = peers.into_iter().collect();
+        let now = Instant::now();
+        let peers = order
+            .iter()
+            .map(|url| {
+                let health = Health {
+                    state: Mutex::new((PeerState::Unknown, now)),
+                    failures: AtomicU32::new(0),
+                    latency_us: AtomicU64::new(u64::MAX),
+                    last_seen_unix_ms: AtomicU64::new(0),
+                };
+                (url.clone(), health)
+            })
+            .collect();
+        FailureDetector { peers, order }
+    }
+
+    /// The peers, in the order given at construction.
+    pub fn peers(&self) -> &[String] {
+        &self.order
+    }
+
+    /// False only for a peer believed down; unknown URLs (this node) count as up.
+    pub fn is_up(&self, peer: &str) -> bool {
+        self.state(peer) != PeerState::Down
+    }
+
+    /// The current belief about `peer`.
+    pub fn state(&self, peer: &str) -> PeerState {
+        self.peers
+            .get(peer)
+            .map_or(PeerState::Up, |h| h.state.lock().0)
+    }
+
+    /// Records a successful check; returns true when the peer just came (back) up.
+    pub fn record_success(&self, peer: &str, latency: Duration) -> bool {
+        let Some(health) = self.peers.get(peer) else {
+            return false;
+        };
+        health.failures.store(0, Ordering::Relaxed);
+        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        health.latency_us.store(micros, Ordering::Relaxed);
+        health.last_seen_unix_ms.store(unix_ms(), Ordering::Relaxed);
+        self.transition(health, PeerState::Up)
+    }
+
+    /// Records a failed check or call; `refused` marks the peer down at once.
+    pub fn record_failure(&self, peer: &str, refused: bool) {
+        let Some(health) = self.peers.get(peer) else {
+            return;
+        };
+        let failures = health.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if refused || failures >= DOWN_AFTER_FAILURES {
+            self.transition(health, PeerState::Down);
+        }
+    }
+
+    fn transition(&self, health: &Health, to: PeerState) -> bool {
+        let mut state = health.state.lock();
+        if state.0 == to {
+            return false;
+        }
+        let came_up = state.0 == PeerState::Down || state.0 == PeerState::Unknown;
+        *state = (to, Instant::now());
+        to == PeerState::Up && came_up
+    }
+
+    /// Every peer's health, in construction order.
+    pub fn snapshot(&self) -> Vec<PeerStatus> {
+        self.order
+            .iter()
+            .filter_map(|url| self.peers.get(url).map(|h| (url, h)))
+            .map(|(url, h)| {
+                let (state, since) = *h.state.lock();
+                let latency = h.latency_us.load(Ordering::Relaxed);
+                let seen = h.last_seen_unix_ms.load(Ordering::Relaxed);
+                PeerStatus {
+                    url: url.clone(),
+                    state,
+                    latency_ms: (latency != u64::MAX).then(|| latency as f64 / 1000.0),
+                    consecutive_failures: h.failures.load(Ordering::Relaxed),
+                    since_secs: since.elapsed().as_secs(),
+                    last_seen_unix_ms: (seen != 0).then_some(seen),
+                }
+            })
+            .collect()
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PEER: &str = "http://127.0.0.1:1";
+
+    #[test]
+    fn unknown_counts_as_up_and_refusal_marks_down_at_once() {
+        let fd = FailureDetector::new([PEER.to_owned()]);
+        assert_eq!(fd.state(PEER), PeerState::Unknown);
+        assert!(fd.is_up(PEER));
+        fd.record_failure(PEER, true);
+        assert!(!fd.is_up(PEER));
+    }
+
+    #[test]
+    fn timeouts_need_repeated_failures() {
+        let fd = FailureDetector::new([PEER.to_owned()]);
+        fd.record_success(PEER, Duration::from_millis(1));
+        for _ in 1..DOWN_AFTER_FAILURES {
+            fd.record_failure(PEER, false);
+            assert!(fd.is_up(PEER));
+        }
+        fd.record_failure(PEER, false);
+        assert!(!fd.is_up(PEER));
+    }
+
+    #[test]
+    fn coming_back_up_is_reported_once() {
+        let fd = FailureDetector::new([PEER.to_owned()]);
+        assert!(fd.record_success(PEER, Duration::from_millis(2)));
+        assert!(!fd.record_success(PEER, Duration::from_millis(2)));
+        fd.record_failure(PEER, true);
+        assert!(fd.record_success(PEER, Duration::from_millis(2)));
+        let status = &fd.snapshot()[0];
+        assert_eq!(status.state, PeerState::Up);
+        assert_eq!(status.latency_ms, Some(2.0));
+    }
+
+    #[test]
+    fn this_node_and_strangers_count_as_up() {
+        let fd = FailureDetector::new([PEER.to_owned()]);
+        assert!(fd.is_up("http://127.0.0.1:2"));
+        fd.record_failure("http://127.0.0.1:2", true);
+        assert!(fd.snapshot().len() == 1);
+    }
+}

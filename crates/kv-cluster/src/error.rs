@@ -1,0 +1,65 @@
+//! The one error type of kv-cluster: what can go wrong while coordinating a request across nodes.
+
+use std::path::PathBuf;
+
+/// Errors of forwarding, replication and quorum coordination. Messages carry the numbers and names
+/// a user needs to act on them; the node binary maps each variant to an HTTP status in one place.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Fewer replicas than the consistency level asked for answered in time.
+    #[error("{answered} of {needed} required replicas answered in time")]
+    Unavailable {
+        /// Replicas that had to answer (W or R).
+        needed: usize,
+        /// Replicas that did answer.
+        answered: usize,
+    },
+    /// The request ran past its deadline.
+    #[error("no answer within {ms} ms")]
+    Timeout {
+        /// The deadline that passed.
+        ms: u64,
+    },
+    /// A `w` or `r` value that is not `one`, `quorum`, `all` or a number in 1..=N.
+    #[error("{name}={value}: expected one, quorum, all or a number from 1 to {max}")]
+    BadConsistency {
+        /// `w` or `r`.
+        name: &'static str,
+        /// What the caller sent.
+        value: String,
+        /// N, the replication factor.
+        max: usize,
+    },
+    /// No replica of the key could be reached to forward the request to.
+    #[error("none of the {tried} replicas of the key could be reached to forward the request")]
+    NoReplicaReachable {
+        /// Replicas tried.
+        tried: usize,
+    },
+    /// A peer answered a node-to-node call with something we cannot use.
+    #[error("peer {peer} answered {status}: {reason}")]
+    PeerProtocol {
+        /// The peer's URL.
+        peer: String,
+        /// The HTTP status it answered.
+        status: u16,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The hint store could not read or write its files.
+    #[error("hint store {op} {path}: {source}")]
+    HintIo {
+        /// What was being done.
+        op: &'static str,
+        /// Which file or folder.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The local storage engine refused or failed.
+    #[error(transparent)]
+    Store(#[from] kv_core::Error),
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

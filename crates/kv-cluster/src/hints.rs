@@ -1,0 +1,404 @@
+//! Hinted handoff store: writes a replica missed, kept durably in `DATA_DIR/hints/` until that
+//! replica is seen up again and has them. Owns the hint files; knows nothing of HTTP.
+//!
+//! # Layout
+//! One folder per peer (its URL with every non-alphanumeric byte turned into `_`), holding numbered
+//! files `00000001.hint`, `00000002.hint`, ... Each file is a sequence of frames
+//! `[len: u32 LE][crc32c(payload): u32 LE][payload = kv_core::Record::encode]`. New hints go to the
+//! newest file; a replay first *seals* the current file (later hints go to a new one), delivers the
+//! sealed files in order and deletes each once the peer has acknowledged all of it.
+//!
+//! One writer thread owns the open files: appends queue on a bounded channel, and the thread
+//! writes everything queued, then fsyncs each touched file once (group commit, as in the WAL).
+
+use crate::error::{Error, Result};
+use kv_core::Record;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, warn};
+
+/// Hints that may wait in the writer's queue; when it is full a hint is dropped with a warning
+/// (read repair still heals the replica), so a slow disk never blocks client writes.
+const HINT_QUEUE_CAPACITY: usize = 16 * 1024;
+/// Frames larger than this are treated as damage, not allocated.
+const MAX_HINT_FRAME_BYTES: usize = 64 * 1024 * 1024;
+
+enum Command {
+    Append {
+        peer: String,
+        record: Record,
+    },
+    Seal {
+        peer: String,
+        reply: oneshot::Sender<Vec<PathBuf>>,
+    },
+}
+
+/// Durable hints for peers that missed writes, with live counts for `GET /` and metrics.
+#[derive(Debug, Clone)]
+pub struct HintStore {
+    tx: mpsc::Sender<Command>,
+    counts: Arc<Mutex<HashMap<String, u64>>>,
+    delivered: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Append { peer, .. } => write!(f, "Append({peer})"),
+            Command::Seal { peer, .. } => write!(f, "Seal({peer})"),
+        }
+    }
+}
+
+impl HintStore {
+    /// Opens `dir` (created if missing), counts the hints already there and starts the writer thread.
+    pub fn open(dir: PathBuf) -> Result<HintStore> {
+        fs::create_dir_all(&dir).map_err(|source| Error::HintIo {
+            op: "create",
+            path: dir.clone(),
+            source,
+        })?;
+        let mut counts = HashMap::new();
+        let mut next_seq = HashMap::new();
+        for (folder, files) in existing_files(&dir)? {
+            let mut count = 0;
+            for file in &files {
+                count += read_hint_file(file)?.len() as u64;
+            }
+            let last = files.last().and_then(|f| file_seq(f)).unwrap_or(0);
+            next_seq.insert(folder.clone(), last + 1);
+            if count > 0 {
+                counts.insert(folder, count);
+            }
+        }
+        let counts = Arc::new(Mutex::new(counts));
+        let (tx, rx) = mpsc::channel(HINT_QUEUE_CAPACITY);
+        let writer = Writer {
+            dir,
+            next_seq,
+            open: HashMap::new(),
+        };
+        std::thread::Builder::new()
+            .name("kv-hints".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|source| Error::HintIo {
+                op: "start writer thread for",
+                path: PathBuf::from("hints"),
+                source,
+            })?;
+        Ok(HintStore {
+            tx,
+            counts,
+            delivered: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// Keeps `record` for `peer`. Never waits: when the queue is full the hint is dropped and logged.
+    pub fn add(&self, peer: &str, record: Record) {
+        let command = Command::Append {
+            peer: peer.to_owned(),
+            record,
+        };
+        match self.tx.try_send(command) {
+            Ok(()) => *self.counts.lock().entry(folder_name(peer)).or_default() += 1,
+            Err(_) => {
+                metrics::counter!("kv_hints_dropped_total").increment(1);
+                warn!(
+                    peer,
+                    "hint queue full, hint dropped; read repair will heal the replica"
+                );
+            }
+        }
+    }
+
+    /// Hints waiting for `peer`.
+    pub fn pending_for(&self, peer: &str) -> u64 {
+        self.counts
+            .lock()
+            .get(&folder_name(peer))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Hints waiting, over all peers.
+    pub fn pending(&self) -> u64 {
+        self.counts.lock().values().sum()
+    }
+
+    /// Hints delivered since start-up.
+    pub fn delivered(&self) -> u64 {
+        self.delivered.load(Ordering::Relaxed)
+    }
+
+    /// Closes the file `peer`'s new hints go to and returns every closed file, oldest first.
+    pub async fn seal(&self, peer: &str) -> Vec<PathBuf> {
+        let (reply, rx) = oneshot::channel();
+        let command = Command::Seal {
+            peer: peer.to_owned(),
+            reply,
+        };
+        if self.tx.send(command).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// Reads a sealed file's hints (blocking I/O; call from `spawn_blocking`).
+    pub fn read_sealed(path: &Path) -> Result<Vec<Record>> {
+        read_hint_file(path)
+    }
+
+    /// Deletes a delivered file and lowers `peer`'s count by the `delivered` hints it held.
+    pub fn remove_delivered(&self, peer: &str, path: &Path, delivered: u64) -> Result<()> {
+        fs::remove_file(path).map_err(|source| Error::HintIo {
+            op: "remove",
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut counts = self.counts.lock();
+        if let Some(count) = counts.get_mut(&folder_name(peer)) {
+            *count = count.saturating_sub(delivered);
+        }
+        self.delivered.fetch_add(delivered, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// The writer thread's state: the open file of each peer and the number its next file gets.
+struct Writer {
+    dir: PathBuf,
+    next_seq: HashMap<String, u64>,
+    open: HashMap<String, File>,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut dirty: Vec<String> = Vec::new();
+        while let Some(first) = rx.blocking_recv() {
+            let mut next = Some(first);
+            while let Some(command) = next {
+                match command {
+                    Command::Append { peer, record } => {
+                        let folder = folder_name(&peer);
+                        if let Err(e) = self.append(&folder, &record) {
+                            error!(peer, error = %e, "cannot write hint");
+                        } else if !dirty.contains(&folder) {
+                            dirty.push(folder);
+                        }
+                    }
+                    Command::Seal { peer, reply } => {
+                        self.sync(&mut dirty);
+                        let _ = reply.send(self.seal(&folder_name(&peer)));
+                    }
+                }
+                next = rx.try_recv().ok();
+            }
+            self.sync(&mut dirty);
+        }
+        self.sync(&mut dirty);
+    }
+
+    fn append(&mut self, folder: &str, record: &Record) -> std::io::Result<()> {
+        let mut payload = Vec::with_capacity(64);
+        record.encode(&mut payload);
+        let mut frame = Vec::with_capacity(payload.len() + 8);
+        let len = u32::try_from(payload.len()).map_err(std::io::Error::other)?;
+        frame.extend_from_slice(&len.to_le_bytes());
+        frame.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+        frame.extend_from_slice(&payload);
+        let file = match self.open.entry(folder.to_owned()) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let seq = self.next_seq.entry(folder.to_owned()).or_insert(1);
+                let dir = self.dir.join(folder);
+                fs::create_dir_all(&dir)?;
+                let file = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join(format!("{seq:08}.hint")))?;
+                *seq += 1;
+                e.insert(file)
+            }
+        };
+        file.write_all(&frame)
+    }
+
+    fn sync(&mut self, dirty: &mut Vec<String>) {
+        for folder in dirty.drain(..) {
+            if let Some(file) = self.open.get(&folder) {
+                if let Err(e) = file.sync_data() {
+                    error!(peer_folder = folder, error = %e, "cannot fsync hints");
+                }
+            }
+        }
+    }
+
+    /// Closes the peer's open file, so that every file on disk for it is complete, and lists them.
+    fn seal(&mut self, folder: &str) -> Vec<PathBuf> {
+        self.open.remove(folder);
+        let dir = self.dir.join(folder);
+        match list_hint_files(&dir) {
+            Ok(files) => files,
+            Err(e) => {
+                error!(path = %dir.display(), error = %e, "cannot list hint files");
+                Vec::new()
+            }
+        }
+    }
+}
+
+/// The folder name for a peer URL: every byte that is not ASCII alphanumeric becomes `_`.
+fn folder_name(peer: &str) -> String {
+    peer.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
+}
+
+fn file_seq(path: &Path) -> Option<u64> {
+    path.file_stem()?.to_str()?.parse().ok()
+}
+
+fn list_hint_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "hint") && file_seq(p).is_some())
+        .collect();
+    files.sort_by_key(|p| file_seq(p));
+    Ok(files)
+}
+
+fn existing_files(dir: &Path) -> Result<Vec<(String, Vec<PathBuf>)>> {
+    let io = |source| Error::HintIo {
+        op: "read",
+        path: dir.to_owned(),
+        source,
+    };
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io)? {
+        let entry = entry.map_err(io)?;
+        if !entry.path().is_dir() {
+            continue;
+        }
+        let files = list_hint_files(&entry.path()).map_err(io)?;
+        out.push((entry.file_name().to_string_lossy().into_owned(), files));
+    }
+    Ok(out)
+}
+
+/// Reads every whole frame of a hint file. A damaged or torn frame ends the file with a warning:
+/// the hint duplicates a write that W replicas already hold, and read repair heals what is left.
+fn read_hint_file(path: &Path) -> Result<Vec<Record>> {
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(|source| Error::HintIo {
+            op: "read",
+            path: path.to_owned(),
+            source,
+        })?;
+    let mut records = Vec::new();
+    let mut offset = 0usize;
+    while offset < bytes.len() {
+        match decode_frame(&bytes[offset..]) {
+            Some((record, used)) => {
+                records.push(record);
+                offset += used;
+            }
+            None => {
+                warn!(path = %path.display(), offset, "damaged hint frame; later hints in this file skipped");
+                break;
+            }
+        }
+    }
+    Ok(records)
+}
+
+fn decode_frame(buf: &[u8]) -> Option<(Record, usize)> {
+    let len = u32::from_le_bytes(buf.get(0..4)?.try_into().ok()?) as usize;
+    let crc = u32::from_le_bytes(buf.get(4..8)?.try_into().ok()?);
+    if len > MAX_HINT_FRAME_BYTES {
+        return None;
+    }
+    let payload = buf.get(8..8 + len)?;
+    if crc32c::crc32c(payload) != crc {
+        return None;
+    }
+    Some((Record::decode(payload).ok()?, 8 + len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use kv_core::Version;
+
+    const PEER: &str = "http://127.0.0.1:8002";
+
+    fn record(i: u64) -> Record {
+        Record {
+            key: format!("k{i}"),
+            version: Version {
+                hlc: i << 16,
+                node: 1,
+            },
+            value: Some(Bytes::from(format!("{i}"))),
+        }
+    }
+
+    async fn wait_for_writer(store: &HintStore) -> Vec<PathBuf> {
+        // Sealing is ordered after every append queued before it.
+        store.seal(PEER).await
+    }
+
+    #[tokio::test]
+    async fn hints_survive_a_restart_and_are_removed_once_delivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = HintStore::open(dir.path().join("hints")).unwrap();
+        for i in 0..10 {
+            store.add(PEER, record(i));
+        }
+        assert_eq!(store.pending_for(PEER), 10);
+        let sealed = wait_for_writer(&store).await;
+        assert_eq!(sealed.len(), 1);
+        drop(store);
+
+        let reopened = HintStore::open(dir.path().join("hints")).unwrap();
+        assert_eq!(reopened.pending(), 10);
+        reopened.add(PEER, record(10));
+        let sealed = reopened.seal(PEER).await;
+        assert_eq!(sealed.len(), 2, "old file plus the new one: {sealed:?}");
+        let first = HintStore::read_sealed(&sealed[0]).unwrap();
+        assert_eq!(first, (0..10).map(record).collect::<Vec<_>>());
+        reopened.remove_delivered(PEER, &sealed[0], 10).unwrap();
+        assert_eq!(reopened.pending_for(PEER), 1);
+        assert_eq!(reopened.delivered(), 10);
+    }
+
+    #[test]
+    fn a_torn_tail_keeps_the_whole_frames_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("00000001.hint");
+        let mut writer = Writer {
+            dir: dir.path().to_owned(),
+            next_seq: HashMap::new(),
+            open: HashMap::new(),
+        };
+        writer.append("p", &record(1)).unwrap();
+        writer.append("p", &record(2)).unwrap();
+        drop(writer);
+        let file = dir.path().join("p").join("00000001.hint");
+        let bytes = fs::read(&file).unwrap();
+        fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
+        assert_eq!(read_hint_file(&path).unwrap(), vec![record(1)]);
+    }
+}

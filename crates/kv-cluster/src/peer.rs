@@ -1,0 +1,337 @@
+//! Peer client: the node-to-node `/internal` calls (replicate, fetch, health) and request forwarding,
+//! over one pooled keep-alive `reqwest::Client` with connect and request deadlines.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use kv_core::Record;
+use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+use reqwest::header::{HeaderMap, HeaderValue};
+use reqwest::{Method, StatusCode};
+use std::time::{Duration, Instant};
+
+/// Header that carries `CLUSTER_SECRET` on node-to-node calls.
+pub const SECRET_HEADER: &str = "x-kv-secret";
+/// Header that marks a client request forwarded by another node: it is never forwarded again.
+pub const FORWARDED_HEADER: &str = "x-kv-forwarded";
+/// Header that carries the request id across processes.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Path of the replication endpoint: a batch of records to apply durably.
+pub const REPLICATE_PATH: &str = "/internal/replicate";
+/// Path prefix of the single-entry read endpoint; the percent-encoded key follows.
+pub const ENTRY_PATH: &str = "/internal/entry/";
+/// Largest record batch a peer accepts in one `/internal/replicate` call.
+pub const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
+
+/// Why a call to a peer failed; decides whether a retry elsewhere is safe.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The connection could not be made: the peer cannot have seen the request.
+    #[error("cannot connect to {peer}: {reason}")]
+    Connect {
+        /// The peer's URL.
+        peer: String,
+        /// The transport's words.
+        reason: String,
+    },
+    /// The request may have reached the peer but no usable answer came back.
+    #[error("call to {peer} failed: {reason}")]
+    Failed {
+        /// The peer's URL.
+        peer: String,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+impl CallError {
+    /// True when the peer cannot have applied the request (safe to retry a write elsewhere).
+    pub fn is_connect(&self) -> bool {
+        matches!(self, CallError::Connect { .. })
+    }
+
+    fn from_reqwest(peer: &str, err: &reqwest::Error) -> CallError {
+        let reason = err.to_string();
+        if err.is_connect() {
+            CallError::Connect {
+                peer: peer.to_owned(),
+                reason,
+            }
+        } else {
+            CallError::Failed {
+                peer: peer.to_owned(),
+                reason,
+            }
+        }
+    }
+
+    fn failed(peer: &str, reason: impl Into<String>) -> CallError {
+        CallError::Failed {
+            peer: peer.to_owned(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A client request to pass on unchanged to another node.
+#[derive(Debug, Clone)]
+pub struct ForwardRequest {
+    /// The HTTP method.
+    pub method: Method,
+    /// Path and query exactly as the client sent them.
+    pub path_and_query: String,
+    /// Headers worth passing on (authorization, content type, preconditions).
+    pub headers: HeaderMap,
+    /// The request body, unparsed.
+    pub body: Bytes,
+}
+
+/// The owner's answer to a forwarded request, passed back to the client unchanged.
+#[derive(Debug, Clone)]
+pub struct ForwardResponse {
+    /// The owner's status code.
+    pub status: StatusCode,
+    /// The owner's response headers.
+    pub headers: HeaderMap,
+    /// The owner's body.
+    pub body: Bytes,
+}
+
+/// Pooled HTTP client for every call a node makes to its peers.
+#[derive(Debug, Clone)]
+pub struct PeerClient {
+    http: reqwest::Client,
+    secret: Option<HeaderValue>,
+}
+
+impl PeerClient {
+    /// Builds the client; `request_timeout` bounds every call, `connect_timeout` the TCP connect.
+    pub fn new(
+        secret: Option<&str>,
+        connect_timeout: Duration,
+        request_timeout: Duration,
+    ) -> Result<PeerClient, String> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(connect_timeout)
+            .timeout(request_timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(64)
+            .tcp_nodelay(true)
+            .http1_only()
+            .build()
+            .map_err(|e| format!("cannot build the peer HTTP client: {e}"))?;
+        let secret = match secret {
+            Some(s) => Some(
+                HeaderValue::from_str(s)
+                    .map_err(|_| "CLUSTER_SECRET must be printable ASCII".to_owned())?,
+            ),
+            None => None,
+        };
+        Ok(PeerClient { http, secret })
+    }
+
+    fn request(&self, method: Method, url: String, request_id: &str) -> reqwest::RequestBuilder {
+        let mut builder = self.http.request(method, url);
+        if let Some(secret) = &self.secret {
+            builder = builder.header(SECRET_HEADER, secret.clone());
+        }
+        if let Ok(rid) = HeaderValue::from_str(request_id) {
+            builder = builder.header(REQUEST_ID_HEADER, rid);
+        }
+        builder
+    }
+
+    /// Sends records to `peer`, which answers only once they are durable in its WAL.
+    pub async fn replicate(
+        &self,
+        peer: &str,
+        records: &[Record],
+        request_id: &str,
+    ) -> Result<(), CallError> {
+        let body = encode_batch(records);
+        let response = self
+            .request(Method::POST, format!("{peer}{REPLICATE_PATH}"), request_id)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| CallError::from_reqwest(peer, &e))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let text = response.text().await.unwrap_or_default();
+        Err(CallError::failed(peer, format!("status {status}: {text}")))
+    }
+
+    /// Reads `peer`'s local entry for `key` (tombstones included); `None` when it has none.
+    pub async fn fetch(
+        &self,
+        peer: &str,
+        key: &str,
+        request_id: &str,
+    ) -> Result<Option<Record>, CallError> {
+        let url = format!(
+            "{peer}{ENTRY_PATH}{}",
+            utf8_percent_encode(key, NON_ALPHANUMERIC)
+        );
+        let response = self
+            .request(Method::GET, url, request_id)
+            .send()
+            .await
+            .map_err(|e| CallError::from_reqwest(peer, &e))?;
+        match response.status() {
+            StatusCode::NOT_FOUND => Ok(None),
+            StatusCode::OK => {
+                let body = response
+                    .bytes()
+                    .await
+                    .map_err(|e| CallError::from_reqwest(peer, &e))?;
+                Record::decode(&body)
+                    .map(Some)
+                    .map_err(|e| CallError::failed(peer, format!("undecodable entry: {e}")))
+            }
+            status => Err(CallError::failed(peer, format!("status {status}"))),
+        }
+    }
+
+    /// Probes `GET /health` with its own deadline; returns the round-trip time when healthy.
+    pub async fn health(&self, peer: &str, timeout: Duration) -> Result<Duration, CallError> {
+        let started = Instant::now();
+        let response = self
+            .request(Method::GET, format!("{peer}/health"), "health-check")
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| CallError::from_reqwest(peer, &e))?;
+        if response.status() == StatusCode::OK {
+            Ok(started.elapsed())
+        } else {
+            Err(CallError::failed(
+                peer,
+                format!("health answered {}", response.status()),
+            ))
+        }
+    }
+
+    /// Passes a client request on to `peer`, marked as forwarded, and returns its answer unchanged.
+    pub async fn forward(
+        &self,
+        peer: &str,
+        request: &ForwardRequest,
+        request_id: &str,
+    ) -> Result<ForwardResponse, CallError> {
+        let url = format!("{peer}{}", request.path_and_query);
+        let builder = self
+            .request(request.method.clone(), url, request_id)
+            .headers(request.headers.clone())
+            .header(FORWARDED_HEADER, "1")
+            .body(request.body.clone());
+        let response = builder
+            .send()
+            .await
+            .map_err(|e| CallError::from_reqwest(peer, &e))?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| CallError::from_reqwest(peer, &e))?;
+        Ok(ForwardResponse {
+            status,
+            headers,
+            body,
+        })
+    }
+}
+
+/// Encodes a batch of records for `/internal/replicate`.
+///
+/// Layout: `[count: u32 LE]` then, per record, `[len: u32 LE][Record::encode bytes]`. TCP and HTTP
+/// framing already protect the bytes in flight, so no checksum is added here.
+pub fn encode_batch(records: &[Record]) -> Bytes {
+    let mut out = BytesMut::with_capacity(4 + records.len() * 64);
+    out.put_u32_le(u32::try_from(records.len()).unwrap_or(u32::MAX));
+    let mut scratch = Vec::new();
+    for record in records {
+        scratch.clear();
+        record.encode(&mut scratch);
+        out.put_u32_le(u32::try_from(scratch.len()).unwrap_or(u32::MAX));
+        out.put_slice(&scratch);
+    }
+    out.freeze()
+}
+
+/// Decodes a batch written by [`encode_batch`]; any inconsistency is an error, never a panic.
+pub fn decode_batch(mut buf: &[u8]) -> Result<Vec<Record>, String> {
+    if buf.len() > MAX_BATCH_BYTES {
+        return Err(format!("batch of {} bytes is over the limit", buf.len()));
+    }
+    if buf.remaining() < 4 {
+        return Err("batch shorter than its header".into());
+    }
+    let count = buf.get_u32_le() as usize;
+    // Each record takes at least its 4-byte length prefix; a larger count is a lie.
+    if count > buf.remaining() / 4 {
+        return Err(format!(
+            "batch claims {count} records in {} bytes",
+            buf.remaining()
+        ));
+    }
+    let mut records = Vec::with_capacity(count);
+    for i in 0..count {
+        if buf.remaining() < 4 {
+            return Err(format!("record {i} has no length"));
+        }
+        let len = buf.get_u32_le() as usize;
+        if buf.remaining() < len {
+            return Err(format!("record {i} is cut short"));
+        }
+        let record = Record::decode(&buf[..len]).map_err(|e| format!("record {i}: {e}"))?;
+        records.push(record);
+        buf.advance(len);
+    }
+    if buf.has_remaining() {
+        return Err(format!("{} bytes after the last record", buf.remaining()));
+    }
+    Ok(records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kv_core::Version;
+
+    fn record(key: &str, value: Option<&str>) -> Record {
+        Record {
+            key: key.to_owned(),
+            version: Version {
+                hlc: 7 << 16,
+                node: 3,
+            },
+            value: value.map(|v| Bytes::copy_from_slice(v.as_bytes())),
+        }
+    }
+
+    #[test]
+    fn batch_round_trips() {
+        let records = vec![
+            record("a", Some("1")),
+            record("b/c", None),
+            record("ü", Some("\"x\"")),
+        ];
+        let decoded = decode_batch(&encode_batch(&records)).unwrap();
+        assert_eq!(decoded, records);
+        assert!(decode_batch(&encode_batch(&[])).unwrap().is_empty());
+    }
+
+    #[test]
+    fn damaged_batches_are_errors_not_panics() {
+        let bytes = encode_batch(&[record("a", Some("1")), record("b", Some("2"))]);
+        for cut in 0..bytes.len() {
+            assert!(decode_batch(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut extra = bytes.to_vec();
+        extra.push(0);
+        assert!(decode_batch(&extra).is_err());
+        assert!(decode_batch(&[255, 255, 255, 255]).is_err());
+    }
+}

@@ -1,0 +1,258 @@
+//! Checkpoints: the background thread that writes `snapshot.db` every snapshot interval, when
+//! the WAL grows too big, on request and at shutdown, then drops the WAL segments it covers.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, info};
+
+use crate::map::ShardedMap;
+use crate::version::now_ms;
+use crate::wal::{WalCommand, WalState};
+use crate::{segment, snapshot, Clock, Error};
+
+/// Wait before a WAL-size trigger may start another checkpoint after one failed.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(10);
+
+/// What one checkpoint did.
+#[derive(Clone, Debug)]
+pub struct CheckpointStats {
+    /// Entries written to the snapshot (tombstones included).
+    pub keys: u64,
+    /// Size of the snapshot file.
+    pub bytes: u64,
+    /// Time from start to the durable rename and WAL clean-up.
+    pub duration: Duration,
+    /// Expired tombstones dropped from the map and the snapshot.
+    pub tombstones_dropped: u64,
+}
+
+type Reply = oneshot::Sender<Result<CheckpointStats, Error>>;
+
+/// Requests collected for the checkpoint thread.
+#[derive(Default)]
+struct Requests {
+    waiters: Vec<Reply>,
+    wal_full: bool,
+    finish: Option<(u64, Reply)>,
+    stop: bool,
+    /// The thread has exited: new requests are answered by dropping their reply (`Closed`).
+    closed: bool,
+}
+
+/// How others ask the checkpoint thread for work. Requests accumulate under a mutex; the wake
+/// channel holds at most one token (when full, a wake-up is already pending, so none is lost).
+#[derive(Debug)]
+pub(crate) struct CheckpointSignal {
+    requests: Mutex<Requests>,
+    wake: SyncSender<()>,
+}
+
+impl std::fmt::Debug for Requests {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Requests")
+            .field("waiters", &self.waiters.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CheckpointSignal {
+    /// The signal and the receiving end of its wake channel, for the thread.
+    pub fn new() -> (Arc<CheckpointSignal>, Receiver<()>) {
+        let (wake, rx) = sync_channel(1);
+        (
+            Arc::new(CheckpointSignal {
+                requests: Mutex::default(),
+                wake,
+            }),
+            rx,
+        )
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Requests)) {
+        let mut requests = self.requests.lock();
+        if requests.closed {
+            return;
+        }
+        f(&mut requests);
+        drop(requests);
+        let _ = self.wake.try_send(());
+    }
+
+    /// Marks the thread gone and drops every pending reply.
+    fn close(&self) {
+        let mut requests = self.requests.lock();
+        *requests = Requests {
+            closed: true,
+            ..Requests::default()
+        };
+    }
+
+    /// The WAL passed its size bound (called by the writer after a batch).
+    pub fn request_wal_full(&self) {
+        let mut requests = self.requests.lock();
+        if !requests.wal_full {
+            requests.wal_full = true;
+            drop(requests);
+            let _ = self.wake.try_send(());
+        }
+    }
+
+    /// Asks for a checkpoint that starts after this call.
+    pub fn request_now(&self) -> oneshot::Receiver<Result<CheckpointStats, Error>> {
+        let (tx, rx) = oneshot::channel();
+        self.update(|r| r.waiters.push(tx));
+        rx
+    }
+
+    /// Asks for the final checkpoint (writer stopped; replay starts at `start_segment`); the
+    /// thread exits after it.
+    pub fn request_final(
+        &self,
+        start_segment: u64,
+    ) -> oneshot::Receiver<Result<CheckpointStats, Error>> {
+        let (tx, rx) = oneshot::channel();
+        self.update(|r| r.finish = Some((start_segment, tx)));
+        rx
+    }
+
+    /// Makes the thread exit without a checkpoint (store dropped without shutdown).
+    pub fn stop(&self) {
+        self.update(|r| r.stop = true);
+    }
+
+    fn take(&self) -> Requests {
+        let mut requests = self.requests.lock();
+        let closed = requests.closed;
+        std::mem::replace(
+            &mut *requests,
+            Requests {
+                closed,
+                ..Requests::default()
+            },
+        )
+    }
+}
+
+/// The checkpoint thread's state.
+pub(crate) struct Checkpointer {
+    pub dir: PathBuf,
+    pub map: Arc<ShardedMap>,
+    pub clock: Arc<Clock>,
+    pub wal: Arc<WalState>,
+    pub wal_tx: mpsc::WeakSender<WalCommand>,
+    pub signal: Arc<CheckpointSignal>,
+    /// Zero disables the periodic checkpoint.
+    pub interval: Duration,
+    pub tombstone_grace: Duration,
+    pub last_snapshot: Arc<Mutex<Option<SystemTime>>>,
+}
+
+/// `now + d`, or far in the future when that overflows.
+fn deadline_after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
+}
+
+impl Checkpointer {
+    fn next_due(&self) -> Instant {
+        deadline_after(if self.interval.is_zero() {
+            Duration::MAX
+        } else {
+            self.interval
+        })
+    }
+
+    /// Runs until the final checkpoint, a stop request, or the store being dropped.
+    pub fn run(self, wake: Receiver<()>) {
+        self.run_until_stopped(wake);
+        self.signal.close();
+    }
+
+    fn run_until_stopped(&self, wake: Receiver<()>) {
+        let mut due = self.next_due();
+        let mut wal_full_gate = Instant::now();
+        loop {
+            let timeout = due.saturating_duration_since(Instant::now());
+            if let Err(RecvTimeoutError::Disconnected) = wake.recv_timeout(timeout) {
+                return;
+            }
+            let requests = self.signal.take();
+            if let Some((start, reply)) = requests.finish {
+                let _ = reply.send(self.checkpoint(Some(start)));
+                return;
+            }
+            if requests.stop {
+                return;
+            }
+            let now = Instant::now();
+            let wal_full = requests.wal_full && now >= wal_full_gate;
+            if now < due && !wal_full && requests.waiters.is_empty() {
+                continue;
+            }
+            let result = self.checkpoint(None);
+            due = self.next_due();
+            if let Err(e) = &result {
+                error!(error = %e, "checkpoint failed; the WAL is kept and replayed at start-up");
+                wal_full_gate = deadline_after(RETRY_AFTER_FAILURE);
+            }
+            for waiter in requests.waiters {
+                let _ = waiter.send(result.as_ref().map(Clone::clone).map_err(Error::duplicate));
+            }
+        }
+    }
+
+    /// One checkpoint. `start_segment` is given at shutdown (writer stopped); otherwise the
+    /// writer rotates first, so every record in older segments is already in the map.
+    pub fn checkpoint(&self, start_segment: Option<u64>) -> Result<CheckpointStats, Error> {
+        let started = Instant::now();
+        let start_segment = match start_segment {
+            Some(s) => s,
+            None => self.rotate()?,
+        };
+        let grace_ms = u64::try_from(self.tombstone_grace.as_millis()).unwrap_or(u64::MAX);
+        let cutoff_ms = now_ms().saturating_sub(grace_ms);
+        let written =
+            snapshot::write_atomic(&self.dir, &self.map, &self.clock, start_segment, cutoff_ms)?;
+        let freed = segment::remove_before(&self.dir, start_segment)?;
+        let _ = self
+            .wal
+            .wal_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some(b.saturating_sub(freed))
+            });
+        *self.last_snapshot.lock() = Some(SystemTime::now());
+        let stats = CheckpointStats {
+            keys: written.records,
+            bytes: written.bytes,
+            duration: started.elapsed(),
+            tombstones_dropped: written.tombstones_dropped,
+        };
+        info!(
+            keys = stats.keys,
+            bytes = stats.bytes,
+            tombstones_dropped = stats.tombstones_dropped,
+            duration_ms = u64::try_from(stats.duration.as_millis()).unwrap_or(u64::MAX),
+            start_segment,
+            wal_bytes_freed = freed,
+            "checkpoint written"
+        );
+        Ok(stats)
+    }
+
+    /// Asks the writer to start a new segment; returns its number.
+    fn rotate(&self) -> Result<u64, Error> {
+        let tx = self.wal_tx.upgrade().ok_or(Error::Closed)?;
+        let (reply, answer) = oneshot::channel();
+        tx.blocking_send(WalCommand::Rotate { reply })
+            .map_err(|_| Error::Closed)?;
+        drop(tx);
+        answer.blocking_recv().map_err(|_| Error::Closed)?
+    }
+}

@@ -1,0 +1,96 @@
+//! Store configuration: where the files live, when the WAL is fsynced, when checkpoints run.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::Error;
+
+/// When the WAL is fsynced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncMode {
+    /// Before every acknowledgement; concurrent writes share one fsync (group commit).
+    Always,
+    /// Every [`StoreConfig::sync_interval`]; a crash loses at most that much acknowledged data.
+    Interval,
+    /// Never (the OS flushes when it likes); for tests and throwaway data.
+    Never,
+}
+
+/// Parses `always`, `interval` or `never` (any case).
+impl FromStr for SyncMode {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<SyncMode, Error> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "always" => Ok(SyncMode::Always),
+            "interval" => Ok(SyncMode::Interval),
+            "never" => Ok(SyncMode::Never),
+            _ => Err(Error::BadSyncMode(s.to_owned())),
+        }
+    }
+}
+
+/// Settings of one [`Store`](crate::Store).
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// Folder holding the lock file, WAL segments and `snapshot.db`; created if missing.
+    pub data_dir: PathBuf,
+    /// When the WAL is fsynced.
+    pub sync: SyncMode,
+    /// Fsync period for [`SyncMode::Interval`]. Default 100 ms.
+    pub sync_interval: Duration,
+    /// Period of the background checkpoint. Default 300 s.
+    pub snapshot_interval: Duration,
+    /// A checkpoint starts when the WAL grows past this many bytes. Default 64 MiB.
+    pub wal_max_bytes: u64,
+    /// Tombstones written longer ago than this are dropped at checkpoint. Default 24 h.
+    pub tombstone_grace: Duration,
+    /// This node's id, stamped on the versions its clock issues.
+    pub node_id: u32,
+}
+
+impl StoreConfig {
+    /// A configuration with the defaults documented on each field.
+    pub fn new(data_dir: PathBuf, node_id: u32) -> Self {
+        StoreConfig {
+            data_dir,
+            sync: SyncMode::Always,
+            sync_interval: Duration::from_millis(100),
+            snapshot_interval: Duration::from_secs(300),
+            wal_max_bytes: 64 * 1024 * 1024,
+            tombstone_grace: Duration::from_secs(24 * 60 * 60),
+            node_id,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sync_mode_parses_and_explains() {
+        assert_eq!("always".parse::<SyncMode>().unwrap(), SyncMode::Always);
+        assert_eq!(
+            " Interval ".parse::<SyncMode>().unwrap(),
+            SyncMode::Interval
+        );
+        assert_eq!("NEVER".parse::<SyncMode>().unwrap(), SyncMode::Never);
+        let err = "sometimes".parse::<SyncMode>().unwrap_err().to_string();
+        assert!(
+            err.contains("always, interval or never") && err.contains("sometimes"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn defaults() {
+        let c = StoreConfig::new("/d".into(), 7);
+        assert_eq!(c.sync, SyncMode::Always);
+        assert_eq!(c.sync_interval, Duration::from_millis(100));
+        assert_eq!(c.snapshot_interval, Duration::from_secs(300));
+        assert_eq!(c.wal_max_bytes, 64 << 20);
+        assert_eq!(c.tombstone_grace, Duration::from_secs(86_400));
+    }
+}

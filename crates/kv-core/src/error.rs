@@ -1,0 +1,119 @@
+//! The one error type of kv-core: every way the storage engine can fail, in words an operator
+//! can act on (file paths, byte offsets, the reason).
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the storage engine.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The WAL failed a write or fsync earlier; writes are refused until restart (fsyncgate:
+    /// a failed fsync is never retried and then acknowledged).
+    #[error("the write-ahead log failed and refuses writes until the node restarts: {reason}")]
+    WalFailed {
+        /// The original failure.
+        reason: String,
+    },
+    /// A file system operation failed.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// What was being done: "open", "write", "fsync", "rename", ...
+        op: &'static str,
+        /// The file or folder it was done to.
+        path: PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+    /// A data file holds bytes that cannot be valid; start-up stops rather than lose data.
+    #[error(
+        "corrupt data in {} at byte offset {offset}: {reason}; start-up stopped so nothing is \
+         lost silently (restore the file, or move it aside to start without it)",
+        path.display()
+    )]
+    Corrupt {
+        /// The damaged file.
+        path: PathBuf,
+        /// Byte offset of the first bad byte range.
+        offset: u64,
+        /// What is wrong there.
+        reason: String,
+    },
+    /// A file has the wrong magic number or a format version this program cannot read.
+    #[error("{} is not a kv data file this version can read: {reason}", path.display())]
+    BadFormat {
+        /// The file.
+        path: PathBuf,
+        /// Which check failed.
+        reason: String,
+    },
+    /// Another process holds the data directory's lock file.
+    #[error(
+        "data directory lock {} is held by another process; is another kv-node using this DATA_DIR?",
+        path.display()
+    )]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+    },
+    /// The store has been shut down.
+    #[error("the store is shut down")]
+    Closed,
+    /// A version string did not parse.
+    #[error(
+        "invalid version {0:?}: expected 16 lowercase hex digits, '-', 8 lowercase hex digits"
+    )]
+    BadVersion(String),
+    /// A sync mode string did not parse.
+    #[error("invalid WAL sync mode {0:?}: expected always, interval or never")]
+    BadSyncMode(String),
+    /// A record is malformed or exceeds a format limit.
+    #[error("invalid record: {reason}")]
+    InvalidRecord {
+        /// Which rule it breaks.
+        reason: String,
+    },
+}
+
+impl Error {
+    /// Builds an [`Error::Io`] (shorthand for `map_err`).
+    pub(crate) fn io(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.into();
+        move |source| Error::Io { op, path, source }
+    }
+
+    /// A copy of this error for a second waiter (io errors keep kind and message).
+    pub(crate) fn duplicate(&self) -> Error {
+        match self {
+            Error::WalFailed { reason } => Error::WalFailed {
+                reason: reason.clone(),
+            },
+            Error::Io { op, path, source } => Error::Io {
+                op,
+                path: path.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            Error::Corrupt {
+                path,
+                offset,
+                reason,
+            } => Error::Corrupt {
+                path: path.clone(),
+                offset: *offset,
+                reason: reason.clone(),
+            },
+            Error::BadFormat { path, reason } => Error::BadFormat {
+                path: path.clone(),
+                reason: reason.clone(),
+            },
+            Error::Locked { path } => Error::Locked { path: path.clone() },
+            Error::Closed => Error::Closed,
+            Error::BadVersion(s) => Error::BadVersion(s.clone()),
+            Error::BadSyncMode(s) => Error::BadSyncMode(s.clone()),
+            Error::InvalidRecord { reason } => Error::InvalidRecord {
+                reason: reason.clone(),
+            },
+        }
+    }
+}

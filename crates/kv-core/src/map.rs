@@ -1,0 +1,359 @@
+//! The in-memory map: every key's newest [`Entry`], in shards with one read-write lock each, so
+//! reads never wait for each other and writes to different shards never queue together.
+
+use std::borrow::Borrow;
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
+
+use bytes::Bytes;
+use parking_lot::{RwLock, RwLockWriteGuard};
+
+use crate::{Record, Version};
+
+/// Number of shards; a power of two so the shard is a mask of the key's hash.
+const SHARDS: usize = 64;
+
+/// What the map holds for a key: its newest version and value (`None` = tombstone).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// Version of the write that produced this entry.
+    pub version: Version,
+    /// The value, or `None` when the key was deleted (a tombstone).
+    pub value: Option<Bytes>,
+}
+
+impl Entry {
+    /// True when the key was deleted.
+    pub fn is_tombstone(&self) -> bool {
+        self.value.is_none()
+    }
+}
+
+/// Bytes in a [`Slot`] before the key: hlc, node, flags, key length.
+const SLOT_HEADER: usize = 8 + 4 + 1 + 4;
+/// Flags bit of a tombstone.
+const SLOT_TOMBSTONE: u8 = 1;
+
+/// One key's entry packed into a single heap allocation, to keep a million small keys compact
+/// (one 16-byte table slot plus one allocation per key, instead of three allocations):
+///
+/// ```text
+/// [hlc u64 LE][node u32 LE][flags u8: bit 0 = tombstone][key len u32 LE][key][value]
+/// ```
+///
+/// Hashes and compares as its key bytes, so the set can be searched with `&[u8]`.
+struct Slot(Box<[u8]>);
+
+impl Slot {
+    fn new(version: Version, key: &str, value: Option<&[u8]>) -> Slot {
+        let value_len = value.map_or(0, <[u8]>::len);
+        let mut buf = Vec::with_capacity(SLOT_HEADER + key.len() + value_len);
+        buf.extend_from_slice(&version.hlc.to_le_bytes());
+        buf.extend_from_slice(&version.node.to_le_bytes());
+        buf.push(if value.is_none() { SLOT_TOMBSTONE } else { 0 });
+        // ok to truncate: Record::validate caps keys at MAX_KEY_LEN.
+        buf.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        buf.extend_from_slice(key.as_bytes());
+        buf.extend_from_slice(value.unwrap_or_default());
+        Slot(buf.into_boxed_slice())
+    }
+
+    fn field<const N: usize>(&self, at: usize) -> [u8; N] {
+        let mut out = [0; N];
+        out.copy_from_slice(&self.0[at..at + N]);
+        out
+    }
+
+    fn version(&self) -> Version {
+        Version {
+            hlc: u64::from_le_bytes(self.field(0)),
+            node: u32::from_le_bytes(self.field(8)),
+        }
+    }
+
+    fn is_tombstone(&self) -> bool {
+        self.0[12] & SLOT_TOMBSTONE != 0
+    }
+
+    fn key_end(&self) -> usize {
+        SLOT_HEADER + u32::from_le_bytes(self.field(13)) as usize
+    }
+
+    fn key_bytes(&self) -> &[u8] {
+        &self.0[SLOT_HEADER..self.key_end()]
+    }
+
+    fn key(&self) -> &str {
+        // ok: slots are only built from `&str` keys.
+        std::str::from_utf8(self.key_bytes()).expect("slot keys are built from &str")
+    }
+
+    /// The value bytes; `None` for a tombstone.
+    fn value(&self) -> Option<&[u8]> {
+        (!self.is_tombstone()).then(|| &self.0[self.key_end()..])
+    }
+
+    fn entry(&self) -> Entry {
+        Entry {
+            version: self.version(),
+            value: self.value().map(Bytes::copy_from_slice),
+        }
+    }
+}
+
+impl Borrow<[u8]> for Slot {
+    fn borrow(&self) -> &[u8] {
+        self.key_bytes()
+    }
+}
+
+impl Hash for Slot {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.key_bytes().hash(state);
+    }
+}
+
+impl PartialEq for Slot {
+    fn eq(&self, other: &Slot) -> bool {
+        self.key_bytes() == other.key_bytes()
+    }
+}
+
+impl Eq for Slot {}
+
+/// One shard: its keys and running totals for status.
+#[derive(Default)]
+struct Shard {
+    slots: HashSet<Slot>,
+    live: u64,
+    tombstones: u64,
+    value_bytes: u64,
+}
+
+impl Shard {
+    fn count(&mut self, slot: &Slot, add: bool) {
+        let bump = |n: &mut u64, by: u64| *n = if add { *n + by } else { n.saturating_sub(by) };
+        match slot.value() {
+            Some(v) => {
+                bump(&mut self.live, 1);
+                bump(&mut self.value_bytes, v.len() as u64);
+            }
+            None => bump(&mut self.tombstones, 1),
+        }
+    }
+}
+
+/// Totals over the whole map.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapCounts {
+    /// Keys with a value.
+    pub live: u64,
+    /// Keys whose newest write is a delete.
+    pub tombstones: u64,
+    /// Sum of the live values' lengths.
+    pub value_bytes: u64,
+}
+
+/// The sharded map from key to newest entry. Applying is last-writer-wins by [`Version`].
+pub struct ShardedMap {
+    shards: Box<[RwLock<Shard>]>,
+}
+
+impl std::fmt::Debug for ShardedMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardedMap")
+            .field("counts", &self.counts())
+            .finish()
+    }
+}
+
+impl Default for ShardedMap {
+    fn default() -> Self {
+        ShardedMap {
+            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+        }
+    }
+}
+
+impl ShardedMap {
+    fn shard(&self, key: &str) -> &RwLock<Shard> {
+        &self.shards[crc32c::crc32c(key.as_bytes()) as usize % SHARDS]
+    }
+
+    /// The key's entry (tombstones included), if any.
+    pub fn get(&self, key: &str) -> Option<Entry> {
+        self.shard(key)
+            .read()
+            .slots
+            .get(key.as_bytes())
+            .map(Slot::entry)
+    }
+
+    /// Whether a write of `key` at `version` would change the map.
+    pub fn is_newer(&self, key: &str, version: Version) -> bool {
+        let shard = self.shard(key).read();
+        shard
+            .slots
+            .get(key.as_bytes())
+            .is_none_or(|s| version > s.version())
+    }
+
+    /// Stores the record if its version is greater than the stored one; returns whether it did.
+    pub fn apply(&self, record: &Record) -> bool {
+        let mut shard = self.shard(&record.key).write();
+        if let Some(old) = shard.slots.get(record.key.as_bytes()) {
+            if record.version <= old.version() {
+                return false;
+            }
+        }
+        let slot = Slot::new(record.version, &record.key, record.value.as_deref());
+        shard.count(&slot, true);
+        if let Some(old) = shard.slots.replace(slot) {
+            shard.count(&old, false);
+        }
+        true
+    }
+
+    /// Totals over all shards (locks each shard briefly).
+    pub fn counts(&self) -> MapCounts {
+        self.shards.iter().fold(MapCounts::default(), |acc, shard| {
+            let s = shard.read();
+            MapCounts {
+                live: acc.live + s.live,
+                tombstones: acc.tombstones + s.tombstones,
+                value_bytes: acc.value_bytes + s.value_bytes,
+            }
+        })
+    }
+
+    /// Calls `f` for every entry, one shard at a time under its read lock.
+    pub fn scan(&self, mut f: impl FnMut(&str, &Entry)) {
+        for shard in self.shards.iter() {
+            for slot in shard.read().slots.iter() {
+                f(slot.key(), &slot.entry());
+            }
+        }
+    }
+
+    /// Number of shards (for [`ShardedMap::export_shard`]).
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// For a checkpoint: drops the shard's tombstones written before `drop_tombstones_before_ms`,
+    /// then calls `encode(version, key, value)` for every remaining entry under the read lock.
+    /// Returns the number of tombstones dropped.
+    pub fn export_shard(
+        &self,
+        index: usize,
+        drop_tombstones_before_ms: u64,
+        mut encode: impl FnMut(Version, &[u8], Option<&[u8]>),
+    ) -> u64 {
+        let Some(lock) = self.shards.get(index) else {
+            return 0;
+        };
+        let mut shard = lock.write();
+        let before = shard.tombstones;
+        let Shard {
+            slots, tombstones, ..
+        } = &mut *shard;
+        slots.retain(|s| {
+            let expired = s.is_tombstone() && s.version().physical_ms() < drop_tombstones_before_ms;
+            *tombstones = tombstones.saturating_sub(u64::from(expired));
+            !expired
+        });
+        let dropped = before.saturating_sub(shard.tombstones);
+        let shard = RwLockWriteGuard::downgrade(shard);
+        for slot in shard.slots.iter() {
+            encode(slot.version(), slot.key_bytes(), slot.value());
+        }
+        dropped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(key: &str, hlc: u64, value: Option<&'static [u8]>) -> Record {
+        Record {
+            key: key.into(),
+            version: Version { hlc, node: 1 },
+            value: value.map(Bytes::from_static),
+        }
+    }
+
+    #[test]
+    fn last_writer_wins_by_version() {
+        let map = ShardedMap::default();
+        assert!(map.apply(&rec("k", 5, Some(b"five"))));
+        assert!(!map.apply(&rec("k", 4, Some(b"four"))));
+        assert!(!map.apply(&rec("k", 5, Some(b"again"))));
+        assert_eq!(map.get("k").unwrap().value.unwrap(), &b"five"[..]);
+        assert!(map.apply(&rec("k", 6, None)));
+        assert!(map.get("k").unwrap().is_tombstone());
+        assert!(!map.is_newer("k", Version { hlc: 6, node: 1 }));
+        assert!(map.is_newer("k", Version { hlc: 6, node: 2 }));
+        assert!(map.get("other").is_none());
+    }
+
+    #[test]
+    fn counts_follow_puts_and_deletes() {
+        let map = ShardedMap::default();
+        map.apply(&rec("a", 1, Some(b"123")));
+        map.apply(&rec("b", 1, Some(b"")));
+        map.apply(&rec("a", 2, Some(b"12345")));
+        map.apply(&rec("b", 2, None));
+        assert_eq!(
+            map.counts(),
+            MapCounts {
+                live: 1,
+                tombstones: 1,
+                value_bytes: 5
+            }
+        );
+    }
+
+    #[test]
+    fn export_drops_only_old_tombstones() {
+        let map = ShardedMap::default();
+        let old = 10 << 16;
+        let new = 1000 << 16;
+        map.apply(&rec("old-del", old, None));
+        map.apply(&rec("new-del", new, None));
+        map.apply(&rec("old-put", old, Some(b"v")));
+        let mut seen = Vec::new();
+        let mut dropped = 0;
+        for i in 0..map.shard_count() {
+            dropped += map.export_shard(i, 500, |_, k, v| seen.push((k.to_vec(), v.is_some())));
+        }
+        seen.sort();
+        assert_eq!(dropped, 1);
+        assert_eq!(
+            seen,
+            vec![(b"new-del".to_vec(), false), (b"old-put".to_vec(), true)]
+        );
+        assert!(map.get("old-del").is_none());
+        assert_eq!(map.counts().tombstones, 1);
+    }
+
+    #[test]
+    fn scan_visits_everything() {
+        let map = ShardedMap::default();
+        for i in 0..1000 {
+            map.apply(&rec(
+                &format!("key{i}"),
+                1,
+                if i % 2 == 0 { Some(b"x") } else { None },
+            ));
+        }
+        let mut n = 0;
+        let mut tombstones = 0;
+        map.scan(|k, e| {
+            assert!(k.starts_with("key"));
+            n += 1;
+            tombstones += u32::from(e.is_tombstone());
+        });
+        assert_eq!((n, tombstones), (1000, 500));
+    }
+}

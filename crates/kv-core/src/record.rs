@@ -1,0 +1,276 @@
+//! What a record is (one versioned put or delete of one key) and its byte encoding. No I/O.
+
+use bytes::Bytes;
+
+use crate::{Error, Version};
+
+/// Longest key the format accepts, in bytes (the node enforces its own, smaller limit).
+pub const MAX_KEY_LEN: usize = 64 * 1024;
+/// Longest value the format accepts, in bytes (the node enforces its own, smaller limit).
+pub const MAX_VALUE_LEN: usize = 16 * 1024 * 1024;
+
+/// Kind byte of a put (a key with a value).
+const KIND_PUT: u8 = 0;
+/// Kind byte of a tombstone (a delete).
+const KIND_TOMBSTONE: u8 = 1;
+/// Bytes before the key: kind, hlc, node, key length.
+const HEADER_LEN: usize = 1 + 8 + 4 + 4;
+
+/// One versioned write of one key: a put, or a delete (tombstone) when `value` is `None`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// The key (UTF-8, at most [`MAX_KEY_LEN`] bytes).
+    pub key: String,
+    /// The write's version; the greatest version of a key wins.
+    pub version: Version,
+    /// The value, or `None` for a tombstone.
+    pub value: Option<Bytes>,
+}
+
+impl Record {
+    /// Checks the format limits, so a record that is accepted can always be written and read back.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.key.len() > MAX_KEY_LEN {
+            return Err(Error::InvalidRecord {
+                reason: format!(
+                    "key is {} bytes, the limit is {MAX_KEY_LEN}",
+                    self.key.len()
+                ),
+            });
+        }
+        match &self.value {
+            Some(v) if v.len() > MAX_VALUE_LEN => Err(Error::InvalidRecord {
+                reason: format!("value is {} bytes, the limit is {MAX_VALUE_LEN}", v.len()),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Appends the encoded record to `out`.
+    ///
+    /// Byte layout (all integers little-endian):
+    ///
+    /// ```text
+    /// offset  size  field
+    ///      0     1  kind: 0 = put, 1 = tombstone (2 is reserved for a put with a TTL,
+    ///               which will carry an 8-byte expiry after the key length)
+    ///      1     8  version.hlc
+    ///      9     4  version.node
+    ///     13     4  key length K (at most MAX_KEY_LEN)
+    ///     17     K  key, UTF-8
+    ///   17+K     *  put: the value, up to the end of the payload; tombstone: nothing
+    /// ```
+    ///
+    /// The value needs no length: the frame around the record knows the payload length.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        encode_parts(
+            out,
+            self.version,
+            self.key.as_bytes(),
+            self.value.as_deref(),
+        );
+    }
+
+    /// Decodes one record from exactly the bytes [`Record::encode`] produced.
+    pub fn decode(buf: &[u8]) -> Result<Record, Error> {
+        let (kind, version, key, rest) = split_header(buf)?;
+        let key = std::str::from_utf8(key)
+            .map_err(|e| invalid(format!("key is not UTF-8: {e}")))?
+            .to_owned();
+        let value = match kind {
+            KIND_PUT => Some(Bytes::copy_from_slice(rest)),
+            KIND_TOMBSTONE if rest.is_empty() => None,
+            KIND_TOMBSTONE => {
+                return Err(invalid(format!(
+                    "tombstone carries {} stray bytes",
+                    rest.len()
+                )))
+            }
+            other => {
+                return Err(invalid(format!(
+                    "unknown record kind {other} (written by a newer kv?)"
+                )))
+            }
+        };
+        if value.as_ref().is_some_and(|v| v.len() > MAX_VALUE_LEN) {
+            return Err(invalid(format!(
+                "value is over the {MAX_VALUE_LEN}-byte limit"
+            )));
+        }
+        Ok(Record {
+            key,
+            version,
+            value,
+        })
+    }
+}
+
+/// Encodes a record from borrowed parts (lets the map write snapshots without copying).
+pub(crate) fn encode_parts(out: &mut Vec<u8>, version: Version, key: &[u8], value: Option<&[u8]>) {
+    out.reserve(HEADER_LEN + key.len() + value.map_or(0, <[u8]>::len));
+    out.push(if value.is_some() {
+        KIND_PUT
+    } else {
+        KIND_TOMBSTONE
+    });
+    out.extend_from_slice(&version.hlc.to_le_bytes());
+    out.extend_from_slice(&version.node.to_le_bytes());
+    // ok to truncate: validate() caps keys at MAX_KEY_LEN, far below u32::MAX.
+    out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    out.extend_from_slice(key);
+    if let Some(value) = value {
+        out.extend_from_slice(value);
+    }
+}
+
+/// Splits an encoded record into kind, version, key bytes and the rest.
+fn split_header(buf: &[u8]) -> Result<(u8, Version, &[u8], &[u8]), Error> {
+    let (head, body) = buf.split_first_chunk::<HEADER_LEN>().ok_or_else(|| {
+        invalid(format!(
+            "{} bytes is shorter than a record header",
+            buf.len()
+        ))
+    })?;
+    let [kind, h0, h1, h2, h3, h4, h5, h6, h7, n0, n1, n2, n3, k0, k1, k2, k3] = *head;
+    let version = Version {
+        hlc: u64::from_le_bytes([h0, h1, h2, h3, h4, h5, h6, h7]),
+        node: u32::from_le_bytes([n0, n1, n2, n3]),
+    };
+    let key_len = u32::from_le_bytes([k0, k1, k2, k3]) as usize;
+    if key_len > MAX_KEY_LEN {
+        return Err(invalid(format!(
+            "key length {key_len} is over the {MAX_KEY_LEN}-byte limit"
+        )));
+    }
+    if key_len > body.len() {
+        return Err(invalid(format!(
+            "key length {key_len} runs past the record end"
+        )));
+    }
+    let (key, rest) = body.split_at(key_len);
+    Ok((kind, version, key, rest))
+}
+
+fn invalid(reason: String) -> Error {
+    Error::InvalidRecord { reason }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn encoded(r: &Record) -> Vec<u8> {
+        let mut out = Vec::new();
+        r.encode(&mut out);
+        out
+    }
+
+    #[test]
+    fn layout_matches_the_documentation() {
+        let r = Record {
+            key: "ab".into(),
+            version: Version {
+                hlc: 0x0102,
+                node: 0x0304,
+            },
+            value: Some(Bytes::from_static(b"xyz")),
+        };
+        let want: Vec<u8> = [
+            &[0u8][..],
+            &0x0102u64.to_le_bytes(),
+            &0x0304u32.to_le_bytes(),
+            &2u32.to_le_bytes(),
+            b"ab",
+            b"xyz",
+        ]
+        .concat();
+        assert_eq!(encoded(&r), want);
+    }
+
+    #[test]
+    fn empty_value_differs_from_tombstone() {
+        let put = Record {
+            key: "k".into(),
+            version: Version::ZERO,
+            value: Some(Bytes::new()),
+        };
+        let del = Record {
+            value: None,
+            ..put.clone()
+        };
+        assert_eq!(Record::decode(&encoded(&put)).unwrap(), put);
+        assert_eq!(Record::decode(&encoded(&del)).unwrap(), del);
+    }
+
+    #[test]
+    fn rejects_unknown_kind_bad_utf8_and_stray_tombstone_bytes() {
+        let del = Record {
+            key: "k".into(),
+            version: Version::ZERO,
+            value: None,
+        };
+        let mut bytes = encoded(&del);
+        bytes.push(1);
+        assert!(Record::decode(&bytes).is_err());
+        bytes.pop();
+        bytes[0] = 2;
+        assert!(Record::decode(&bytes).is_err());
+        bytes[0] = 1;
+        bytes[17] = 0xff;
+        assert!(Record::decode(&bytes).is_err());
+    }
+
+    #[test]
+    fn validate_enforces_limits() {
+        let long = Record {
+            key: "k".repeat(MAX_KEY_LEN + 1),
+            version: Version::ZERO,
+            value: None,
+        };
+        assert!(long.validate().is_err());
+        let big = Record {
+            key: "k".into(),
+            version: Version::ZERO,
+            value: Some(Bytes::from(vec![0; MAX_VALUE_LEN + 1])),
+        };
+        assert!(big.validate().is_err());
+    }
+
+    fn arb_record() -> impl Strategy<Value = Record> {
+        (
+            ".{0,40}",
+            any::<u64>(),
+            any::<u32>(),
+            proptest::option::of(proptest::collection::vec(any::<u8>(), 0..200)),
+        )
+            .prop_map(|(key, hlc, node, value)| Record {
+                key,
+                version: Version { hlc, node },
+                value: value.map(Bytes::from),
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(r in arb_record()) {
+            prop_assert_eq!(Record::decode(&encoded(&r)).unwrap(), r);
+        }
+
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = Record::decode(&bytes);
+        }
+
+        #[test]
+        fn every_truncation_is_rejected_or_shorter(r in arb_record()) {
+            let bytes = encoded(&r);
+            for cut in 0..bytes.len() {
+                if let Ok(d) = Record::decode(&bytes[..cut]) {
+                    // Only a put can lose value bytes and still parse; the frame CRC catches that.
+                    prop_assert!(d.value.is_some());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! Start-up recovery: load `snapshot.db`, then replay the WAL segments after it, last writer wins.
+//! Cuts a torn tail off the newest segment with a warning; stops on any other damage.
+
+use std::fs::{self, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime};
+
+use tracing::{info, warn};
+
+use crate::frame::{self, FrameRead};
+use crate::map::ShardedMap;
+use crate::{segment, snapshot, Clock, Error, Record, Version};
+
+/// What recovery found.
+#[derive(Debug)]
+pub(crate) struct Recovered {
+    /// Number for the segment the writer creates next.
+    pub next_segment: u64,
+    /// Bytes in the segments kept.
+    pub wal_bytes: u64,
+    /// When the loaded snapshot was written.
+    pub last_snapshot: Option<SystemTime>,
+}
+
+/// Rebuilds `map` and `clock` from the files in `dir`.
+pub(crate) fn recover(dir: &Path, map: &ShardedMap, clock: &Clock) -> Result<Recovered, Error> {
+    let started = Instant::now();
+    let apply = |r: Record| {
+        clock.observe(r.version);
+        map.apply(&r);
+    };
+    remove_stale_tmp(dir)?;
+    let snapshot_path = dir.join(snapshot::FILE_NAME);
+    let meta = if snapshot_path.exists() {
+        Some(snapshot::load(&snapshot_path, apply)?)
+    } else {
+        None
+    };
+    if let Some(meta) = &meta {
+        clock.observe(Version {
+            hlc: meta.clock_hlc,
+            node: 0,
+        });
+    }
+    let start = meta.as_ref().map_or(1, |m| m.start_segment);
+    let segments = live_segments(dir, start)?;
+    let mut wal_bytes = 0;
+    let mut replayed = 0;
+    let mut last_kept = None;
+    for (i, (number, path)) in segments.iter().enumerate() {
+        let is_last = i + 1 == segments.len();
+        if let Some(kept) = replay_segment(path, *number, is_last, apply)? {
+            wal_bytes += kept.bytes;
+            replayed += kept.records;
+            last_kept = Some(*number);
+        }
+    }
+    let next_segment = last_kept.map_or(start, |n| n + 1).max(start);
+    info!(
+        dir = %dir.display(),
+        snapshot_entries = meta.as_ref().map_or(0, |m| m.records),
+        wal_records = replayed,
+        segments = segments.len(),
+        keys = map.counts().live,
+        duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        "recovered"
+    );
+    Ok(Recovered {
+        next_segment,
+        wal_bytes,
+        last_snapshot: meta.as_ref().map(snapshot::created_at),
+    })
+}
+
+fn remove_stale_tmp(dir: &Path) -> Result<(), Error> {
+    let tmp = dir.join(snapshot::TMP_FILE_NAME);
+    if tmp.exists() {
+        info!(path = %tmp.display(), "removing a snapshot left unfinished by a crash");
+        fs::remove_file(&tmp).map_err(Error::io("remove", &tmp))?;
+    }
+    Ok(())
+}
+
+/// The segments replay must read, in order. Segments before `start` are covered by the
+/// snapshot (a crash stopped the checkpoint before it removed them) and are removed now.
+fn live_segments(dir: &Path, start: u64) -> Result<Vec<(u64, PathBuf)>, Error> {
+    let all = segment::list(dir)?;
+    if all.iter().any(|(n, _)| *n < start) {
+        info!(
+            before = start,
+            "removing WAL segments already covered by the snapshot"
+        );
+        segment::remove_before(dir, start)?;
+    }
+    let live: Vec<_> = all.into_iter().filter(|(n, _)| *n >= start).collect();
+    let mut expected = start;
+    for (number, path) in &live {
+        if *number != expected {
+            return Err(Error::Corrupt {
+                path: segment::path(dir, expected),
+                offset: 0,
+                reason: format!(
+                    "WAL segment {expected} is missing but {} exists",
+                    path.display()
+                ),
+            });
+        }
+        expected += 1;
+    }
+    Ok(live)
+}
+
+/// Records and bytes of a replayed segment.
+struct Kept {
+    records: u64,
+    bytes: u64,
+}
+
+/// Replays one segment into `apply`. Returns `None` if it was the newest segment and held not
+/// even a whole header (a crash while creating it), in which case it was removed.
+fn replay_segment(
+    path: &Path,
+    number: u64,
+    is_last: bool,
+    mut apply: impl FnMut(Record),
+) -> Result<Option<Kept>, Error> {
+    let buf = fs::read(path).map_err(Error::io("read", path))?;
+    if is_last
+        && buf.len() <= segment::HEADER_LEN
+        && segment::check_header(path, &buf, number).is_err()
+    {
+        warn!(path = %path.display(), bytes = buf.len(), "removing a WAL segment whose creation was interrupted");
+        fs::remove_file(path).map_err(Error::io("remove", path))?;
+        return Ok(None);
+    }
+    segment::check_header(path, &buf, number)?;
+    let corrupt = |offset: usize, reason: String| Error::Corrupt {
+        path: path.to_owned(),
+        offset: offset as u64,
+        reason,
+    };
+    let mut offset = segment::HEADER_LEN;
+    let mut records = 0;
+    loop {
+        match frame::read(&buf, offset) {
+            FrameRead::Complete(payload, next) => {
+                apply(Record::decode(payload).map_err(|e| corrupt(offset, e.to_string()))?);
+                records += 1;
+                offset = next;
+            }
+            FrameRead::End => break,
+            FrameRead::TornTail { offset } if is_last => {
+                cut_torn_tail(path, offset, buf.len())?;
+                return Ok(Some(Kept {
+                    records,
+                    bytes: offset as u64,
+                }));
+            }
+            FrameRead::TornTail { offset } => {
+                return Err(corrupt(
+                    offset,
+                    "incomplete record in a WAL segment that is not the newest".into(),
+                ))
+            }
+            FrameRead::Corrupt { offset, reason } => return Err(corrupt(offset, reason)),
+        }
+    }
+    Ok(Some(Kept {
+        records,
+        bytes: buf.len() as u64,
+    }))
+}
+
+/// Truncates a segment at the start of its torn tail, durably.
+fn cut_torn_tail(path: &Path, offset: usize, len: usize) -> Result<(), Error> {
+    warn!(
+        path = %path.display(),
+        offset,
+        bytes_cut = len - offset,
+        "cutting torn WAL tail (a crash interrupted an append that was never acknowledged)"
+    );
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(Error::io("open", path))?;
+    file.set_len(offset as u64)
+        .map_err(Error::io("truncate", path))?;
+    file.sync_all().map_err(Error::io("fsync", path))
+}

@@ -1,0 +1,335 @@
+//! The store facade: opens a data folder (lock, recovery), runs the WAL writer and checkpoint
+//! threads, and offers get / apply / checkpoint / scan / status / shutdown to the node.
+
+use std::fs;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Instant, SystemTime};
+
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
+use tracing::info;
+
+use crate::checkpoint::{CheckpointSignal, Checkpointer};
+use crate::lock::DirLock;
+use crate::map::ShardedMap;
+use crate::wal::{self, WalCommand, WalState, WalWriter, WAL_QUEUE_CAPACITY};
+use crate::{
+    recovery, segment, CheckpointStats, Clock, Entry, Error, Record, StoreConfig, SyncMode,
+};
+
+/// A point-in-time view of the store for status pages and metrics.
+#[derive(Clone, Debug, Default)]
+pub struct StoreStatus {
+    /// Keys with a value (tombstones not counted).
+    pub keys: u64,
+    /// Keys whose newest write is a delete, kept until the tombstone grace period ends.
+    pub tombstones: u64,
+    /// Sum of the live values' lengths.
+    pub value_bytes: u64,
+    /// Bytes in the WAL segments not yet covered by a snapshot.
+    pub wal_bytes: u64,
+    /// When the newest snapshot was written (by this process or, after restart, before).
+    pub last_snapshot: Option<SystemTime>,
+    /// Why writes are refused, when the WAL has failed.
+    pub failed: Option<String>,
+    /// The data folder.
+    pub data_dir: PathBuf,
+    /// WAL fsyncs since start.
+    pub wal_fsyncs: u64,
+    /// Total time spent in WAL fsyncs since start, in microseconds.
+    pub wal_fsync_micros: u64,
+    /// Group commits (one write each) since start.
+    pub wal_batches: u64,
+    /// `apply` calls served by those group commits.
+    pub wal_appends: u64,
+    /// Records written to the WAL (records not newer than the stored version are not written).
+    pub wal_records: u64,
+}
+
+/// The storage engine of one node: a sharded in-memory map made durable by a WAL and snapshots.
+///
+/// Cheap to clone (all clones share one store). Dropping the last clone without
+/// [`Store::shutdown`] behaves like a crash as far as the files go: no final checkpoint is
+/// written, but queued writes are still finished and the background threads are joined.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+/// Field order matters for drop: `tx` goes first (the writer drains its queue and exits),
+/// then `threads` joins the threads, and the lock is released last.
+struct Inner {
+    tx: mpsc::Sender<WalCommand>,
+    threads: Threads,
+    map: Arc<ShardedMap>,
+    clock: Arc<Clock>,
+    wal: Arc<WalState>,
+    signal: Arc<CheckpointSignal>,
+    last_snapshot: Arc<Mutex<Option<SystemTime>>>,
+    closed: AtomicBool,
+    data_dir: PathBuf,
+    _lock: DirLock,
+}
+
+/// The background threads; joined on shutdown or drop.
+struct Threads {
+    writer: Mutex<Option<JoinHandle<()>>>,
+    checkpointer: Mutex<Option<JoinHandle<()>>>,
+    ticker: Mutex<Option<JoinHandle<()>>>,
+    ticker_stop: Arc<AtomicBool>,
+    signal: Arc<CheckpointSignal>,
+}
+
+impl Threads {
+    fn join(&self) {
+        self.signal.stop();
+        self.ticker_stop.store(true, Ordering::Release);
+        for slot in [&self.ticker, &self.checkpointer, &self.writer] {
+            if let Some(handle) = slot.lock().take() {
+                handle.thread().unpark();
+                let _ = handle.join();
+            }
+        }
+    }
+}
+
+impl Drop for Threads {
+    fn drop(&mut self) {
+        self.join();
+    }
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, Error> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(|e| Error::Io {
+            op: "start thread",
+            path: name.into(),
+            source: e,
+        })
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("data_dir", &self.inner.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Blocking: creates `data_dir` if missing, takes its lock file (a second store on the same
+    /// folder fails with [`Error::Locked`]), recovers (snapshot, then WAL replay), and starts the
+    /// WAL writer and checkpoint threads.
+    pub fn open(config: StoreConfig) -> Result<Store, Error> {
+        let started = Instant::now();
+        let dir = config.data_dir.clone();
+        fs::create_dir_all(&dir).map_err(Error::io("create data folder", &dir))?;
+        let lock = DirLock::acquire(&dir)?;
+        let map = Arc::new(ShardedMap::default());
+        let clock = Arc::new(Clock::new(config.node_id));
+        let recovered = recovery::recover(&dir, &map, &clock)?;
+        let file = segment::create(&dir, recovered.next_segment)?;
+        let wal = Arc::new(WalState::default());
+        wal.wal_bytes.store(
+            recovered.wal_bytes + segment::HEADER_LEN as u64,
+            Ordering::Relaxed,
+        );
+        let (signal, wake) = CheckpointSignal::new();
+        let (tx, rx) = mpsc::channel(WAL_QUEUE_CAPACITY);
+        let last_snapshot = Arc::new(Mutex::new(recovered.last_snapshot));
+        let threads = Threads {
+            writer: Mutex::new(None),
+            checkpointer: Mutex::new(None),
+            ticker: Mutex::new(None),
+            ticker_stop: Arc::new(AtomicBool::new(false)),
+            signal: Arc::clone(&signal),
+        };
+        let writer = WalWriter {
+            dir: dir.clone(),
+            sync: config.sync,
+            sync_interval: config.sync_interval,
+            wal_max_bytes: config.wal_max_bytes,
+            segment: recovered.next_segment,
+            file,
+            map: Arc::clone(&map),
+            state: Arc::clone(&wal),
+            checkpoint: Arc::clone(&signal),
+            unsynced: false,
+            last_sync: Instant::now(),
+            buf: Vec::new(),
+        };
+        *threads.writer.lock() = Some(spawn("kv-wal-writer", move || writer.run(rx))?);
+        let checkpointer = Checkpointer {
+            dir: dir.clone(),
+            map: Arc::clone(&map),
+            clock: Arc::clone(&clock),
+            wal: Arc::clone(&wal),
+            wal_tx: tx.downgrade(),
+            signal: Arc::clone(&signal),
+            interval: config.snapshot_interval,
+            tombstone_grace: config.tombstone_grace,
+            last_snapshot: Arc::clone(&last_snapshot),
+        };
+        *threads.checkpointer.lock() =
+            Some(spawn("kv-checkpoint", move || checkpointer.run(wake))?);
+        if config.sync == SyncMode::Interval {
+            let stop = Arc::clone(&threads.ticker_stop);
+            let ticker = wal::spawn_sync_ticker(tx.downgrade(), config.sync_interval, stop)
+                .map_err(|e| Error::Io {
+                    op: "start thread",
+                    path: "kv-wal-sync".into(),
+                    source: e,
+                })?;
+            *threads.ticker.lock() = Some(ticker);
+        }
+        let store = Store {
+            inner: Arc::new(Inner {
+                tx,
+                threads,
+                map,
+                clock,
+                wal,
+                signal,
+                last_snapshot,
+                closed: AtomicBool::new(false),
+                data_dir: dir,
+                _lock: lock,
+            }),
+        };
+        let status = store.status();
+        info!(
+            dir = %status.data_dir.display(),
+            keys = status.keys,
+            tombstones = status.tombstones,
+            sync = ?config.sync,
+            duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "store open"
+        );
+        Ok(store)
+    }
+
+    /// The key's newest entry; tombstones are returned too (the caller decides on 404).
+    pub fn get(&self, key: &str) -> Option<Entry> {
+        self.inner.map.get(key)
+    }
+
+    /// The clock that issues this node's versions.
+    pub fn clock(&self) -> &Clock {
+        &self.inner.clock
+    }
+
+    /// Makes the records durable per the sync mode (one group-commit fsync shared with
+    /// concurrent callers), applies them to the map last-writer-wins (a record whose version is
+    /// not greater than the stored one is ignored, and not written), and returns for each record
+    /// whether it was newer and applied. Every record's version is observed into the clock.
+    ///
+    /// Cancellation-safe: once the records are queued to the writer, they are written and
+    /// applied even if this future is dropped; if it is dropped while waiting for room in the
+    /// bounded queue, nothing was written.
+    pub async fn apply(&self, records: Vec<Record>) -> Result<Vec<bool>, Error> {
+        self.check_open()?;
+        self.inner.wal.check()?;
+        wal::validate(&records)?;
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        for r in &records {
+            self.inner.clock.observe(r.version);
+        }
+        let (reply, answer) = oneshot::channel();
+        let command = WalCommand::Append { records, reply };
+        self.inner
+            .tx
+            .send(command)
+            .await
+            .map_err(|_| Error::Closed)?;
+        answer.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Runs a checkpoint now (the same routine as the periodic one) and waits for it. Writes go
+    /// on meanwhile.
+    pub async fn checkpoint(&self) -> Result<CheckpointStats, Error> {
+        self.check_open()?;
+        self.inner
+            .signal
+            .request_now()
+            .await
+            .map_err(|_| Error::Closed)?
+    }
+
+    /// Counts, WAL figures and health.
+    pub fn status(&self) -> StoreStatus {
+        let counts = self.inner.map.counts();
+        let wal = &self.inner.wal;
+        StoreStatus {
+            keys: counts.live,
+            tombstones: counts.tombstones,
+            value_bytes: counts.value_bytes,
+            wal_bytes: wal.wal_bytes.load(Ordering::Relaxed),
+            last_snapshot: *self.inner.last_snapshot.lock(),
+            failed: wal.failed.get().cloned(),
+            data_dir: self.inner.data_dir.clone(),
+            wal_fsyncs: wal.fsyncs.load(Ordering::Relaxed),
+            wal_fsync_micros: wal.fsync_micros.load(Ordering::Relaxed),
+            wal_batches: wal.batches.load(Ordering::Relaxed),
+            wal_appends: wal.appends.load(Ordering::Relaxed),
+            wal_records: wal.records.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Calls `f` for every entry (tombstones included), one shard at a time under its read
+    /// lock: `f` must be quick, and writes to that shard wait while it runs.
+    pub fn scan(&self, f: impl FnMut(&str, &Entry)) {
+        self.inner.map.scan(f);
+    }
+
+    /// Clean shutdown: refuses new writes, finishes and fsyncs the queued ones, writes a final
+    /// checkpoint (so the next start reads no WAL) and joins the threads. Calling it again is a
+    /// no-op. Reads keep working afterwards.
+    pub async fn shutdown(&self) -> Result<(), Error> {
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        info!(dir = %self.inner.data_dir.display(), "store shutting down");
+        let (reply, answer) = oneshot::channel();
+        let flushed = match self.inner.tx.send(WalCommand::Shutdown { reply }).await {
+            Ok(()) => answer.await.unwrap_or(Err(Error::Closed)),
+            Err(_) => Err(Error::Closed),
+        };
+        let result = match flushed {
+            Ok(segment) => {
+                let answer = self.inner.signal.request_final(segment + 1);
+                answer.await.unwrap_or(Err(Error::Closed)).map(|_| ())
+            }
+            Err(e) => Err(e),
+        };
+        // Both threads have answered and are exiting, so joining does not hold up the runtime.
+        self.inner.threads.join();
+        result
+    }
+
+    fn check_open(&self) -> Result<(), Error> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        Ok(())
+    }
+
+    /// Test hook: the next WAL write fails as if the disk had.
+    #[cfg(test)]
+    pub(crate) fn inject_write_failure(&self) {
+        self.inner
+            .wal
+            .inject_write_failure
+            .store(true, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+#[path = "store_tests.rs"]
+mod tests;

@@ -1,0 +1,463 @@
+//! Tests of the store as a whole: durability across clean and crash restarts, group commit,
+//! the failed state, the lock, checkpoints, and a model-based property test.
+
+use super::*;
+use crate::{frame, snapshot, Version};
+use bytes::Bytes;
+use proptest::prelude::*;
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+fn config(dir: &Path) -> StoreConfig {
+    StoreConfig::new(dir.to_owned(), 1)
+}
+
+fn put(store: &Store, key: &str, value: &str) -> Record {
+    Record {
+        key: key.into(),
+        version: store.clock().tick(),
+        value: Some(Bytes::from(value.to_owned())),
+    }
+}
+
+fn del(store: &Store, key: &str) -> Record {
+    Record {
+        key: key.into(),
+        version: store.clock().tick(),
+        value: None,
+    }
+}
+
+fn value(store: &Store, key: &str) -> Option<Vec<u8>> {
+    store.get(key).and_then(|e| e.value).map(|v| v.to_vec())
+}
+
+/// Polls `condition` until it holds or the deadline passes.
+fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[tokio::test]
+async fn writes_survive_clean_and_crash_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).unwrap();
+    let a = put(&store, "a", "1");
+    let b = put(&store, "b", "2");
+    assert_eq!(store.apply(vec![a, b]).await.unwrap(), vec![true, true]);
+    assert_eq!(
+        store.apply(vec![del(&store, "b")]).await.unwrap(),
+        vec![true]
+    );
+    store.shutdown().await.unwrap();
+    assert!(matches!(
+        store.apply(vec![put(&store, "c", "3")]).await,
+        Err(Error::Closed)
+    ));
+    drop(store);
+    let store = Store::open(config(dir.path())).unwrap();
+    assert_eq!(value(&store, "a"), Some(b"1".to_vec()));
+    assert!(store.get("b").unwrap().is_tombstone());
+    assert_eq!(
+        store.status().wal_bytes,
+        segment::HEADER_LEN as u64,
+        "shutdown checkpoint covers the WAL"
+    );
+    store.apply(vec![put(&store, "c", "3")]).await.unwrap();
+    drop(store); // crash: no shutdown
+    let store = Store::open(config(dir.path())).unwrap();
+    assert_eq!(value(&store, "c"), Some(b"3".to_vec()));
+    let status = store.status();
+    assert_eq!((status.keys, status.tombstones), (2, 1));
+}
+
+#[tokio::test]
+async fn last_writer_wins_and_stale_writes_are_not_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).unwrap();
+    let old = put(&store, "k", "old");
+    let new = put(&store, "k", "new");
+    assert_eq!(
+        store.apply(vec![new.clone(), old.clone()]).await.unwrap(),
+        vec![true, false]
+    );
+    assert_eq!(
+        store.apply(vec![new]).await.unwrap(),
+        vec![false],
+        "equal version is not newer"
+    );
+    let records = store.status().wal_records;
+    assert_eq!(store.apply(vec![old]).await.unwrap(), vec![false]);
+    assert_eq!(
+        store.status().wal_records,
+        records,
+        "a stale record is not written"
+    );
+    assert_eq!(value(&store, "k"), Some(b"new".to_vec()));
+    let remote = Version {
+        hlc: store.clock().tick().hlc + 1_000_000,
+        node: 9,
+    };
+    store
+        .apply(vec![Record {
+            key: "r".into(),
+            version: remote,
+            value: None,
+        }])
+        .await
+        .unwrap();
+    assert!(
+        store.clock().tick() > remote,
+        "apply observes versions into the clock"
+    );
+}
+
+#[tokio::test]
+async fn second_open_of_the_same_folder_is_locked() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).unwrap();
+    assert!(matches!(
+        Store::open(config(dir.path())),
+        Err(Error::Locked { .. })
+    ));
+    drop(store);
+    Store::open(config(dir.path())).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_appenders_share_fsyncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for writer in 0..64 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            for i in 0..10 {
+                let r = put(&store, &format!("w{writer}/{i}"), "v");
+                assert_eq!(store.apply(vec![r]).await.unwrap(), vec![true]);
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    let s = store.status();
+    assert_eq!((s.wal_appends, s.keys), (640, 640));
+    assert_eq!(
+        s.wal_fsyncs, s.wal_batches,
+        "always mode: one fsync per batch"
+    );
+    assert!(
+        s.wal_fsyncs * 4 < s.wal_appends,
+        "{} fsyncs for {} appends",
+        s.wal_fsyncs,
+        s.wal_appends
+    );
+}
+
+#[tokio::test]
+async fn failed_write_refuses_writes_but_keeps_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).unwrap();
+    store.apply(vec![put(&store, "kept", "yes")]).await.unwrap();
+    store.inject_write_failure();
+    let err = store
+        .apply(vec![put(&store, "lost", "no")])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::WalFailed { .. }), "{err}");
+    assert!(matches!(
+        store.apply(vec![put(&store, "later", "no")]).await,
+        Err(Error::WalFailed { .. })
+    ));
+    assert!(store.status().failed.unwrap().contains("injected"));
+    assert_eq!(value(&store, "kept"), Some(b"yes".to_vec()));
+    assert_eq!(store.get("lost"), None, "a failed write is not applied");
+    assert!(
+        store.checkpoint().await.is_err(),
+        "no checkpoint on a failed WAL"
+    );
+    drop(store);
+    let store = Store::open(config(dir.path())).unwrap();
+    assert_eq!(value(&store, "kept"), Some(b"yes".to_vec()));
+    assert!(
+        store.status().failed.is_none(),
+        "a restart clears the failed state"
+    );
+}
+
+#[tokio::test]
+async fn dropping_without_shutdown_writes_no_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.snapshot_interval = Duration::ZERO;
+    let store = Store::open(cfg.clone()).unwrap();
+    store.apply(vec![put(&store, "k", "v")]).await.unwrap();
+    drop(store);
+    assert!(!dir.path().join(snapshot::FILE_NAME).exists());
+    assert_eq!(value(&Store::open(cfg).unwrap(), "k"), Some(b"v".to_vec()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_drops_covered_wal_while_writes_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).unwrap();
+    for i in 0..200 {
+        store
+            .apply(vec![put(&store, &format!("k{i}"), "v")])
+            .await
+            .unwrap();
+    }
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for i in 0..200 {
+                store
+                    .apply(vec![put(&store, &format!("during{i}"), "v")])
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let stats = store.checkpoint().await.unwrap();
+    assert!(stats.keys >= 200 && stats.bytes > 0, "{stats:?}");
+    writer.await.unwrap();
+    assert!(store.status().last_snapshot.is_some());
+    let segments = segment::list(dir.path()).unwrap();
+    assert_eq!(segments.len(), 1, "older segments removed: {segments:?}");
+    drop(store);
+    let store = Store::open(config(dir.path())).unwrap();
+    assert_eq!(store.status().keys, 400);
+}
+
+#[tokio::test]
+async fn expired_tombstones_are_dropped_at_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.tombstone_grace = Duration::ZERO;
+    let store = Store::open(cfg.clone()).unwrap();
+    store.apply(vec![put(&store, "a", "1")]).await.unwrap();
+    let old = Record {
+        key: "gone".into(),
+        version: Version {
+            hlc: 1 << 16,
+            node: 1,
+        },
+        value: None,
+    };
+    store.apply(vec![old]).await.unwrap();
+    assert_eq!(store.checkpoint().await.unwrap().tombstones_dropped, 1);
+    assert_eq!(store.get("gone"), None);
+    store.shutdown().await.unwrap();
+    drop(store);
+    let store = Store::open(cfg).unwrap();
+    assert_eq!((store.status().keys, store.status().tombstones), (1, 0));
+}
+
+#[tokio::test]
+async fn wal_size_bound_triggers_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.wal_max_bytes = 4096;
+    cfg.sync = SyncMode::Never;
+    let store = Store::open(cfg).unwrap();
+    for i in 0..100 {
+        store
+            .apply(vec![put(&store, &format!("k{i}"), &"x".repeat(100))])
+            .await
+            .unwrap();
+    }
+    wait_until("a checkpoint ran", || {
+        store.status().last_snapshot.is_some()
+    });
+}
+
+#[tokio::test]
+async fn interval_mode_fsyncs_without_further_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.sync = SyncMode::Interval;
+    cfg.sync_interval = Duration::from_millis(20);
+    let store = Store::open(cfg).unwrap();
+    store.apply(vec![put(&store, "k", "v")]).await.unwrap();
+    wait_until("the interval fsync ran", || store.status().wal_fsyncs > 0);
+    store.shutdown().await.unwrap();
+}
+
+/// Writes three records through a store and crashes; returns the segment and frame offsets.
+async fn three_record_wal(dir: &Path) -> (PathBuf, Vec<usize>) {
+    let store = Store::open(config(dir)).unwrap();
+    for key in ["first", "second", "third"] {
+        store.apply(vec![put(&store, key, "value")]).await.unwrap();
+    }
+    drop(store);
+    let (_, path) = segment::list(dir).unwrap().pop().unwrap();
+    let bytes = fs::read(&path).unwrap();
+    let mut starts = vec![segment::HEADER_LEN];
+    while let frame::FrameRead::Complete(_, next) = frame::read(&bytes, *starts.last().unwrap()) {
+        starts.push(next);
+    }
+    assert_eq!(starts.len(), 4);
+    (path, starts)
+}
+
+#[tokio::test]
+async fn wal_cut_anywhere_in_its_last_record_recovers_the_records_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, starts) = three_record_wal(dir.path()).await;
+    let whole = fs::read(&path).unwrap();
+    for cut in starts[2] + 1..starts[3] {
+        fs::write(&path, &whole[..cut]).unwrap();
+        let store = Store::open(config(dir.path())).unwrap();
+        assert_eq!(
+            value(&store, "second"),
+            Some(b"value".to_vec()),
+            "cut at {cut}"
+        );
+        assert_eq!(store.get("third"), None, "cut at {cut}");
+        assert_eq!(
+            fs::metadata(&path).unwrap().len(),
+            starts[2] as u64,
+            "torn tail truncated"
+        );
+        drop(store);
+        // Each open adds an empty segment; remove it so the damaged one is the newest again.
+        let (_, newest) = segment::list(dir.path()).unwrap().pop().unwrap();
+        fs::remove_file(newest).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn flipped_byte_in_a_middle_record_stops_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, starts) = three_record_wal(dir.path()).await;
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[starts[1] + 12] ^= 0x01;
+    fs::write(&path, &bytes).unwrap();
+    match Store::open(config(dir.path())) {
+        Err(Error::Corrupt {
+            path: p, offset, ..
+        }) => assert_eq!((p, offset), (path, starts[1] as u64)),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn foreign_file_is_bad_format_and_missing_segment_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = three_record_wal(dir.path()).await;
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[0] = b'X';
+    fs::write(&path, &bytes).unwrap();
+    assert!(matches!(
+        Store::open(config(dir.path())),
+        Err(Error::BadFormat { .. })
+    ));
+    fs::remove_file(&path).unwrap();
+    fs::write(segment::path(dir.path(), 5), b"").unwrap();
+    fs::write(segment::path(dir.path(), 6), b"").unwrap();
+    assert!(matches!(
+        Store::open(config(dir.path())),
+        Err(Error::Corrupt { .. })
+    ));
+}
+
+/// One step of the model test.
+#[derive(Clone, Debug)]
+enum Op {
+    Put(u8, Vec<u8>),
+    Delete(u8),
+    /// A write with an old version (a late replica); must never win over a newer one.
+    Stale(u8),
+    Checkpoint,
+    Restart {
+        clean: bool,
+    },
+}
+
+fn arb_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0u8..8, proptest::collection::vec(any::<u8>(), 0..20)).prop_map(|(k, v)| Op::Put(k, v)),
+        2 => (0u8..8).prop_map(Op::Delete),
+        1 => (0u8..8).prop_map(Op::Stale),
+        1 => Just(Op::Checkpoint),
+        1 => any::<bool>().prop_map(|clean| Op::Restart { clean }),
+    ]
+}
+
+type Model = HashMap<String, (Version, Option<Vec<u8>>)>;
+
+fn model_apply(model: &mut Model, r: &Record) {
+    let newer = model.get(&r.key).is_none_or(|(v, _)| r.version > *v);
+    if newer {
+        model.insert(
+            r.key.clone(),
+            (r.version, r.value.as_ref().map(|b| b.to_vec())),
+        );
+    }
+}
+
+fn assert_matches(store: &Store, model: &Model) {
+    let mut seen = 0;
+    store.scan(|key, entry| {
+        seen += 1;
+        let (version, value) = model
+            .get(key)
+            .unwrap_or_else(|| panic!("unexpected key {key}"));
+        assert_eq!(entry.version, *version, "{key}");
+        assert_eq!(entry.value.as_deref(), value.as_deref(), "{key}");
+    });
+    assert_eq!(seen, model.len());
+}
+
+async fn run_model(ops: Vec<Op>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.sync = SyncMode::Never;
+    let mut store = Store::open(cfg.clone()).unwrap();
+    let mut model = Model::new();
+    for op in ops {
+        let record = |key: u8, value: Option<Vec<u8>>, version| Record {
+            key: format!("key{key}"),
+            version,
+            value: value.map(Bytes::from),
+        };
+        let r = match op {
+            Op::Put(k, v) => record(k, Some(v), store.clock().tick()),
+            Op::Delete(k) => record(k, None, store.clock().tick()),
+            Op::Stale(k) => record(k, Some(b"stale".to_vec()), Version { hlc: 5, node: 2 }),
+            Op::Checkpoint => {
+                store.checkpoint().await.unwrap();
+                continue;
+            }
+            Op::Restart { clean } => {
+                if clean {
+                    store.shutdown().await.unwrap();
+                }
+                drop(store);
+                store = Store::open(cfg.clone()).unwrap();
+                assert_matches(&store, &model);
+                continue;
+            }
+        };
+        model_apply(&mut model, &r);
+        store.apply(vec![r]).await.unwrap();
+    }
+    assert_matches(&store, &model);
+    drop(store);
+    assert_matches(&Store::open(cfg).unwrap(), &model);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn recovers_to_the_model_after_any_sequence(ops in proptest::collection::vec(arb_op(), 1..40)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(run_model(ops));
+    }
+}

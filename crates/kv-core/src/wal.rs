@@ -1,0 +1,356 @@
+//! The WAL writer: one dedicated thread owns the newest segment file. It takes queued appends,
+//! writes them in one `write`, fsyncs once (group commit), applies them to the map and answers
+//! every caller. It also rotates segments for checkpoints and fsyncs on a timer in interval mode.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error};
+
+use crate::checkpoint::CheckpointSignal;
+use crate::map::ShardedMap;
+use crate::{frame, record, segment, Error, Record, SyncMode};
+
+/// Commands queued to the writer; the queue is bounded (see [`WAL_QUEUE_CAPACITY`]).
+pub(crate) enum WalCommand {
+    /// Make records durable, apply them, answer which ones were newer.
+    Append {
+        records: Vec<Record>,
+        reply: oneshot::Sender<Result<Vec<bool>, Error>>,
+    },
+    /// Fsync and close the current segment, start the next; answers the new segment's number.
+    Rotate {
+        reply: oneshot::Sender<Result<u64, Error>>,
+    },
+    /// Interval mode: fsync if the interval has passed.
+    SyncTick,
+    /// Fsync and stop; answers the current segment's number.
+    Shutdown {
+        reply: oneshot::Sender<Result<u64, Error>>,
+    },
+}
+
+/// Commands the queue holds before `apply` callers wait for room (backpressure, never dropped).
+pub(crate) const WAL_QUEUE_CAPACITY: usize = 4096;
+/// Most records one group commit takes; the rest wait for the next.
+const MAX_BATCH_RECORDS: usize = 16 * 1024;
+
+/// State the writer shares with the store: failure and counters.
+#[derive(Debug, Default)]
+pub(crate) struct WalState {
+    /// Set once, on the first failed write or fsync; writes are refused from then on.
+    pub failed: OnceLock<String>,
+    /// Bytes in all live segments.
+    pub wal_bytes: AtomicU64,
+    pub fsyncs: AtomicU64,
+    pub fsync_micros: AtomicU64,
+    pub batches: AtomicU64,
+    pub appends: AtomicU64,
+    pub records: AtomicU64,
+    /// Test hook: the next write fails as if the disk had.
+    #[cfg(test)]
+    pub inject_write_failure: AtomicBool,
+}
+
+impl WalState {
+    /// The error for a refused write, if the WAL has failed.
+    pub fn check(&self) -> Result<(), Error> {
+        match self.failed.get() {
+            Some(reason) => Err(Error::WalFailed {
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// One `Append` waiting in a batch, with what the writer decided about each record.
+struct Pending {
+    records: Vec<Record>,
+    newer: Vec<bool>,
+    reply: oneshot::Sender<Result<Vec<bool>, Error>>,
+}
+
+/// The writer thread's state.
+pub(crate) struct WalWriter {
+    pub dir: PathBuf,
+    pub sync: SyncMode,
+    pub sync_interval: Duration,
+    pub wal_max_bytes: u64,
+    pub segment: u64,
+    pub file: File,
+    pub map: Arc<ShardedMap>,
+    pub state: Arc<WalState>,
+    pub checkpoint: Arc<CheckpointSignal>,
+    pub unsynced: bool,
+    pub last_sync: Instant,
+    pub buf: Vec<u8>,
+}
+
+impl WalWriter {
+    /// Runs until `Shutdown` or until every sender is gone (the store was dropped).
+    pub fn run(mut self, mut rx: mpsc::Receiver<WalCommand>) {
+        let mut next = None;
+        loop {
+            let command = match next.take() {
+                Some(c) => c,
+                None => match rx.blocking_recv() {
+                    Some(c) => c,
+                    None => break,
+                },
+            };
+            match command {
+                WalCommand::Append { records, reply } => {
+                    let mut batch = vec![Pending {
+                        newer: Vec::new(),
+                        records,
+                        reply,
+                    }];
+                    next = drain_appends(&mut rx, &mut batch);
+                    self.commit(batch);
+                }
+                WalCommand::Rotate { reply } => {
+                    let _ = reply.send(self.rotate());
+                }
+                WalCommand::SyncTick => self.sync_if_due(),
+                WalCommand::Shutdown { reply } => {
+                    let _ = reply.send(self.sync().map(|()| self.segment));
+                    refuse_rest(rx);
+                    return;
+                }
+            }
+        }
+        // Dropped without shutdown: flush what was written, as a clean process exit would.
+        let _ = self.sync();
+    }
+
+    fn path(&self) -> PathBuf {
+        segment::path(&self.dir, self.segment)
+    }
+
+    /// Enters the failed state; the first reason is kept.
+    fn fail(&self, reason: String) -> Error {
+        error!(path = %self.path().display(), %reason, "WAL failed; refusing writes until restart");
+        let _ = self.state.failed.set(reason);
+        self.state.check().err().unwrap_or(Error::WalFailed {
+            reason: String::new(),
+        })
+    }
+
+    /// One group commit: write every newer record of the batch, fsync once, apply, answer.
+    fn commit(&mut self, mut batch: Vec<Pending>) {
+        let written = self
+            .state
+            .check()
+            .and_then(|()| self.encode_batch(&mut batch));
+        let count = match written.and_then(|count| self.write_batch().map(|()| count)) {
+            Ok(count) => count,
+            Err(e) => return answer_all(batch, &e),
+        };
+        self.count_batch(batch.len() as u64, count);
+        for pending in batch {
+            let applied = pending.records.iter().zip(pending.newer);
+            let applied = applied
+                .map(|(r, newer)| newer && self.map.apply(r))
+                .collect();
+            let _ = pending.reply.send(Ok(applied));
+        }
+        if self.state.wal_bytes.load(Ordering::Relaxed) > self.wal_max_bytes {
+            self.checkpoint.request_wal_full();
+        }
+    }
+
+    /// Frames every record that is newer than the map's into the write buffer. Older ones are
+    /// left out: they would change nothing, and leaving them out keeps replay equal to the live
+    /// map even after a checkpoint dropped the tombstone that made them stale.
+    fn encode_batch(&mut self, batch: &mut [Pending]) -> Result<u64, Error> {
+        self.buf.clear();
+        let mut count = 0;
+        for pending in batch {
+            pending.newer = pending
+                .records
+                .iter()
+                .map(|r| self.map.is_newer(&r.key, r.version))
+                .collect();
+            for (r, _) in pending
+                .records
+                .iter()
+                .zip(&pending.newer)
+                .filter(|(_, newer)| **newer)
+            {
+                // Cannot fail: Store::apply validated the record against the format limits.
+                if let Err(e) = frame::append(&mut self.buf, |b| r.encode(b)) {
+                    return Err(self.fail(format!("encoding a record: {e}")));
+                }
+                count += 1;
+            }
+        }
+        Ok(count)
+    }
+
+    /// Writes the encoded batch and fsyncs as the sync mode says.
+    fn write_batch(&mut self) -> Result<(), Error> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let written = self
+            .write_hook()
+            .and_then(|()| self.file.write_all(&self.buf));
+        if let Err(e) = written {
+            return Err(self.fail(format!("write {}: {e}", self.path().display())));
+        }
+        self.state
+            .wal_bytes
+            .fetch_add(self.buf.len() as u64, Ordering::Relaxed);
+        self.unsynced = true;
+        match self.sync {
+            SyncMode::Always => self.sync(),
+            SyncMode::Interval => {
+                self.sync_if_due();
+                self.state.check()
+            }
+            SyncMode::Never => Ok(()),
+        }
+    }
+
+    #[cfg(test)]
+    fn write_hook(&self) -> std::io::Result<()> {
+        if self
+            .state
+            .inject_write_failure
+            .swap(false, Ordering::Relaxed)
+        {
+            return Err(std::io::Error::other("injected write failure"));
+        }
+        Ok(())
+    }
+
+    #[cfg(not(test))]
+    fn write_hook(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn count_batch(&self, appends: u64, records: u64) {
+        self.state.batches.fetch_add(1, Ordering::Relaxed);
+        self.state.appends.fetch_add(appends, Ordering::Relaxed);
+        self.state.records.fetch_add(records, Ordering::Relaxed);
+    }
+
+    /// Fsyncs the segment if anything was written since the last fsync. A failure is final.
+    fn sync(&mut self) -> Result<(), Error> {
+        self.state.check()?;
+        if !self.unsynced {
+            return Ok(());
+        }
+        let started = Instant::now();
+        if let Err(e) = self.file.sync_data() {
+            return Err(self.fail(format!("fsync {}: {e}", self.path().display())));
+        }
+        self.unsynced = false;
+        self.last_sync = Instant::now();
+        self.state.fsyncs.fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.state.fsync_micros.fetch_add(micros, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn sync_if_due(&mut self) {
+        if self.unsynced && self.last_sync.elapsed() >= self.sync_interval {
+            let _ = self.sync();
+        }
+    }
+
+    /// Fsyncs the current segment and switches to a new one.
+    fn rotate(&mut self) -> Result<u64, Error> {
+        self.sync()?;
+        let next = self.segment + 1;
+        // A failed creation leaves no file behind, so appending to the old segment stays safe.
+        self.file = segment::create(&self.dir, next)?;
+        self.segment = next;
+        self.state
+            .wal_bytes
+            .fetch_add(segment::HEADER_LEN as u64, Ordering::Relaxed);
+        debug!(segment = next, "rotated WAL segment");
+        Ok(next)
+    }
+}
+
+/// Moves queued appends into `batch`; returns the first other command met, to run after it.
+fn drain_appends(
+    rx: &mut mpsc::Receiver<WalCommand>,
+    batch: &mut Vec<Pending>,
+) -> Option<WalCommand> {
+    let mut records: usize = batch.iter().map(|p| p.records.len()).sum();
+    while records < MAX_BATCH_RECORDS {
+        match rx.try_recv() {
+            Ok(WalCommand::Append {
+                records: more,
+                reply,
+            }) => {
+                records += more.len();
+                batch.push(Pending {
+                    newer: Vec::new(),
+                    records: more,
+                    reply,
+                });
+            }
+            Ok(other) => return Some(other),
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+fn answer_all(batch: Vec<Pending>, error: &Error) {
+    for pending in batch {
+        let _ = pending.reply.send(Err(error.duplicate()));
+    }
+}
+
+/// After shutdown: closes the queue and answers whatever slipped in with `Closed`.
+fn refuse_rest(mut rx: mpsc::Receiver<WalCommand>) {
+    rx.close();
+    while let Ok(command) = rx.try_recv() {
+        match command {
+            WalCommand::Append { reply, .. } => drop(reply.send(Err(Error::Closed))),
+            WalCommand::Rotate { reply } | WalCommand::Shutdown { reply } => {
+                drop(reply.send(Err(Error::Closed)))
+            }
+            WalCommand::SyncTick => {}
+        }
+    }
+}
+
+/// Interval mode: a thread that asks the writer to check its fsync deadline every `interval`.
+/// It holds only a weak sender, so it never keeps the writer alive; it stops on `stop`.
+pub(crate) fn spawn_sync_ticker(
+    tx: mpsc::WeakSender<WalCommand>,
+    interval: Duration,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("kv-wal-sync".into())
+        .spawn(move || loop {
+            std::thread::park_timeout(interval);
+            if stop.load(Ordering::Acquire) {
+                return;
+            }
+            let Some(tx) = tx.upgrade() else { return };
+            // Full queue: the writer is busy and checks its deadline after each batch anyway.
+            if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(WalCommand::SyncTick) {
+                return;
+            }
+        })
+}
+
+/// Format limits every record must meet before it is queued.
+pub(crate) fn validate(records: &[Record]) -> Result<(), Error> {
+    debug_assert!(record::MAX_KEY_LEN + record::MAX_VALUE_LEN + 64 < frame::MAX_FRAME_LEN);
+    records.iter().try_for_each(Record::validate)
+}
