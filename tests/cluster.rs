@@ -1,6 +1,8 @@
 //! Black-box tests of real 3- and 5-node clusters: placement, forwarding, quorums, hinted
 //! handoff, tombstones and convergence, with nodes killed by SIGKILL.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use kv_tests::{send, wait_until, Options, TestCluster};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -280,5 +282,107 @@ fn with_two_of_three_down_quorum_writes_get_503_and_w_one_succeeds() {
         get(&node, "k", "").status,
         503,
         "quorum read with one node up"
+    );
+}
+
+#[test]
+fn cluster_secret_guards_internal_calls_and_replication_still_works() {
+    let c = TestCluster::start_with(Options {
+        env: vec![("CLUSTER_SECRET".into(), "s3cret".into())],
+        ..Options::default()
+    });
+    assert_eq!(put(c.url(0), "k", json!(1), "?w=all").status, 200);
+    let refused = send("GET", &format!("{}/internal/entry/k", c.url(1)), None).unwrap();
+    assert_eq!(
+        (refused.status, refused.json["error"].clone()),
+        (401, json!("unauthorized"))
+    );
+    let bad = kv_tests::send_with(
+        "POST",
+        &format!("{}/internal/replicate", c.url(1)),
+        Some("junk"),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(bad.status, 401);
+    let allowed = kv_tests::send_with(
+        "GET",
+        &format!("{}/internal/entry/k", c.url(1)),
+        None,
+        &[("x-kv-secret", "s3cret")],
+    )
+    .unwrap();
+    assert_eq!(allowed.status, 200);
+}
+
+#[test]
+fn a_dead_peer_is_marked_down_within_about_two_seconds() {
+    let mut c = TestCluster::start_with(Options {
+        env: vec![("HEALTH_CHECK_INTERVAL_MS".into(), "500".into())],
+        ..Options::default()
+    });
+    c.wait_converged();
+    c.nodes[1].kill9();
+    let killed = std::time::Instant::now();
+    let dead = c.url(1).to_owned();
+    wait_until(
+        Duration::from_secs(5),
+        "node2 is seen down by node1",
+        || {
+            c.nodes[0].status()["peers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["url"] == dead && p["state"] == "down")
+        },
+    );
+    assert!(
+        killed.elapsed() < Duration::from_millis(2500),
+        "took {:?}",
+        killed.elapsed()
+    );
+    // Skipped without waiting for a timeout: quorum writes stay fast.
+    let started = std::time::Instant::now();
+    for i in 0..20 {
+        assert_eq!(put(c.url(0), &format!("fast{i}"), json!(i), "").status, 200);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "20 writes took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_forwarded_request_returns_the_owners_answer_unchanged() {
+    let c = TestCluster::start_with(Options {
+        nodes: 4,
+        replication_factor: 1,
+        ..Options::default()
+    });
+    // With N = 1 most keys live on another node than the one asked.
+    for i in 0..20 {
+        let key = format!("fwd{i}");
+        assert_eq!(put(c.url(0), &key, json!(i), "").status, 200);
+        let via_other = get(c.url(1), &key, "");
+        assert_eq!(
+            (via_other.status, via_other.json["value"].clone()),
+            (200, json!(i))
+        );
+        assert!(via_other.headers.contains_key("etag"));
+        let missing = get(c.url(2), &format!("absent{i}"), "");
+        assert_eq!(
+            (missing.status, missing.json["error"].clone()),
+            (404, json!("not_found"))
+        );
+    }
+    let forwarded: u64 = c
+        .nodes
+        .iter()
+        .map(|n| n.status()["forwarded_requests"].as_u64().unwrap())
+        .sum();
+    assert!(
+        forwarded >= 30,
+        "expected most requests to be forwarded, got {forwarded}"
     );
 }

@@ -1,6 +1,8 @@
 //! Black-box tests of one real kv-node process: the data API of SPEC section 3 with every error
 //! case, configuration errors, and durability across kill -9 and restarts.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use kv_tests::{bin_dir, send, send_with, Options, TestCluster};
 use serde_json::json;
 use std::process::Command;
@@ -365,7 +367,7 @@ fn help_lists_every_variable_and_version_prints() {
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/.env.example")).unwrap();
     for line in help
         .lines()
-        .filter_map(|l| l.trim().split_whitespace().next())
+        .filter_map(|l| l.split_whitespace().next())
         .filter(|w| w.chars().all(|c| c.is_ascii_uppercase() || c == '_') && w.len() > 2)
     {
         assert!(example.contains(line), ".env.example misses {line}");

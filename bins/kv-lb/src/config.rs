@@ -80,7 +80,7 @@ pub enum LogFormat {
 /// The checked configuration of the load balancer.
 #[derive(Clone, Debug)]
 pub struct LbConfig {
-    /// Node URLs (`DATABASE_NODES`), as written, without a trailing slash; the ring sorts them.
+    /// Node URLs (`DATABASE_NODES`) in canonical `http://host:port` form; the ring sorts them.
     pub nodes: Vec<String>,
     /// Address to listen on (`BIND_ADDR`:`LB_PORT`).
     pub listen: SocketAddr,
@@ -200,41 +200,50 @@ impl LbEnv {
     }
 }
 
-/// `DATABASE_NODES`: at least one `http://host:port` URL, written in canonical form (lower-case
-/// host, no default port, no path) so the ring here and on the nodes hashes the same strings.
+/// `DATABASE_NODES`: at least one `http://host[:port]` base URL. Each is rewritten in the
+/// canonical form `http://host:port` (lower-case host, explicit port) that the nodes also use
+/// for `CLUSTER_NODES`, so the ring here and on the nodes hashes the same strings.
 fn parse_nodes(raw: Option<&str>) -> Result<Vec<String>, ConfigError> {
     let raw = raw.unwrap_or(DEFAULT_DATABASE_NODES);
-    let expected = |detail: String| {
-        ConfigError::new(
-            "DATABASE_NODES",
-            raw,
-            format!("comma-separated node URLs such as http://127.0.0.1:8001 ({detail})"),
-        )
-    };
     let mut nodes = Vec::new();
     for entry in raw.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-        let written = entry.trim_end_matches('/');
-        let url = Url::parse(written).map_err(|e| expected(format!("'{entry}': {e}")))?;
-        if url.scheme() != "http" || url.host_str().is_none() {
-            return Err(expected(format!(
-                "'{entry}' is not an http:// URL with a host"
-            )));
-        }
-        if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
-            return Err(expected(format!(
-                "'{entry}' has a path, query or fragment; give the node's base URL"
-            )));
-        }
-        let canonical = url.as_str().trim_end_matches('/');
-        if canonical != written {
-            return Err(expected(format!("write '{entry}' as '{canonical}'")));
-        }
-        nodes.push(written.to_owned());
+        let node = canonical_node_url(entry).map_err(|detail| {
+            ConfigError::new(
+                "DATABASE_NODES",
+                raw,
+                format!("comma-separated node URLs such as http://127.0.0.1:8001 ({detail})"),
+            )
+        })?;
+        nodes.push(node);
     }
     if nodes.is_empty() {
-        return Err(expected("at least one".to_owned()));
+        return Err(ConfigError::new(
+            "DATABASE_NODES",
+            raw,
+            "comma-separated node URLs such as http://127.0.0.1:8001 (at least one)",
+        ));
     }
     Ok(nodes)
+}
+
+/// `http://Host:port/` -> `http://host:port`; the reason when `entry` is not a node base URL.
+fn canonical_node_url(entry: &str) -> Result<String, String> {
+    let url = Url::parse(entry).map_err(|e| format!("'{entry}': {e}"))?;
+    if url.scheme() != "http" {
+        return Err(format!(
+            "'{entry}' is not http:// (the LB speaks plain HTTP to nodes)"
+        ));
+    }
+    let host = url.host_str().filter(|host| !host.is_empty());
+    let (Some(host), Some(port)) = (host, url.port_or_known_default()) else {
+        return Err(format!("'{entry}' has no host"));
+    };
+    if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+        return Err(format!(
+            "'{entry}' has a path, query or fragment; give the node's base URL"
+        ));
+    }
+    Ok(format!("http://{host}:{port}"))
 }
 
 fn parse_port(raw: Option<&str>) -> Result<u16, ConfigError> {
@@ -354,10 +363,7 @@ mod tests {
     #[test]
     fn values_are_parsed() {
         let config = env(&[
-            (
-                "DATABASE_NODES",
-                " http://10.0.0.1:8001/ , http://node-b:8001,",
-            ),
+            ("DATABASE_NODES", " http://10.0.0.1:8001/ , http://Node-B,"),
             ("LB_PORT", "9100"),
             ("BIND_ADDR", "0.0.0.0"),
             ("REPLICATION_FACTOR", "5"),
@@ -366,7 +372,7 @@ mod tests {
             ("LOG_FORMAT", "json"),
         ])
         .unwrap();
-        assert_eq!(config.nodes, ["http://10.0.0.1:8001", "http://node-b:8001"]);
+        assert_eq!(config.nodes, ["http://10.0.0.1:8001", "http://node-b:80"]);
         assert_eq!(config.listen, "0.0.0.0:9100".parse().unwrap());
         assert_eq!(config.replication_factor, 2, "capped at the node count");
         assert_eq!(config.vnodes, 64);
@@ -383,12 +389,10 @@ mod tests {
     fn every_bad_value_names_variable_value_and_expectation() {
         let cases: &[(&str, &str, &str)] = &[
             ("DATABASE_NODES", "", "DATABASE_NODES=: expected comma-separated node URLs such as http://127.0.0.1:8001 (at least one)"),
-            ("DATABASE_NODES", "localhost:8001", "is not an http:// URL with a host"),
+            ("DATABASE_NODES", "localhost:8001", "'localhost:8001' is not http://"),
             ("DATABASE_NODES", "http://", "'http://': empty host"),
-            ("DATABASE_NODES", "https://a:1", "'https://a:1' is not an http:// URL"),
-            ("DATABASE_NODES", "http://A:8001", "write 'http://A:8001' as 'http://a:8001'"),
+            ("DATABASE_NODES", "https://a:1", "'https://a:1' is not http://"),
             ("DATABASE_NODES", "http://a:1/x", "'http://a:1/x' has a path, query or fragment"),
-            ("DATABASE_NODES", "http://a:80", "write 'http://a:80' as 'http://a'"),
             ("LB_PORT", "0", "LB_PORT=0: expected a port number from 1 to 65535"),
             ("LB_PORT", "70000", "LB_PORT=70000: expected a port number"),
             ("BIND_ADDR", "localhost", "BIND_ADDR=localhost: expected an IP address"),

@@ -21,7 +21,7 @@ mod status;
 mod upstream;
 
 use std::future::IntoFuture;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -88,7 +88,9 @@ fn answer_arguments() -> Option<ExitCode> {
 
 fn init_tracing(config: &LbConfig) {
     let filter = EnvFilter::try_new(&config.log_filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal());
     // A second subscriber cannot exist in this process; ignoring the error is safe.
     let _ = match config.log_format {
         LogFormat::Text => builder.try_init(),

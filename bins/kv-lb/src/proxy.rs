@@ -54,7 +54,6 @@ async fn forward(
     state.counters.request();
     let request = buffer(request, state.body_limit, state.request_timeout).await?;
     let deadline = Instant::now() + state.request_timeout;
-    let retry_reads = is_read(&request.method);
     let order = state.health.healthy_first(preference);
     let mut failures = Failures::default();
     for (position, &node) in order.iter().enumerate() {
@@ -68,47 +67,87 @@ async fn forward(
         if position > 0 {
             state.counters.retry();
         }
-        let is_last = position + 1 == order.len();
-        let budget = attempt_budget(remaining, retry_reads, order.len() - position);
-        match state.upstream.send(url, &request, budget).await? {
-            Outcome::Answered(response)
-                if retry_reads && !is_last && response.status().is_server_error() =>
-            {
-                metrics::upstream_error(url, "status_5xx");
-                failures.note(url, format!("answered {}", response.status()));
-                failures.last_server_error = Some(response);
-            }
-            Outcome::Answered(response) => {
+        let attempt = Attempt {
+            node,
+            url,
+            retry_reads: is_read(&request.method),
+            is_last: position + 1 == order.len(),
+            budget: attempt_budget(remaining, is_read(&request.method), order.len() - position),
+        };
+        let outcome = state.upstream.send(url, &request, attempt.budget).await?;
+        match attempt.judge(state, outcome, &mut failures) {
+            Step::Answer(response) => {
                 if preference.first() != Some(&node) {
                     state.counters.failover();
                 }
                 return Ok(into_client_response(response));
             }
-            Outcome::ConnectFailed(reason) => {
-                metrics::upstream_error(url, "connect");
-                state.health.mark_down(node, &reason);
-                failures.note(url, reason);
-            }
-            Outcome::TimedOut if retry_reads => {
-                metrics::upstream_error(url, "timeout");
-                failures.note(url, format!("no answer within {} ms", budget.as_millis()));
-            }
-            Outcome::TimedOut => {
-                metrics::upstream_error(url, "timeout");
-                return Err(ApiError::Timeout(state.request_timeout));
-            }
-            Outcome::Failed(reason) if retry_reads => {
-                metrics::upstream_error(url, "io");
-                failures.note(url, reason);
-            }
-            Outcome::Failed(reason) => {
-                metrics::upstream_error(url, "io");
-                let node = url.to_owned();
-                return Err(ApiError::BadGateway { node, reason });
-            }
+            Step::TryNext => {}
+            Step::GiveUp(error) => return Err(error),
         }
     }
     failures.into_result(Instant::now() >= deadline, state.request_timeout)
+}
+
+/// One attempt at one node, and what the proxy knows when it judges the outcome.
+struct Attempt<'a> {
+    node: usize,
+    url: &'a str,
+    retry_reads: bool,
+    is_last: bool,
+    budget: Duration,
+}
+
+/// What to do after an attempt.
+enum Step {
+    /// Send this answer to the client.
+    Answer(hyper::Response<Incoming>),
+    /// Try the next candidate (the failure is noted).
+    TryNext,
+    /// Stop: retrying would not be safe.
+    GiveUp(ApiError),
+}
+
+impl Attempt<'_> {
+    /// Applies the retry rules of this module's doc to one outcome.
+    fn judge(&self, state: &LbState, outcome: Outcome, failures: &mut Failures) -> Step {
+        let url = self.url;
+        match outcome {
+            Outcome::Answered(response)
+                if self.retry_reads && !self.is_last && response.status().is_server_error() =>
+            {
+                metrics::upstream_error(url, "status_5xx");
+                failures.note(url, format!("answered {}", response.status()));
+                failures.last_server_error = Some(response);
+                Step::TryNext
+            }
+            Outcome::Answered(response) => Step::Answer(response),
+            Outcome::ConnectFailed(reason) => {
+                metrics::upstream_error(url, "connect");
+                state.health.mark_down(self.node, &reason);
+                failures.note(url, reason);
+                Step::TryNext
+            }
+            Outcome::TimedOut => {
+                metrics::upstream_error(url, "timeout");
+                if !self.retry_reads {
+                    return Step::GiveUp(ApiError::Timeout(state.request_timeout));
+                }
+                let waited = self.budget.as_millis();
+                failures.note(url, format!("no answer within {waited} ms"));
+                Step::TryNext
+            }
+            Outcome::Failed(reason) => {
+                metrics::upstream_error(url, "io");
+                if !self.retry_reads {
+                    let node = url.to_owned();
+                    return Step::GiveUp(ApiError::BadGateway { node, reason });
+                }
+                failures.note(url, reason);
+                Step::TryNext
+            }
+        }
+    }
 }
 
 /// Why every candidate failed so far, and the last 5xx a node sent (a read's best answer
@@ -122,7 +161,7 @@ struct Failures {
 
 impl Failures {
     fn note(&mut self, node: &str, reason: String) {
-        warn!(node, %reason, "attempt failed, trying the next replica");
+        warn!(node, %reason, "attempt at a replica failed");
         self.tried += 1;
         self.last_reason = format!("{node}: {reason}");
     }

@@ -6,7 +6,7 @@
 //! - [`version`]: `Version` (hybrid logical clock + node id), `Clock`, `node_id`.
 //! - `record`: what a record is and its bytes.
 //! - [`frame`]: `[len][crc32c][payload]` framing and the torn-tail rule.
-//! - `map`: the sharded in-memory map of newest entries (`Entry`).
+//! - [`map`]: the sharded in-memory map of newest entries (`Entry`).
 //! - `segment`, `wal`: WAL segment files and the writer thread (group commit).
 //! - `snapshot`, `checkpoint`: `snapshot.db` and the thread that writes it.
 //! - `recovery`: snapshot load plus WAL replay at start-up.
@@ -24,7 +24,7 @@ mod config;
 mod error;
 pub mod frame;
 mod lock;
-mod map;
+pub mod map;
 mod record;
 mod recovery;
 mod segment;

@@ -123,8 +123,11 @@ pub(crate) fn encode_parts(out: &mut Vec<u8>, version: Version, key: &[u8], valu
     }
 }
 
-/// Splits an encoded record into kind, version, key bytes and the rest.
-fn split_header(buf: &[u8]) -> Result<(u8, Version, &[u8], &[u8]), Error> {
+/// An encoded record split into its parts: kind, version, key bytes, the rest.
+type Parts<'a> = (u8, Version, &'a [u8], &'a [u8]);
+
+/// Splits an encoded record into its parts.
+fn split_header(buf: &[u8]) -> Result<Parts<'_>, Error> {
     let (head, body) = buf.split_first_chunk::<HEADER_LEN>().ok_or_else(|| {
         invalid(format!(
             "{} bytes is shorter than a record header",

@@ -93,8 +93,7 @@ fn live_segments(dir: &Path, start: u64) -> Result<Vec<(u64, PathBuf)>, Error> {
         segment::remove_before(dir, start)?;
     }
     let live: Vec<_> = all.into_iter().filter(|(n, _)| *n >= start).collect();
-    let mut expected = start;
-    for (number, path) in &live {
+    for (expected, (number, path)) in (start..).zip(&live) {
         if *number != expected {
             return Err(Error::Corrupt {
                 path: segment::path(dir, expected),
@@ -105,7 +104,6 @@ fn live_segments(dir: &Path, start: u64) -> Result<Vec<(u64, PathBuf)>, Error> {
                 ),
             });
         }
-        expected += 1;
     }
     Ok(live)
 }

@@ -349,8 +349,10 @@ pub(crate) fn spawn_sync_ticker(
         })
 }
 
+// A record within the format limits always fits in a frame.
+const _: () = assert!(record::MAX_KEY_LEN + record::MAX_VALUE_LEN + 64 < frame::MAX_FRAME_LEN);
+
 /// Format limits every record must meet before it is queued.
 pub(crate) fn validate(records: &[Record]) -> Result<(), Error> {
-    debug_assert!(record::MAX_KEY_LEN + record::MAX_VALUE_LEN + 64 < frame::MAX_FRAME_LEN);
     records.iter().try_for_each(Record::validate)
 }

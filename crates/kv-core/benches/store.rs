@@ -1,0 +1,239 @@
+//! Storage engine benchmarks, printed as a table: durable appends with group commit against the
+//! disk's raw fsync rate, in-memory get/put, memory per key, checkpoint and recovery times.
+//!
+//! Run: `CARGO_TARGET_DIR=/work/target-core cargo bench -p kv-core` (set `KV_BENCH_DIR` to test
+//! another disk; the default is the system temp folder).
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use kv_core::map::ShardedMap;
+use kv_core::{Record, Store, StoreConfig, SyncMode, Version};
+
+const KEYS: u64 = 1_000_000;
+const VALUE_LEN: usize = 100;
+const DURABLE_SECS: u64 = 3;
+const MEMORY_SECS: u64 = 1;
+
+type BenchResult = Result<(), Box<dyn std::error::Error>>;
+
+fn key(i: u64) -> String {
+    format!("key{i:013}") // 16 bytes
+}
+
+fn out(line: &str) {
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
+}
+
+fn bench_dir() -> std::io::Result<tempfile::TempDir> {
+    match std::env::var_os("KV_BENCH_DIR") {
+        Some(dir) => tempfile::tempdir_in(dir),
+        None => tempfile::tempdir(),
+    }
+}
+
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+    kb.unwrap_or(0) * 1024
+}
+
+/// Writes of 100 bytes, each followed by `sync_data`, for about two seconds.
+fn raw_fsync_rate() -> Result<f64, Box<dyn std::error::Error>> {
+    let dir = bench_dir()?;
+    let mut file = std::fs::File::create(dir.path().join("fsync-probe"))?;
+    let started = Instant::now();
+    let mut n = 0u64;
+    while started.elapsed() < Duration::from_secs(2) {
+        file.write_all(&[7; VALUE_LEN])?;
+        file.sync_data()?;
+        n += 1;
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+/// `writers` tasks each apply single-record puts in a loop for `DURABLE_SECS`.
+async fn durable_rate(writers: usize) -> Result<(f64, f64), Box<dyn std::error::Error>> {
+    let dir = bench_dir()?;
+    let store = Store::open(StoreConfig::new(dir.path().to_owned(), 1))?;
+    let deadline = Instant::now() + Duration::from_secs(DURABLE_SECS);
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..writers {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let mut i = 0u64;
+            while Instant::now() < deadline {
+                let r = Record {
+                    key: format!("w{w}/{i}"),
+                    version: store.clock().tick(),
+                    value: Some(Bytes::from_static(&[1; VALUE_LEN])),
+                };
+                store.apply(vec![r]).await?;
+                i += 1;
+            }
+            Ok::<u64, kv_core::Error>(i)
+        });
+    }
+    let mut total = 0;
+    while let Some(done) = tasks.join_next().await {
+        total += done??;
+    }
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    let s = store.status();
+    let per_fsync = s.wal_appends as f64 / s.wal_fsyncs.max(1) as f64;
+    store.shutdown().await?;
+    Ok((rate, per_fsync))
+}
+
+fn value_for(i: u64) -> Bytes {
+    let mut v = vec![b'v'; VALUE_LEN];
+    v[..8].copy_from_slice(&i.to_le_bytes());
+    Bytes::from(v)
+}
+
+/// Runs `op(thread, i)` on `threads` threads for `MEMORY_SECS`; returns ops per second.
+fn ops_rate(threads: u64, op: impl Fn(u64, u64) + Sync) -> f64 {
+    let started = Instant::now();
+    let total: u64 = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let op = &op;
+                s.spawn(move || {
+                    let mut i = 0;
+                    while started.elapsed() < Duration::from_secs(MEMORY_SECS) {
+                        for _ in 0..1000 {
+                            op(t, i);
+                            i += 1;
+                        }
+                    }
+                    i
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+    });
+    total as f64 / started.elapsed().as_secs_f64()
+}
+
+fn memory_ops() {
+    let map = Arc::new(ShardedMap::default());
+    for i in 0..KEYS {
+        map.apply(&Record {
+            key: key(i),
+            version: Version { hlc: 1, node: 1 },
+            value: Some(value_for(i)),
+        });
+    }
+    // Spread the threads' keys apart so they touch different shards most of the time.
+    let spread = |t: u64, i: u64| (i.wrapping_mul(7919) + t * (KEYS / 2)) % KEYS;
+    for threads in [1, 2] {
+        let gets = ops_rate(threads, |t, i| {
+            std::hint::black_box(map.get(&key(spread(t, i))));
+        });
+        let puts = ops_rate(threads, |t, i| {
+            let n = spread(t, i);
+            let version = Version {
+                hlc: 2 + i,
+                node: t as u32,
+            };
+            map.apply(&Record {
+                key: key(n),
+                version,
+                value: Some(value_for(n)),
+            });
+        });
+        out(&format!(
+            "| in-memory get, {threads} thread(s) | {:.2} M ops/s |",
+            gets / 1e6
+        ));
+        out(&format!(
+            "| in-memory put, {threads} thread(s) | {:.2} M ops/s |",
+            puts / 1e6
+        ));
+    }
+}
+
+fn bulk_config(dir: &std::path::Path) -> StoreConfig {
+    let mut config = StoreConfig::new(dir.to_owned(), 1);
+    config.sync = SyncMode::Never;
+    config.wal_max_bytes = u64::MAX;
+    config.snapshot_interval = Duration::ZERO;
+    config
+}
+
+/// Loads 1,000,000 keys: memory, WAL replay, checkpoint and snapshot recovery.
+async fn million_keys() -> BenchResult {
+    let dir = bench_dir()?;
+    let before = rss_bytes();
+    let store = Store::open(bulk_config(dir.path()))?;
+    for chunk in 0..KEYS / 1000 {
+        let records = (chunk * 1000..(chunk + 1) * 1000).map(|i| Record {
+            key: key(i),
+            version: store.clock().tick(),
+            value: Some(value_for(i)),
+        });
+        store.apply(records.collect()).await?;
+    }
+    let raw = KEYS * (16 + VALUE_LEN as u64);
+    let used = rss_bytes().saturating_sub(before);
+    out(&format!("| RSS for 1,000,000 keys (16 B keys, 100 B values) | {:.0} MB = {:.2} x the {:.0} MB raw |", used as f64 / 1e6, used as f64 / raw as f64, raw as f64 / 1e6));
+    drop(store); // crash: no checkpoint, everything is in the WAL
+    let started = Instant::now();
+    let store = Store::open(bulk_config(dir.path()))?;
+    out(&format!(
+        "| recovery, 1,000,000 keys from the WAL only | {:.2} s |",
+        started.elapsed().as_secs_f64()
+    ));
+    let stats = store.checkpoint().await?;
+    out(&format!(
+        "| checkpoint, 1,000,000 keys ({:.0} MB snapshot) | {:.2} s |",
+        stats.bytes as f64 / 1e6,
+        stats.duration.as_secs_f64()
+    ));
+    store.shutdown().await?;
+    drop(store);
+    let started = Instant::now();
+    let store = Store::open(bulk_config(dir.path()))?;
+    out(&format!(
+        "| recovery, 1,000,000 keys from the snapshot | {:.2} s |",
+        started.elapsed().as_secs_f64()
+    ));
+    assert_eq!(store.status().keys, KEYS);
+    Ok(())
+}
+
+fn main() -> BenchResult {
+    if std::env::args().any(|a| a == "--list") {
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    out("| benchmark | result |");
+    out("|---|---|");
+    rt.block_on(million_keys())?;
+    let fsyncs = raw_fsync_rate()?;
+    out(&format!(
+        "| raw write+fsync (sync_data) rate of the disk | {fsyncs:.0} /s |"
+    ));
+    let mut single = 0.0;
+    for writers in [1, 16, 64] {
+        let (rate, per_fsync) = rt.block_on(durable_rate(writers))?;
+        if writers == 1 {
+            single = rate;
+        }
+        out(&format!(
+            "| durable appends (SyncMode::Always), {writers} writers | {rate:.0} /s ({:.1} x 1 writer, {per_fsync:.1} appends per fsync) |",
+            rate / single
+        ));
+    }
+    memory_ops();
+    Ok(())
+}

@@ -1,0 +1,252 @@
+#!/usr/bin/env bash
+# Starts, stops and inspects a local kv cluster: N kv-node processes and one kv-lb.
+#
+#   scripts/cluster.sh up [--nodes N] [--base-port 8001] [--lb-port 9000] [--no-build]
+#   scripts/cluster.sh down
+#   scripts/cluster.sh status
+#   scripts/cluster.sh logs [node1|node2|...|lb]
+#
+# Runs from the repository root (or $KV_ROOT). Logs and pid files go to ./run/, node data to
+# ./data/node$i. Every other variable in the environment (WAL_SYNC, RUST_LOG, AUTH_TOKEN,
+# VNODES, REPLICATION_FACTOR, ...) reaches the processes unchanged.
+set -euo pipefail
+
+ROOT="${KV_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
+cd "$ROOT"
+RUN_DIR="$ROOT/run"
+CLUSTER_ENV="$RUN_DIR/cluster.env"
+BIN_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/release"
+WAIT_SECS="${KV_WAIT_SECS:-30}"   # how long `up` waits for /health
+STOP_SECS="${KV_STOP_SECS:-10}"   # how long `down` waits after SIGTERM before SIGKILL
+
+die() { echo "cluster.sh: $*" >&2; exit 1; }
+info() { echo "cluster.sh: $*"; }
+
+usage() {
+    sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+}
+
+is_alive() { kill -0 "$1" 2>/dev/null; }
+
+# True when something accepts TCP connections on 127.0.0.1:$1.
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+healthy() { curl -fsS --max-time 1 "http://127.0.0.1:$1/health" >/dev/null 2>&1; }
+
+# Names of the processes of the recorded cluster: node1 .. nodeN, lb.
+process_names() {
+    local i
+    for ((i = 1; i <= NODES; i++)); do echo "node$i"; done
+    echo lb
+}
+
+port_of() {
+    if [[ "$1" == lb ]]; then echo "$LB_PORT"; else echo $((BASE_PORT + ${1#node} - 1)); fi
+}
+
+load_cluster_env() {
+    [[ -f "$CLUSTER_ENV" ]] || die "no cluster recorded in $CLUSTER_ENV (run: $0 up)"
+    # shellcheck source=/dev/null
+    source "$CLUSTER_ENV"
+}
+
+# Pid recorded for $1 if that process is still alive (and still ours), else nothing.
+live_pid() {
+    local file="$RUN_DIR/$1.pid" pid
+    [[ -f "$file" ]] || return 0
+    pid="$(<"$file")"
+    if [[ "$pid" =~ ^[0-9]+$ ]] && is_alive "$pid" && ps -p "$pid" -o args= | grep -q 'kv-'; then
+        echo "$pid"
+    fi
+}
+
+refuse_if_running() {
+    local file name pid
+    for file in "$RUN_DIR"/*.pid; do
+        [[ -e "$file" ]] || continue
+        name="$(basename "$file" .pid)"
+        pid="$(live_pid "$name")"
+        [[ -z "$pid" ]] || die "$name (pid $pid) from a previous run is still alive; run: $0 down"
+    done
+}
+
+# Starts "$@" in the background, detached from this shell's signals, logging to run/$name.log.
+launch() {
+    local name="$1"; shift
+    set -m   # own process group: a Ctrl-C in this terminal does not reach the cluster
+    nohup "$@" >"$RUN_DIR/$name.log" 2>&1 </dev/null &
+    echo $! >"$RUN_DIR/$name.pid"
+    set +m
+}
+
+fail_with_log() {
+    local name="$1" reason="$2"
+    echo "cluster.sh: $name $reason; last lines of $RUN_DIR/$name.log:" >&2
+    tail -n 20 "$RUN_DIR/$name.log" >&2 || true
+    stop_all >&2
+    exit 1
+}
+
+# Polls /health of $1 until it answers 200, its process dies, or WAIT_SECS pass.
+wait_healthy() {
+    local name="$1" port deadline pid
+    port="$(port_of "$name")"
+    pid="$(<"$RUN_DIR/$name.pid")"
+    deadline=$((SECONDS + WAIT_SECS))
+    until healthy "$port"; do
+        is_alive "$pid" || fail_with_log "$name" "exited during start-up"
+        ((SECONDS < deadline)) || fail_with_log "$name" "did not answer /health on port $port within ${WAIT_SECS}s"
+        sleep 0.2
+    done
+}
+
+parse_up_args() {
+    NODES=3 BASE_PORT=8001 LB_PORT=9000 BUILD=1
+    while (($#)); do
+        case "$1" in
+            --nodes) NODES="${2:-}"; shift 2 ;;
+            --base-port) BASE_PORT="${2:-}"; shift 2 ;;
+            --lb-port) LB_PORT="${2:-}"; shift 2 ;;
+            --no-build) BUILD=0; shift ;;
+            *) die "unknown option '$1' for up (see: $0 help)" ;;
+        esac
+    done
+    [[ "$NODES" =~ ^[1-9][0-9]*$ ]] || die "--nodes $NODES: expected a whole number >= 1"
+    if ! [[ "$BASE_PORT" =~ ^[0-9]+$ ]] || ((BASE_PORT < 1 || BASE_PORT + NODES - 1 > 65535)); then
+        die "--base-port $BASE_PORT: expected a port such that all $NODES node ports fit below 65536"
+    fi
+    if ! [[ "$LB_PORT" =~ ^[0-9]+$ ]] || ((LB_PORT < 1 || LB_PORT > 65535)); then
+        die "--lb-port $LB_PORT: expected a port from 1 to 65535"
+    fi
+    ((LB_PORT < BASE_PORT || LB_PORT >= BASE_PORT + NODES)) ||
+        die "--lb-port $LB_PORT collides with a node port ($BASE_PORT..$((BASE_PORT + NODES - 1)))"
+}
+
+cmd_up() {
+    parse_up_args "$@"
+    mkdir -p "$RUN_DIR"
+    refuse_if_running
+    local name
+    for name in $(process_names); do
+        ! port_in_use "$(port_of "$name")" || die "port $(port_of "$name") (for $name) is already in use"
+    done
+    if ((BUILD)); then
+        info "building kv-node and kv-lb (release)"
+        cargo build --release -p kv-node -p kv-lb
+    fi
+    [[ -x "$BIN_DIR/kv-node" && -x "$BIN_DIR/kv-lb" ]] || die "binaries not found in $BIN_DIR"
+    printf 'NODES=%s\nBASE_PORT=%s\nLB_PORT=%s\n' "$NODES" "$BASE_PORT" "$LB_PORT" >"$CLUSTER_ENV"
+    start_all
+    print_banner
+}
+
+start_all() {
+    local i port urls=()
+    for ((i = 1; i <= NODES; i++)); do urls+=("http://127.0.0.1:$((BASE_PORT + i - 1))"); done
+    local cluster_nodes
+    cluster_nodes="$(IFS=,; echo "${urls[*]}")"
+    for ((i = 1; i <= NODES; i++)); do
+        port=$((BASE_PORT + i - 1))
+        launch "node$i" env NODE_NAME="node$i" PORT="$port" \
+            CURRENT_NODE_URL="http://127.0.0.1:$port" CLUSTER_NODES="$cluster_nodes" \
+            REPLICATION_FACTOR="${REPLICATION_FACTOR:-3}" DATA_DIR="./data/node$i" \
+            "$BIN_DIR/kv-node"
+    done
+    for ((i = 1; i <= NODES; i++)); do wait_healthy "node$i"; done
+    launch lb env DATABASE_NODES="$cluster_nodes" LB_PORT="$LB_PORT" \
+        REPLICATION_FACTOR="${REPLICATION_FACTOR:-3}" "$BIN_DIR/kv-lb"
+    wait_healthy lb
+}
+
+print_banner() {
+    local i
+    info "cluster is up"
+    for ((i = 1; i <= NODES; i++)); do
+        echo "  node$i  http://127.0.0.1:$((BASE_PORT + i - 1))  (log: run/node$i.log)"
+    done
+    echo "  lb     http://127.0.0.1:$LB_PORT  (log: run/lb.log)"
+    cat <<EOF
+
+Try:
+  curl -X POST http://localhost:$LB_PORT/v1/mykey -d '{"value": "hello"}'
+  curl http://localhost:$LB_PORT/v1/mykey
+  curl -X DELETE http://localhost:$LB_PORT/v1/mykey
+
+Stop with: scripts/cluster.sh down
+EOF
+}
+
+# SIGTERM to every recorded process (LB first), wait up to STOP_SECS, then SIGKILL.
+stop_all() {
+    local file name pid names=() pids=()
+    for file in "$RUN_DIR"/lb.pid "$RUN_DIR"/node*.pid; do
+        [[ -e "$file" ]] || continue
+        name="$(basename "$file" .pid)"
+        pid="$(live_pid "$name")"
+        if [[ -n "$pid" ]]; then
+            kill -TERM "$pid" 2>/dev/null || true
+            names+=("$name") pids+=("$pid")
+        fi
+    done
+    local deadline=$((SECONDS + STOP_SECS)) i alive
+    while :; do
+        alive=0
+        for i in "${!pids[@]}"; do is_alive "${pids[$i]}" && alive=1; done
+        ((alive && SECONDS < deadline)) || break
+        sleep 0.2
+    done
+    for i in "${!pids[@]}"; do
+        if is_alive "${pids[$i]}"; then
+            info "${names[$i]} (pid ${pids[$i]}) ignored SIGTERM for ${STOP_SECS}s; sending SIGKILL"
+            kill -KILL "${pids[$i]}" 2>/dev/null || true
+        else
+            info "stopped ${names[$i]} (pid ${pids[$i]})"
+        fi
+    done
+    rm -f "$RUN_DIR"/*.pid
+}
+
+cmd_down() {
+    [[ -d "$RUN_DIR" ]] || { info "nothing to stop"; return 0; }
+    stop_all
+}
+
+cmd_status() {
+    load_cluster_env
+    local name pid port health
+    printf '%-7s %-8s %-6s %-6s %s\n' NAME PID STATE PORT HEALTH
+    for name in $(process_names); do
+        port="$(port_of "$name")"
+        pid="$(live_pid "$name")"
+        health="$(curl -sS --max-time 2 "http://127.0.0.1:$port/health" 2>/dev/null || echo '-')"
+        if [[ -n "$pid" ]]; then
+            printf '%-7s %-8s %-6s %-6s %s\n' "$name" "$pid" alive "$port" "$health"
+        else
+            printf '%-7s %-8s %-6s %-6s %s\n' "$name" - dead "$port" "$health"
+        fi
+    done
+}
+
+cmd_logs() {
+    [[ -d "$RUN_DIR" ]] || die "no logs in $RUN_DIR"
+    if (($#)); then
+        [[ -f "$RUN_DIR/$1.log" ]] || die "no log $RUN_DIR/$1.log"
+        exec tail -n 50 -F "$RUN_DIR/$1.log"
+    fi
+    exec tail -n 20 -F "$RUN_DIR"/*.log
+}
+
+main() {
+    local command="${1:-help}"
+    (($#)) && shift
+    case "$command" in
+        up) cmd_up "$@" ;;
+        down) cmd_down ;;
+        status) cmd_status ;;
+        logs) cmd_logs "$@" ;;
+        help | -h | --help) usage ;;
+        *) usage >&2; exit 2 ;;
+    esac
+}
+
+main "$@"
