@@ -46,7 +46,7 @@ pub struct NodeReport {
     pub url: String,
     /// Whether the node is currently believed healthy.
     pub healthy: bool,
-    /// Round trip of the last successful check, in milliseconds; `null` before one.
+    /// Round trip of the last check, in milliseconds; `null` before one and while down.
     pub latency_ms: Option<f64>,
 }
 
@@ -120,10 +120,14 @@ impl HealthTable {
         let Some(node) = self.nodes.get(index) else {
             return;
         };
-        if let Some(latency) = latency {
-            let micros = u64::try_from(latency.as_micros()).unwrap_or(NO_LATENCY - 1);
-            node.latency_us.store(micros, Ordering::Relaxed);
-        }
+        // A node that is down has no current latency: `null` rather than a stale number.
+        let micros = match latency {
+            Some(latency) if healthy => {
+                u64::try_from(latency.as_micros()).unwrap_or(NO_LATENCY - 1)
+            }
+            _ => NO_LATENCY,
+        };
+        node.latency_us.store(micros, Ordering::Relaxed);
         let was_healthy = node.healthy.swap(healthy, Ordering::Relaxed);
         match (was_healthy, healthy) {
             (true, false) => warn!(node = %node.url, reason, "node marked down"),
@@ -217,6 +221,8 @@ mod tests {
         table.set(0, true, Some(Duration::from_micros(1500)), "ok");
         assert!(table.is_healthy(0));
         assert_eq!(table.report()[0].latency_ms, Some(1.5));
+        table.mark_down(0, "test");
+        assert_eq!(table.report()[0].latency_ms, None);
     }
 
     #[test]

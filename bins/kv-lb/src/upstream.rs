@@ -129,12 +129,14 @@ impl Upstream {
     }
 }
 
-/// Removes hop-by-hop headers (and `Host`, which the client sets from the node URL).
+/// Prepares a client's headers for a node: hop-by-hop headers removed, `Host` too (the client
+/// sets it from the node URL), and `Expect` (the body has already been read in full).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in &HOP_BY_HOP {
         headers.remove(name);
     }
     headers.remove(header::HOST);
+    headers.remove(header::EXPECT);
 }
 
 /// Turns a node's response into ours: status, headers (minus hop-by-hop) and streamed body.

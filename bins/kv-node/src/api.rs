@@ -8,15 +8,29 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use kv_cluster::{Consistency, ForwardRequest, Route, FORWARDED_HEADER};
-use kv_core::Version;
-use percent_encoding::percent_decode_str;
+use kv_cluster::{
+    Consistency, ForwardRequest, ForwardResponse, Precondition, Route, FORWARDED_HEADER,
+};
+use kv_core::{Entry, Version};
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use std::borrow::Cow;
 
 /// Room for the `{"value": ...}` envelope around a value of the largest allowed size.
 const BODY_ENVELOPE_BYTES: usize = 64 * 1024;
+/// Bytes escaped when a key is put back into a path: `/` stays, so keys read naturally in logs.
+const KEY_ESCAPES: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'?')
+    .add(b'<')
+    .add(b'>')
+    .add(b'`')
+    .add(b'{')
+    .add(b'}');
 /// Methods `/v1/{key}` takes, for `405` answers.
 const ALLOWED: &str = "GET, HEAD, POST, PUT, DELETE";
 
@@ -46,7 +60,7 @@ pub fn parse_key(path: &str, prefix: &str, max: usize) -> Result<String, ApiErro
 }
 
 /// The consistency levels of one request: query `w` / `r`, or the node's defaults.
-fn parse_levels(
+pub fn parse_levels(
     query: Option<&str>,
     defaults: (Consistency, Consistency),
     n: usize,
@@ -119,6 +133,210 @@ pub fn parse_write_body(body: &[u8], max_value: usize) -> Result<Bytes, ApiError
     Ok(Bytes::copy_from_slice(value.as_bytes()))
 }
 
+/// The precondition of a write from its `If-Match` / `If-None-Match` headers.
+pub fn parse_precondition(headers: &HeaderMap) -> Result<Precondition, ApiError> {
+    let text = |name| {
+        headers
+            .get(name)
+            .map(|v| {
+                v.to_str()
+                    .map(str::trim)
+                    .map_err(|_| bad_precondition("is not ASCII"))
+            })
+            .transpose()
+    };
+    match (text(header::IF_MATCH)?, text(header::IF_NONE_MATCH)?) {
+        (None, None) => Ok(Precondition::Always),
+        (Some(_), Some(_)) => Err(bad_precondition(
+            "If-Match and If-None-Match cannot be combined",
+        )),
+        (Some("*"), None) => Ok(Precondition::IfExists),
+        (Some(tag), None) => {
+            let tag = tag.strip_prefix("W/").unwrap_or(tag);
+            let tag = tag
+                .strip_prefix('"')
+                .and_then(|t| t.strip_suffix('"'))
+                .unwrap_or(tag);
+            tag.parse::<Version>()
+                .map(Precondition::IfMatch)
+                .map_err(|_| {
+                    bad_precondition("If-Match must be \"<version>\" as sent in ETag, or *")
+                })
+        }
+        (None, Some("*")) => Ok(Precondition::IfAbsent),
+        (None, Some(_)) => Err(bad_precondition(
+            "If-None-Match takes only * (create if absent)",
+        )),
+    }
+}
+
+fn bad_precondition(why: &str) -> ApiError {
+    ApiError::bad_request(
+        "invalid_precondition",
+        format!("bad precondition header: {why}"),
+    )
+}
+
+/// One operation on one key, parsed and checked: what a `/v1` request or a batch entry asks.
+#[derive(Debug, Clone)]
+pub struct KeyOp {
+    /// What to do.
+    pub kind: OpKind,
+    /// The key, decoded.
+    pub key: String,
+    /// W.
+    pub w: Consistency,
+    /// R.
+    pub r: Consistency,
+    /// Condition of a write or delete.
+    pub precondition: Precondition,
+}
+
+/// The kinds of key operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpKind {
+    /// Read the newest value.
+    Get,
+    /// Write this value (its exact JSON bytes).
+    Put(Bytes),
+    /// Delete the key.
+    Delete,
+}
+
+/// What a successful operation produced.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The key's value and version (after a read or a write).
+    Value {
+        key: String,
+        value: Bytes,
+        version: Version,
+    },
+    /// The key was deleted.
+    Deleted { key: String },
+    /// Another node coordinated it; its answer, unchanged.
+    Forwarded(ForwardResponse),
+}
+
+impl IntoResponse for Outcome {
+    fn into_response(self) -> Response {
+        match self {
+            Outcome::Value {
+                key,
+                value,
+                version,
+            } => value_response(&key, &value, version),
+            Outcome::Deleted { key } => {
+                axum::Json(serde_json::json!({"key": key, "deleted": true})).into_response()
+            }
+            Outcome::Forwarded(answer) => {
+                let mut response = (answer.status, answer.body).into_response();
+                copy_headers(&answer.headers, response.headers_mut());
+                response
+            }
+        }
+    }
+}
+
+/// Runs one operation: forwarded to the key's replicas, or coordinated here.
+pub async fn execute(
+    app: &AppState,
+    op: KeyOp,
+    auth: Option<&HeaderValue>,
+    request_id: &str,
+    forwarded: bool,
+) -> Result<Outcome, ApiError> {
+    let cluster = app.cluster();
+    let conditional = op.precondition != Precondition::Always;
+    match cluster.route(&op.key, forwarded, conditional) {
+        Route::Forward(targets) => {
+            let idempotent = op.kind == OpKind::Get;
+            let request = forward_request(&op, auth);
+            let answer = cluster
+                .forward(&targets, &request, request_id, idempotent)
+                .await?;
+            Ok(Outcome::Forwarded(answer))
+        }
+        Route::Local => match op.kind {
+            OpKind::Get => match cluster.read(&op.key, op.r, request_id).await? {
+                Some(Entry {
+                    value: Some(value),
+                    version,
+                }) => Ok(Outcome::Value {
+                    key: op.key,
+                    value,
+                    version,
+                }),
+                _ => Err(not_found(&op.key)),
+            },
+            OpKind::Put(value) => {
+                let version = cluster
+                    .write_if(
+                        &op.key,
+                        Some(value.clone()),
+                        op.precondition,
+                        op.w,
+                        op.r,
+                        request_id,
+                    )
+                    .await?;
+                match version {
+                    Some(version) => Ok(Outcome::Value {
+                        key: op.key,
+                        value,
+                        version,
+                    }),
+                    None => Err(not_found(&op.key)),
+                }
+            }
+            OpKind::Delete => match cluster
+                .write_if(&op.key, None, op.precondition, op.w, op.r, request_id)
+                .await?
+            {
+                Some(_) => Ok(Outcome::Deleted { key: op.key }),
+                None => Err(not_found(&op.key)),
+            },
+        },
+    }
+}
+
+/// The `/v1` request another node needs to run `op` as this one would.
+fn forward_request(op: &KeyOp, auth: Option<&HeaderValue>) -> ForwardRequest {
+    let key = utf8_percent_encode(&op.key, KEY_ESCAPES);
+    let (method, body) = match &op.kind {
+        OpKind::Get => (Method::GET, Bytes::new()),
+        OpKind::Delete => (Method::DELETE, Bytes::new()),
+        OpKind::Put(value) => {
+            let mut body = Vec::with_capacity(value.len() + 12);
+            body.extend_from_slice(b"{\"value\":");
+            body.extend_from_slice(value);
+            body.push(b'}');
+            (Method::PUT, Bytes::from(body))
+        }
+    };
+    let mut headers = HeaderMap::new();
+    if let Some(auth) = auth {
+        headers.insert(header::AUTHORIZATION, auth.clone());
+    }
+    let precondition = match op.precondition {
+        Precondition::Always => None,
+        Precondition::IfMatch(v) => Some((header::IF_MATCH, format!("\"{v}\""))),
+        Precondition::IfExists => Some((header::IF_MATCH, "*".to_owned())),
+        Precondition::IfAbsent => Some((header::IF_NONE_MATCH, "*".to_owned())),
+    };
+    if let Some((name, value)) = precondition {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(name, value);
+        }
+    }
+    ForwardRequest {
+        method,
+        path_and_query: format!("/v1/{key}?w={}&r={}", op.w, op.r),
+        headers,
+        body,
+    }
+}
+
 /// `{"key": K, "value": V, "version": "..."}` with `ETag`, the value written as stored.
 fn value_response(key: &str, value: &[u8], version: Version) -> Response {
     let version = version.to_string();
@@ -147,25 +365,24 @@ fn not_found(key: &str) -> ApiError {
     ApiError::NotFound(format!("key {key:?} does not exist"))
 }
 
-/// `/v1` without a key.
-pub async fn no_key() -> ApiError {
-    ApiError::bad_request("invalid_key", "the key is empty; use /v1/<key>")
-}
-
 /// `GET|HEAD|POST|PUT|DELETE /v1/{key}`.
 pub async fn data(State(app): State<AppState>, request: Request) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
-    let method = parts.method.clone();
-    if !matches!(
-        method,
-        Method::GET | Method::HEAD | Method::POST | Method::PUT | Method::DELETE
-    ) {
-        return Err(ApiError::MethodNotAllowed {
-            method: method.to_string(),
-            allow: ALLOWED,
-        });
-    }
     let config = app.config();
+    let kind = match parts.method {
+        Method::GET | Method::HEAD => OpKind::Get,
+        Method::DELETE => OpKind::Delete,
+        Method::POST | Method::PUT => {
+            let body = read_body(body, config.max_value_bytes).await?;
+            OpKind::Put(parse_write_body(&body, config.max_value_bytes)?)
+        }
+        ref other => {
+            return Err(ApiError::MethodNotAllowed {
+                method: other.to_string(),
+                allow: ALLOWED,
+            })
+        }
+    };
     let key = parse_key(parts.uri.path(), "/v1/", config.max_key_bytes)?;
     let cluster = app.cluster();
     let (w, r) = parse_levels(
@@ -173,57 +390,24 @@ pub async fn data(State(app): State<AppState>, request: Request) -> Result<Respo
         cluster.default_consistency(),
         cluster.replication_factor(),
     )?;
-    let is_write = matches!(method, Method::POST | Method::PUT);
-    let body = read_body(body, config.max_value_bytes).await?;
-    let value = if is_write {
-        Some(parse_write_body(&body, config.max_value_bytes)?)
+    let precondition = if kind == OpKind::Get {
+        Precondition::Always
     } else {
-        None
+        parse_precondition(&parts.headers)?
+    };
+    let op = KeyOp {
+        kind,
+        key,
+        w,
+        r,
+        precondition,
     };
     let rid = request_id(&parts.headers);
-    let work = async {
-        match cluster.route(&key, parts.headers.contains_key(FORWARDED_HEADER)) {
-            Route::Forward(targets) => {
-                let request = ForwardRequest {
-                    method: method.clone(),
-                    path_and_query: parts
-                        .uri
-                        .path_and_query()
-                        .map_or("/", |p| p.as_str())
-                        .to_owned(),
-                    headers: forwardable_headers(&parts.headers),
-                    body,
-                };
-                let idempotent = matches!(method, Method::GET | Method::HEAD);
-                let answer = cluster
-                    .forward(&targets, &request, &rid, idempotent)
-                    .await?;
-                let mut response = (answer.status, answer.body).into_response();
-                copy_headers(&answer.headers, response.headers_mut());
-                Ok(response)
-            }
-            Route::Local => match (method.clone(), value) {
-                (Method::POST | Method::PUT, Some(value)) => {
-                    let version = cluster.write(&key, Some(value.clone()), w, &rid).await?;
-                    Ok(value_response(&key, &value, version))
-                }
-                (Method::DELETE, _) => match cluster.delete(&key, w, r, &rid).await? {
-                    Some(_) => Ok(axum::Json(serde_json::json!({"key": key, "deleted": true}))
-                        .into_response()),
-                    None => Err(not_found(&key)),
-                },
-                _ => match cluster.read(&key, r, &rid).await? {
-                    Some(entry) => match entry.value {
-                        Some(value) => Ok(value_response(&key, &value, entry.version)),
-                        None => Err(not_found(&key)),
-                    },
-                    None => Err(not_found(&key)),
-                },
-            },
-        }
-    };
+    let forwarded = parts.headers.contains_key(FORWARDED_HEADER);
+    let auth = parts.headers.get(header::AUTHORIZATION);
+    let work = execute(&app, op, auth, &rid, forwarded);
     match tokio::time::timeout(config.request_timeout, work).await {
-        Ok(result) => result,
+        Ok(result) => result.map(IntoResponse::into_response),
         Err(_) => Err(ApiError::Timeout(
             u64::try_from(config.request_timeout.as_millis()).unwrap_or(u64::MAX),
         )),
@@ -231,7 +415,7 @@ pub async fn data(State(app): State<AppState>, request: Request) -> Result<Respo
 }
 
 /// Reads the whole body, refusing more than a maximal value plus its JSON envelope.
-async fn read_body(body: Body, max_value: usize) -> Result<Bytes, ApiError> {
+pub async fn read_body(body: Body, max_value: usize) -> Result<Bytes, ApiError> {
     let limit = max_value.saturating_add(BODY_ENVELOPE_BYTES);
     axum::body::to_bytes(body, limit)
         .await
@@ -239,22 +423,6 @@ async fn read_body(body: Body, max_value: usize) -> Result<Bytes, ApiError> {
             what: "request body",
             limit,
         })
-}
-
-/// Headers a forwarded request keeps: authorization, content type and preconditions.
-fn forwardable_headers(from: &HeaderMap) -> HeaderMap {
-    let mut headers = HeaderMap::new();
-    for name in [
-        header::AUTHORIZATION,
-        header::CONTENT_TYPE,
-        header::IF_MATCH,
-        header::IF_NONE_MATCH,
-    ] {
-        if let Some(value) = from.get(&name) {
-            headers.insert(name, value.clone());
-        }
-    }
-    headers
 }
 
 /// Copies the owner's answer headers that describe the body.

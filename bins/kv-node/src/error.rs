@@ -62,6 +62,23 @@ impl ApiError {
         }
     }
 
+    /// The status code and the JSON body this error answers with.
+    pub fn status_and_body(&self) -> (StatusCode, serde_json::Value) {
+        let (status, code) = self.status_and_code();
+        let message = if status == StatusCode::INTERNAL_SERVER_ERROR {
+            // Details of internal failures go to the log, not to the client.
+            error!(error = %self, "internal error");
+            "internal error; the node's log has the details".to_owned()
+        } else {
+            self.to_string()
+        };
+        let mut body = json!({"error": code, "message": message});
+        if let ApiError::Cluster(kv_cluster::Error::PreconditionFailed { current }) = self {
+            body["current_version"] = json!(current.map(|v| v.to_string()));
+        }
+        (status, body)
+    }
+
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         use kv_cluster::Error as C;
         match self {
@@ -76,6 +93,9 @@ impl ApiError {
             }
             ApiError::Timeout(_) | ApiError::Cluster(C::Timeout { .. }) => {
                 (StatusCode::GATEWAY_TIMEOUT, "timeout")
+            }
+            ApiError::Cluster(C::PreconditionFailed { .. }) => {
+                (StatusCode::PRECONDITION_FAILED, "precondition_failed")
             }
             ApiError::Cluster(C::BadConsistency { .. }) => {
                 (StatusCode::BAD_REQUEST, "invalid_consistency")
@@ -93,19 +113,8 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, code) = self.status_and_code();
-        let message = if status == StatusCode::INTERNAL_SERVER_ERROR {
-            // Details of internal failures go to the log, not to the client.
-            error!(error = %self, "internal error");
-            "internal error; the node's log has the details".to_owned()
-        } else {
-            self.to_string()
-        };
-        let mut response = (
-            status,
-            axum::Json(json!({"error": code, "message": message})),
-        )
-            .into_response();
+        let (status, body) = self.status_and_body();
+        let mut response = (status, axum::Json(body)).into_response();
         if let ApiError::MethodNotAllowed { allow, .. } = self {
             response
                 .headers_mut()

@@ -8,7 +8,7 @@ use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use kv_cluster::peer::{decode_batch, ENTRY_PATH, MAX_BATCH_BYTES};
+use kv_cluster::peer::{decode_batch, encode_batch, ENTRY_PATH, MAX_BATCH_BYTES};
 
 /// `POST /internal/replicate`: applies a batch of records durably, then answers.
 pub async fn replicate(
@@ -43,4 +43,35 @@ pub async fn entry(State(app): State<AppState>, request: Request) -> Result<Resp
         }
         None => Err(ApiError::NotFound(format!("no local entry for {key:?}"))),
     }
+}
+
+/// `GET /internal/keys?prefix=&after=&limit=`: this node's page of entries (tombstones included),
+/// in key order, as a record batch.
+pub async fn keys(State(app): State<AppState>, request: Request) -> Result<Response, ApiError> {
+    let (mut prefix, mut after, mut limit) = (String::new(), None, 100usize);
+    for (name, value) in
+        url::form_urlencoded::parse(request.uri().query().unwrap_or_default().as_bytes())
+    {
+        match name.as_ref() {
+            "prefix" => prefix = value.into_owned(),
+            "after" => after = Some(value.into_owned()),
+            "limit" => {
+                limit = value
+                    .parse()
+                    .ok()
+                    .filter(|l| (1..=10_000).contains(l))
+                    .ok_or_else(|| {
+                        ApiError::bad_request("invalid_query", format!("limit={value}"))
+                    })?
+            }
+            _ => {}
+        }
+    }
+    let page = app.cluster().local_page(&prefix, after.as_deref(), limit);
+    let mut response = (StatusCode::OK, encode_batch(&page)).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    Ok(response)
 }

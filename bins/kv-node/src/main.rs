@@ -2,9 +2,11 @@
 //! start the cluster layer, serve HTTP, and shut down cleanly on SIGTERM or Ctrl-C.
 
 mod api;
+mod batch;
 mod config;
 mod error;
 mod internal;
+mod list;
 mod routes;
 mod status;
 mod telemetry;

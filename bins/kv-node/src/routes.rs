@@ -3,7 +3,7 @@
 
 use crate::config::NodeConfig;
 use crate::error::ApiError;
-use crate::{api, internal, status, telemetry};
+use crate::{api, batch, internal, list, status, telemetry};
 use axum::extract::{Request, State};
 use axum::http::HeaderMap;
 use axum::middleware::{self, Next};
@@ -77,13 +77,15 @@ pub fn request_id(headers: &HeaderMap) -> String {
 /// Builds the node's whole HTTP surface.
 pub fn app(state: AppState) -> Router {
     let data = Router::new()
-        .route("/v1", any(api::no_key))
-        .route("/v1/", any(api::no_key))
+        .route("/v1", any(list::list))
+        .route("/v1/", any(list::list))
         .route("/v1/{*key}", any(api::data))
+        .route("/batch", post(batch::batch))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     let internal = Router::new()
         .route("/internal/replicate", post(internal::replicate))
         .route("/internal/entry/{*key}", get(internal::entry))
+        .route("/internal/keys", get(internal::keys))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_secret,

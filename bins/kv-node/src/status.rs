@@ -48,7 +48,7 @@ pub async fn status(State(app): State<AppState>) -> Json<Value> {
 /// `GET /health`: `200 {"status": "ok"}`; the node only listens once recovery has finished.
 /// A node whose WAL failed says so, but stays 200: it still serves reads.
 pub async fn health(State(app): State<AppState>) -> Json<Value> {
-    match app.cluster().store().status().failed {
+    match app.cluster().store().write_refused() {
         None => Json(json!({"status": "ok"})),
         Some(reason) => Json(json!({"status": "degraded", "writes_refused": reason})),
     }

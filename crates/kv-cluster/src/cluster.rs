@@ -6,15 +6,14 @@ use crate::detector::{FailureDetector, PeerStatus};
 use crate::error::{Error, Result};
 use crate::hints::HintStore;
 use crate::peer::{ForwardRequest, ForwardResponse, PeerClient};
-use bytes::Bytes;
-use kv_core::{Entry, Record, Store, Version};
+use kv_core::{Record, Store};
 use kv_ring::Ring;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tracing::{debug, info, instrument, warn};
 
 /// Everything the cluster layer needs to know, already validated by the binary's config.
@@ -89,30 +88,38 @@ pub struct PeerView {
 /// A node's view of the cluster and the code paths that span it. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Cluster {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
+/// The shared state behind [`Cluster`]; the quorum, listing and background modules reach in.
 #[derive(Debug)]
-struct Inner {
-    me: Arc<str>,
-    ring: Ring,
-    urls: Vec<Arc<str>>,
-    n: usize,
-    config: ClusterConfig,
-    store: Store,
-    peers: PeerClient,
-    detector: FailureDetector,
-    hints: HintStore,
-    forwarded: AtomicU64,
-    read_repairs: AtomicU64,
-    replaying: parking_lot::Mutex<std::collections::HashSet<Arc<str>>>,
-    stop: watch::Sender<bool>,
+pub(crate) struct Inner {
+    pub(crate) me: Arc<str>,
+    pub(crate) ring: Ring,
+    pub(crate) urls: Vec<Arc<str>>,
+    pub(crate) n: usize,
+    pub(crate) config: ClusterConfig,
+    pub(crate) store: Store,
+    pub(crate) peers: PeerClient,
+    pub(crate) detector: FailureDetector,
+    pub(crate) hints: HintStore,
+    pub(crate) forwarded: AtomicU64,
+    pub(crate) read_repairs: AtomicU64,
+    pub(crate) replaying: parking_lot::Mutex<std::collections::HashSet<Arc<str>>>,
+    pub(crate) stop: watch::Sender<bool>,
+    key_locks: Vec<tokio::sync::Mutex<()>>,
 }
 
-/// How long a read waits for its first R replicas before asking the others too (speculative read).
-const SPECULATIVE_READ_DELAY: Duration = Duration::from_millis(50);
-/// Hints sent to a peer in one `/internal/replicate` call.
-const HINT_BATCH: usize = 512;
+/// Stripes of the per-key lock that serialises conditional writes on their coordinator.
+const KEY_LOCK_STRIPES: usize = 1024;
+
+impl Inner {
+    /// The lock stripe of `key`.
+    pub(crate) fn key_lock(&self, key: &str) -> &tokio::sync::Mutex<()> {
+        let stripe = kv_ring::hash_key(key.as_bytes()) as usize % KEY_LOCK_STRIPES;
+        &self.key_locks[stripe]
+    }
+}
 
 impl Cluster {
     /// Builds the cluster layer over `store` and starts the health-check and hint-replay loop.
@@ -152,6 +159,9 @@ impl Cluster {
             read_repairs: AtomicU64::new(0),
             replaying: parking_lot::Mutex::new(Default::default()),
             stop,
+            key_locks: (0..KEY_LOCK_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
         });
         let cluster = Cluster { inner };
         tokio::spawn(cluster.clone().health_loop());
@@ -185,15 +195,26 @@ impl Cluster {
     }
 
     /// Decides whether this node coordinates `key` or forwards it (never a forwarded request).
-    pub fn route(&self, key: &str, already_forwarded: bool) -> Route {
-        let replicas = self.replicas(key);
-        if already_forwarded || replicas.iter().any(|r| *r == self.inner.me) {
+    /// Any replica coordinates plain requests; a `conditional` one goes to the key's first live
+    /// replica, the one node that serialises conditional writes of the key.
+    pub fn route(&self, key: &str, already_forwarded: bool, conditional: bool) -> Route {
+        if already_forwarded {
             return Route::Local;
         }
-        Route::Forward(self.live_first(replicas))
+        let replicas = self.live_first(self.replicas(key));
+        let local = if conditional {
+            replicas.first() == Some(&self.inner.me)
+        } else {
+            replicas.contains(&self.inner.me)
+        };
+        if local {
+            Route::Local
+        } else {
+            Route::Forward(replicas)
+        }
     }
 
-    fn live_first(&self, mut nodes: Vec<Arc<str>>) -> Vec<Arc<str>> {
+    pub(crate) fn live_first(&self, mut nodes: Vec<Arc<str>>) -> Vec<Arc<str>> {
         // Stable: keeps preference order within the up and the down group.
         nodes.sort_by_key(|n| !self.inner.detector.is_up(n));
         nodes
@@ -233,279 +254,6 @@ impl Cluster {
         })
     }
 
-    /// Writes `value` (`None` deletes) under a new version and returns once W replicas hold it
-    /// durably; the other replicas get it in the background, or a hint when they are down.
-    #[instrument(skip(self, value), fields(%w))]
-    pub async fn write(
-        &self,
-        key: &str,
-        value: Option<Bytes>,
-        w: Consistency,
-        request_id: &str,
-    ) -> Result<Version> {
-        if let Some(reason) = self.inner.store.status().failed {
-            return Err(Error::Store(kv_core::Error::WalFailed { reason }));
-        }
-        let version = self.inner.store.clock().tick();
-        let record = Record {
-            key: key.to_owned(),
-            version,
-            value,
-        };
-        self.replicate_quorum(record, w, request_id).await?;
-        Ok(version)
-    }
-
-    /// Sends `record` to every replica of its key in parallel and waits for `w` durable acks.
-    /// The fan-out runs in spawned tasks, so it completes even when the client hangs up.
-    /// Replicas believed down get a hint without a call, unless too few are up to reach `w`:
-    /// then they are tried too (a refused connection costs little, and they may be back).
-    async fn replicate_quorum(
-        &self,
-        record: Record,
-        w: Consistency,
-        request_id: &str,
-    ) -> Result<()> {
-        let replicas = self.replicas(&record.key);
-        let needed = w.required(replicas.len());
-        let is_up = |r: &Arc<str>| *r == self.inner.me || self.inner.detector.is_up(r);
-        let try_down_ones = replicas.iter().filter(|r| is_up(r)).count() < needed;
-        let (tx, mut rx) = mpsc::channel(replicas.len().max(1));
-        let record = Arc::new(record);
-        let rid: Arc<str> = Arc::from(request_id);
-        let mut outstanding = 0;
-        for replica in &replicas {
-            if !try_down_ones && !is_up(replica) {
-                self.inner.hints.add(replica, (*record).clone());
-                continue;
-            }
-            let (cluster, replica, record, rid, tx) = (
-                self.clone(),
-                replica.clone(),
-                record.clone(),
-                rid.clone(),
-                tx.clone(),
-            );
-            tokio::spawn(async move {
-                let ok = cluster.send_to_replica(&replica, &record, &rid).await;
-                let _ = tx.send(ok).await;
-            });
-            outstanding += 1;
-        }
-        drop(tx);
-        let mut acked = 0;
-        let deadline = tokio::time::Instant::now() + self.inner.config.peer_timeout;
-        while acked < needed && outstanding > 0 {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(ok)) => {
-                    outstanding -= 1;
-                    acked += usize::from(ok);
-                }
-                Ok(None) | Err(_) => break,
-            }
-        }
-        if acked >= needed {
-            Ok(())
-        } else {
-            Err(Error::Unavailable {
-                needed,
-                answered: acked,
-            })
-        }
-    }
-
-    /// Applies `record` on one replica (locally or over the network); a failed remote replica gets
-    /// a hint. Returns whether the replica acknowledged.
-    async fn send_to_replica(&self, replica: &Arc<str>, record: &Record, rid: &str) -> bool {
-        let inner = &self.inner;
-        if *replica == inner.me {
-            return match inner.store.apply(vec![record.clone()]).await {
-                Ok(_) => true,
-                Err(e) => {
-                    warn!(error = %e, "local write failed");
-                    false
-                }
-            };
-        }
-        match inner
-            .peers
-            .replicate(replica, std::slice::from_ref(record), rid)
-            .await
-        {
-            Ok(()) => {
-                metrics::counter!("kv_replication_acks_total", "peer" => replica.to_string())
-                    .increment(1);
-                true
-            }
-            Err(e) => {
-                metrics::counter!("kv_replication_failures_total", "peer" => replica.to_string())
-                    .increment(1);
-                debug!(peer = %replica, error = %e, "replication failed; keeping a hint");
-                inner.detector.record_failure(replica, e.is_connect());
-                inner.hints.add(replica, record.clone());
-                false
-            }
-        }
-    }
-
-    /// Reads `key` from R replicas and returns the newest entry (tombstones included); stale
-    /// replicas among those that answered are repaired in the background.
-    #[instrument(skip(self), fields(%r))]
-    pub async fn read(&self, key: &str, r: Consistency, request_id: &str) -> Result<Option<Entry>> {
-        let replicas = self.read_order(self.replicas(key));
-        let needed = r.required(replicas.len());
-        if needed == 1 && replicas.first() == Some(&self.inner.me) {
-            return Ok(self.inner.store.get(key));
-        }
-        let answers = self.gather(key, replicas, needed, request_id).await?;
-        let newest = answers
-            .iter()
-            .filter_map(|(_, record)| record.as_ref())
-            .max_by_key(|record| record.version)
-            .cloned();
-        if let Some(newest) = &newest {
-            let stale: Vec<Arc<str>> = answers
-                .into_iter()
-                .filter(|(_, rec)| rec.as_ref().is_none_or(|r| r.version < newest.version))
-                .map(|(node, _)| node)
-                .collect();
-            if !stale.is_empty() {
-                self.repair(stale, newest.clone(), request_id);
-            }
-        }
-        Ok(newest.map(|record| Entry {
-            version: record.version,
-            value: record.value,
-        }))
-    }
-
-    /// This node first (no network), then live replicas in preference order, then the rest.
-    fn read_order(&self, replicas: Vec<Arc<str>>) -> Vec<Arc<str>> {
-        let mut ordered = self.live_first(replicas);
-        if let Some(pos) = ordered.iter().position(|r| *r == self.inner.me) {
-            let me = ordered.remove(pos);
-            ordered.insert(0, me);
-        }
-        ordered
-    }
-
-    /// Asks replicas for their entry until `needed` answered: `needed` at first, one more for each
-    /// failure, and all the rest if the first ones are slow. Fails once `needed` is out of reach.
-    async fn gather(
-        &self,
-        key: &str,
-        replicas: Vec<Arc<str>>,
-        needed: usize,
-        request_id: &str,
-    ) -> Result<Vec<(Arc<str>, Option<Record>)>> {
-        let total = replicas.len();
-        let (tx, mut rx) = mpsc::channel(total.max(1));
-        let mut pending = replicas.into_iter();
-        let mut launched = 0;
-        let launch = |node: Arc<str>| {
-            let (cluster, key, rid, tx) = (
-                self.clone(),
-                key.to_owned(),
-                request_id.to_owned(),
-                tx.clone(),
-            );
-            tokio::spawn(async move {
-                let answer = cluster.fetch_from(&node, &key, &rid).await;
-                let _ = tx.send((node, answer)).await;
-            });
-        };
-        for node in pending.by_ref().take(needed) {
-            launch(node);
-            launched += 1;
-        }
-        let mut answers = Vec::with_capacity(total);
-        let mut failed = 0;
-        let deadline = tokio::time::Instant::now() + self.inner.config.peer_timeout;
-        let speculate_at = tokio::time::Instant::now() + SPECULATIVE_READ_DELAY;
-        let mut speculated = false;
-        while answers.len() < needed && total - failed >= needed {
-            let wake = if speculated {
-                deadline
-            } else {
-                speculate_at.min(deadline)
-            };
-            match tokio::time::timeout_at(wake, rx.recv()).await {
-                Ok(Some((node, Ok(record)))) => answers.push((node, record)),
-                Ok(Some((_, Err(())))) => {
-                    failed += 1;
-                    if let Some(node) = pending.next() {
-                        launch(node);
-                        launched += 1;
-                    }
-                }
-                Ok(None) => break,
-                Err(_) if !speculated && tokio::time::Instant::now() < deadline => {
-                    speculated = true;
-                    for node in pending.by_ref() {
-                        launch(node);
-                        launched += 1;
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        debug!(launched, answered = answers.len(), failed, "read gathered");
-        if answers.len() >= needed {
-            Ok(answers)
-        } else {
-            Err(Error::Unavailable {
-                needed,
-                answered: answers.len(),
-            })
-        }
-    }
-
-    async fn fetch_from(
-        &self,
-        node: &Arc<str>,
-        key: &str,
-        rid: &str,
-    ) -> Result<Option<Record>, ()> {
-        if *node == self.inner.me {
-            return Ok(self.local_record(key));
-        }
-        self.inner.peers.fetch(node, key, rid).await.map_err(|e| {
-            debug!(peer = %node, error = %e, "replica read failed");
-            self.inner.detector.record_failure(node, e.is_connect());
-        })
-    }
-
-    /// Sends the newest record to replicas that answered with an older one (or none).
-    fn repair(&self, stale: Vec<Arc<str>>, newest: Record, request_id: &str) {
-        let cluster = self.clone();
-        let rid = request_id.to_owned();
-        tokio::spawn(async move {
-            for node in stale {
-                cluster.inner.read_repairs.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("kv_read_repairs_total").increment(1);
-                debug!(peer = %node, key = %newest.key, "read repair");
-                cluster.send_to_replica(&node, &newest, &rid).await;
-            }
-        });
-    }
-
-    /// Deletes `key` if it exists: a read at `r` decides 404, then a tombstone is written at `w`.
-    /// Returns the tombstone's version, or `None` when there was nothing to delete.
-    pub async fn delete(
-        &self,
-        key: &str,
-        w: Consistency,
-        r: Consistency,
-        request_id: &str,
-    ) -> Result<Option<Version>> {
-        match self.read(key, r, request_id).await? {
-            Some(entry) if !entry.is_tombstone() => {
-                self.write(key, None, w, request_id).await.map(Some)
-            }
-            _ => Ok(None),
-        }
-    }
-
     /// This node's own entry for `key`, as a record (for `/internal/entry`).
     pub fn local_record(&self, key: &str) -> Option<Record> {
         self.inner.store.get(key).map(|entry| Record {
@@ -542,89 +290,6 @@ impl Cluster {
             hints_delivered: inner.hints.delivered(),
             forwarded_requests: inner.forwarded.load(Ordering::Relaxed),
             read_repairs: inner.read_repairs.load(Ordering::Relaxed),
-        }
-    }
-
-    /// Health-checks every peer each interval and replays hints to peers that are up.
-    async fn health_loop(self) {
-        let mut stop = self.inner.stop.subscribe();
-        let mut tick = tokio::time::interval(self.inner.config.health_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = stop.changed() => return,
-            }
-            let checks = self
-                .inner
-                .detector
-                .peers()
-                .iter()
-                .map(|peer| self.check(peer));
-            futures::future::join_all(checks).await;
-        }
-    }
-
-    async fn check(&self, peer: &str) {
-        let inner = &self.inner;
-        let result = inner.peers.health(peer, inner.config.health_timeout).await;
-        let up = match result {
-            Ok(latency) => {
-                if inner.detector.record_success(peer, latency) {
-                    info!(peer, "peer is up");
-                }
-                true
-            }
-            Err(e) => {
-                let was_up = inner.detector.is_up(peer);
-                inner.detector.record_failure(peer, e.is_connect());
-                if was_up && !inner.detector.is_up(peer) {
-                    warn!(peer, error = %e, "peer is down");
-                }
-                false
-            }
-        };
-        metrics::gauge!("kv_peer_up", "peer" => peer.to_owned()).set(if up { 1.0 } else { 0.0 });
-        metrics::gauge!("kv_hints_pending").set(inner.hints.pending() as f64);
-        if up && inner.hints.pending_for(peer) > 0 {
-            let peer: Arc<str> = Arc::from(peer);
-            if inner.replaying.lock().insert(peer.clone()) {
-                let cluster = self.clone();
-                tokio::spawn(async move {
-                    cluster.replay_hints(&peer).await;
-                    cluster.inner.replaying.lock().remove(&peer);
-                });
-            }
-        }
-    }
-
-    /// Delivers every sealed hint file of `peer`, oldest first; stops at the first failure and
-    /// keeps what was not delivered for the next round.
-    async fn replay_hints(&self, peer: &str) {
-        let inner = &self.inner;
-        for path in inner.hints.seal(peer).await {
-            let read_path = path.clone();
-            let records =
-                match tokio::task::spawn_blocking(move || HintStore::read_sealed(&read_path)).await
-                {
-                    Ok(Ok(records)) => records,
-                    Ok(Err(e)) => return warn!(error = %e, "cannot read hints"),
-                    Err(e) => return warn!(error = %e, "hint reader failed"),
-                };
-            for chunk in records.chunks(HINT_BATCH) {
-                if let Err(e) = inner.peers.replicate(peer, chunk, "hint-replay").await {
-                    inner.detector.record_failure(peer, e.is_connect());
-                    return warn!(peer, error = %e, "hint replay interrupted");
-                }
-            }
-            let count = records.len() as u64;
-            match inner.hints.remove_delivered(peer, &path, count) {
-                Ok(()) => {
-                    metrics::counter!("kv_hints_delivered_total").increment(count);
-                    info!(peer, hints = count, "hints delivered");
-                }
-                Err(e) => return warn!(error = %e, "cannot remove delivered hints"),
-            }
         }
     }
 

@@ -56,6 +56,12 @@ pub enum Error {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// A conditional write's precondition (`If-Match` / `If-None-Match`) did not hold.
+    #[error("precondition failed: the key's current version is {}", current.map_or_else(|| "none (the key is absent)".to_owned(), |v| v.to_string()))]
+    PreconditionFailed {
+        /// The key's current version, `None` when it is absent or deleted.
+        current: Option<kv_core::Version>,
+    },
     /// The local storage engine refused or failed.
     #[error(transparent)]
     Store(#[from] kv_core::Error),

@@ -1,26 +1,33 @@
 //! Cluster logic of kv: everything a node does with its peers.
 //!
 //! # Layout
-//! - [`cluster`]: the facade a node serves through: routing, forwarding, quorum writes and reads,
-//!   read repair, the health-check loop and hint replay.
+//! - [`cluster`]: the facade a node serves through: routing, forwarding, status, shutdown.
+//! - `quorum`: quorum writes and reads, read repair, deletes, conditional writes.
+//! - `listing`: cluster-wide key listing (scatter-gather, merged pages with a cursor).
+//! - `background`: the health-check loop and hint replay.
 //! - [`consistency`]: `w` / `r` levels and how many replicas each needs.
 //! - [`detector`]: the failure detector, what this node believes about each peer.
 //! - [`hints`]: durable hinted-handoff files for peers that missed writes.
 //! - [`peer`]: the HTTP client for `/internal` calls and forwarding, and the batch wire format.
 //! - [`error`]: this crate's one error type.
 
+mod background;
 pub mod cluster;
 pub mod consistency;
 pub mod detector;
 pub mod error;
 pub mod hints;
+mod listing;
 pub mod peer;
+mod quorum;
 
 pub use cluster::{Cluster, ClusterConfig, ClusterStatus, PeerView, Route};
 pub use consistency::Consistency;
 pub use detector::{PeerState, PeerStatus};
 pub use error::{Error, Result};
 pub use kv_ring::DEFAULT_VNODES;
+pub use listing::ListPage;
 pub use peer::{
     ForwardRequest, ForwardResponse, FORWARDED_HEADER, REQUEST_ID_HEADER, SECRET_HEADER,
 };
+pub use quorum::Precondition;

@@ -18,6 +18,8 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 pub const REPLICATE_PATH: &str = "/internal/replicate";
 /// Path prefix of the single-entry read endpoint; the percent-encoded key follows.
 pub const ENTRY_PATH: &str = "/internal/entry/";
+/// Path of the local key-page endpoint used by cluster-wide listings.
+pub const KEYS_PATH: &str = "/internal/keys";
 /// Largest record batch a peer accepts in one `/internal/replicate` call.
 pub const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 
@@ -191,6 +193,42 @@ impl PeerClient {
             }
             status => Err(CallError::failed(peer, format!("status {status}"))),
         }
+    }
+
+    /// Asks `peer` for its local page of keys (tombstones included) after `after` with `prefix`.
+    pub async fn list(
+        &self,
+        peer: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        request_id: &str,
+    ) -> Result<Vec<Record>, CallError> {
+        let url = {
+            let mut query = url::form_urlencoded::Serializer::new(String::new());
+            query.append_pair("prefix", prefix);
+            query.append_pair("limit", &limit.to_string());
+            if let Some(after) = after {
+                query.append_pair("after", after);
+            }
+            format!("{peer}{KEYS_PATH}?{}", query.finish())
+        };
+        let response = self
+            .request(Method::GET, url, request_id)
+            .send()
+            .await
+            .map_err(|e| CallError::from_reqwest(peer, &e))?;
+        if response.status() != StatusCode::OK {
+            return Err(CallError::failed(
+                peer,
+                format!("status {}", response.status()),
+            ));
+        }
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| CallError::from_reqwest(peer, &e))?;
+        decode_batch(&body).map_err(|e| CallError::failed(peer, e))
     }
 
     /// Probes `GET /health` with its own deadline; returns the round-trip time when healthy.

@@ -185,3 +185,81 @@ fn cut_torn_tail(path: &Path, offset: usize, len: usize) -> Result<(), Error> {
         .map_err(Error::io("truncate", path))?;
     file.sync_all().map_err(Error::io("fsync", path))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn segment_with(dir: &Path, number: u64, records: &[Record]) -> PathBuf {
+        drop(segment::create(dir, number).unwrap());
+        let path = segment::path(dir, number);
+        let mut bytes = fs::read(&path).unwrap();
+        for r in records {
+            frame::append(&mut bytes, |b| r.encode(b)).unwrap();
+        }
+        fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    fn rec(key: &str, hlc: u64) -> Record {
+        Record {
+            key: key.into(),
+            version: Version { hlc, node: 1 },
+            value: Some(Bytes::from_static(b"v")),
+        }
+    }
+
+    #[test]
+    fn empty_folder_starts_at_segment_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let got = recover(dir.path(), &ShardedMap::default(), &Clock::new(1)).unwrap();
+        assert_eq!(
+            (got.next_segment, got.wal_bytes, got.last_snapshot),
+            (1, 0, None)
+        );
+    }
+
+    #[test]
+    fn replays_in_order_and_restores_the_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        segment_with(dir.path(), 1, &[rec("a", 10), rec("b", 11)]);
+        segment_with(dir.path(), 2, &[rec("a", 12)]);
+        let (map, clock) = (ShardedMap::default(), Clock::new(1));
+        let got = recover(dir.path(), &map, &clock).unwrap();
+        assert_eq!(got.next_segment, 3);
+        assert_eq!(map.get("a").unwrap().version.hlc, 12);
+        assert!(clock.last_hlc() >= 12);
+    }
+
+    #[test]
+    fn leftovers_of_a_crash_are_cleaned_up() {
+        let dir = tempfile::tempdir().unwrap();
+        segment_with(dir.path(), 1, &[rec("a", 10)]);
+        fs::write(dir.path().join(snapshot::TMP_FILE_NAME), b"half a snapshot").unwrap();
+        // The newest segment's creation was interrupted: a partial header only.
+        fs::write(segment::path(dir.path(), 2), b"KVWAL").unwrap();
+        let map = ShardedMap::default();
+        let got = recover(dir.path(), &map, &Clock::new(1)).unwrap();
+        assert_eq!(got.next_segment, 2);
+        assert!(!dir.path().join(snapshot::TMP_FILE_NAME).exists());
+        assert!(!segment::path(dir.path(), 2).exists());
+        assert!(map.get("a").is_some());
+    }
+
+    #[test]
+    fn torn_tail_in_an_older_segment_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = segment_with(dir.path(), 1, &[rec("a", 10), rec("b", 11)]);
+        segment_with(dir.path(), 2, &[rec("c", 12)]);
+        let len = fs::metadata(&first).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&first)
+            .unwrap()
+            .set_len(len - 3)
+            .unwrap();
+        let err = recover(dir.path(), &ShardedMap::default(), &Clock::new(1)).unwrap_err();
+        assert!(matches!(err, Error::Corrupt { path, .. } if path == first));
+    }
+}

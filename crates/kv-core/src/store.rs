@@ -262,6 +262,11 @@ impl Store {
             .map_err(|_| Error::Closed)?
     }
 
+    /// Why writes are refused, when the WAL has failed (cheap: no counting).
+    pub fn write_refused(&self) -> Option<String> {
+        self.inner.wal.failed.get().cloned()
+    }
+
     /// Counts, WAL figures and health.
     pub fn status(&self) -> StoreStatus {
         let counts = self.inner.map.counts();

@@ -1,0 +1,97 @@
+//! Background work of a node: the health-check loop that feeds the failure detector, and the
+//! replay of hints to peers that are up.
+
+use crate::cluster::Cluster;
+use crate::hints::HintStore;
+use std::sync::Arc;
+use tracing::{info, warn};
+
+/// Hints sent to a peer in one `/internal/replicate` call.
+const HINT_BATCH: usize = 512;
+
+impl Cluster {
+    /// Health-checks every peer each interval and replays hints to peers that are up.
+    pub(crate) async fn health_loop(self) {
+        let mut stop = self.inner.stop.subscribe();
+        let mut tick = tokio::time::interval(self.inner.config.health_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => return,
+            }
+            let checks = self
+                .inner
+                .detector
+                .peers()
+                .iter()
+                .map(|peer| self.check(peer));
+            futures::future::join_all(checks).await;
+        }
+    }
+
+    async fn check(&self, peer: &str) {
+        let inner = &self.inner;
+        let result = inner.peers.health(peer, inner.config.health_timeout).await;
+        let up = match result {
+            Ok(latency) => {
+                if inner.detector.record_success(peer, latency) {
+                    info!(peer, "peer is up");
+                }
+                true
+            }
+            Err(e) => {
+                let was_up = inner.detector.is_up(peer);
+                // A refused health check is not enough on its own: at start-up peers come up one
+                // by one, and marking them down then would split the nodes' views for a moment.
+                inner.detector.record_failure(peer, false);
+                if was_up && !inner.detector.is_up(peer) {
+                    warn!(peer, error = %e, "peer is down");
+                }
+                false
+            }
+        };
+        metrics::gauge!("kv_peer_up", "peer" => peer.to_owned()).set(if up { 1.0 } else { 0.0 });
+        metrics::gauge!("kv_hints_pending").set(inner.hints.pending() as f64);
+        if up && inner.hints.pending_for(peer) > 0 {
+            let peer: Arc<str> = Arc::from(peer);
+            if inner.replaying.lock().insert(peer.clone()) {
+                let cluster = self.clone();
+                tokio::spawn(async move {
+                    cluster.replay_hints(&peer).await;
+                    cluster.inner.replaying.lock().remove(&peer);
+                });
+            }
+        }
+    }
+
+    /// Delivers every sealed hint file of `peer`, oldest first; stops at the first failure and
+    /// keeps what was not delivered for the next round.
+    pub(crate) async fn replay_hints(&self, peer: &str) {
+        let inner = &self.inner;
+        for path in inner.hints.seal(peer).await {
+            let read_path = path.clone();
+            let records =
+                match tokio::task::spawn_blocking(move || HintStore::read_sealed(&read_path)).await
+                {
+                    Ok(Ok(records)) => records,
+                    Ok(Err(e)) => return warn!(error = %e, "cannot read hints"),
+                    Err(e) => return warn!(error = %e, "hint reader failed"),
+                };
+            for chunk in records.chunks(HINT_BATCH) {
+                if let Err(e) = inner.peers.replicate(peer, chunk, "hint-replay").await {
+                    inner.detector.record_failure(peer, e.is_connect());
+                    return warn!(peer, error = %e, "hint replay interrupted");
+                }
+            }
+            let count = records.len() as u64;
+            match inner.hints.remove_delivered(peer, &path, count) {
+                Ok(()) => {
+                    metrics::counter!("kv_hints_delivered_total").increment(count);
+                    info!(peer, hints = count, "hints delivered");
+                }
+                Err(e) => return warn!(error = %e, "cannot remove delivered hints"),
+            }
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! Key listing across the cluster: each node pages through its own keys in order, and the
+//! coordinator merges the pages (newest version of each key wins, tombstones hidden) into one
+//! sorted page with a cursor. Memory is bounded by `limit` times the number of nodes.
+
+use crate::cluster::Cluster;
+use crate::error::{Error, Result};
+use kv_core::Record;
+use std::collections::BTreeMap;
+use tracing::debug;
+
+/// One page of a cluster-wide listing.
+#[derive(Debug, Clone)]
+pub struct ListPage {
+    /// Live keys in order, with their newest record.
+    pub records: Vec<Record>,
+    /// Cursor for the next page (`after=`), `None` when the listing is complete.
+    pub next: Option<String>,
+    /// True when some node could not be asked: keys held only there may be missing.
+    pub incomplete: bool,
+}
+
+impl Cluster {
+    /// This node's entries (tombstones included) whose key starts with `prefix` and sorts after
+    /// `after`: the first `limit` of them in key order.
+    pub fn local_page(&self, prefix: &str, after: Option<&str>, limit: usize) -> Vec<Record> {
+        let mut page: BTreeMap<String, Record> = BTreeMap::new();
+        self.inner.store.scan(|key, entry| {
+            if !key.starts_with(prefix) || after.is_some_and(|a| key <= a) {
+                return;
+            }
+            if page.len() == limit
+                && page
+                    .last_key_value()
+                    .is_some_and(|(last, _)| key >= last.as_str())
+            {
+                return;
+            }
+            page.insert(
+                key.to_owned(),
+                Record {
+                    key: key.to_owned(),
+                    version: entry.version,
+                    value: entry.value.clone(),
+                },
+            );
+            if page.len() > limit {
+                page.pop_last();
+            }
+        });
+        page.into_values().collect()
+    }
+
+    /// One page of the live keys of the whole cluster that start with `prefix` and sort after
+    /// `after`, at most `limit` of them. Pages may hold fewer than `limit` keys when tombstones
+    /// were among the candidates; only `next == None` means the end.
+    pub async fn list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        request_id: &str,
+    ) -> Result<ListPage> {
+        let limit = limit.max(1);
+        let asks = self.inner.urls.iter().map(|node| async move {
+            if *node == self.inner.me {
+                return Some(self.local_page(prefix, after, limit));
+            }
+            if !self.inner.detector.is_up(node) {
+                return None;
+            }
+            match self
+                .inner
+                .peers
+                .list(node, prefix, after, limit, request_id)
+                .await
+            {
+                Ok(page) => Some(page),
+                Err(e) => {
+                    debug!(peer = %node, error = %e, "listing: node did not answer");
+                    self.inner.detector.record_failure(node, e.is_connect());
+                    None
+                }
+            }
+        });
+        let pages = futures::future::join_all(asks).await;
+        let incomplete = pages.iter().any(Option::is_none);
+        let pages: Vec<Vec<Record>> = pages.into_iter().flatten().collect();
+        if pages.is_empty() {
+            return Err(Error::Unavailable {
+                needed: 1,
+                answered: 0,
+            });
+        }
+        Ok(merge_pages(pages, limit, incomplete))
+    }
+}
+
+/// Merges per-node pages. A node that returned a full page may hold more keys past its last
+/// one, so only keys up to the smallest such last key are known complete; the page stops there.
+fn merge_pages(pages: Vec<Vec<Record>>, limit: usize, incomplete: bool) -> ListPage {
+    let bound: Option<String> = pages
+        .iter()
+        .filter(|p| p.len() >= limit)
+        .filter_map(|p| p.last().map(|r| r.key.clone()))
+        .min();
+    let mut newest: BTreeMap<String, Record> = BTreeMap::new();
+    for record in pages.into_iter().flatten() {
+        if bound.as_ref().is_some_and(|b| record.key > *b) {
+            continue;
+        }
+        match newest.get(&record.key) {
+            Some(seen) if seen.version >= record.version => {}
+            _ => {
+                newest.insert(record.key.clone(), record);
+            }
+        }
+    }
+    let mut live = newest.into_values().filter(|r| r.value.is_some());
+    let records: Vec<Record> = live.by_ref().take(limit).collect();
+    let next = if live.next().is_some() {
+        records.last().map(|r| r.key.clone())
+    } else {
+        bound
+    };
+    ListPage {
+        records,
+        next,
+        incomplete,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use kv_core::Version;
+
+    fn rec(key: &str, hlc: u64, live: bool) -> Record {
+        Record {
+            key: key.to_owned(),
+            version: Version { hlc, node: 1 },
+            value: live.then(|| Bytes::from_static(b"1")),
+        }
+    }
+
+    fn keys(page: &ListPage) -> Vec<&str> {
+        page.records.iter().map(|r| r.key.as_str()).collect()
+    }
+
+    #[test]
+    fn replicas_are_merged_and_the_newest_version_wins() {
+        let a = vec![rec("a", 1, true), rec("b", 5, false), rec("c", 1, true)];
+        let b = vec![rec("a", 1, true), rec("b", 4, true), rec("c", 2, true)];
+        let page = merge_pages(vec![a, b], 10, false);
+        assert_eq!(keys(&page), ["a", "c"]);
+        assert_eq!(page.records[1].version.hlc, 2);
+        assert_eq!(page.next, None);
+    }
+
+    #[test]
+    fn a_full_page_bounds_what_is_known_complete() {
+        // Node 1 returned a full page ending at "c": it may hold "d" too, so stop at "c".
+        let full = vec![rec("a", 1, true), rec("c", 1, true)];
+        let short = vec![rec("b", 1, true), rec("e", 1, true)];
+        let page = merge_pages(vec![full, short], 2, false);
+        assert_eq!(keys(&page), ["a", "b"]);
+        assert_eq!(page.next.as_deref(), Some("b"));
+        let page = merge_pages(vec![vec![rec("a", 1, false), rec("b", 1, false)]], 2, false);
+        assert!(page.records.is_empty());
+        assert_eq!(
+            page.next.as_deref(),
+            Some("b"),
+            "tombstones still advance the cursor"
+        );
+    }
+}
