@@ -30,7 +30,10 @@ pub enum ApiError {
     /// `AUTH_TOKEN` is set and the request lacks the right bearer token.
     #[error("a valid 'Authorization: Bearer <token>' header is required")]
     Unauthorized,
-    /// The request could not be understood (e.g. a key that is not UTF-8).
+    /// The key is not valid UTF-8 once percent-decoded (the nodes' `invalid_key`).
+    #[error("{0}")]
+    InvalidKey(String),
+    /// The request could not be understood.
     #[error("{0}")]
     BadRequest(String),
     /// The request body is larger than the configured cap.
@@ -75,8 +78,11 @@ impl ApiError {
                 (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
             }
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::InvalidKey(_) => (StatusCode::BAD_REQUEST, "invalid_key"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
-            ApiError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            ApiError::PayloadTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+            }
             ApiError::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),

@@ -29,7 +29,11 @@ pub async fn key_owner(
     key: Result<Path<String>, PathRejection>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let Path(key) = key.map_err(|e| ApiError::BadRequest(format!("unreadable key: {e}")))?;
+    let Path(key) = key.map_err(|e| {
+        ApiError::InvalidKey(format!(
+            "the key is not valid UTF-8 once percent-decoded: {e}"
+        ))
+    })?;
     let preference = state.ring.preference_list(&key, state.replication_factor);
     debug!(%key, ?preference, "routing by key");
     forward(&state, &preference, request).await

@@ -439,7 +439,7 @@ async fn errors_of_the_lb_itself_are_json() {
             "/v1/%FF",
             "",
             StatusCode::BAD_REQUEST,
-            "bad_request",
+            "invalid_key",
         ),
     ];
     for (method, uri, body, want_status, want_code) in cases {
@@ -454,7 +454,7 @@ async fn errors_of_the_lb_itself_are_json() {
     let (status, json) = send(&state, request(Method::POST, "/v1/k", &too_big)).await;
     assert_eq!(
         (status, json["error"].as_str()),
-        (StatusCode::PAYLOAD_TOO_LARGE, Some("too_large"))
+        (StatusCode::PAYLOAD_TOO_LARGE, Some("payload_too_large"))
     );
     assert_eq!(node.hits(), 0);
 }
