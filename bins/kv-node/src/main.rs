@@ -129,6 +129,8 @@ fn cluster_config(config: &NodeConfig) -> ClusterConfig {
         write_consistency: config.write_consistency,
         read_consistency: config.read_consistency,
         hints_dir: config.data_dir.join("hints"),
+        // A node bound to one address talks to its peers from that address too.
+        local_address: Some(config.listen.ip()).filter(|ip| !ip.is_unspecified()),
     }
 }
 

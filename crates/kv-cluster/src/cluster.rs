@@ -43,6 +43,8 @@ pub struct ClusterConfig {
     pub read_consistency: Consistency,
     /// Folder of the hint files.
     pub hints_dir: PathBuf,
+    /// Source address of connections to peers (`None`: chosen by the OS).
+    pub local_address: Option<std::net::IpAddr>,
 }
 
 /// What a node should do with a client request for a key.
@@ -137,6 +139,7 @@ impl Cluster {
             config.secret.as_deref(),
             config.connect_timeout,
             config.peer_timeout,
+            config.local_address,
         )
         .map_err(|reason| Error::PeerProtocol {
             peer: config.me.clone(),

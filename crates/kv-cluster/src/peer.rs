@@ -106,12 +106,16 @@ pub struct PeerClient {
 
 impl PeerClient {
     /// Builds the client; `request_timeout` bounds every call, `connect_timeout` the TCP connect.
+    /// `local_address`, when given, is the source address of every connection to a peer (a node
+    /// bound to one address of a multi-homed host talks from that address too).
     pub fn new(
         secret: Option<&str>,
         connect_timeout: Duration,
         request_timeout: Duration,
+        local_address: Option<std::net::IpAddr>,
     ) -> Result<PeerClient, String> {
         let http = reqwest::Client::builder()
+            .local_address(local_address)
             .connect_timeout(connect_timeout)
             .timeout(request_timeout)
             .pool_idle_timeout(Duration::from_secs(60))

@@ -1,0 +1,274 @@
+#!/usr/bin/env bash
+# Benchmarks kv against this machine's HTTP limit and prints one comparison table.
+#
+#   scripts/bench.sh
+#
+# Builds the release binaries, starts a fresh 3-node cluster (N=3, WAL_SYNC=always) with kv-lb,
+# a separate 1-node kv-node (REPLICATION_FACTOR=1) and the kv-bench limit server, all on free
+# ports with temporary data folders, then runs each scenario twice with the same settings: once
+# against kv, once against the limit server. Everything it started is stopped on exit.
+#
+# Environment:
+#   BENCH_SCENARIOS   comma-separated names or numbers (default: all), e.g. 1,2,3 or get-lb-one
+#   BENCH_DURATION    measured time per run (10s)     BENCH_WARMUP  unrecorded warm-up (2s)
+#   BENCH_CONNS       connections per run (32)        BENCH_KEYS    key space (10000)
+#   BENCH_OUT         folder for JSON results and logs (default: a new temp folder, kept)
+#   BENCH_NO_BUILD=1  use the binaries already in $CARGO_TARGET_DIR/release (or target/release)
+#
+# Scenarios:
+#   1 get-lb-quorum   GET through the LB, r=quorum, preloaded keys
+#   2 get-lb-one      GET through the LB, r=one
+#   3 get-owner-one   GET straight to node1 with r=one: with N=3 of 3 nodes every node is a replica
+#                     of every key, so node1 owns every key and answers without forwarding
+#   4 post-lb-quorum  durable POST through the LB: N=3, w=quorum, WAL_SYNC=always
+#   5 post-lb-one     POST through the LB, w=one
+#   6 mix-lb-zipf     95/5 read/write mix, zipf:0.99 keys, through the LB (server default r/w)
+#   7 single-get      GET on a 1-node kv-node (REPLICATION_FACTOR=1)
+#   8 single-post     POST on the 1-node kv-node (WAL_SYNC=always)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+BIN_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/release"
+DURATION="${BENCH_DURATION:-10s}"
+WARMUP="${BENCH_WARMUP:-2s}"
+CONNS="${BENCH_CONNS:-32}"
+KEYS="${BENCH_KEYS:-10000}"
+SELECTED="${BENCH_SCENARIOS:-all}"
+OUT="${BENCH_OUT:-$(mktemp -d -t kv-bench.XXXXXX)}"
+HEALTH_WAIT_SECS=30   # how long a process may take to answer /health
+STOP_WAIT_SECS=10     # how long a process may take to exit after SIGTERM
+
+ALL_SCENARIOS=(get-lb-quorum get-lb-one get-owner-one post-lb-quorum post-lb-one mix-lb-zipf
+    single-get single-post)
+STARTED_PIDS=()
+DATA_DIRS=()
+
+die() { echo "bench.sh: $*" >&2; exit 1; }
+info() { echo "bench.sh: $*" >&2; }
+
+# Stops every process this script started, by PID: SIGTERM, then SIGKILL after a deadline.
+cleanup() {
+    local pid deadline
+    for pid in "${STARTED_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    deadline=$((SECONDS + STOP_WAIT_SECS))
+    for pid in "${STARTED_PIDS[@]}"; do
+        while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    if ((${#DATA_DIRS[@]})); then rm -rf "${DATA_DIRS[@]}"; fi
+}
+trap cleanup EXIT
+
+# Prints N free TCP ports on 127.0.0.1 (bound together, so they are distinct, then released).
+free_ports() {
+    python3 - "$1" <<'EOF'
+import socket, sys
+socks = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+EOF
+}
+
+# launch NAME CMD...: starts CMD in the background with its output in $OUT/logs/NAME.log.
+launch() {
+    local name="$1"
+    shift
+    "$@" >"$OUT/logs/$name.log" 2>&1 &
+    STARTED_PIDS+=("$!")
+    LAST_PID="$!"
+}
+
+# wait_healthy NAME PID URL: polls URL/health until 200, the process dies, or the deadline.
+wait_healthy() {
+    local name="$1" pid="$2" url="$3" deadline=$((SECONDS + HEALTH_WAIT_SECS))
+    until curl -fsS --max-time 1 "$url/health" >/dev/null 2>&1; do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            tail -n 20 "$OUT/logs/$name.log" >&2 || true
+            die "$name exited before answering $url/health (log: $OUT/logs/$name.log)"
+        fi
+        ((SECONDS < deadline)) || die "$name did not answer $url/health within ${HEALTH_WAIT_SECS}s"
+        sleep 0.2
+    done
+}
+
+# start_node NAME PORT CLUSTER_NODES N: one kv-node with a fresh data folder, WAL_SYNC=always.
+start_node() {
+    local name="$1" port="$2" cluster="$3" n="$4" data
+    data="$(mktemp -d -t "kv-bench-$name.XXXXXX")"
+    DATA_DIRS+=("$data")
+    launch "$name" env NODE_NAME="$name" PORT="$port" CURRENT_NODE_URL="http://127.0.0.1:$port" \
+        CLUSTER_NODES="$cluster" REPLICATION_FACTOR="$n" DATA_DIR="$data" WAL_SYNC=always \
+        RUST_LOG="${RUST_LOG:-warn}" "$BIN_DIR/kv-node"
+}
+
+# Starts node1..node3 and kv-lb once; sets NODE1_URL and LB_URL.
+ensure_cluster() {
+    [[ -n "${LB_URL:-}" ]] && return
+    local ports p1 p2 p3 lb cluster i pids=()
+    read -r p1 p2 p3 lb <<<"$(free_ports 4)"
+    ports=("$p1" "$p2" "$p3")
+    cluster="http://127.0.0.1:$p1,http://127.0.0.1:$p2,http://127.0.0.1:$p3"
+    for i in 1 2 3; do
+        start_node "node$i" "${ports[i - 1]}" "$cluster" 3
+        pids+=("$LAST_PID")
+    done
+    for i in 1 2 3; do wait_healthy "node$i" "${pids[i - 1]}" "http://127.0.0.1:${ports[i - 1]}"; done
+    launch lb env DATABASE_NODES="$cluster" LB_PORT="$lb" REPLICATION_FACTOR=3 \
+        RUST_LOG="${RUST_LOG:-warn}" "$BIN_DIR/kv-lb"
+    wait_healthy lb "$LAST_PID" "http://127.0.0.1:$lb"
+    NODE1_URL="http://127.0.0.1:$p1"
+    LB_URL="http://127.0.0.1:$lb"
+    info "3-node cluster up: nodes $cluster, lb $LB_URL"
+}
+
+# Starts the 1-node kv-node once; sets SINGLE_URL.
+ensure_single() {
+    [[ -n "${SINGLE_URL:-}" ]] && return
+    local port
+    port="$(free_ports 1)"
+    start_node single "$port" "http://127.0.0.1:$port" 1
+    wait_healthy single "$LAST_PID" "http://127.0.0.1:$port"
+    SINGLE_URL="http://127.0.0.1:$port"
+    info "1-node kv-node up: $SINGLE_URL"
+}
+
+# Starts the limit server once; sets LIMIT_URL.
+ensure_limit() {
+    [[ -n "${LIMIT_URL:-}" ]] && return
+    local port
+    port="$(free_ports 1)"
+    launch limit "$BIN_DIR/kv-bench" limit-server --port "$port"
+    wait_for_port limit "$LAST_PID" "$port"
+    LIMIT_URL="http://127.0.0.1:$port"
+}
+
+# The limit server has no /health: wait until it answers anything.
+wait_for_port() {
+    local name="$1" pid="$2" port="$3" deadline=$((SECONDS + HEALTH_WAIT_SECS))
+    until curl -sS --max-time 1 -o /dev/null "http://127.0.0.1:$port/" 2>/dev/null; do
+        kill -0 "$pid" 2>/dev/null || die "$name exited (log: $OUT/logs/$name.log)"
+        ((SECONDS < deadline)) || die "$name did not listen on port $port within ${HEALTH_WAIT_SECS}s"
+        sleep 0.1
+    done
+}
+
+# bench LABEL URL ARGS...: one kv-bench run writing $OUT/LABEL.json; a run without any
+# successful request is reported, not fatal, so the table still shows what happened.
+bench() {
+    local label="$1" url="$2"
+    shift 2
+    info "run $label -> $url $*"
+    if ! "$BIN_DIR/kv-bench" run --url "$url" --conns "$CONNS" --duration "$DURATION" \
+        --warmup "$WARMUP" --keys "$KEYS" --label "$label" --json "$OUT/$label.json" "$@" \
+        >>"$OUT/runs.txt" 2>"$OUT/logs/run-$label.log"; then
+        info "run $label had no successful request (see $OUT/runs.txt)"
+    fi
+}
+
+# preload TARGET URL W: writes every key once per target, before its first read scenario.
+preload() {
+    local marker="$OUT/.preloaded-$1"
+    [[ -e "$marker" ]] && return
+    info "preloading $KEYS keys on $1"
+    "$BIN_DIR/kv-bench" run --url "$2" --conns "$CONNS" --keys "$KEYS" --mix write=1 --w "$3" \
+        --preload --requests 1 --warmup 0s --quiet >/dev/null 2>"$OUT/logs/preload-$1.log" ||
+        die "preload of $1 failed (log: $OUT/logs/preload-$1.log)"
+    grep -q " 0 failed" "$OUT/logs/preload-$1.log" || info "preload of $1: $(cat "$OUT/logs/preload-$1.log")"
+    touch "$marker"
+}
+
+# scenario NAME: runs one scenario against kv, then the same load against the limit server.
+scenario() {
+    local args=()
+    case "$1" in
+        get-lb-quorum) ensure_cluster; preload lb "$LB_URL" quorum; url="$LB_URL"; args=(--mix read=100 --r quorum) ;;
+        get-lb-one) ensure_cluster; preload lb "$LB_URL" quorum; url="$LB_URL"; args=(--mix read=100 --r one) ;;
+        get-owner-one) ensure_cluster; preload lb "$LB_URL" quorum; url="$NODE1_URL"; args=(--mix read=100 --r one) ;;
+        post-lb-quorum) ensure_cluster; url="$LB_URL"; args=(--mix write=100 --w quorum) ;;
+        post-lb-one) ensure_cluster; url="$LB_URL"; args=(--mix write=100 --w one) ;;
+        mix-lb-zipf) ensure_cluster; preload lb "$LB_URL" quorum; url="$LB_URL"; args=(--mix read=95,write=5 --dist zipf:0.99) ;;
+        single-get) ensure_single; preload single "$SINGLE_URL" one; url="$SINGLE_URL"; args=(--mix read=100) ;;
+        single-post) ensure_single; url="$SINGLE_URL"; args=(--mix write=100) ;;
+        *) die "unknown scenario $1 (known: ${ALL_SCENARIOS[*]})" ;;
+    esac
+    bench "$1" "$url" "${args[@]}"
+    bench "$1.limit" "$LIMIT_URL" "${args[@]}"
+    RAN+=("$1")
+}
+
+# Turns BENCH_SCENARIOS (names or 1-based numbers, or "all") into scenario names.
+selected_scenarios() {
+    local item
+    [[ "$SELECTED" == all ]] && { printf '%s\n' "${ALL_SCENARIOS[@]}"; return; }
+    for item in ${SELECTED//,/ }; do
+        if [[ "$item" =~ ^[0-9]+$ ]]; then
+            ((item >= 1 && item <= ${#ALL_SCENARIOS[@]})) || die "no scenario number $item"
+            echo "${ALL_SCENARIOS[item - 1]}"
+        else
+            echo "$item"
+        fi
+    done
+}
+
+# Prints the comparison table from the JSON results of the scenarios that ran.
+print_table() {
+    python3 - "$OUT" "$@" <<'EOF'
+import json, os, sys
+
+out, names = sys.argv[1], sys.argv[2:]
+# Project targets: minimum kv/limit throughput ratio and, where set, a p99 bound in ms.
+targets = {"get-lb-quorum": (0.30, 5.0), "get-lb-one": (0.45, None),
+           "get-owner-one": (0.70, None), "post-lb-quorum": (0.20, None)}
+
+def load(label):
+    path = os.path.join(out, label + ".json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        report = json.load(f)
+    return next(op for op in report["ops"] if op["op"] == "all")
+
+def ms(us):
+    return f"{us / 1000:.2f}"
+
+head = f"{'scenario':<15}{'kv ops/s':>10}{'limit ops/s':>12}{'kv/limit':>9}{'kv p50':>8}{'kv p99':>8}{'lim p50':>8}{'lim p99':>8}{'kv errors':>10}  target"
+print(head)
+print("-" * len(head))
+for name in names:
+    kv, limit = load(name), load(name + ".limit")
+    if kv is None or limit is None:
+        print(f"{name:<15}  (no results)")
+        continue
+    ratio = kv["throughput"] / limit["throughput"] if limit["throughput"] else 0.0
+    verdict = ""
+    if name in targets:
+        want, p99_ms = targets[name]
+        ok = ratio >= want and (p99_ms is None or kv["latency_us"]["p99"] / 1000 < p99_ms)
+        verdict = f">={want:.0%}" + (f", p99<{p99_ms:g}ms" if p99_ms else "") + (": met" if ok else ": MISSED")
+    print(f"{name:<15}{kv['throughput']:>10.0f}{limit['throughput']:>12.0f}{ratio:>9.0%}"
+          f"{ms(kv['latency_us']['p50']):>8}{ms(kv['latency_us']['p99']):>8}"
+          f"{ms(limit['latency_us']['p50']):>8}{ms(limit['latency_us']['p99']):>8}{kv['errors']:>10}  {verdict}")
+print("latencies in ms; ops/s = successful requests per second")
+EOF
+}
+
+main() {
+    local name
+    mkdir -p "$OUT/logs"
+    if [[ "${BENCH_NO_BUILD:-0}" != 1 ]]; then
+        info "building release binaries"
+        cargo build --release -p kv-node -p kv-lb -p kv-bench >&2
+    fi
+    for name in kv-node kv-lb kv-bench; do [[ -x "$BIN_DIR/$name" ]] || die "missing $BIN_DIR/$name"; done
+    ensure_limit
+    RAN=()
+    for name in $(selected_scenarios); do scenario "$name"; done
+    echo "kv-bench: $CONNS conns, $DURATION measured after $WARMUP warm-up, $KEYS keys; $(nproc) cores"
+    print_table "${RAN[@]}"
+    info "JSON results, per-run tables (runs.txt) and logs in $OUT"
+}
+
+main "$@"
