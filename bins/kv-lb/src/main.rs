@@ -17,6 +17,7 @@ mod health;
 mod metrics;
 mod proxy;
 mod request_context;
+mod stamp;
 mod status;
 mod upstream;
 

@@ -5,8 +5,11 @@
 //! Retry rules:
 //! - connection refused / connect timeout: the node never saw the request, so every method is
 //!   retried on the next candidate, and the node is marked down at once;
-//! - timeout, 5xx, or a connection lost mid-request: only `GET`/`HEAD` are retried; a write
-//!   may already have been applied, so it gets 504 / the node's 5xx / 502 instead.
+//! - timeout or a connection lost mid-request: `GET`/`HEAD` are retried, and so are plain writes
+//!   to `/v1/{key}`: the proxy stamps each with its own version (`x-kv-version`, see
+//!   `stamp.rs`), so a retry is the same write and applies at most once. Conditional writes
+//!   (`If-Match`, `If-None-Match`) and other routes are not retried: they get 504 / 502;
+//! - a 5xx answer: reads move on to the next replica; writes return the node's answer.
 
 use std::time::{Duration, Instant};
 
@@ -21,6 +24,7 @@ use tracing::{debug, warn};
 use crate::app::{LbState, SharedState};
 use crate::error::ApiError;
 use crate::metrics;
+use crate::stamp::VERSION_HEADER;
 use crate::upstream::{into_client_response, strip_hop_by_hop, BufferedRequest, Outcome};
 
 /// `/v1/{*key}`, any method: to the key's first healthy replica.
@@ -36,7 +40,7 @@ pub async fn key_owner(
     })?;
     let preference = state.ring.preference_list(&key, state.replication_factor);
     debug!(%key, ?preference, "routing by key");
-    forward(&state, &preference, request).await
+    forward(&state, &preference, request, true).await
 }
 
 /// `/batch`, `/v1` (listing): to any healthy node, round-robin.
@@ -45,18 +49,21 @@ pub async fn any_node(
     request: Request,
 ) -> Result<Response, ApiError> {
     let preference = state.round_robin();
-    forward(&state, &preference, request).await
+    forward(&state, &preference, request, false).await
 }
 
 /// Sends the request to `preference` (healthy nodes first) until one answers or retrying is
-/// no longer safe, all within `REQUEST_TIMEOUT_MS`.
+/// no longer safe, all within `REQUEST_TIMEOUT_MS`. With `stamp_writes`, plain writes get a
+/// version of their own so that they may be retried too.
 async fn forward(
     state: &LbState,
     preference: &[usize],
     request: Request,
+    stamp_writes: bool,
 ) -> Result<Response, ApiError> {
     state.counters.request();
-    let request = buffer(request, state.body_limit, state.request_timeout).await?;
+    let mut request = buffer(request, state.body_limit, state.request_timeout).await?;
+    let retryable = is_read(&request.method) || (stamp_writes && stamp(state, &mut request));
     let deadline = Instant::now() + state.request_timeout;
     let order = state.health.healthy_first(preference);
     let mut failures = Failures::default();
@@ -75,12 +82,16 @@ async fn forward(
             node,
             url,
             retry_reads: is_read(&request.method),
+            retryable,
             is_last: position + 1 == order.len(),
-            budget: attempt_budget(remaining, is_read(&request.method), order.len() - position),
+            budget: attempt_budget(remaining, retryable, order.len() - position),
         };
         let outcome = state.upstream.send(url, &request, attempt.budget).await?;
         match attempt.judge(state, outcome, &mut failures) {
             Step::Answer(response) => {
+                if let Some(etag) = response.headers().get(header::ETAG) {
+                    state.stamper.observe(etag);
+                }
                 if preference.first() != Some(&node) {
                     state.counters.failover();
                 }
@@ -98,6 +109,7 @@ struct Attempt<'a> {
     node: usize,
     url: &'a str,
     retry_reads: bool,
+    retryable: bool,
     is_last: bool,
     budget: Duration,
 }
@@ -134,7 +146,7 @@ impl Attempt<'_> {
             }
             Outcome::TimedOut => {
                 metrics::upstream_error(url, "timeout");
-                if !self.retry_reads {
+                if !self.retryable {
                     return Step::GiveUp(ApiError::Timeout(state.request_timeout));
                 }
                 let waited = self.budget.as_millis();
@@ -143,7 +155,7 @@ impl Attempt<'_> {
             }
             Outcome::Failed(reason) => {
                 metrics::upstream_error(url, "io");
-                if !self.retry_reads {
+                if !self.retryable {
                     let node = url.to_owned();
                     return Step::GiveUp(ApiError::BadGateway { node, reason });
                 }
@@ -184,16 +196,33 @@ impl Failures {
     }
 }
 
+/// Gives a plain write (`POST`, `PUT`, `DELETE` without preconditions or a version of its own)
+/// this proxy's stamp; returns whether the request may be retried after a lost answer.
+fn stamp(state: &LbState, request: &mut BufferedRequest) -> bool {
+    let is_write = matches!(request.method, Method::POST | Method::PUT | Method::DELETE);
+    let headers = &mut request.headers;
+    if !is_write
+        || headers.contains_key(header::IF_MATCH)
+        || headers.contains_key(header::IF_NONE_MATCH)
+    {
+        return false;
+    }
+    if !headers.contains_key(VERSION_HEADER) {
+        headers.insert(VERSION_HEADER, state.stamper.stamp());
+    }
+    true
+}
+
 /// `GET` and `HEAD` change nothing, so they may be retried after any failure.
 fn is_read(method: &Method) -> bool {
     method == Method::GET || method == Method::HEAD
 }
 
-/// Time allowed for one attempt. A read shares what is left of the deadline equally among
-/// the candidates left, so one hung node cannot eat the time of the replicas behind it; a
-/// write is never retried after a timeout, so it gets all of it.
-fn attempt_budget(remaining: Duration, retry_reads: bool, candidates_left: usize) -> Duration {
-    if !retry_reads || candidates_left <= 1 {
+/// Time allowed for one attempt. A retryable request shares what is left of the deadline
+/// equally among the candidates left, so one hung node cannot eat the time of the replicas
+/// behind it; one that is never retried after a timeout gets all of it.
+fn attempt_budget(remaining: Duration, retryable: bool, candidates_left: usize) -> Duration {
+    if !retryable || candidates_left <= 1 {
         return remaining;
     }
     let share = u32::try_from(candidates_left).unwrap_or(u32::MAX);

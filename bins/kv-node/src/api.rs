@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use kv_cluster::{
     Consistency, ForwardRequest, ForwardResponse, Precondition, Route, FORWARDED_HEADER,
+    VERSION_HEADER,
 };
 use kv_core::{Entry, Version};
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
@@ -170,6 +171,33 @@ pub fn parse_precondition(headers: &HeaderMap) -> Result<Precondition, ApiError>
     }
 }
 
+/// How far ahead of this node's clock a version a write brings may be: further, and one bad
+/// client clock could make a key unwritable for everyone else.
+const MAX_VERSION_AHEAD_MS: u64 = 60_000;
+
+/// The version a write brings in `x-kv-version`, checked against this machine's clock.
+pub fn parse_supplied_version(headers: &HeaderMap) -> Result<Option<Version>, ApiError> {
+    let Some(raw) = headers.get(VERSION_HEADER) else {
+        return Ok(None);
+    };
+    let bad =
+        |why: &str| ApiError::bad_request("invalid_version", format!("{VERSION_HEADER}: {why}"));
+    let version: Version = raw
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| bad("expected a version as sent in ETag"))?;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    if version.physical_ms() > now_ms.saturating_add(MAX_VERSION_AHEAD_MS) {
+        return Err(bad(
+            "the version is more than 60 s ahead of this node's clock",
+        ));
+    }
+    Ok(Some(version))
+}
+
 fn bad_precondition(why: &str) -> ApiError {
     ApiError::bad_request(
         "invalid_precondition",
@@ -190,6 +218,8 @@ pub struct KeyOp {
     pub r: Consistency,
     /// Condition of a write or delete.
     pub precondition: Precondition,
+    /// The version a write carries itself (`x-kv-version`), making a retry of it idempotent.
+    pub version: Option<Version>,
 }
 
 /// The kinds of key operation.
@@ -274,6 +304,7 @@ pub async fn execute(
                     .write_if(
                         &op.key,
                         Some(value.clone()),
+                        op.version,
                         op.precondition,
                         op.w,
                         op.r,
@@ -290,7 +321,15 @@ pub async fn execute(
                 }
             }
             OpKind::Delete => match cluster
-                .write_if(&op.key, None, op.precondition, op.w, op.r, request_id)
+                .write_if(
+                    &op.key,
+                    None,
+                    op.version,
+                    op.precondition,
+                    op.w,
+                    op.r,
+                    request_id,
+                )
                 .await?
             {
                 Some(_) => Ok(Outcome::Deleted { key: op.key }),
@@ -327,6 +366,11 @@ fn forward_request(op: &KeyOp, auth: Option<&HeaderValue>) -> ForwardRequest {
     if let Some((name, value)) = precondition {
         if let Ok(value) = HeaderValue::from_str(&value) {
             headers.insert(name, value);
+        }
+    }
+    if let Some(version) = op.version {
+        if let Ok(value) = HeaderValue::from_str(&version.to_string()) {
+            headers.insert(VERSION_HEADER, value);
         }
     }
     ForwardRequest {
@@ -390,17 +434,27 @@ pub async fn data(State(app): State<AppState>, request: Request) -> Result<Respo
         cluster.default_consistency(),
         cluster.replication_factor(),
     )?;
-    let precondition = if kind == OpKind::Get {
-        Precondition::Always
+    let (precondition, version) = if kind == OpKind::Get {
+        (Precondition::Always, None)
     } else {
-        parse_precondition(&parts.headers)?
+        (
+            parse_precondition(&parts.headers)?,
+            parse_supplied_version(&parts.headers)?,
+        )
     };
+    if precondition != Precondition::Always && version.is_some() {
+        return Err(ApiError::bad_request(
+            "invalid_version",
+            format!("{VERSION_HEADER} cannot be combined with If-Match or If-None-Match"),
+        ));
+    }
     let op = KeyOp {
         kind,
         key,
         w,
         r,
         precondition,
+        version,
     };
     let rid = request_id(&parts.headers);
     let forwarded = parts.headers.contains_key(FORWARDED_HEADER);

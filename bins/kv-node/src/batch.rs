@@ -97,6 +97,7 @@ fn parse_ops(app: &AppState, body: &[u8], query: Option<&str>) -> Result<Vec<Key
                 w,
                 r,
                 precondition: Precondition::Always,
+                version: None,
             })
         })
         .collect()

@@ -29,5 +29,6 @@ pub use kv_ring::DEFAULT_VNODES;
 pub use listing::ListPage;
 pub use peer::{
     ForwardRequest, ForwardResponse, FORWARDED_HEADER, REQUEST_ID_HEADER, SECRET_HEADER,
+    VERSION_HEADER,
 };
 pub use quorum::Precondition;

@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 pub const SECRET_HEADER: &str = "x-kv-secret";
 /// Header that marks a client request forwarded by another node: it is never forwarded again.
 pub const FORWARDED_HEADER: &str = "x-kv-forwarded";
+/// Header of a write that carries its own version (stamped by the load balancer, or a client's
+/// own, like Cassandra's `USING TIMESTAMP`): a retry of it is the same write.
+pub const VERSION_HEADER: &str = "x-kv-version";
 /// Header that carries the request id across processes.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// Path of the replication endpoint: a batch of records to apply durably.

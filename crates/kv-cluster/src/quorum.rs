@@ -41,20 +41,22 @@ impl Precondition {
 }
 
 impl Cluster {
-    /// Writes `value` (`None` deletes) under a new version and returns once W replicas hold it
+    /// Writes `value` (`None` deletes) under `version` (a new one from this node's clock when
+    /// `None`) and returns once W replicas hold it
     /// durably; the other replicas get it in the background, or a hint when they are down.
     #[instrument(skip(self, value), fields(%w))]
     pub async fn write(
         &self,
         key: &str,
         value: Option<Bytes>,
+        version: Option<Version>,
         w: Consistency,
         request_id: &str,
     ) -> Result<Version> {
         if let Some(reason) = self.inner.store.write_refused() {
             return Err(Error::Store(kv_core::Error::WalFailed { reason }));
         }
-        let version = self.inner.store.clock().tick();
+        let version = version.unwrap_or_else(|| self.inner.store.clock().tick());
         let record = Record {
             key: key.to_owned(),
             version,
@@ -303,18 +305,26 @@ impl Cluster {
     /// the read overlaps every quorum write. Conditional writes of one key are serialised on this
     /// node (a striped lock), and conditional requests are routed to the key's first live replica,
     /// so two racing `If-Match` updates cannot both win while that replica stays up.
-    /// Returns the new version, or `None` for a delete of a key that does not exist.
+    ///
+    /// A write that carries its own `version` is idempotent: sent twice (a retry after a lost
+    /// answer), it is the same record, and a delete that finds its own tombstone succeeds again.
+    /// Returns the version written, or `None` for a delete of a key that does not exist.
+    #[allow(clippy::too_many_arguments)]
     pub async fn write_if(
         &self,
         key: &str,
         value: Option<Bytes>,
+        version: Option<Version>,
         precondition: Precondition,
         w: Consistency,
         r: Consistency,
         request_id: &str,
     ) -> Result<Option<Version>> {
         if precondition == Precondition::Always && value.is_some() {
-            return self.write(key, value, w, request_id).await.map(Some);
+            return self
+                .write(key, value, version, w, request_id)
+                .await
+                .map(Some);
         }
         let _serialised = match precondition {
             Precondition::Always => None,
@@ -322,10 +332,11 @@ impl Cluster {
         };
         let n = self.inner.n;
         let r = Consistency::Count(r.required(n).max(Consistency::Quorum.required(n)));
-        let current = self
-            .read(key, r, request_id)
-            .await?
-            .filter(|e| !e.is_tombstone());
+        let newest = self.read(key, r, request_id).await?;
+        if version.is_some() && newest.as_ref().map(|e| e.version) == version {
+            return Ok(version);
+        }
+        let current = newest.filter(|e| !e.is_tombstone());
         if !precondition.holds(current.as_ref()) {
             return Err(Error::PreconditionFailed {
                 current: current.map(|e| e.version),
@@ -334,6 +345,8 @@ impl Cluster {
         if value.is_none() && current.is_none() {
             return Ok(None);
         }
-        self.write(key, value, w, request_id).await.map(Some)
+        self.write(key, value, version, w, request_id)
+            .await
+            .map(Some)
     }
 }
