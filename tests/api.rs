@@ -258,3 +258,103 @@ fn batches_apply_each_op_and_report_each_result() {
         404
     );
 }
+
+#[test]
+fn ttl_expires_keys_on_every_node_and_across_restarts() {
+    let mut c = TestCluster::start(3);
+    let node = c.url(0).to_owned();
+    let short = send(
+        "POST",
+        &format!("{node}/v1/session"),
+        Some(r#"{"value": "s", "ttl_secs": 1}"#),
+    )
+    .unwrap();
+    assert_eq!(short.status, 200, "{}", short.text);
+    assert_eq!(short.json["ttl_secs"], 1);
+    let long = send(
+        "PUT",
+        &format!("{node}/v1/cache?ttl=1h"),
+        Some(r#"{"value": "c"}"#),
+    )
+    .unwrap();
+    assert_eq!(long.status, 200, "{}", long.text);
+    let read = send("GET", &format!("{}/v1/cache", c.url(1)), None).unwrap();
+    let left = read.json["ttl_secs"].as_u64().unwrap();
+    assert!((3590..=3600).contains(&left), "remaining ttl {left}");
+    kv_tests::wait_until(
+        std::time::Duration::from_secs(10),
+        "the 1 s key reads 404 on every node",
+        || {
+            c.nodes.iter().all(|n| {
+                send("GET", &format!("{}/v1/session?r=one", n.url), None)
+                    .unwrap()
+                    .status
+                    == 404
+            })
+        },
+    );
+    let listed = send("GET", &format!("{node}/v1?prefix=session"), None).unwrap();
+    assert_eq!(
+        listed.json["keys"],
+        json!([]),
+        "expired keys are not listed"
+    );
+    // A restart replays the expiry from the WAL (and, after SIGTERM, from the snapshot).
+    c.nodes[0].kill9();
+    c.nodes[0].restart();
+    assert!(c.nodes[1].terminate().success());
+    c.nodes[1].restart();
+    for node in &c.nodes {
+        assert_eq!(
+            send("GET", &format!("{}/v1/session?r=one", node.url), None)
+                .unwrap()
+                .status,
+            404,
+            "{}",
+            node.name
+        );
+        let cache = send("GET", &format!("{}/v1/cache?r=one", node.url), None).unwrap();
+        assert_eq!(cache.status, 200, "{}: {}", node.name, cache.text);
+        assert!(cache.json["ttl_secs"].as_u64().unwrap() <= 3600);
+    }
+    // Expired keys can be written again, and If-None-Match sees them as absent.
+    let again = send_with(
+        "PUT",
+        &format!("{node}/v1/session"),
+        Some(r#"{"value": 2}"#),
+        &[("If-None-Match", "*")],
+    )
+    .unwrap();
+    assert_eq!(again.status, 200, "{}", again.text);
+    assert!(again.json.get("ttl_secs").is_none());
+}
+
+#[test]
+fn bad_ttls_are_400_and_change_nothing() {
+    let c = TestCluster::start(1);
+    let base = c.url(0);
+    for (url, body) in [
+        (format!("{base}/v1/t"), r#"{"value": 1, "ttl_secs": 0}"#),
+        (format!("{base}/v1/t"), r#"{"value": 1, "ttl_secs": -3}"#),
+        (format!("{base}/v1/t"), r#"{"value": 1, "ttl_secs": "60"}"#),
+        (format!("{base}/v1/t"), r#"{"value": 1, "ttl_secs": 1.5}"#),
+        (format!("{base}/v1/t?ttl=5y"), r#"{"value": 1}"#),
+        (format!("{base}/v1/t?ttl=0"), r#"{"value": 1}"#),
+        (
+            format!("{base}/v1/t?ttl=10"),
+            r#"{"value": 1, "ttl_secs": 10}"#,
+        ),
+    ] {
+        let answer = send("POST", &url, Some(body)).unwrap();
+        assert_eq!(
+            (answer.status, answer.json["error"].clone()),
+            (400, json!("invalid_ttl")),
+            "{url} {body}: {}",
+            answer.text
+        );
+    }
+    assert_eq!(
+        send("GET", &format!("{base}/v1/t"), None).unwrap().status,
+        404
+    );
+}

@@ -20,7 +20,11 @@ fn with_lb(nodes: usize, n: usize) -> TestCluster {
 }
 
 fn forwarded_total(c: &TestCluster) -> u64 {
-    c.nodes.iter().filter(|n| n.is_running()).map(|n| n.status()["forwarded_requests"].as_u64().unwrap()).sum()
+    c.nodes
+        .iter()
+        .filter(|n| n.is_running())
+        .map(|n| n.status()["forwarded_requests"].as_u64().unwrap())
+        .sum()
 }
 
 #[test]
@@ -29,16 +33,32 @@ fn the_lb_sends_each_key_straight_to_its_owner() {
     let c = with_lb(4, 1);
     let lb = c.lb_url.clone().unwrap();
     for i in 0..60 {
-        let put = send("POST", &format!("{lb}/v1/owner/{i}"), Some(&json!({"value": i}).to_string())).unwrap();
+        let put = send(
+            "POST",
+            &format!("{lb}/v1/owner/{i}"),
+            Some(&json!({"value": i}).to_string()),
+        )
+        .unwrap();
         assert_eq!(put.status, 200, "{}", put.text);
         let get = send("GET", &format!("{lb}/v1/owner/{i}"), None).unwrap();
         assert_eq!(get.json["value"], i);
         assert!(get.headers.contains_key("x-request-id"));
     }
-    assert_eq!(forwarded_total(&c), 0, "the LB must not hop through a non-owner");
-    let keys: Vec<u64> = c.nodes.iter().map(|n| n.status()["keys"].as_u64().unwrap()).collect();
+    assert_eq!(
+        forwarded_total(&c),
+        0,
+        "the LB must not hop through a non-owner"
+    );
+    let keys: Vec<u64> = c
+        .nodes
+        .iter()
+        .map(|n| n.status()["keys"].as_u64().unwrap())
+        .collect();
     assert_eq!(keys.iter().sum::<u64>(), 60, "one copy each: {keys:?}");
-    assert!(keys.iter().filter(|k| **k > 0).count() >= 3, "keys spread over the nodes: {keys:?}");
+    assert!(
+        keys.iter().filter(|k| **k > 0).count() >= 3,
+        "keys spread over the nodes: {keys:?}"
+    );
     // The same requests sent to one node directly do get forwarded: the counter works.
     for i in 0..20 {
         send("GET", &format!("{}/v1/owner/{i}", c.url(0)), None).unwrap();
@@ -56,16 +76,23 @@ fn health_is_ok_then_degraded_naming_the_dead_node_then_down() {
     assert_eq!(ok.json["nodes"].as_array().unwrap().len(), 3);
     c.nodes[1].kill9();
     let dead = c.url(1).to_owned();
-    wait_until(Duration::from_secs(5), "the LB reports degraded", || health().json["status"] == "degraded");
+    wait_until(Duration::from_secs(5), "the LB reports degraded", || {
+        health().json["status"] == "degraded"
+    });
     let degraded = health();
     assert_eq!(degraded.status, 200);
     let nodes = degraded.json["nodes"].as_array().unwrap();
     let entry = nodes.iter().find(|n| n["url"] == dead.as_str()).unwrap();
     assert_eq!(entry["healthy"], false);
-    assert!(nodes.iter().filter(|n| n["healthy"] == true).all(|n| n["latency_ms"].is_number()));
+    assert!(nodes
+        .iter()
+        .filter(|n| n["healthy"] == true)
+        .all(|n| n["latency_ms"].is_number()));
     c.nodes[0].kill9();
     c.nodes[2].kill9();
-    wait_until(Duration::from_secs(5), "the LB reports down", || health().status == 503);
+    wait_until(Duration::from_secs(5), "the LB reports down", || {
+        health().status == 503
+    });
     assert_eq!(health().json["status"], "down");
 }
 
@@ -92,7 +119,11 @@ fn client_load(lb: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Tal
                         }
                         let key = format!("fo-{w}-{}", i % 40);
                         if i % 2 == 0 {
-                            let answer = send("PUT", &format!("{lb}/v1/{key}"), Some(&json!({"value": i}).to_string()));
+                            let answer = send(
+                                "PUT",
+                                &format!("{lb}/v1/{key}"),
+                                Some(&json!({"value": i}).to_string()),
+                            );
                             let mut t = tally.lock().unwrap();
                             t.writes += 1;
                             match answer {
@@ -131,24 +162,47 @@ fn failover_hides_a_killed_and_restarted_node_from_clients() {
     let mut victims = 0;
     let started = Instant::now();
     for victim in [0usize, 2] {
-        wait_until(Duration::from_secs(10), "traffic flows", || c.nodes[1].status()["keys"].as_u64().unwrap_or(0) > 10);
+        wait_until(Duration::from_secs(10), "traffic flows", || {
+            c.nodes[1].status()["keys"].as_u64().unwrap_or(0) > 10
+        });
         c.nodes[victim].kill9();
         victims += 1;
         let down_at = Instant::now();
-        wait_until(Duration::from_secs(10), "clients keep going while it is down", || down_at.elapsed() > Duration::from_secs(2));
+        wait_until(
+            Duration::from_secs(10),
+            "clients keep going while it is down",
+            || down_at.elapsed() > Duration::from_secs(2),
+        );
         c.nodes[victim].restart();
         c.wait_converged();
     }
     stop.store(true, Ordering::Relaxed);
     let tally = load.join().unwrap();
     assert_eq!(victims, 2);
-    assert!(tally.reads > 50 && tally.writes > 50, "too little traffic: {} reads, {} writes in {:?}", tally.reads, tally.writes, started.elapsed());
-    assert!(tally.failed_reads.is_empty(), "failed reads: {:?}", tally.failed_reads);
-    assert!(tally.failed_writes.is_empty(), "failed quorum writes: {:?}", tally.failed_writes);
+    assert!(
+        tally.reads > 50 && tally.writes > 50,
+        "too little traffic: {} reads, {} writes in {:?}",
+        tally.reads,
+        tally.writes,
+        started.elapsed()
+    );
+    assert!(
+        tally.failed_reads.is_empty(),
+        "failed reads: {:?}",
+        tally.failed_reads
+    );
+    assert!(
+        tally.failed_writes.is_empty(),
+        "failed quorum writes: {:?}",
+        tally.failed_writes
+    );
     for (key, value) in &tally.acked {
         let answer = send("GET", &format!("{lb}/v1/{key}?r=all"), None).unwrap();
         assert_eq!(answer.status, 200, "{key}: {}", answer.text);
         let got: Value = answer.json["value"].clone();
-        assert!(got.as_i64().unwrap() >= *value, "{key}: acknowledged {value}, read {got}");
+        assert!(
+            got.as_i64().unwrap() >= *value,
+            "{key}: acknowledged {value}, read {got}"
+        );
     }
 }

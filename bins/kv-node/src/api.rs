@@ -1,25 +1,22 @@
-//! The data API, `/v1/{key}`: request parsing (key, `w`/`r`, body), then either forwarding to the
-//! key's replicas or coordinating the read, write or delete here.
+//! The data API, `/v1/{key}`: one key operation, parsed by `request.rs`, then either forwarded
+//! to the key's replicas or coordinated here through the cluster layer.
 
 use crate::error::ApiError;
+use crate::request::{
+    parse_key, parse_precondition, parse_query, parse_supplied_version, parse_write_body, read_body,
+};
 use crate::routes::{request_id, AppState};
-use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use kv_cluster::{
-    Consistency, ForwardRequest, ForwardResponse, Precondition, Route, FORWARDED_HEADER,
-    VERSION_HEADER,
+    now_ms, Consistency, ForwardRequest, ForwardResponse, Precondition, Route, Write,
+    FORWARDED_HEADER, VERSION_HEADER,
 };
-use kv_core::{Entry, Version};
-use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
-use serde_json::value::RawValue;
-use std::borrow::Cow;
+use kv_core::Version;
+use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 
-/// Room for the `{"value": ...}` envelope around a value of the largest allowed size.
-const BODY_ENVELOPE_BYTES: usize = 64 * 1024;
 /// Bytes escaped when a key is put back into a path: `/` stays, so keys read naturally in logs.
 const KEY_ESCAPES: &AsciiSet = &CONTROLS
     .add(b' ')
@@ -34,176 +31,6 @@ const KEY_ESCAPES: &AsciiSet = &CONTROLS
     .add(b'}');
 /// Methods `/v1/{key}` takes, for `405` answers.
 const ALLOWED: &str = "GET, HEAD, POST, PUT, DELETE";
-
-/// Extracts the key from a `/v1/...` or `/internal/entry/...` path: everything after `prefix`,
-/// percent-decoded, 1 to `max` bytes of UTF-8.
-pub fn parse_key(path: &str, prefix: &str, max: usize) -> Result<String, ApiError> {
-    let raw = path.strip_prefix(prefix).unwrap_or_default();
-    let key = percent_decode_str(raw).decode_utf8().map_err(|_| {
-        ApiError::bad_request(
-            "invalid_key",
-            "the key is not valid UTF-8 once percent-decoded",
-        )
-    })?;
-    if key.is_empty() {
-        return Err(ApiError::bad_request(
-            "invalid_key",
-            "the key is empty; use /v1/<key>",
-        ));
-    }
-    if key.len() > max {
-        return Err(ApiError::bad_request(
-            "invalid_key",
-            format!("the key is {} bytes long; the limit is {max}", key.len()),
-        ));
-    }
-    Ok(key.into_owned())
-}
-
-/// The consistency levels of one request: query `w` / `r`, or the node's defaults.
-pub fn parse_levels(
-    query: Option<&str>,
-    defaults: (Consistency, Consistency),
-    n: usize,
-) -> Result<(Consistency, Consistency), ApiError> {
-    let (mut w, mut r) = defaults;
-    for (name, value) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
-        match name.as_ref() {
-            "w" => w = Consistency::parse("w", &value, n)?,
-            "r" => r = Consistency::parse("r", &value, n)?,
-            _ => {}
-        }
-    }
-    Ok((w, r))
-}
-
-/// The body of a write: a JSON object with a `value` member holding any JSON value, kept as the
-/// exact bytes the client sent. Other members are ignored.
-struct WriteBody<'a> {
-    value: &'a RawValue,
-}
-
-impl<'de: 'a, 'a> serde::Deserialize<'de> for WriteBody<'a> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct BodyVisitor;
-        impl<'de> Visitor<'de> for BodyVisitor {
-            type Value = WriteBody<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str(r#"a JSON object like {"value": ...}"#)
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut value = None;
-                while let Some(name) = map.next_key::<Cow<'de, str>>()? {
-                    if name == "value" {
-                        value = Some(map.next_value::<&'de RawValue>()?);
-                    } else {
-                        map.next_value::<IgnoredAny>()?;
-                    }
-                }
-                value
-                    .map(|value| WriteBody { value })
-                    .ok_or_else(|| de::Error::missing_field("value"))
-            }
-        }
-        deserializer.deserialize_map(BodyVisitor)
-    }
-}
-
-/// Parses a write body; the returned bytes are the value exactly as sent.
-pub fn parse_write_body(body: &[u8], max_value: usize) -> Result<Bytes, ApiError> {
-    let parsed: WriteBody<'_> = serde_json::from_slice(body).map_err(|e| {
-        if e.to_string().starts_with("missing field `value`") {
-            ApiError::bad_request(
-                "missing_value",
-                r#"the body needs a "value" member: {"value": ...}"#,
-            )
-        } else {
-            ApiError::bad_request(
-                "invalid_json",
-                format!(r#"the body is not a JSON object like {{"value": ...}}: {e}"#),
-            )
-        }
-    })?;
-    let value = parsed.value.get();
-    if value.len() > max_value {
-        return Err(ApiError::PayloadTooLarge {
-            what: "value",
-            limit: max_value,
-        });
-    }
-    Ok(Bytes::copy_from_slice(value.as_bytes()))
-}
-
-/// The precondition of a write from its `If-Match` / `If-None-Match` headers.
-pub fn parse_precondition(headers: &HeaderMap) -> Result<Precondition, ApiError> {
-    let text = |name| {
-        headers
-            .get(name)
-            .map(|v| {
-                v.to_str()
-                    .map(str::trim)
-                    .map_err(|_| bad_precondition("is not ASCII"))
-            })
-            .transpose()
-    };
-    match (text(header::IF_MATCH)?, text(header::IF_NONE_MATCH)?) {
-        (None, None) => Ok(Precondition::Always),
-        (Some(_), Some(_)) => Err(bad_precondition(
-            "If-Match and If-None-Match cannot be combined",
-        )),
-        (Some("*"), None) => Ok(Precondition::IfExists),
-        (Some(tag), None) => {
-            let tag = tag.strip_prefix("W/").unwrap_or(tag);
-            let tag = tag
-                .strip_prefix('"')
-                .and_then(|t| t.strip_suffix('"'))
-                .unwrap_or(tag);
-            tag.parse::<Version>()
-                .map(Precondition::IfMatch)
-                .map_err(|_| {
-                    bad_precondition("If-Match must be \"<version>\" as sent in ETag, or *")
-                })
-        }
-        (None, Some("*")) => Ok(Precondition::IfAbsent),
-        (None, Some(_)) => Err(bad_precondition(
-            "If-None-Match takes only * (create if absent)",
-        )),
-    }
-}
-
-/// How far ahead of this node's clock a version a write brings may be: further, and one bad
-/// client clock could make a key unwritable for everyone else.
-const MAX_VERSION_AHEAD_MS: u64 = 60_000;
-
-/// The version a write brings in `x-kv-version`, checked against this machine's clock.
-pub fn parse_supplied_version(headers: &HeaderMap) -> Result<Option<Version>, ApiError> {
-    let Some(raw) = headers.get(VERSION_HEADER) else {
-        return Ok(None);
-    };
-    let bad =
-        |why: &str| ApiError::bad_request("invalid_version", format!("{VERSION_HEADER}: {why}"));
-    let version: Version = raw
-        .to_str()
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| bad("expected a version as sent in ETag"))?;
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    if version.physical_ms() > now_ms.saturating_add(MAX_VERSION_AHEAD_MS) {
-        return Err(bad(
-            "the version is more than 60 s ahead of this node's clock",
-        ));
-    }
-    Ok(Some(version))
-}
-
-fn bad_precondition(why: &str) -> ApiError {
-    ApiError::bad_request(
-        "invalid_precondition",
-        format!("bad precondition header: {why}"),
-    )
-}
 
 /// One operation on one key, parsed and checked: what a `/v1` request or a batch entry asks.
 #[derive(Debug, Clone)]
@@ -227,8 +54,13 @@ pub struct KeyOp {
 pub enum OpKind {
     /// Read the newest value.
     Get,
-    /// Write this value (its exact JSON bytes).
-    Put(Bytes),
+    /// Write this value (its exact JSON bytes), expiring after `ttl_secs` if given.
+    Put {
+        /// The value's JSON bytes.
+        value: Bytes,
+        /// Time to live in seconds.
+        ttl_secs: Option<u64>,
+    },
     /// Delete the key.
     Delete,
 }
@@ -236,14 +68,22 @@ pub enum OpKind {
 /// What a successful operation produced.
 #[derive(Debug)]
 pub enum Outcome {
-    /// The key's value and version (after a read or a write).
+    /// The key's value and version (after a read or a write), and its expiry if it has one.
     Value {
+        /// The key.
         key: String,
+        /// The value's JSON bytes.
         value: Bytes,
+        /// Its version.
         version: Version,
+        /// When it expires, in Unix milliseconds.
+        expires_at_ms: Option<u64>,
     },
     /// The key was deleted.
-    Deleted { key: String },
+    Deleted {
+        /// The key.
+        key: String,
+    },
     /// Another node coordinated it; its answer, unchanged.
     Forwarded(ForwardResponse),
 }
@@ -255,7 +95,8 @@ impl IntoResponse for Outcome {
                 key,
                 value,
                 version,
-            } => value_response(&key, &value, version),
+                expires_at_ms,
+            } => value_response(&key, &value, version, expires_at_ms),
             Outcome::Deleted { key } => {
                 axum::Json(serde_json::json!({"key": key, "deleted": true})).into_response()
             }
@@ -287,55 +128,59 @@ pub async fn execute(
                 .await?;
             Ok(Outcome::Forwarded(answer))
         }
-        Route::Local => match op.kind {
-            OpKind::Get => match cluster.read(&op.key, op.r, request_id).await? {
-                Some(Entry {
-                    value: Some(value),
-                    version,
-                }) => Ok(Outcome::Value {
+        Route::Local => coordinate(app, op, request_id).await,
+    }
+}
+
+/// Runs one operation with this node as its coordinator.
+async fn coordinate(app: &AppState, op: KeyOp, request_id: &str) -> Result<Outcome, ApiError> {
+    let cluster = app.cluster();
+    let levels = (op.w, op.r);
+    match op.kind {
+        OpKind::Get => match cluster.read(&op.key, op.r, request_id).await? {
+            Some(entry) if entry.is_live_at(now_ms()) => Ok(Outcome::Value {
+                key: op.key,
+                value: entry.value.unwrap_or_default(),
+                version: entry.version,
+                expires_at_ms: entry.expires_at_ms,
+            }),
+            _ => Err(not_found(&op.key)),
+        },
+        OpKind::Put { value, ttl_secs } => {
+            let expires_at_ms =
+                ttl_secs.map(|secs| now_ms().saturating_add(secs.saturating_mul(1000)));
+            let write = Write {
+                value: Some(value.clone()),
+                expires_at_ms,
+                version: op.version,
+            };
+            match cluster
+                .write_if(&op.key, write, op.precondition, levels, request_id)
+                .await?
+            {
+                Some(version) => Ok(Outcome::Value {
                     key: op.key,
                     value,
                     version,
+                    expires_at_ms,
                 }),
-                _ => Err(not_found(&op.key)),
-            },
-            OpKind::Put(value) => {
-                let version = cluster
-                    .write_if(
-                        &op.key,
-                        Some(value.clone()),
-                        op.version,
-                        op.precondition,
-                        op.w,
-                        op.r,
-                        request_id,
-                    )
-                    .await?;
-                match version {
-                    Some(version) => Ok(Outcome::Value {
-                        key: op.key,
-                        value,
-                        version,
-                    }),
-                    None => Err(not_found(&op.key)),
-                }
+                None => Err(not_found(&op.key)),
             }
-            OpKind::Delete => match cluster
-                .write_if(
-                    &op.key,
-                    None,
-                    op.version,
-                    op.precondition,
-                    op.w,
-                    op.r,
-                    request_id,
-                )
+        }
+        OpKind::Delete => {
+            let write = Write {
+                value: None,
+                expires_at_ms: None,
+                version: op.version,
+            };
+            match cluster
+                .write_if(&op.key, write, op.precondition, levels, request_id)
                 .await?
             {
                 Some(_) => Ok(Outcome::Deleted { key: op.key }),
                 None => Err(not_found(&op.key)),
-            },
-        },
+            }
+        }
     }
 }
 
@@ -345,10 +190,13 @@ fn forward_request(op: &KeyOp, auth: Option<&HeaderValue>) -> ForwardRequest {
     let (method, body) = match &op.kind {
         OpKind::Get => (Method::GET, Bytes::new()),
         OpKind::Delete => (Method::DELETE, Bytes::new()),
-        OpKind::Put(value) => {
-            let mut body = Vec::with_capacity(value.len() + 12);
+        OpKind::Put { value, ttl_secs } => {
+            let mut body = Vec::with_capacity(value.len() + 32);
             body.extend_from_slice(b"{\"value\":");
             body.extend_from_slice(value);
+            if let Some(ttl) = ttl_secs {
+                body.extend_from_slice(format!(",\"ttl_secs\":{ttl}").as_bytes());
+            }
             body.push(b'}');
             (Method::PUT, Bytes::from(body))
         }
@@ -363,14 +211,15 @@ fn forward_request(op: &KeyOp, auth: Option<&HeaderValue>) -> ForwardRequest {
         Precondition::IfExists => Some((header::IF_MATCH, "*".to_owned())),
         Precondition::IfAbsent => Some((header::IF_NONE_MATCH, "*".to_owned())),
     };
-    if let Some((name, value)) = precondition {
+    let version = op.version.map(|v| {
+        (
+            header::HeaderName::from_static(VERSION_HEADER),
+            v.to_string(),
+        )
+    });
+    for (name, value) in precondition.into_iter().chain(version) {
         if let Ok(value) = HeaderValue::from_str(&value) {
             headers.insert(name, value);
-        }
-    }
-    if let Some(version) = op.version {
-        if let Ok(value) = HeaderValue::from_str(&version.to_string()) {
-            headers.insert(VERSION_HEADER, value);
         }
     }
     ForwardRequest {
@@ -381,18 +230,29 @@ fn forward_request(op: &KeyOp, auth: Option<&HeaderValue>) -> ForwardRequest {
     }
 }
 
-/// `{"key": K, "value": V, "version": "..."}` with `ETag`, the value written as stored.
-fn value_response(key: &str, value: &[u8], version: Version) -> Response {
+/// `{"key": K, "value": V, "version": "..."}` (plus `"ttl_secs"` left when the value expires)
+/// with `ETag`, the value written exactly as stored.
+fn value_response(
+    key: &str,
+    value: &[u8],
+    version: Version,
+    expires_at_ms: Option<u64>,
+) -> Response {
     let version = version.to_string();
     let key_json = serde_json::to_string(key).unwrap_or_else(|_| "\"\"".to_owned());
-    let mut body = Vec::with_capacity(key_json.len() + value.len() + version.len() + 40);
+    let mut body = Vec::with_capacity(key_json.len() + value.len() + version.len() + 64);
     body.extend_from_slice(b"{\"key\":");
     body.extend_from_slice(key_json.as_bytes());
     body.extend_from_slice(b",\"value\":");
     body.extend_from_slice(value);
     body.extend_from_slice(b",\"version\":\"");
     body.extend_from_slice(version.as_bytes());
-    body.extend_from_slice(b"\"}");
+    body.push(b'"');
+    if let Some(expires) = expires_at_ms {
+        let left_secs = expires.saturating_sub(now_ms()).div_ceil(1000);
+        body.extend_from_slice(format!(",\"ttl_secs\":{left_secs}").as_bytes());
+    }
+    body.push(b'}');
     let mut response = (StatusCode::OK, body).into_response();
     let headers = response.headers_mut();
     headers.insert(
@@ -413,12 +273,30 @@ fn not_found(key: &str) -> ApiError {
 pub async fn data(State(app): State<AppState>, request: Request) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
     let config = app.config();
+    let cluster = app.cluster();
+    let query = parse_query(
+        parts.uri.query(),
+        cluster.default_consistency(),
+        cluster.replication_factor(),
+    )?;
     let kind = match parts.method {
         Method::GET | Method::HEAD => OpKind::Get,
         Method::DELETE => OpKind::Delete,
         Method::POST | Method::PUT => {
-            let body = read_body(body, config.max_value_bytes).await?;
-            OpKind::Put(parse_write_body(&body, config.max_value_bytes)?)
+            let body = parse_write_body(
+                &read_body(body, config.max_value_bytes).await?,
+                config.max_value_bytes,
+            )?;
+            if body.ttl_secs.is_some() && query.ttl_secs.is_some() {
+                return Err(ApiError::bad_request(
+                    "invalid_ttl",
+                    "give the TTL once: ttl_secs in the body or ?ttl= in the query",
+                ));
+            }
+            OpKind::Put {
+                value: body.value,
+                ttl_secs: body.ttl_secs.or(query.ttl_secs),
+            }
         }
         ref other => {
             return Err(ApiError::MethodNotAllowed {
@@ -428,12 +306,6 @@ pub async fn data(State(app): State<AppState>, request: Request) -> Result<Respo
         }
     };
     let key = parse_key(parts.uri.path(), "/v1/", config.max_key_bytes)?;
-    let cluster = app.cluster();
-    let (w, r) = parse_levels(
-        parts.uri.query(),
-        cluster.default_consistency(),
-        cluster.replication_factor(),
-    )?;
     let (precondition, version) = if kind == OpKind::Get {
         (Precondition::Always, None)
     } else {
@@ -451,8 +323,8 @@ pub async fn data(State(app): State<AppState>, request: Request) -> Result<Respo
     let op = KeyOp {
         kind,
         key,
-        w,
-        r,
+        w: query.w,
+        r: query.r,
         precondition,
         version,
     };
@@ -468,82 +340,11 @@ pub async fn data(State(app): State<AppState>, request: Request) -> Result<Respo
     }
 }
 
-/// Reads the whole body, refusing more than a maximal value plus its JSON envelope.
-pub async fn read_body(body: Body, max_value: usize) -> Result<Bytes, ApiError> {
-    let limit = max_value.saturating_add(BODY_ENVELOPE_BYTES);
-    axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| ApiError::PayloadTooLarge {
-            what: "request body",
-            limit,
-        })
-}
-
 /// Copies the owner's answer headers that describe the body.
 fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
     for name in [header::CONTENT_TYPE, header::ETAG, header::ALLOW] {
         if let Some(value) = from.get(&name) {
             to.insert(name, value.clone());
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_are_percent_decoded_and_checked() {
-        assert_eq!(
-            parse_key("/v1/users/42/name", "/v1/", 100).unwrap(),
-            "users/42/name"
-        );
-        assert_eq!(parse_key("/v1/a%20b%2Fc", "/v1/", 100).unwrap(), "a b/c");
-        assert_eq!(parse_key("/v1/%C3%BC", "/v1/", 100).unwrap(), "ü");
-        assert!(parse_key("/v1/", "/v1/", 100).is_err());
-        assert!(parse_key("/v1/%FF", "/v1/", 100).is_err());
-        assert!(parse_key("/v1/abcd", "/v1/", 3).is_err());
-    }
-
-    #[test]
-    fn write_bodies_keep_the_value_bytes_exactly() {
-        let v = parse_write_body(br#"{"value": {"a" : 1.50, "b": [1,2]}, "x": 1}"#, 100).unwrap();
-        assert_eq!(&v[..], br#"{"a" : 1.50, "b": [1,2]}"#);
-        assert_eq!(
-            &parse_write_body(br#"{"value":null}"#, 100).unwrap()[..],
-            b"null"
-        );
-        assert_eq!(
-            &parse_write_body(br#"{"value":"hello"}"#, 100).unwrap()[..],
-            b"\"hello\""
-        );
-    }
-
-    #[test]
-    fn bad_bodies_get_the_right_code() {
-        let code = |body: &[u8]| match parse_write_body(body, 10) {
-            Err(ApiError::BadRequest { code, .. }) => code,
-            Err(ApiError::PayloadTooLarge { .. }) => "too_large",
-            other => panic!("unexpected {other:?}"),
-        };
-        assert_eq!(code(b"{"), "invalid_json");
-        assert_eq!(code(b"[1]"), "invalid_json");
-        assert_eq!(code(b"\"value\""), "invalid_json");
-        assert_eq!(code(b""), "invalid_json");
-        assert_eq!(code(br#"{"valu": 1}"#), "missing_value");
-        assert_eq!(code(br#"{}"#), "missing_value");
-        assert_eq!(code(br#"{"value": "0123456789"}"#), "too_large");
-    }
-
-    #[test]
-    fn levels_come_from_the_query_or_the_defaults() {
-        let d = (Consistency::Quorum, Consistency::One);
-        assert_eq!(parse_levels(None, d, 3).unwrap(), d);
-        assert_eq!(
-            parse_levels(Some("w=all&r=2"), d, 3).unwrap(),
-            (Consistency::All, Consistency::Count(2))
-        );
-        assert!(parse_levels(Some("w=4"), d, 3).is_err());
-        assert!(parse_levels(Some("r=most"), d, 3).is_err());
     }
 }

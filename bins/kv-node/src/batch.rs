@@ -2,8 +2,9 @@
 //! consistency exactly as if sent alone, with a result per operation. Not a transaction: some
 //! operations may succeed while others fail, and other clients may see them one by one.
 
-use crate::api::{execute, parse_key, parse_levels, KeyOp, OpKind, Outcome};
+use crate::api::{execute, KeyOp, OpKind, Outcome};
 use crate::error::ApiError;
+use crate::request::{parse_key, parse_query, MAX_TTL_SECS};
 use crate::routes::{request_id, AppState};
 use axum::extract::{Request, State};
 use axum::http::header;
@@ -34,6 +35,8 @@ struct BatchOp<'a> {
     key: String,
     #[serde(borrow, default)]
     value: Option<&'a RawValue>,
+    #[serde(default)]
+    ttl_secs: Option<u64>,
 }
 
 /// Parses and checks every operation first: one bad operation refuses the whole batch, so a
@@ -53,11 +56,12 @@ fn parse_ops(app: &AppState, body: &[u8], query: Option<&str>) -> Result<Vec<Key
     }
     let config = app.config();
     let cluster = app.cluster();
-    let (w, r) = parse_levels(
+    let options = parse_query(
         query,
         cluster.default_consistency(),
         cluster.replication_factor(),
     )?;
+    let (w, r) = (options.w, options.r);
     parsed
         .ops
         .into_iter()
@@ -74,7 +78,17 @@ fn parse_ops(app: &AppState, body: &[u8], query: Option<&str>) -> Result<Vec<Key
                             limit: config.max_value_bytes,
                         });
                     }
-                    OpKind::Put(Bytes::copy_from_slice(value.get().as_bytes()))
+                    let ttl_secs = op.ttl_secs.or(options.ttl_secs);
+                    if ttl_secs.is_some_and(|t| !(1..=MAX_TTL_SECS).contains(&t)) {
+                        return Err(at(ApiError::bad_request(
+                            "invalid_ttl",
+                            format!("ttl_secs: expected whole seconds from 1 to {MAX_TTL_SECS}"),
+                        )));
+                    }
+                    OpKind::Put {
+                        value: Bytes::copy_from_slice(value.get().as_bytes()),
+                        ttl_secs,
+                    }
                 }
                 ("put", None) => {
                     return Err(at(ApiError::bad_request(

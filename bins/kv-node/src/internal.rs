@@ -1,8 +1,8 @@
 //! Node-to-node endpoints under `/internal`: replication of record batches and reads of this
 //! node's own entry for a key. Not for clients.
 
-use crate::api::parse_key;
 use crate::error::ApiError;
+use crate::request::parse_key;
 use crate::routes::AppState;
 use axum::body::Bytes;
 use axum::extract::{Request, State};

@@ -7,6 +7,7 @@ mod config;
 mod error;
 mod internal;
 mod list;
+mod request;
 mod routes;
 mod status;
 mod telemetry;

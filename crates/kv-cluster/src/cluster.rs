@@ -263,6 +263,7 @@ impl Cluster {
             key: key.to_owned(),
             version: entry.version,
             value: entry.value,
+            expires_at_ms: entry.expires_at_ms,
         })
     }
 

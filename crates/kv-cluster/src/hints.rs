@@ -352,6 +352,7 @@ mod tests {
                 node: 1,
             },
             value: Some(Bytes::from(format!("{i}"))),
+            expires_at_ms: None,
         }
     }
 

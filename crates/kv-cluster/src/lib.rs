@@ -31,4 +31,4 @@ pub use peer::{
     ForwardRequest, ForwardResponse, FORWARDED_HEADER, REQUEST_ID_HEADER, SECRET_HEADER,
     VERSION_HEADER,
 };
-pub use quorum::Precondition;
+pub use quorum::{now_ms, Precondition, Write};

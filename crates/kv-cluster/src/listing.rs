@@ -41,6 +41,7 @@ impl Cluster {
                     key: key.to_owned(),
                     version: entry.version,
                     value: entry.value.clone(),
+                    expires_at_ms: entry.expires_at_ms,
                 },
             );
             if page.len() > limit {
@@ -115,7 +116,10 @@ fn merge_pages(pages: Vec<Vec<Record>>, limit: usize, incomplete: bool) -> ListP
             }
         }
     }
-    let mut live = newest.into_values().filter(|r| r.value.is_some());
+    let now = crate::quorum::now_ms();
+    let mut live = newest
+        .into_values()
+        .filter(|r| r.value.is_some() && r.expires_at_ms.is_none_or(|e| e > now));
     let records: Vec<Record> = live.by_ref().take(limit).collect();
     let next = if live.next().is_some() {
         records.last().map(|r| r.key.clone())
@@ -140,6 +144,7 @@ mod tests {
             key: key.to_owned(),
             version: Version { hlc, node: 1 },
             value: live.then(|| Bytes::from_static(b"1")),
+            expires_at_ms: None,
         }
     }
 

@@ -353,6 +353,7 @@ mod tests {
                 node: 3,
             },
             value: value.map(|v| Bytes::copy_from_slice(v.as_bytes())),
+            expires_at_ms: None,
         }
     }
 

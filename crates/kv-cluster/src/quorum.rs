@@ -40,27 +40,47 @@ impl Precondition {
     }
 }
 
+/// What a write stores: a value (or a delete), its expiry, and possibly its own version.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Write {
+    /// The value's exact JSON bytes; `None` deletes.
+    pub value: Option<Bytes>,
+    /// When the value expires, in Unix milliseconds (`None`: never).
+    pub expires_at_ms: Option<u64>,
+    /// The version the write brings (a retried write's own); `None`: this node's clock picks one.
+    pub version: Option<Version>,
+}
+
+/// Milliseconds since the Unix epoch on this machine's clock.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 impl Cluster {
-    /// Writes `value` (`None` deletes) under `version` (a new one from this node's clock when
-    /// `None`) and returns once W replicas hold it
-    /// durably; the other replicas get it in the background, or a hint when they are down.
-    #[instrument(skip(self, value), fields(%w))]
+    /// Stores `write` under its version (a new one from this node's clock when it has none) and
+    /// returns once W replicas hold it durably; the other replicas get it in the background, or
+    /// a hint when they are down.
+    #[instrument(skip(self, write), fields(%w))]
     pub async fn write(
         &self,
         key: &str,
-        value: Option<Bytes>,
-        version: Option<Version>,
+        write: Write,
         w: Consistency,
         request_id: &str,
     ) -> Result<Version> {
         if let Some(reason) = self.inner.store.write_refused() {
             return Err(Error::Store(kv_core::Error::WalFailed { reason }));
         }
-        let version = version.unwrap_or_else(|| self.inner.store.clock().tick());
+        let version = write
+            .version
+            .unwrap_or_else(|| self.inner.store.clock().tick());
         let record = Record {
             key: key.to_owned(),
             version,
-            value,
+            value: write.value,
+            expires_at_ms: write.expires_at_ms,
         };
         self.replicate_quorum(record, w, request_id).await?;
         Ok(version)
@@ -186,6 +206,7 @@ impl Cluster {
         Ok(newest.map(|record| Entry {
             version: record.version,
             value: record.value,
+            expires_at_ms: record.expires_at_ms,
         }))
     }
 
@@ -309,22 +330,16 @@ impl Cluster {
     /// A write that carries its own `version` is idempotent: sent twice (a retry after a lost
     /// answer), it is the same record, and a delete that finds its own tombstone succeeds again.
     /// Returns the version written, or `None` for a delete of a key that does not exist.
-    #[allow(clippy::too_many_arguments)]
     pub async fn write_if(
         &self,
         key: &str,
-        value: Option<Bytes>,
-        version: Option<Version>,
+        write: Write,
         precondition: Precondition,
-        w: Consistency,
-        r: Consistency,
+        (w, r): (Consistency, Consistency),
         request_id: &str,
     ) -> Result<Option<Version>> {
-        if precondition == Precondition::Always && value.is_some() {
-            return self
-                .write(key, value, version, w, request_id)
-                .await
-                .map(Some);
+        if precondition == Precondition::Always && write.value.is_some() {
+            return self.write(key, write, w, request_id).await.map(Some);
         }
         let _serialised = match precondition {
             Precondition::Always => None,
@@ -333,20 +348,18 @@ impl Cluster {
         let n = self.inner.n;
         let r = Consistency::Count(r.required(n).max(Consistency::Quorum.required(n)));
         let newest = self.read(key, r, request_id).await?;
-        if version.is_some() && newest.as_ref().map(|e| e.version) == version {
-            return Ok(version);
+        if write.version.is_some() && newest.as_ref().map(|e| e.version) == write.version {
+            return Ok(write.version);
         }
-        let current = newest.filter(|e| !e.is_tombstone());
+        let current = newest.filter(|e| e.is_live_at(now_ms()));
         if !precondition.holds(current.as_ref()) {
             return Err(Error::PreconditionFailed {
                 current: current.map(|e| e.version),
             });
         }
-        if value.is_none() && current.is_none() {
+        if write.value.is_none() && current.is_none() {
             return Ok(None);
         }
-        self.write(key, value, version, w, request_id)
-            .await
-            .map(Some)
+        self.write(key, write, w, request_id).await.map(Some)
     }
 }

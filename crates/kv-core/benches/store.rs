@@ -73,6 +73,7 @@ async fn durable_rate(writers: usize) -> Result<(f64, f64), Box<dyn std::error::
                     key: format!("w{w}/{i}"),
                     version: store.clock().tick(),
                     value: Some(Bytes::from_static(&[1; VALUE_LEN])),
+                    expires_at_ms: None,
                 };
                 store.apply(vec![r]).await?;
                 i += 1;
@@ -129,6 +130,7 @@ fn memory_ops() {
             key: k.clone(),
             version: Version { hlc: 1, node: 1 },
             value: Some(value_for(i)),
+            expires_at_ms: None,
         });
     }
     // Spread the threads' keys apart so they touch different shards most of the time.
@@ -148,6 +150,7 @@ fn memory_ops() {
                 key: keys[spread(t, i)].clone(),
                 version,
                 value: Some(value.clone()),
+                expires_at_ms: None,
             });
         });
         out(&format!(
@@ -179,6 +182,7 @@ async fn million_keys() -> BenchResult {
             key: key(i),
             version: store.clock().tick(),
             value: Some(value_for(i)),
+            expires_at_ms: None,
         });
         store.apply(records.collect()).await?;
     }

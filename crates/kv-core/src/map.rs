@@ -20,6 +20,8 @@ pub struct Entry {
     pub version: Version,
     /// The value, or `None` when the key was deleted (a tombstone).
     pub value: Option<Bytes>,
+    /// When the value expires, in Unix milliseconds (`None`: never).
+    pub expires_at_ms: Option<u64>,
 }
 
 impl Entry {
@@ -27,32 +29,49 @@ impl Entry {
     pub fn is_tombstone(&self) -> bool {
         self.value.is_none()
     }
+
+    /// True when the entry holds a value that has not expired at `now_ms`.
+    pub fn is_live_at(&self, now_ms: u64) -> bool {
+        self.value.is_some() && self.expires_at_ms.is_none_or(|e| e > now_ms)
+    }
 }
 
 /// Bytes in a [`Slot`] before the key: hlc, node, flags, key length.
 const SLOT_HEADER: usize = 8 + 4 + 1 + 4;
 /// Flags bit of a tombstone.
 const SLOT_TOMBSTONE: u8 = 1;
+/// Flags bit of an entry with an expiry (8 bytes between the header and the key).
+const SLOT_EXPIRES: u8 = 2;
 
 /// One key's entry packed into a single heap allocation, to keep a million small keys compact
 /// (one 16-byte table slot plus one allocation per key, instead of three allocations):
 ///
 /// ```text
-/// [hlc u64 LE][node u32 LE][flags u8: bit 0 = tombstone][key len u32 LE][key][value]
+/// [hlc u64 LE][node u32 LE][flags u8: bit 0 = tombstone, bit 1 = expires][key len u32 LE]
+/// [expiry u64 LE, only when bit 1 is set][key][value]
 /// ```
 ///
 /// Hashes and compares as its key bytes, so the set can be searched with `&[u8]`.
 struct Slot(Box<[u8]>);
 
 impl Slot {
-    fn new(version: Version, key: &str, value: Option<&[u8]>) -> Slot {
+    fn new(version: Version, key: &str, value: Option<&[u8]>, expires_at_ms: Option<u64>) -> Slot {
         let value_len = value.map_or(0, <[u8]>::len);
-        let mut buf = Vec::with_capacity(SLOT_HEADER + key.len() + value_len);
+        let mut buf = Vec::with_capacity(SLOT_HEADER + 8 + key.len() + value_len);
         buf.extend_from_slice(&version.hlc.to_le_bytes());
         buf.extend_from_slice(&version.node.to_le_bytes());
-        buf.push(if value.is_none() { SLOT_TOMBSTONE } else { 0 });
+        let tombstone = if value.is_none() { SLOT_TOMBSTONE } else { 0 };
+        let expires = if expires_at_ms.is_some() {
+            SLOT_EXPIRES
+        } else {
+            0
+        };
+        buf.push(tombstone | expires);
         // ok to truncate: Record::validate caps keys at MAX_KEY_LEN.
         buf.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        if let Some(expiry) = expires_at_ms {
+            buf.extend_from_slice(&expiry.to_le_bytes());
+        }
         buf.extend_from_slice(key.as_bytes());
         buf.extend_from_slice(value.unwrap_or_default());
         Slot(buf.into_boxed_slice())
@@ -75,12 +94,24 @@ impl Slot {
         self.0[12] & SLOT_TOMBSTONE != 0
     }
 
+    fn expires_at_ms(&self) -> Option<u64> {
+        (self.0[12] & SLOT_EXPIRES != 0).then(|| u64::from_le_bytes(self.field(SLOT_HEADER)))
+    }
+
+    fn key_start(&self) -> usize {
+        if self.0[12] & SLOT_EXPIRES != 0 {
+            SLOT_HEADER + 8
+        } else {
+            SLOT_HEADER
+        }
+    }
+
     fn key_end(&self) -> usize {
-        SLOT_HEADER + u32::from_le_bytes(self.field(13)) as usize
+        self.key_start() + u32::from_le_bytes(self.field(13)) as usize
     }
 
     fn key_bytes(&self) -> &[u8] {
-        &self.0[SLOT_HEADER..self.key_end()]
+        &self.0[self.key_start()..self.key_end()]
     }
 
     fn key(&self) -> &str {
@@ -97,6 +128,7 @@ impl Slot {
         Entry {
             version: self.version(),
             value: self.value().map(Bytes::copy_from_slice),
+            expires_at_ms: self.expires_at_ms(),
         }
     }
 }
@@ -206,7 +238,12 @@ impl ShardedMap {
                 return false;
             }
         }
-        let slot = Slot::new(record.version, &record.key, record.value.as_deref());
+        let slot = Slot::new(
+            record.version,
+            &record.key,
+            record.value.as_deref(),
+            record.expires_at_ms,
+        );
         shard.count(&slot, true);
         if let Some(old) = shard.slots.replace(slot) {
             shard.count(&old, false);
@@ -240,34 +277,64 @@ impl ShardedMap {
         self.shards.len()
     }
 
-    /// For a checkpoint: drops the shard's tombstones written before `drop_tombstones_before_ms`,
-    /// then calls `encode(version, key, value)` for every remaining entry under the read lock.
-    /// Returns the number of tombstones dropped.
+    /// For a checkpoint: turns the shard's values that expired by `now_ms` into tombstones
+    /// (keeping version and expiry, so a stale replica cannot bring an older value back), drops
+    /// tombstones whose grace ended (written, or expired, before `drop_tombstones_before_ms`),
+    /// then calls `encode(version, key, value, expiry)` for every remaining entry under the read
+    /// lock. Returns the number of tombstones dropped.
     pub fn export_shard(
         &self,
         index: usize,
+        now_ms: u64,
         drop_tombstones_before_ms: u64,
-        mut encode: impl FnMut(Version, &[u8], Option<&[u8]>),
+        mut encode: impl FnMut(Version, &[u8], Option<&[u8]>, Option<u64>),
     ) -> u64 {
         let Some(lock) = self.shards.get(index) else {
             return 0;
         };
         let mut shard = lock.write();
+        expire_values(&mut shard, now_ms);
         let before = shard.tombstones;
         let Shard {
             slots, tombstones, ..
         } = &mut *shard;
         slots.retain(|s| {
-            let expired = s.is_tombstone() && s.version().physical_ms() < drop_tombstones_before_ms;
-            *tombstones = tombstones.saturating_sub(u64::from(expired));
-            !expired
+            let since = s
+                .version()
+                .physical_ms()
+                .max(s.expires_at_ms().unwrap_or(0));
+            let collect = s.is_tombstone() && since < drop_tombstones_before_ms;
+            *tombstones = tombstones.saturating_sub(u64::from(collect));
+            !collect
         });
         let dropped = before.saturating_sub(shard.tombstones);
         let shard = RwLockWriteGuard::downgrade(shard);
         for slot in shard.slots.iter() {
-            encode(slot.version(), slot.key_bytes(), slot.value());
+            encode(
+                slot.version(),
+                slot.key_bytes(),
+                slot.value(),
+                slot.expires_at_ms(),
+            );
         }
         dropped
+    }
+}
+
+/// Replaces every value of the shard that expired by `now_ms` with a tombstone of the same
+/// version and expiry.
+fn expire_values(shard: &mut Shard, now_ms: u64) {
+    let expired: Vec<Slot> = shard
+        .slots
+        .iter()
+        .filter(|s| !s.is_tombstone() && s.expires_at_ms().is_some_and(|e| e <= now_ms))
+        .map(|s| Slot::new(s.version(), s.key(), None, s.expires_at_ms()))
+        .collect();
+    for tombstone in expired {
+        shard.count(&tombstone, true);
+        if let Some(old) = shard.slots.replace(tombstone) {
+            shard.count(&old, false);
+        }
     }
 }
 
@@ -280,6 +347,7 @@ mod tests {
             key: key.into(),
             version: Version { hlc, node: 1 },
             value: value.map(Bytes::from_static),
+            expires_at_ms: None,
         }
     }
 
@@ -325,7 +393,9 @@ mod tests {
         let mut seen = Vec::new();
         let mut dropped = 0;
         for i in 0..map.shard_count() {
-            dropped += map.export_shard(i, 500, |_, k, v| seen.push((k.to_vec(), v.is_some())));
+            dropped += map.export_shard(i, 2000, 500, |_, k: &[u8], v: Option<&[u8]>, _| {
+                seen.push((k.to_vec(), v.is_some()))
+            });
         }
         seen.sort();
         assert_eq!(dropped, 1);
@@ -355,5 +425,33 @@ mod tests {
             tombstones += u32::from(e.is_tombstone());
         });
         assert_eq!((n, tombstones), (1000, 500));
+    }
+
+    #[test]
+    fn expired_values_become_tombstones_then_are_collected_after_their_grace() {
+        let map = ShardedMap::default();
+        let mut ttl = rec("ttl", 10 << 16, Some(b"v"));
+        ttl.expires_at_ms = Some(100);
+        map.apply(&ttl);
+        let entry = map.get("ttl").unwrap();
+        assert_eq!(entry.expires_at_ms, Some(100));
+        assert!(entry.is_live_at(99) && !entry.is_live_at(100));
+        let export = |now, cutoff| {
+            let mut seen = Vec::new();
+            for i in 0..map.shard_count() {
+                map.export_shard(i, now, cutoff, |_, k: &[u8], v: Option<&[u8]>, e| {
+                    seen.push((k.to_vec(), v.is_some(), e))
+                });
+            }
+            seen
+        };
+        // Not expired yet: kept as a value.
+        assert_eq!(export(50, 0), vec![(b"ttl".to_vec(), true, Some(100))]);
+        // Expired: a tombstone that keeps version and expiry; its grace counts from the expiry.
+        assert_eq!(export(150, 90), vec![(b"ttl".to_vec(), false, Some(100))]);
+        assert!(map.get("ttl").unwrap().is_tombstone());
+        assert_eq!(map.counts().live, 0);
+        assert_eq!(export(150, 101), vec![]);
+        assert!(map.get("ttl").is_none());
     }
 }

@@ -13,6 +13,9 @@ pub const MAX_VALUE_LEN: usize = 16 * 1024 * 1024;
 const KIND_PUT: u8 = 0;
 /// Kind byte of a tombstone (a delete).
 const KIND_TOMBSTONE: u8 = 1;
+/// Kind bit: an 8-byte expiry follows the key length (2 = put with a TTL; 3 = tombstone of an
+/// expired put, which keeps its expiry so that its grace period counts from it).
+const KIND_EXPIRES: u8 = 2;
 /// Bytes before the key: kind, hlc, node, key length.
 const HEADER_LEN: usize = 1 + 8 + 4 + 4;
 
@@ -25,9 +28,32 @@ pub struct Record {
     pub version: Version,
     /// The value, or `None` for a tombstone.
     pub value: Option<Bytes>,
+    /// When the value expires, in Unix milliseconds (`None`: never). An expired value reads as
+    /// absent everywhere; a checkpoint turns it into a tombstone.
+    pub expires_at_ms: Option<u64>,
 }
 
 impl Record {
+    /// A put without expiry.
+    pub fn put(key: impl Into<String>, version: Version, value: Bytes) -> Record {
+        Record {
+            key: key.into(),
+            version,
+            value: Some(value),
+            expires_at_ms: None,
+        }
+    }
+
+    /// A tombstone (delete).
+    pub fn tombstone(key: impl Into<String>, version: Version) -> Record {
+        Record {
+            key: key.into(),
+            version,
+            value: None,
+            expires_at_ms: None,
+        }
+    }
+
     /// Checks the format limits, so a record that is accepted can always be written and read back.
     pub fn validate(&self) -> Result<(), Error> {
         if self.key.len() > MAX_KEY_LEN {
@@ -52,13 +78,14 @@ impl Record {
     ///
     /// ```text
     /// offset  size  field
-    ///      0     1  kind: 0 = put, 1 = tombstone (2 is reserved for a put with a TTL,
-    ///               which will carry an 8-byte expiry after the key length)
+    ///      0     1  kind: 0 = put, 1 = tombstone, 2 = put with an expiry,
+    ///               3 = tombstone of an expired put (bit 1: an expiry follows)
     ///      1     8  version.hlc
     ///      9     4  version.node
     ///     13     4  key length K (at most MAX_KEY_LEN)
-    ///     17     K  key, UTF-8
-    ///   17+K     *  put: the value, up to the end of the payload; tombstone: nothing
+    ///     17     8  kinds 2 and 3 only: expiry, Unix milliseconds (E = 8, else E = 0)
+    ///   17+E     K  key, UTF-8
+    /// 17+E+K     *  put: the value, up to the end of the payload; tombstone: nothing
     /// ```
     ///
     /// The value needs no length: the frame around the record knows the payload length.
@@ -68,16 +95,17 @@ impl Record {
             self.version,
             self.key.as_bytes(),
             self.value.as_deref(),
+            self.expires_at_ms,
         );
     }
 
     /// Decodes one record from exactly the bytes [`Record::encode`] produced.
     pub fn decode(buf: &[u8]) -> Result<Record, Error> {
-        let (kind, version, key, rest) = split_header(buf)?;
+        let (kind, version, expires_at_ms, key, rest) = split_header(buf)?;
         let key = std::str::from_utf8(key)
             .map_err(|e| invalid(format!("key is not UTF-8: {e}")))?
             .to_owned();
-        let value = match kind {
+        let value = match kind & !KIND_EXPIRES {
             KIND_PUT => Some(Bytes::copy_from_slice(rest)),
             KIND_TOMBSTONE if rest.is_empty() => None,
             KIND_TOMBSTONE => {
@@ -101,30 +129,47 @@ impl Record {
             key,
             version,
             value,
+            expires_at_ms,
         })
     }
 }
 
 /// Encodes a record from borrowed parts (lets the map write snapshots without copying).
-pub(crate) fn encode_parts(out: &mut Vec<u8>, version: Version, key: &[u8], value: Option<&[u8]>) {
-    out.reserve(HEADER_LEN + key.len() + value.map_or(0, <[u8]>::len));
-    out.push(if value.is_some() {
+pub(crate) fn encode_parts(
+    out: &mut Vec<u8>,
+    version: Version,
+    key: &[u8],
+    value: Option<&[u8]>,
+    expires_at_ms: Option<u64>,
+) {
+    out.reserve(HEADER_LEN + 8 + key.len() + value.map_or(0, <[u8]>::len));
+    let kind = if value.is_some() {
         KIND_PUT
     } else {
         KIND_TOMBSTONE
-    });
+    };
+    out.push(
+        kind | if expires_at_ms.is_some() {
+            KIND_EXPIRES
+        } else {
+            0
+        },
+    );
     out.extend_from_slice(&version.hlc.to_le_bytes());
     out.extend_from_slice(&version.node.to_le_bytes());
     // ok to truncate: validate() caps keys at MAX_KEY_LEN, far below u32::MAX.
     out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    if let Some(expiry) = expires_at_ms {
+        out.extend_from_slice(&expiry.to_le_bytes());
+    }
     out.extend_from_slice(key);
     if let Some(value) = value {
         out.extend_from_slice(value);
     }
 }
 
-/// An encoded record split into its parts: kind, version, key bytes, the rest.
-type Parts<'a> = (u8, Version, &'a [u8], &'a [u8]);
+/// An encoded record split into its parts: kind, version, expiry, key bytes, the rest.
+type Parts<'a> = (u8, Version, Option<u64>, &'a [u8], &'a [u8]);
 
 /// Splits an encoded record into its parts.
 fn split_header(buf: &[u8]) -> Result<Parts<'_>, Error> {
@@ -140,6 +185,14 @@ fn split_header(buf: &[u8]) -> Result<Parts<'_>, Error> {
         node: u32::from_le_bytes([n0, n1, n2, n3]),
     };
     let key_len = u32::from_le_bytes([k0, k1, k2, k3]) as usize;
+    let (expires_at_ms, body) = if kind & KIND_EXPIRES != 0 {
+        let (expiry, body) = body
+            .split_first_chunk::<8>()
+            .ok_or_else(|| invalid("record ends inside its expiry".to_owned()))?;
+        (Some(u64::from_le_bytes(*expiry)), body)
+    } else {
+        (None, body)
+    };
     if key_len > MAX_KEY_LEN {
         return Err(invalid(format!(
             "key length {key_len} is over the {MAX_KEY_LEN}-byte limit"
@@ -151,7 +204,7 @@ fn split_header(buf: &[u8]) -> Result<Parts<'_>, Error> {
         )));
     }
     let (key, rest) = body.split_at(key_len);
-    Ok((kind, version, key, rest))
+    Ok((kind, version, expires_at_ms, key, rest))
 }
 
 fn invalid(reason: String) -> Error {
@@ -178,6 +231,7 @@ mod tests {
                 node: 0x0304,
             },
             value: Some(Bytes::from_static(b"xyz")),
+            expires_at_ms: None,
         };
         let want: Vec<u8> = [
             &[0u8][..],
@@ -197,6 +251,7 @@ mod tests {
             key: "k".into(),
             version: Version::ZERO,
             value: Some(Bytes::new()),
+            expires_at_ms: None,
         };
         let del = Record {
             value: None,
@@ -212,12 +267,13 @@ mod tests {
             key: "k".into(),
             version: Version::ZERO,
             value: None,
+            expires_at_ms: None,
         };
         let mut bytes = encoded(&del);
         bytes.push(1);
         assert!(Record::decode(&bytes).is_err());
         bytes.pop();
-        bytes[0] = 2;
+        bytes[0] = 4;
         assert!(Record::decode(&bytes).is_err());
         bytes[0] = 1;
         bytes[17] = 0xff;
@@ -230,12 +286,14 @@ mod tests {
             key: "k".repeat(MAX_KEY_LEN + 1),
             version: Version::ZERO,
             value: None,
+            expires_at_ms: None,
         };
         assert!(long.validate().is_err());
         let big = Record {
             key: "k".into(),
             version: Version::ZERO,
             value: Some(Bytes::from(vec![0; MAX_VALUE_LEN + 1])),
+            expires_at_ms: None,
         };
         assert!(big.validate().is_err());
     }
@@ -251,6 +309,7 @@ mod tests {
                 key,
                 version: Version { hlc, node },
                 value: value.map(Bytes::from),
+                expires_at_ms: None,
             })
     }
 

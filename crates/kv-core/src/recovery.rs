@@ -207,6 +207,7 @@ mod tests {
             key: key.into(),
             version: Version { hlc, node: 1 },
             value: Some(Bytes::from_static(b"v")),
+            expires_at_ms: None,
         }
     }
 

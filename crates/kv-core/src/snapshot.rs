@@ -125,12 +125,13 @@ fn write_tmp(
     for shard in 0..map.shard_count() {
         buf.clear();
         let mut framed = Ok(());
-        written.tombstones_dropped += map.export_shard(shard, cutoff_ms, |version, key, value| {
+        let export = |version, key: &[u8], value: Option<&[u8]>, expiry| {
             if framed.is_ok() {
-                framed = frame::append(&mut buf, |b| encode_parts(b, version, key, value));
+                framed = frame::append(&mut buf, |b| encode_parts(b, version, key, value, expiry));
             }
             written.records += 1;
-        });
+        };
+        written.tombstones_dropped += map.export_shard(shard, created_ms, cutoff_ms, export);
         framed?;
         result = result.and_then(|()| out.write_all(&buf));
     }
@@ -298,6 +299,7 @@ mod tests {
                     node: 3,
                 },
                 value,
+                expires_at_ms: None,
             });
         }
         map
@@ -336,6 +338,7 @@ mod tests {
                 key: k.into(),
                 version: e.version,
                 value: e.value.clone(),
+                expires_at_ms: None,
             })
         });
         want.sort_by(|a, b| a.key.cmp(&b.key));

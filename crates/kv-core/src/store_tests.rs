@@ -18,6 +18,7 @@ fn put(store: &Store, key: &str, value: &str) -> Record {
         key: key.into(),
         version: store.clock().tick(),
         value: Some(Bytes::from(value.to_owned())),
+        expires_at_ms: None,
     }
 }
 
@@ -26,6 +27,7 @@ fn del(store: &Store, key: &str) -> Record {
         key: key.into(),
         version: store.clock().tick(),
         value: None,
+        expires_at_ms: None,
     }
 }
 
@@ -107,6 +109,7 @@ async fn last_writer_wins_and_stale_writes_are_not_logged() {
             key: "r".into(),
             version: remote,
             value: None,
+            expires_at_ms: None,
         }])
         .await
         .unwrap();
@@ -248,6 +251,7 @@ async fn expired_tombstones_are_dropped_at_checkpoint() {
             node: 1,
         },
         value: None,
+        expires_at_ms: None,
     };
     store.apply(vec![old]).await.unwrap();
     assert_eq!(store.checkpoint().await.unwrap().tombstones_dropped, 1);
@@ -425,6 +429,7 @@ async fn run_model(ops: Vec<Op>) {
             key: format!("key{key}"),
             version,
             value: value.map(Bytes::from),
+            expires_at_ms: None,
         };
         let r = match op {
             Op::Put(k, v) => record(k, Some(v), store.clock().tick()),
