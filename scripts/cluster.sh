@@ -15,7 +15,8 @@ ROOT="${KV_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
 cd "$ROOT"
 RUN_DIR="$ROOT/run"
 CLUSTER_ENV="$RUN_DIR/cluster.env"
-BIN_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/release"
+# KV_BIN_DIR points at other binaries (the tests use their debug build with --no-build).
+BIN_DIR="${KV_BIN_DIR:-${CARGO_TARGET_DIR:-$ROOT/target}/release}"
 WAIT_SECS="${KV_WAIT_SECS:-30}"   # how long `up` waits for /health
 STOP_SECS="${KV_STOP_SECS:-10}"   # how long `down` waits after SIGTERM before SIGKILL
 

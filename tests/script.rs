@@ -1,0 +1,130 @@
+//! Black-box test of `scripts/cluster.sh`, the README's quick-start command: `up` on free ports,
+//! a round trip through the load balancer, `down`, and no process left behind.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use kv_tests::{bin_dir, send};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::Command;
+
+/// A base port with `count` free ports after it, and one more free port for the LB.
+fn free_port_run(count: u16) -> (u16, u16) {
+    for _ in 0..200 {
+        let base = 20_000 + (rand_u16() % 30_000);
+        let listeners: Vec<_> = (0..=count)
+            .filter_map(|i| TcpListener::bind(("127.0.0.1", base + i)).ok())
+            .collect();
+        if listeners.len() == usize::from(count) + 1 {
+            return (base, base + count);
+        }
+    }
+    panic!("no run of free ports found");
+}
+
+fn rand_u16() -> u16 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    (nanos ^ std::process::id()) as u16
+}
+
+fn script(root: &Path, args: &[&str]) -> std::process::Output {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cluster.sh");
+    Command::new("bash")
+        .arg(script)
+        .args(args)
+        .env("KV_ROOT", root)
+        .env("KV_BIN_DIR", bin_dir())
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap()
+}
+
+fn pids(root: &Path) -> Vec<u32> {
+    let run = root.join("run");
+    std::fs::read_dir(&run)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
+                .filter_map(|e| std::fs::read_to_string(e.path()).ok()?.trim().parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+#[test]
+fn cluster_sh_up_round_trip_down_leaves_nothing_behind() {
+    let root = tempfile::tempdir().unwrap();
+    let (base, lb) = free_port_run(3);
+    let up = script(
+        root.path(),
+        &[
+            "up",
+            "--no-build",
+            "--base-port",
+            &base.to_string(),
+            "--lb-port",
+            &lb.to_string(),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&up.stdout);
+    assert!(
+        up.status.success(),
+        "up failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("localhost:{lb}/v1/mykey")) || stdout.contains("/v1/mykey"),
+        "prints the curl examples:\n{stdout}"
+    );
+    let started = pids(root.path());
+    assert_eq!(started.len(), 4, "3 nodes and the LB");
+    assert!(started.iter().all(|p| alive(*p)));
+
+    let lb_url = format!("http://127.0.0.1:{lb}");
+    let put = send(
+        "POST",
+        &format!("{lb_url}/v1/mykey"),
+        Some(r#"{"value": "hello"}"#),
+    )
+    .unwrap();
+    assert_eq!(put.status, 200, "{}", put.text);
+    assert_eq!(
+        send("GET", &format!("{lb_url}/v1/mykey"), None)
+            .unwrap()
+            .json["value"],
+        "hello"
+    );
+    assert!(
+        root.path().join("data/node1").exists(),
+        "data in ./data/node1..3"
+    );
+
+    let status = script(root.path(), &["status"]);
+    assert!(status.status.success());
+    let down = script(root.path(), &["down"]);
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    kv_tests::wait_until(
+        std::time::Duration::from_secs(15),
+        "every process is gone",
+        || started.iter().all(|p| !alive(*p)),
+    );
+    assert!(
+        send("GET", &format!("{lb_url}/health"), None).is_err(),
+        "nothing listens any more"
+    );
+}
