@@ -12,6 +12,8 @@
 #   BENCH_SCENARIOS   comma-separated names or numbers (default: all), e.g. 1,2,3 or get-lb-one
 #   BENCH_DURATION    measured time per run (10s)     BENCH_WARMUP  unrecorded warm-up (2s)
 #   BENCH_CONNS       connections per run (32)        BENCH_KEYS    key space (10000)
+#   BENCH_ROUNDS      kv/limit pairs per scenario (1); the table shows the medians, which
+#                     steadies the numbers on a machine shared with other work
 #   BENCH_OUT         folder for JSON results and logs (default: a new temp folder, kept)
 #   BENCH_NO_BUILD=1  use the binaries already in $CARGO_TARGET_DIR/release (or target/release)
 #
@@ -34,6 +36,7 @@ DURATION="${BENCH_DURATION:-10s}"
 WARMUP="${BENCH_WARMUP:-2s}"
 CONNS="${BENCH_CONNS:-32}"
 KEYS="${BENCH_KEYS:-10000}"
+ROUNDS="${BENCH_ROUNDS:-1}"
 SELECTED="${BENCH_SCENARIOS:-all}"
 OUT="${BENCH_OUT:-$(mktemp -d -t kv-bench.XXXXXX)}"
 HEALTH_WAIT_SECS=30   # how long a process may take to answer /health
@@ -176,26 +179,29 @@ preload() {
     "$BIN_DIR/kv-bench" run --url "$2" --conns "$CONNS" --keys "$KEYS" --mix write=1 --w "$3" \
         --preload --requests 1 --warmup 0s --quiet >/dev/null 2>"$OUT/logs/preload-$1.log" ||
         die "preload of $1 failed (log: $OUT/logs/preload-$1.log)"
-    grep -q " 0 failed" "$OUT/logs/preload-$1.log" || info "preload of $1: $(cat "$OUT/logs/preload-$1.log")"
+    grep -q "(0 failed)" "$OUT/logs/preload-$1.log" || info "preload of $1: $(tail -n 1 "$OUT/logs/preload-$1.log")"
     touch "$marker"
 }
 
-# scenario NAME: runs one scenario against kv, then the same load against the limit server.
+# scenario NAME: runs one scenario against kv, then the same load against the limit server,
+# BENCH_ROUNDS times.
 scenario() {
-    local args=()
+    local args=() round
     case "$1" in
         get-lb-quorum) ensure_cluster; preload lb "$LB_URL" quorum; url="$LB_URL"; args=(--mix read=100 --r quorum) ;;
         get-lb-one) ensure_cluster; preload lb "$LB_URL" quorum; url="$LB_URL"; args=(--mix read=100 --r one) ;;
         get-owner-one) ensure_cluster; preload lb "$LB_URL" quorum; url="$NODE1_URL"; args=(--mix read=100 --r one) ;;
         post-lb-quorum) ensure_cluster; url="$LB_URL"; args=(--mix write=100 --w quorum) ;;
         post-lb-one) ensure_cluster; url="$LB_URL"; args=(--mix write=100 --w one) ;;
-        mix-lb-zipf) ensure_cluster; preload lb "$LB_URL" quorum; url="$LB_URL"; args=(--mix read=95,write=5 --dist zipf:0.99) ;;
+        mix-lb-zipf) ensure_cluster; preload lb "$LB_URL" quorum; url="$LB_URL"; args=(--mix "read=95,write=5" --dist zipf:0.99) ;;
         single-get) ensure_single; preload single "$SINGLE_URL" one; url="$SINGLE_URL"; args=(--mix read=100) ;;
         single-post) ensure_single; url="$SINGLE_URL"; args=(--mix write=100) ;;
         *) die "unknown scenario $1 (known: ${ALL_SCENARIOS[*]})" ;;
     esac
-    bench "$1" "$url" "${args[@]}"
-    bench "$1.limit" "$LIMIT_URL" "${args[@]}"
+    for ((round = 1; round <= ROUNDS; round++)); do
+        bench "$1.r$round" "$url" "${args[@]}"
+        bench "$1.limit.r$round" "$LIMIT_URL" "${args[@]}"
+    done
     RAN+=("$1")
 }
 
@@ -216,41 +222,48 @@ selected_scenarios() {
 # Prints the comparison table from the JSON results of the scenarios that ran.
 print_table() {
     python3 - "$OUT" "$@" <<'EOF'
-import json, os, sys
+import json, os, statistics, sys
 
 out, names = sys.argv[1], sys.argv[2:]
 # Project targets: minimum kv/limit throughput ratio and, where set, a p99 bound in ms.
 targets = {"get-lb-quorum": (0.30, 5.0), "get-lb-one": (0.45, None),
            "get-owner-one": (0.70, None), "post-lb-quorum": (0.20, None)}
 
-def load(label):
-    path = os.path.join(out, label + ".json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        report = json.load(f)
-    return next(op for op in report["ops"] if op["op"] == "all")
+def rounds(label):
+    """The `all` row of every round's JSON results for `label`, in round order."""
+    found, n = [], 1
+    while os.path.exists(path := os.path.join(out, f"{label}.r{n}.json")):
+        with open(path) as f:
+            found.append(next(op for op in json.load(f)["ops"] if op["op"] == "all"))
+        n += 1
+    return found
 
 def ms(us):
     return f"{us / 1000:.2f}"
 
-head = f"{'scenario':<15}{'kv ops/s':>10}{'limit ops/s':>12}{'kv/limit':>9}{'kv p50':>8}{'kv p99':>8}{'lim p50':>8}{'lim p99':>8}{'kv errors':>10}  target"
+head = (f"{'scenario':<15}{'kv ops/s':>10}{'limit ops/s':>12}{'kv/limit':>9}{'kv p50':>8}{'kv p99':>8}"
+        f"{'lim p50':>8}{'lim p99':>8}{'kv errors':>10}  target")
 print(head)
 print("-" * len(head))
 for name in names:
-    kv, limit = load(name), load(name + ".limit")
-    if kv is None or limit is None:
+    kv, limit = rounds(name), rounds(name + ".limit")
+    if not kv or len(kv) != len(limit):
         print(f"{name:<15}  (no results)")
         continue
-    ratio = kv["throughput"] / limit["throughput"] if limit["throughput"] else 0.0
+    med = lambda rows, f: statistics.median(f(r) for r in rows)
+    ratio = statistics.median(k["throughput"] / l["throughput"] if l["throughput"] else 0.0
+                              for k, l in zip(kv, limit))
+    p50, p99 = med(kv, lambda r: r["latency_us"]["p50"]), med(kv, lambda r: r["latency_us"]["p99"])
     verdict = ""
     if name in targets:
         want, p99_ms = targets[name]
-        ok = ratio >= want and (p99_ms is None or kv["latency_us"]["p99"] / 1000 < p99_ms)
+        ok = ratio >= want and (p99_ms is None or p99 / 1000 < p99_ms)
         verdict = f">={want:.0%}" + (f", p99<{p99_ms:g}ms" if p99_ms else "") + (": met" if ok else ": MISSED")
-    print(f"{name:<15}{kv['throughput']:>10.0f}{limit['throughput']:>12.0f}{ratio:>9.0%}"
-          f"{ms(kv['latency_us']['p50']):>8}{ms(kv['latency_us']['p99']):>8}"
-          f"{ms(limit['latency_us']['p50']):>8}{ms(limit['latency_us']['p99']):>8}{kv['errors']:>10}  {verdict}")
+    print(f"{name:<15}{med(kv, lambda r: r['throughput']):>10.0f}{med(limit, lambda r: r['throughput']):>12.0f}"
+          f"{ratio:>9.0%}{ms(p50):>8}{ms(p99):>8}{ms(med(limit, lambda r: r['latency_us']['p50'])):>8}"
+          f"{ms(med(limit, lambda r: r['latency_us']['p99'])):>8}{sum(r['errors'] for r in kv):>10}  {verdict}")
+if any(len(rounds(n)) > 1 for n in names):
+    print("medians over rounds; kv/limit is the median of the per-round ratios; errors are summed")
 print("latencies in ms; ops/s = successful requests per second")
 EOF
 }
@@ -266,7 +279,8 @@ main() {
     ensure_limit
     RAN=()
     for name in $(selected_scenarios); do scenario "$name"; done
-    echo "kv-bench: $CONNS conns, $DURATION measured after $WARMUP warm-up, $KEYS keys; $(nproc) cores"
+    echo "kv-bench: $CONNS conns, $DURATION measured after $WARMUP warm-up, $KEYS keys," \
+        "$ROUNDS round(s); $(nproc) cores"
     print_table "${RAN[@]}"
     info "JSON results, per-run tables (runs.txt) and logs in $OUT"
 }

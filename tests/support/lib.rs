@@ -3,6 +3,10 @@
 //!
 //! Every wait polls with a deadline; nothing sleeps for a fixed time hoping a thing happened.
 
+pub mod faults;
+pub mod history;
+pub mod proxy;
+
 use serde_json::Value;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -126,6 +130,51 @@ pub struct Node {
 }
 
 impl Node {
+    /// A node that is not started yet: `env` is its whole environment (nothing is inherited).
+    pub fn new(
+        name: &str,
+        url: &str,
+        data_dir: PathBuf,
+        log: PathBuf,
+        env: Vec<(String, String)>,
+    ) -> Node {
+        Node {
+            name: name.to_owned(),
+            url: url.to_owned(),
+            data_dir,
+            log,
+            env,
+            child: None,
+        }
+    }
+
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sets (or replaces) one environment variable for the next start.
+    pub fn set_env(&mut self, name: &str, value: &str) {
+        self.env.retain(|(k, _)| k != name);
+        self.env.push((name.to_owned(), value.to_owned()));
+    }
+
+    /// Waits (bounded) for the process to exit by itself; `None` if it still runs after `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts the process (appending to its log) without waiting for it.
     pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "{} is already running", self.name);

@@ -9,12 +9,13 @@ use axum::http::{Method, Uri};
 use axum::middleware::{from_fn, from_fn_with_state};
 use axum::routing::{any, get, post};
 use axum::Router;
-use kv_ring::Ring;
+use parking_lot::RwLock;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::config::LbConfig;
 use crate::error::ApiError;
-use crate::health::{health_route, HealthTable};
+use crate::health::health_route;
+use crate::routing::Routing;
 use crate::metrics::metrics_route;
 use crate::status::{status_route, Counters};
 use crate::upstream::Upstream;
@@ -29,12 +30,12 @@ pub type SharedState = Arc<LbState>;
 /// Everything a request needs: the ring, node health, the client to the nodes and settings.
 #[derive(Debug)]
 pub struct LbState {
-    /// The ring, built from `DATABASE_NODES` with `VNODES`; indices match `health`.
-    pub ring: Ring,
-    /// N: how many replicas of a key are candidates.
-    pub replication_factor: usize,
-    /// What the load balancer believes about each node.
-    pub health: Arc<HealthTable>,
+    /// The ring and node health requests are routed by (see `routing.rs`).
+    routing: RwLock<Arc<Routing>>,
+    /// Virtual nodes per node (`VNODES`).
+    pub vnodes: usize,
+    /// `REPLICATION_FACTOR` as configured (capped per picture at its node count).
+    pub configured_replication_factor: usize,
     /// Pooled client to the nodes.
     pub upstream: Upstream,
     /// Counts shown by `GET /`.
@@ -57,12 +58,11 @@ pub struct LbState {
 impl LbState {
     /// Builds the state from a checked configuration.
     pub fn new(config: &LbConfig, metrics: PrometheusHandle) -> SharedState {
-        let ring = Ring::new(&config.nodes, config.vnodes);
-        let health = Arc::new(HealthTable::new(ring.nodes()));
+        let routing = Routing::new(0, &config.nodes, config.vnodes, config.replication_factor, None);
         Arc::new(LbState {
-            replication_factor: config.replication_factor.min(ring.len()),
-            ring,
-            health,
+            routing: RwLock::new(Arc::new(routing)),
+            vnodes: config.vnodes,
+            configured_replication_factor: config.replication_factor,
             upstream: Upstream::new(),
             counters: Counters::default(),
             auth_token: config.auth_token.clone(),
@@ -75,10 +75,20 @@ impl LbState {
         })
     }
 
-    /// Every node, starting one further round the ring at each call: the order for requests
-    /// that have no key (`/batch`, `/v1`), which any node can serve.
-    pub fn round_robin(&self) -> Vec<usize> {
-        let count = self.ring.len();
+    /// The current picture of the cluster; stable for as long as the caller holds it.
+    pub fn routing(&self) -> Arc<Routing> {
+        self.routing.read().clone()
+    }
+
+    /// Swaps in a new picture of the cluster.
+    pub fn set_routing(&self, routing: Routing) {
+        *self.routing.write() = Arc::new(routing);
+    }
+
+    /// Every node of `routing`, starting one further round the ring at each call: the order for
+    /// requests that have no key (`/batch`, `/v1`), which any node can serve.
+    pub fn round_robin(&self, routing: &Routing) -> Vec<usize> {
+        let count = routing.ring.len();
         if count == 0 {
             return Vec::new();
         }

@@ -64,6 +64,17 @@ impl HealthTable {
         HealthTable { nodes }
     }
 
+    /// Takes over the health of the nodes `previous` also knows (a new picture of the cluster
+    /// should not forget that a node is down).
+    pub fn copy_from(&self, previous: &HealthTable) {
+        for node in &self.nodes {
+            if let Some(old) = previous.nodes.iter().find(|o| o.url == node.url) {
+                node.healthy.store(old.healthy.load(Ordering::Relaxed), Ordering::Relaxed);
+                node.latency_us.store(old.latency_us.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Number of nodes.
     pub fn len(&self) -> usize {
         self.nodes.len()
@@ -176,7 +187,7 @@ async fn check_once(table: &HealthTable, upstream: &Upstream, index: usize, time
 /// `GET /health`: 200 `ok` when every node is healthy, 200 `degraded` when some are, 503
 /// `down` when none is.
 pub async fn health_route(State(state): State<SharedState>) -> Response {
-    let nodes = state.health.report();
+    let nodes = state.routing().health.report();
     let healthy = nodes.iter().filter(|node| node.healthy).count();
     let (status, word) = match healthy {
         0 => (StatusCode::SERVICE_UNAVAILABLE, "down"),

@@ -17,6 +17,7 @@ mod health;
 mod metrics;
 mod proxy;
 mod request_context;
+mod routing;
 mod stamp;
 mod status;
 mod upstream;
@@ -102,12 +103,11 @@ fn init_tracing(config: &LbConfig) {
 async fn run(config: LbConfig) -> Result<(), String> {
     let handle = metrics::install().map_err(|e| format!("cannot set up metrics: {e}"))?;
     let state = app::LbState::new(&config, handle.clone());
-    let _checkers = health::spawn_checkers(
-        state.health.clone(),
-        state.upstream.clone(),
+    tokio::spawn(routing::follow_membership(
+        state.clone(),
         config.health_check_interval,
         config.health_check_timeout,
-    );
+    ));
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval(metrics::UPKEEP_INTERVAL);
         loop {
@@ -120,9 +120,9 @@ async fn run(config: LbConfig) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     info!(
         listen = %config.listen,
-        nodes = ?state.ring.nodes(),
-        replication_factor = state.replication_factor,
-        vnodes = state.ring.vnodes(),
+        nodes = ?state.routing().ring.nodes(),
+        replication_factor = state.routing().replication_factor,
+        vnodes = state.vnodes,
         auth = config.auth_token.is_some(),
         "kv-lb listening"
     );

@@ -24,6 +24,7 @@ use tracing::{debug, warn};
 use crate::app::{LbState, SharedState};
 use crate::error::ApiError;
 use crate::metrics;
+use crate::routing::Routing;
 use crate::stamp::VERSION_HEADER;
 use crate::upstream::{into_client_response, strip_hop_by_hop, BufferedRequest, Outcome};
 
@@ -38,9 +39,10 @@ pub async fn key_owner(
             "the key is not valid UTF-8 once percent-decoded: {e}"
         ))
     })?;
-    let preference = state.ring.preference_list(&key, state.replication_factor);
+    let routing = state.routing();
+    let preference = routing.ring.preference_list(&key, routing.replication_factor);
     debug!(%key, ?preference, "routing by key");
-    forward(&state, &preference, request, true).await
+    forward(&state, &routing, &preference, request, true).await
 }
 
 /// `/batch`, `/v1` (listing): to any healthy node, round-robin.
@@ -48,8 +50,9 @@ pub async fn any_node(
     State(state): State<SharedState>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let preference = state.round_robin();
-    forward(&state, &preference, request, false).await
+    let routing = state.routing();
+    let preference = state.round_robin(&routing);
+    forward(&state, &routing, &preference, request, false).await
 }
 
 /// Sends the request to `preference` (healthy nodes first) until one answers or retrying is
@@ -57,6 +60,7 @@ pub async fn any_node(
 /// version of their own so that they may be retried too.
 async fn forward(
     state: &LbState,
+    routing: &Routing,
     preference: &[usize],
     request: Request,
     stamp_writes: bool,
@@ -65,10 +69,10 @@ async fn forward(
     let mut request = buffer(request, state.body_limit, state.request_timeout).await?;
     let retryable = is_read(&request.method) || (stamp_writes && stamp(state, &mut request));
     let deadline = Instant::now() + state.request_timeout;
-    let order = state.health.healthy_first(preference);
+    let order = routing.health.healthy_first(preference);
     let mut failures = Failures::default();
     for (position, &node) in order.iter().enumerate() {
-        let Some(url) = state.health.url(node) else {
+        let Some(url) = routing.health.url(node) else {
             continue;
         };
         let remaining = deadline.saturating_duration_since(Instant::now());
@@ -87,7 +91,7 @@ async fn forward(
             budget: attempt_budget(remaining, retryable, order.len() - position),
         };
         let outcome = state.upstream.send(url, &request, attempt.budget).await?;
-        match attempt.judge(state, outcome, &mut failures) {
+        match attempt.judge(state, routing, outcome, &mut failures) {
             Step::Answer(response) => {
                 if let Some(etag) = response.headers().get(header::ETAG) {
                     state.stamper.observe(etag);
@@ -126,7 +130,7 @@ enum Step {
 
 impl Attempt<'_> {
     /// Applies the retry rules of this module's doc to one outcome.
-    fn judge(&self, state: &LbState, outcome: Outcome, failures: &mut Failures) -> Step {
+    fn judge(&self, state: &LbState, routing: &Routing, outcome: Outcome, failures: &mut Failures) -> Step {
         let url = self.url;
         match outcome {
             Outcome::Answered(response)
@@ -140,7 +144,7 @@ impl Attempt<'_> {
             Outcome::Answered(response) => Step::Answer(response),
             Outcome::ConnectFailed(reason) => {
                 metrics::upstream_error(url, "connect");
-                state.health.mark_down(self.node, &reason);
+                routing.health.mark_down(self.node, &reason);
                 failures.note(url, reason);
                 Step::TryNext
             }

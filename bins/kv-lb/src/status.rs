@@ -48,14 +48,16 @@ impl Counters {
 
 /// `GET /`: status JSON.
 pub async fn status_route(State(state): State<SharedState>) -> Json<Value> {
+    let routing = state.routing();
     Json(json!({
         "name": "kv-lb",
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_secs": state.started.elapsed().as_secs(),
-        "replication_factor": state.replication_factor,
-        "vnodes": state.ring.vnodes(),
-        "healthy_nodes": state.health.healthy_count(),
-        "nodes": state.health.report(),
+        "replication_factor": routing.replication_factor,
+        "vnodes": routing.ring.vnodes(),
+        "membership_epoch": routing.epoch,
+        "healthy_nodes": routing.health.healthy_count(),
+        "nodes": routing.health.report(),
         "counters": state.counters.to_json(),
     }))
 }

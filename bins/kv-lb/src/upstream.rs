@@ -6,6 +6,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderName, Method, Request, Response, Uri};
 use bytes::Bytes;
+use http_body_util::Limited;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -59,6 +60,9 @@ pub enum Outcome {
     /// The connection failed after the request may have been sent.
     Failed(String),
 }
+
+/// Largest status document read from a node.
+const MAX_STATUS_BYTES: usize = 1 << 20;
 
 /// The pooled client to the nodes. Cheap to clone (the pool is shared).
 #[derive(Clone, Debug)]
@@ -115,6 +119,26 @@ impl Upstream {
         match drained {
             Ok(Ok(())) => Ok(status),
             Ok(Err(e)) => Err(e),
+            Err(_) => Err(format!("body not read within {deadline:?}")),
+        }
+    }
+
+    /// `GET {node_url}{path}`: the body of a 200 answer, read within `deadline`.
+    pub async fn get_json(&self, node_url: &str, path: &str, deadline: Duration) -> Result<Bytes, String> {
+        use http_body_util::BodyExt;
+        let uri = node_uri(node_url, path).map_err(|e| e.to_string())?;
+        let mut request = Request::new(Full::new(Bytes::new()));
+        *request.uri_mut() = uri;
+        let response = match self.attempt(request, deadline).await {
+            Outcome::Answered(response) if response.status() == 200 => response,
+            Outcome::Answered(response) => return Err(format!("{path} answered {}", response.status())),
+            Outcome::ConnectFailed(reason) | Outcome::Failed(reason) => return Err(reason),
+            Outcome::TimedOut => return Err(format!("no answer within {deadline:?}")),
+        };
+        let body = Limited::new(response.into_body(), MAX_STATUS_BYTES);
+        match tokio::time::timeout(deadline, body.collect()).await {
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+            Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("body not read within {deadline:?}")),
         }
     }

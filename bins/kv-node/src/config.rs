@@ -36,6 +36,7 @@ struct NodeEnv {
     peer_timeout_ms: Option<String>,
     request_timeout_ms: Option<String>,
     shutdown_grace_secs: Option<String>,
+    transfer_keys_per_sec: Option<String>,
     log_format: Option<String>,
 }
 
@@ -157,6 +158,11 @@ pub const HELP_VARIABLES: &[(&str, &str, &str)] = &[
         "10",
         "how long SIGTERM waits for requests in flight",
     ),
+    (
+        "TRANSFER_KEYS_PER_SEC",
+        "5000",
+        "keys a node streams per second during a membership change",
+    ),
     ("RUST_LOG", "info", "tracing filter"),
     ("LOG_FORMAT", "text", "text | json"),
 ];
@@ -219,6 +225,8 @@ pub struct NodeConfig {
     pub request_timeout: Duration,
     /// How long shutdown waits for requests in flight.
     pub shutdown_grace: Duration,
+    /// Keys a node streams per second to new replicas during a membership change.
+    pub transfer_keys_per_sec: u64,
     /// Log output format.
     pub log_format: LogFormat,
 }
@@ -446,6 +454,13 @@ impl NodeEnv {
                 "SHUTDOWN_GRACE_SECS",
                 self.shutdown_grace_secs.as_deref(),
                 10,
+            )?,
+            transfer_keys_per_sec: parse_num(
+                "TRANSFER_KEYS_PER_SEC",
+                self.transfer_keys_per_sec.as_deref(),
+                5000,
+                1,
+                10_000_000,
             )?,
             log_format,
         })

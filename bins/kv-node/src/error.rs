@@ -42,6 +42,9 @@ pub enum ApiError {
     /// The request did not finish within its deadline.
     #[error("the request did not finish within {0} ms")]
     Timeout(u64),
+    /// A failure inside this node that the client cannot fix; the details go to the log.
+    #[error("{0}")]
+    Internal(String),
     /// A cluster-level failure (quorum, forwarding, storage).
     #[error(transparent)]
     Cluster(#[from] kv_cluster::Error),
@@ -106,7 +109,9 @@ impl ApiError {
             ApiError::Cluster(C::Store(
                 kv_core::Error::WalFailed { .. } | kv_core::Error::Closed,
             )) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
-            ApiError::Cluster(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            ApiError::Internal(_) | ApiError::Cluster(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
         }
     }
 }

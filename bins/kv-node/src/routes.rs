@@ -1,9 +1,10 @@
 //! The node's router: which path goes to which handler, and the layers around them (request id
-//! and metrics on everything, the bearer token on `/v1`, the cluster secret on `/internal`).
+//! and metrics on everything, the bearer token on `/v1` and `/admin`, the cluster secret on
+//! `/internal`).
 
 use crate::config::NodeConfig;
 use crate::error::ApiError;
-use crate::{api, batch, internal, list, status, telemetry};
+use crate::{admin, api, batch, internal, list, members, status, telemetry};
 use axum::extract::{Request, State};
 use axum::http::HeaderMap;
 use axum::middleware::{self, Next};
@@ -28,6 +29,7 @@ struct Shared {
     cluster: Cluster,
     metrics: PrometheusHandle,
     started: Instant,
+    backup: tokio::sync::Mutex<()>,
 }
 
 impl AppState {
@@ -38,6 +40,7 @@ impl AppState {
             cluster,
             metrics,
             started: Instant::now(),
+            backup: tokio::sync::Mutex::new(()),
         };
         AppState {
             inner: Arc::new(shared),
@@ -63,6 +66,11 @@ impl AppState {
     pub fn started(&self) -> Instant {
         self.inner.started
     }
+
+    /// Held while a backup file is written, so that only one is written at a time.
+    pub fn backup_lock(&self) -> &tokio::sync::Mutex<()> {
+        &self.inner.backup
+    }
 }
 
 /// The request id a middleware put on the request (or an empty one if none ran).
@@ -81,11 +89,17 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/", any(list::list))
         .route("/v1/{*key}", any(api::data))
         .route("/batch", post(batch::batch))
+        .route("/admin/backup", get(admin::backup))
+        .route("/admin/checkpoint", post(admin::checkpoint))
+        .route("/admin/members", get(members::show).post(members::change))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     let internal = Router::new()
         .route("/internal/replicate", post(internal::replicate))
         .route("/internal/entry/{*key}", get(internal::entry))
         .route("/internal/keys", get(internal::keys))
+        .route("/internal/members", get(members::view).post(members::offer))
+        .route("/internal/transfer", get(members::transfer))
+        .route("/internal/estimate", post(members::estimate))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_secret,

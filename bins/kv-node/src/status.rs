@@ -37,6 +37,7 @@ pub async fn status(State(app): State<AppState>) -> Json<Value> {
         "read_consistency": r.to_string(),
         "vnodes": cluster.vnodes,
         "nodes": cluster.nodes,
+        "membership": app.cluster().topology().view,
         "peers": cluster.peers,
         "hints_pending": cluster.hints_pending,
         "hints_delivered": cluster.hints_delivered,
@@ -48,9 +49,12 @@ pub async fn status(State(app): State<AppState>) -> Json<Value> {
 /// `GET /health`: `200 {"status": "ok"}`; the node only listens once recovery has finished.
 /// A node whose WAL failed says so, but stays 200: it still serves reads.
 pub async fn health(State(app): State<AppState>) -> Json<Value> {
+    let (epoch, digest) = app.cluster().topology().view.rank();
     match app.cluster().store().write_refused() {
-        None => Json(json!({"status": "ok"})),
-        Some(reason) => Json(json!({"status": "degraded", "writes_refused": reason})),
+        None => Json(json!({"status": "ok", "epoch": epoch, "digest": digest})),
+        Some(reason) => Json(
+            json!({"status": "degraded", "writes_refused": reason, "epoch": epoch, "digest": digest}),
+        ),
     }
 }
 
@@ -76,6 +80,15 @@ pub async fn no_route(request: Request) -> ApiError {
 pub async fn wrong_method(request: Request) -> ApiError {
     ApiError::MethodNotAllowed {
         method: request.method().to_string(),
-        allow: "GET",
+        allow: allowed_methods(request.uri().path()),
+    }
+}
+
+/// The methods a fixed route takes (the `/v1` routes answer wrong methods themselves).
+fn allowed_methods(path: &str) -> &'static str {
+    match path {
+        "/batch" | "/admin/checkpoint" | "/internal/replicate" | "/internal/estimate" => "POST",
+        "/admin/members" | "/internal/members" => "GET, POST",
+        _ => "GET",
     }
 }

@@ -8,7 +8,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use kv_cluster::{Cluster, REQUEST_ID_HEADER};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use std::time::Instant;
+use std::time::{Duration, Instant, UNIX_EPOCH};
 use tracing::Instrument;
 use tracing_subscriber::EnvFilter;
 
@@ -39,18 +39,56 @@ pub fn init_tracing(format: LogFormat) {
     }
 }
 
+/// How often histogram samples are folded into their buckets. The exporter otherwise keeps
+/// every sample until the next scrape, which without a scraper is a slow leak.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Histogram buckets of WAL fsyncs in seconds: 25 µs to 1 s (fsyncs are fast, or a problem).
+const FSYNC_BUCKETS: &[f64] = &[
+    0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    1.0,
+];
+
+/// Histogram buckets of records per group commit.
+const BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0, 16384.0,
+];
+
 /// Installs the global Prometheus recorder, or (when one is installed already, as in tests) makes
 /// a detached one so that `/metrics` still renders.
 pub fn init_metrics() -> PrometheusHandle {
     let builder = || {
         PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("kv_wal_fsync_seconds".into()),
+                    FSYNC_BUCKETS,
+                )
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("kv_wal_batch_records".into()),
+                    BATCH_BUCKETS,
+                )
+            })
             .unwrap_or_else(|_| PrometheusBuilder::new())
     };
     match builder().install_recorder() {
         Ok(handle) => handle,
         Err(_) => builder().build_recorder().handle(),
     }
+}
+
+/// Folds histogram samples every [`UPKEEP_INTERVAL`] for the life of the runtime.
+pub fn spawn_upkeep(handle: PrometheusHandle) {
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(UPKEEP_INTERVAL);
+        loop {
+            ticks.tick().await;
+            handle.run_upkeep();
+        }
+    });
 }
 
 /// A request id: the caller's `X-Request-Id` when it sent a usable one, else 16 random hex digits.
@@ -111,6 +149,12 @@ pub fn record_store_gauges(cluster: &Cluster) {
     metrics::gauge!("kv_value_bytes").set(store.value_bytes as f64);
     metrics::gauge!("kv_wal_bytes").set(store.wal_bytes as f64);
     metrics::gauge!("kv_writes_refused").set(if store.failed.is_some() { 1.0 } else { 0.0 });
+    if let Some(at) = store
+        .last_snapshot
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+    {
+        metrics::gauge!("kv_snapshot_timestamp_seconds").set(at.as_secs_f64());
+    }
     let status = cluster.status();
     metrics::gauge!("kv_hints_pending").set(status.hints_pending as f64);
     for peer in status.peers {

@@ -20,12 +20,8 @@ impl Cluster {
                 _ = tick.tick() => {}
                 _ = stop.changed() => return,
             }
-            let checks = self
-                .inner
-                .detector
-                .peers()
-                .iter()
-                .map(|peer| self.check(peer));
+            let peers = self.inner.detector.peers();
+            let checks = peers.iter().map(|peer| self.check(peer));
             futures::future::join_all(checks).await;
         }
     }
@@ -34,9 +30,12 @@ impl Cluster {
         let inner = &self.inner;
         let result = inner.peers.health(peer, inner.config.health_timeout).await;
         let up = match result {
-            Ok(latency) => {
+            Ok((latency, rank)) => {
                 if inner.detector.record_success(peer, latency) {
                     info!(peer, "peer is up");
+                }
+                if rank.is_some_and(|r| r > self.topology().view.rank()) {
+                    self.pull_view(peer).await;
                 }
                 true
             }
@@ -62,6 +61,18 @@ impl Cluster {
                     cluster.inner.replaying.lock().remove(&peer);
                 });
             }
+        }
+    }
+
+    /// Fetches a peer's newer membership view and adopts it.
+    async fn pull_view(&self, peer: &str) {
+        match self.inner.peers.fetch_view(peer).await {
+            Ok(view) => {
+                if let Err(e) = self.adopt_view(view) {
+                    warn!(peer, error = %e, "cannot adopt the peer's membership view");
+                }
+            }
+            Err(e) => warn!(peer, error = %e, "cannot fetch the peer's membership view"),
         }
     }
 

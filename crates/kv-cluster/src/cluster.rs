@@ -7,7 +7,8 @@ use crate::error::{Error, Result};
 use crate::hints::HintStore;
 use crate::peer::{ForwardRequest, ForwardResponse, PeerClient};
 use kv_core::{Record, Store};
-use kv_ring::Ring;
+use crate::membership::{self, Topology, View};
+use parking_lot::RwLock;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,6 +44,10 @@ pub struct ClusterConfig {
     pub read_consistency: Consistency,
     /// Folder of the hint files.
     pub hints_dir: PathBuf,
+    /// The stored membership view (`DATA_DIR/members.json`).
+    pub members_file: PathBuf,
+    /// Keys a node streams to new replicas per second during a membership change.
+    pub transfer_keys_per_sec: u64,
     /// Source address of connections to peers (`None`: chosen by the OS).
     pub local_address: Option<std::net::IpAddr>,
 }
@@ -63,8 +68,10 @@ pub struct ClusterStatus {
     pub replication_factor: usize,
     /// Virtual nodes per node.
     pub vnodes: usize,
-    /// Every node on the ring.
+    /// Every member of the cluster.
     pub nodes: Vec<String>,
+    /// The membership view's epoch.
+    pub epoch: u64,
     /// Each peer's health and the hints waiting for it.
     pub peers: Vec<PeerView>,
     /// Hints waiting, over all peers.
@@ -97,9 +104,7 @@ pub struct Cluster {
 #[derive(Debug)]
 pub(crate) struct Inner {
     pub(crate) me: Arc<str>,
-    pub(crate) ring: Ring,
-    pub(crate) urls: Vec<Arc<str>>,
-    pub(crate) n: usize,
+    pub(crate) topology: RwLock<Arc<Topology>>,
     pub(crate) config: ClusterConfig,
     pub(crate) store: Store,
     pub(crate) peers: PeerClient,
@@ -109,7 +114,31 @@ pub(crate) struct Inner {
     pub(crate) read_repairs: AtomicU64,
     pub(crate) replaying: parking_lot::Mutex<std::collections::HashSet<Arc<str>>>,
     pub(crate) stop: watch::Sender<bool>,
+    pub(crate) transfer: parking_lot::Mutex<crate::rebalance::TransferState>,
     key_locks: Vec<tokio::sync::Mutex<()>>,
+}
+
+/// The view to start with: the stored one when there is one (a node restarted with a stale
+/// `CLUSTER_NODES` keeps the newer view it has, and says so), else one seeded from
+/// `CLUSTER_NODES` and stored.
+fn initial_view(config: &ClusterConfig) -> Result<View> {
+    let seed = View::seed(&config.nodes);
+    match membership::load(&config.members_file)? {
+        Some(stored) => {
+            if stored.members != seed.members {
+                warn!(
+                    epoch = stored.epoch,
+                    stored = ?stored.all(),
+                    "CLUSTER_NODES differs from the stored membership view; using the stored view"
+                );
+            }
+            Ok(stored)
+        }
+        None => {
+            membership::store(&config.members_file, &seed)?;
+            Ok(seed)
+        }
+    }
 }
 
 /// Stripes of the per-key lock that serialises conditional writes on their coordinator.
@@ -127,11 +156,10 @@ impl Cluster {
     /// Builds the cluster layer over `store` and starts the health-check and hint-replay loop.
     /// Must be called inside a tokio runtime.
     pub fn start(config: ClusterConfig, store: Store) -> Result<Cluster> {
-        let ring = Ring::new(&config.nodes, config.vnodes);
-        let urls: Vec<Arc<str>> = ring.nodes().iter().map(|u| Arc::from(u.as_str())).collect();
-        let n = config.replication_factor.clamp(1, ring.len().max(1));
-        let others = urls
-            .iter()
+        let view = initial_view(&config)?;
+        let topology = Topology::new(view, config.replication_factor, config.vnodes);
+        let others = topology
+            .members()
             .filter(|u| ***u != *config.me)
             .map(|u| u.to_string());
         let detector = FailureDetector::new(others);
@@ -148,11 +176,10 @@ impl Cluster {
         })?;
         let hints = HintStore::open(config.hints_dir.clone())?;
         let (stop, _) = watch::channel(false);
+        let transfer = crate::rebalance::TransferState::load(&config.members_file);
         let inner = Arc::new(Inner {
             me: Arc::from(config.me.as_str()),
-            ring,
-            urls,
-            n,
+            topology: RwLock::new(Arc::new(topology)),
             config,
             store,
             peers,
@@ -162,13 +189,44 @@ impl Cluster {
             read_repairs: AtomicU64::new(0),
             replaying: parking_lot::Mutex::new(Default::default()),
             stop,
+            transfer: parking_lot::Mutex::new(transfer),
             key_locks: (0..KEY_LOCK_STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
         });
         let cluster = Cluster { inner };
         tokio::spawn(cluster.clone().health_loop());
+        cluster.resume_membership_work();
         Ok(cluster)
+    }
+
+    /// The current topology (view and rings); cheap, and stable for the caller's use.
+    pub fn topology(&self) -> Arc<Topology> {
+        self.inner.topology.read().clone()
+    }
+
+    /// Adopts `view` if it is newer than the current one: stores it, rebuilds the rings and the
+    /// peer set, and starts this node's share of a change in progress. Returns whether it did.
+    pub fn adopt_view(&self, view: View) -> Result<bool> {
+        let inner = &self.inner;
+        {
+            let mut current = inner.topology.write();
+            if view.rank() <= current.view.rank() {
+                return Ok(false);
+            }
+            membership::store(&inner.config.members_file, &view)?;
+            info!(epoch = view.epoch, members = view.members.len(), in_transition = view.in_transition(), "adopted membership view");
+            let topology = Topology::new(view, inner.config.replication_factor, inner.config.vnodes);
+            inner.detector.set_peers(
+                topology
+                    .members()
+                    .filter(|u| **u != inner.me)
+                    .map(|u| u.to_string()),
+            );
+            *current = Arc::new(topology);
+        }
+        self.resume_membership_work();
+        Ok(true)
     }
 
     /// The local storage engine.
@@ -178,7 +236,7 @@ impl Cluster {
 
     /// N as applied: the configured replication factor capped at the number of nodes.
     pub fn replication_factor(&self) -> usize {
-        self.inner.n
+        self.topology().replication_factor()
     }
 
     /// The defaults for W and R.
@@ -187,14 +245,9 @@ impl Cluster {
         (c.write_consistency, c.read_consistency)
     }
 
-    /// The key's replicas, in preference-list order.
+    /// The key's replicas (its current owners), in preference-list order.
     pub fn replicas(&self, key: &str) -> Vec<Arc<str>> {
-        self.inner
-            .ring
-            .preference_list(key, self.inner.n)
-            .into_iter()
-            .filter_map(|i| self.inner.urls.get(i).cloned())
-            .collect()
+        self.topology().owners(key)
     }
 
     /// Decides whether this node coordinates `key` or forwards it (never a forwarded request).
@@ -204,11 +257,12 @@ impl Cluster {
         if already_forwarded {
             return Route::Local;
         }
-        let replicas = self.live_first(self.replicas(key));
+        let topology = self.topology();
+        let replicas = self.live_first(topology.owners(key));
         let local = if conditional {
             replicas.first() == Some(&self.inner.me)
         } else {
-            replicas.contains(&self.inner.me)
+            replicas.contains(&self.inner.me) || topology.pending(key).contains(&self.inner.me)
         };
         if local {
             Route::Local
@@ -285,10 +339,12 @@ impl Cluster {
                 health,
             })
             .collect();
+        let topology = self.topology();
         ClusterStatus {
-            replication_factor: inner.n,
-            vnodes: inner.ring.vnodes(),
-            nodes: inner.ring.nodes().to_vec(),
+            replication_factor: topology.replication_factor(),
+            vnodes: inner.config.vnodes,
+            nodes: topology.view.all().into_iter().map(str::to_owned).collect(),
+            epoch: topology.view.epoch,
             peers,
             hints_pending: inner.hints.pending(),
             hints_delivered: inner.hints.delivered(),
@@ -301,10 +357,8 @@ impl Cluster {
     /// hints; whatever is not delivered stays on disk for the next start.
     pub async fn shutdown(&self, budget: Duration) {
         let _ = self.inner.stop.send(true);
-        let deliveries = self
-            .inner
-            .detector
-            .peers()
+        let peers = self.inner.detector.peers();
+        let deliveries = peers
             .iter()
             .filter(|p| self.inner.detector.is_up(p) && self.inner.hints.pending_for(p) > 0)
             .map(|p| self.replay_hints(p));

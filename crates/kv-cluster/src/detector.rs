@@ -1,10 +1,11 @@
 //! Failure detector: what this node believes about each peer's health, fed by periodic health
 //! checks and by connection errors seen on real calls.
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 /// Consecutive failed health checks (timeouts, errors) after which a peer is marked down. A refused
@@ -51,33 +52,51 @@ struct Health {
 /// Health of every peer, shared by the request path (is it up?) and the check loop (record results).
 #[derive(Debug)]
 pub struct FailureDetector {
-    peers: HashMap<String, Health>,
-    order: Vec<String>,
+    peers: RwLock<HashMap<String, Arc<Health>>>,
+}
+
+fn fresh_health() -> Arc<Health> {
+    Arc::new(Health {
+        state: Mutex::new((PeerState::Unknown, Instant::now())),
+        failures: AtomicU32::new(0),
+        latency_us: AtomicU64::new(u64::MAX),
+        last_seen_unix_ms: AtomicU64::new(0),
+    })
 }
 
 impl FailureDetector {
     /// A detector for `peers` (this node excluded), all `Unknown` until checked.
     pub fn new(peers: impl IntoIterator<Item = String>) -> FailureDetector {
-        let order: Vec<String> = peers.into_iter().collect();
-        let now = Instant::now();
-        let peers = order
-            .iter()
-            .map(|url| {
-                let health = Health {
-                    state: Mutex::new((PeerState::Unknown, now)),
-                    failures: AtomicU32::new(0),
-                    latency_us: AtomicU64::new(u64::MAX),
-                    last_seen_unix_ms: AtomicU64::new(0),
-                };
-                (url.clone(), health)
-            })
-            .collect();
-        FailureDetector { peers, order }
+        let detector = FailureDetector {
+            peers: RwLock::new(HashMap::new()),
+        };
+        detector.set_peers(peers);
+        detector
     }
 
-    /// The peers, in the order given at construction.
-    pub fn peers(&self) -> &[String] {
-        &self.order
+    /// Follows a membership change: new peers start `Unknown`, departed ones are forgotten,
+    /// the others keep their state.
+    pub fn set_peers(&self, peers: impl IntoIterator<Item = String>) {
+        let mut map = self.peers.write();
+        let wanted: HashMap<String, Arc<Health>> = peers
+            .into_iter()
+            .map(|url| {
+                let health = map.get(&url).cloned().unwrap_or_else(fresh_health);
+                (url, health)
+            })
+            .collect();
+        *map = wanted;
+    }
+
+    /// The peers, sorted by URL.
+    pub fn peers(&self) -> Vec<String> {
+        let mut peers: Vec<String> = self.peers.read().keys().cloned().collect();
+        peers.sort();
+        peers
+    }
+
+    fn get(&self, peer: &str) -> Option<Arc<Health>> {
+        self.peers.read().get(peer).cloned()
     }
 
     /// False only for a peer believed down; unknown URLs (this node) count as up.
@@ -87,31 +106,29 @@ impl FailureDetector {
 
     /// The current belief about `peer`.
     pub fn state(&self, peer: &str) -> PeerState {
-        self.peers
-            .get(peer)
-            .map_or(PeerState::Up, |h| h.state.lock().0)
+        self.get(peer).map_or(PeerState::Up, |h| h.state.lock().0)
     }
 
     /// Records a successful check; returns true when the peer just came (back) up.
     pub fn record_success(&self, peer: &str, latency: Duration) -> bool {
-        let Some(health) = self.peers.get(peer) else {
+        let Some(health) = self.get(peer) else {
             return false;
         };
         health.failures.store(0, Ordering::Relaxed);
         let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         health.latency_us.store(micros, Ordering::Relaxed);
         health.last_seen_unix_ms.store(unix_ms(), Ordering::Relaxed);
-        self.transition(health, PeerState::Up)
+        self.transition(&health, PeerState::Up)
     }
 
     /// Records a failed check or call; `refused` marks the peer down at once.
     pub fn record_failure(&self, peer: &str, refused: bool) {
-        let Some(health) = self.peers.get(peer) else {
+        let Some(health) = self.get(peer) else {
             return;
         };
         let failures = health.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if refused || failures >= DOWN_AFTER_FAILURES {
-            self.transition(health, PeerState::Down);
+            self.transition(&health, PeerState::Down);
         }
     }
 
@@ -125,17 +142,17 @@ impl FailureDetector {
         to == PeerState::Up && came_up
     }
 
-    /// Every peer's health, in construction order.
+    /// Every peer's health, sorted by URL.
     pub fn snapshot(&self) -> Vec<PeerStatus> {
-        self.order
-            .iter()
-            .filter_map(|url| self.peers.get(url).map(|h| (url, h)))
+        self.peers()
+            .into_iter()
+            .filter_map(|url| self.get(&url).map(|h| (url, h)))
             .map(|(url, h)| {
                 let (state, since) = *h.state.lock();
                 let latency = h.latency_us.load(Ordering::Relaxed);
                 let seen = h.last_seen_unix_ms.load(Ordering::Relaxed);
                 PeerStatus {
-                    url: url.clone(),
+                    url,
                     state,
                     latency_ms: (latency != u64::MAX).then(|| latency as f64 / 1000.0),
                     consecutive_failures: h.failures.load(Ordering::Relaxed),
@@ -190,6 +207,17 @@ mod tests {
         let status = &fd.snapshot()[0];
         assert_eq!(status.state, PeerState::Up);
         assert_eq!(status.latency_ms, Some(2.0));
+    }
+
+    #[test]
+    fn peers_follow_membership_changes_and_keep_their_state() {
+        let fd = FailureDetector::new([PEER.to_owned()]);
+        fd.record_failure(PEER, true);
+        fd.set_peers([PEER.to_owned(), "http://127.0.0.1:3".to_owned()]);
+        assert!(!fd.is_up(PEER), "kept its state");
+        assert_eq!(fd.state("http://127.0.0.1:3"), PeerState::Unknown);
+        fd.set_peers(["http://127.0.0.1:3".to_owned()]);
+        assert_eq!(fd.peers(), vec!["http://127.0.0.1:3".to_owned()]);
     }
 
     #[test]

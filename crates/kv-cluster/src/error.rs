@@ -62,6 +62,20 @@ pub enum Error {
         /// The key's current version, `None` when it is absent or deleted.
         current: Option<kv_core::Version>,
     },
+    /// A membership plan that cannot be carried out.
+    #[error("{reason}")]
+    BadPlan {
+        /// Why.
+        reason: String,
+    },
+    /// The stored membership view could not be read or written.
+    #[error("membership file {path}: {reason}")]
+    MembersFile {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
     /// The local storage engine refused or failed.
     #[error(transparent)]
     Store(#[from] kv_core::Error),

@@ -4,6 +4,8 @@
 //! - [`cluster`]: the facade a node serves through: routing, forwarding, status, shutdown.
 //! - `quorum`: quorum writes and reads, read repair, deletes, conditional writes.
 //! - `listing`: cluster-wide key listing (scatter-gather, merged pages with a cursor).
+//! - [`membership`]: the membership view, its file, plans, and the rings during a change.
+//! - [`rebalance`]: carrying out a change: estimates, streaming keys, commit, cleanup.
 //! - `background`: the health-check loop and hint replay.
 //! - [`consistency`]: `w` / `r` levels and how many replicas each needs.
 //! - [`detector`]: the failure detector, what this node believes about each peer.
@@ -18,8 +20,10 @@ pub mod detector;
 pub mod error;
 pub mod hints;
 mod listing;
+pub mod membership;
 pub mod peer;
 mod quorum;
+pub mod rebalance;
 
 pub use cluster::{Cluster, ClusterConfig, ClusterStatus, PeerView, Route};
 pub use consistency::Consistency;
@@ -27,6 +31,8 @@ pub use detector::{PeerState, PeerStatus};
 pub use error::{Error, Result};
 pub use kv_ring::DEFAULT_VNODES;
 pub use listing::ListPage;
+pub use membership::{Member, MemberState, View};
+pub use rebalance::{PlanReport, TransferState};
 pub use peer::{
     ForwardRequest, ForwardResponse, FORWARDED_HEADER, REQUEST_ID_HEADER, SECRET_HEADER,
     VERSION_HEADER,

@@ -6,6 +6,7 @@ use crate::cluster::Cluster;
 use crate::error::{Error, Result};
 use kv_core::Record;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use tracing::debug;
 
 /// One page of a cluster-wide listing.
@@ -62,7 +63,8 @@ impl Cluster {
         request_id: &str,
     ) -> Result<ListPage> {
         let limit = limit.max(1);
-        let asks = self.inner.urls.iter().map(|node| async move {
+        let members: Vec<Arc<str>> = self.topology().members().cloned().collect();
+        let asks = members.iter().map(|node| async move {
             if *node == self.inner.me {
                 return Some(self.local_page(prefix, after, limit));
             }

@@ -23,6 +23,12 @@ pub const REPLICATE_PATH: &str = "/internal/replicate";
 pub const ENTRY_PATH: &str = "/internal/entry/";
 /// Path of the local key-page endpoint used by cluster-wide listings.
 pub const KEYS_PATH: &str = "/internal/keys";
+/// Path of the membership view: `GET` reads a node's, `POST` offers it a newer one.
+pub const MEMBERS_PATH: &str = "/internal/members";
+/// Path of a node's transfer state during a membership change.
+pub const TRANSFER_PATH: &str = "/internal/transfer";
+/// Path where a node estimates what a proposed view would move.
+pub const ESTIMATE_PATH: &str = "/internal/estimate";
 /// Largest record batch a peer accepts in one `/internal/replicate` call.
 pub const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 
@@ -238,8 +244,13 @@ impl PeerClient {
         decode_batch(&body).map_err(|e| CallError::failed(peer, e))
     }
 
-    /// Probes `GET /health` with its own deadline; returns the round-trip time when healthy.
-    pub async fn health(&self, peer: &str, timeout: Duration) -> Result<Duration, CallError> {
+    /// Probes `GET /health` with its own deadline; returns the round-trip time when healthy,
+    /// and the rank (epoch, digest) of the peer's membership view when it sent one.
+    pub async fn health(
+        &self,
+        peer: &str,
+        timeout: Duration,
+    ) -> Result<(Duration, Option<(u64, u32)>), CallError> {
         let started = Instant::now();
         let response = self
             .request(Method::GET, format!("{peer}/health"), "health-check")
@@ -247,14 +258,68 @@ impl PeerClient {
             .send()
             .await
             .map_err(|e| CallError::from_reqwest(peer, &e))?;
-        if response.status() == StatusCode::OK {
-            Ok(started.elapsed())
-        } else {
-            Err(CallError::failed(
+        if response.status() != StatusCode::OK {
+            return Err(CallError::failed(
                 peer,
                 format!("health answered {}", response.status()),
-            ))
+            ));
         }
+        let latency = started.elapsed();
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        let rank = body["epoch"]
+            .as_u64()
+            .zip(body["digest"].as_u64().and_then(|d| u32::try_from(d).ok()));
+        Ok((latency, rank))
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, peer: &str, path: &str) -> Result<T, CallError> {
+        let response = self
+            .request(Method::GET, format!("{peer}{path}"), "membership")
+            .send()
+            .await
+            .map_err(|e| CallError::from_reqwest(peer, &e))?;
+        if response.status() != StatusCode::OK {
+            return Err(CallError::failed(peer, format!("{path} answered {}", response.status())));
+        }
+        response.json().await.map_err(|e| CallError::failed(peer, e.to_string()))
+    }
+
+    async fn post_json<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        peer: &str,
+        path: &str,
+        body: &B,
+    ) -> Result<T, CallError> {
+        let response = self
+            .request(Method::POST, format!("{peer}{path}"), "membership")
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| CallError::from_reqwest(peer, &e))?;
+        if response.status() != StatusCode::OK {
+            return Err(CallError::failed(peer, format!("{path} answered {}", response.status())));
+        }
+        response.json().await.map_err(|e| CallError::failed(peer, e.to_string()))
+    }
+
+    /// The peer's membership view.
+    pub async fn fetch_view(&self, peer: &str) -> Result<crate::membership::View, CallError> {
+        self.get_json(peer, MEMBERS_PATH).await
+    }
+
+    /// Offers the peer a view; it adopts it if it is newer than its own.
+    pub async fn push_view(&self, peer: &str, view: &crate::membership::View) -> Result<(), CallError> {
+        self.post_json::<_, serde_json::Value>(peer, MEMBERS_PATH, view).await.map(|_| ())
+    }
+
+    /// The peer's part in the membership change in progress.
+    pub async fn transfer_state(&self, peer: &str) -> Result<crate::rebalance::TransferState, CallError> {
+        self.get_json(peer, TRANSFER_PATH).await
+    }
+
+    /// What `view` would move of the keys the peer is first owner of.
+    pub async fn estimate(&self, peer: &str, view: &crate::membership::View) -> Result<crate::rebalance::Estimate, CallError> {
+        self.post_json(peer, ESTIMATE_PATH, view).await
     }
 
     /// Passes a client request on to `peer`, marked as forwarded, and returns its answer unchanged.

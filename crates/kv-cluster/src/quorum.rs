@@ -96,7 +96,8 @@ impl Cluster {
         w: Consistency,
         request_id: &str,
     ) -> Result<()> {
-        let replicas = self.replicas(&record.key);
+        let topology = self.topology();
+        let replicas = topology.owners(&record.key);
         let needed = w.required(replicas.len());
         let is_up = |r: &Arc<str>| *r == self.inner.me || self.inner.detector.is_up(r);
         let try_down_ones = replicas.iter().filter(|r| is_up(r)).count() < needed;
@@ -123,6 +124,12 @@ impl Cluster {
             outstanding += 1;
         }
         drop(tx);
+        // During a membership change the key's future replicas get the write too; they do not
+        // count towards W (they own nothing yet), and a failure becomes a hint.
+        for future in topology.pending(&record.key) {
+            let (cluster, record, rid) = (self.clone(), record.clone(), rid.clone());
+            tokio::spawn(async move { cluster.send_to_replica(&future, &record, &rid).await });
+        }
         let mut acked = 0;
         let deadline = tokio::time::Instant::now() + self.inner.config.peer_timeout;
         while acked < needed && outstanding > 0 {
@@ -345,7 +352,7 @@ impl Cluster {
             Precondition::Always => None,
             _ => Some(self.inner.key_lock(key).lock().await),
         };
-        let n = self.inner.n;
+        let n = self.replication_factor();
         let r = Consistency::Count(r.required(n).max(Consistency::Quorum.required(n)));
         let newest = self.read(key, r, request_id).await?;
         if write.version.is_some() && newest.as_ref().map(|e| e.version) == write.version {

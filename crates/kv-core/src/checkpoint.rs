@@ -208,9 +208,23 @@ impl Checkpointer {
         }
     }
 
-    /// One checkpoint. `start_segment` is given at shutdown (writer stopped); otherwise the
-    /// writer rotates first, so every record in older segments is already in the map.
+    /// One checkpoint, counted in the metrics. `start_segment` is given at shutdown (writer
+    /// stopped); otherwise the writer rotates first, so every record in older segments is
+    /// already in the map.
     pub fn checkpoint(&self, start_segment: Option<u64>) -> Result<CheckpointStats, Error> {
+        let result = self.write_checkpoint(start_segment);
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        metrics::counter!("kv_checkpoints_total", "result" => outcome).increment(1);
+        if let Ok(stats) = &result {
+            metrics::histogram!("kv_checkpoint_duration_seconds")
+                .record(stats.duration.as_secs_f64());
+            metrics::gauge!("kv_snapshot_bytes").set(stats.bytes as f64);
+            metrics::gauge!("kv_snapshot_entries").set(stats.keys as f64);
+        }
+        result
+    }
+
+    fn write_checkpoint(&self, start_segment: Option<u64>) -> Result<CheckpointStats, Error> {
         let started = Instant::now();
         let start_segment = match start_segment {
             Some(s) => s,

@@ -54,6 +54,27 @@ pub enum Error {
         /// The lock file.
         path: PathBuf,
     },
+    /// A backup file failed its check (wrong magic, truncated, a checksum mismatch, ...);
+    /// nothing was changed.
+    #[error("{} is not a usable kv backup: {reason}", path.display())]
+    BadBackup {
+        /// The backup file.
+        path: PathBuf,
+        /// Which check failed, with the byte offset when there is one.
+        reason: String,
+    },
+    /// A restore found data in the target folder and was not told to replace it.
+    #[error(
+        "data directory {} is not empty (it holds {found}); restore refuses to replace it \
+         without --force",
+        path.display()
+    )]
+    DataDirNotEmpty {
+        /// The data folder.
+        path: PathBuf,
+        /// Some of the names found there.
+        found: String,
+    },
     /// The store has been shut down.
     #[error("the store is shut down")]
     Closed,
@@ -108,6 +129,14 @@ impl Error {
                 reason: reason.clone(),
             },
             Error::Locked { path } => Error::Locked { path: path.clone() },
+            Error::BadBackup { path, reason } => Error::BadBackup {
+                path: path.clone(),
+                reason: reason.clone(),
+            },
+            Error::DataDirNotEmpty { path, found } => Error::DataDirNotEmpty {
+                path: path.clone(),
+                found: found.clone(),
+            },
             Error::Closed => Error::Closed,
             Error::BadVersion(s) => Error::BadVersion(s.clone()),
             Error::BadSyncMode(s) => Error::BadSyncMode(s.clone()),

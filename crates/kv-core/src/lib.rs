@@ -9,6 +9,7 @@
 //! - [`map`]: the sharded in-memory map of newest entries (`Entry`).
 //! - `segment`, `wal`: WAL segment files and the writer thread (group commit).
 //! - `snapshot`, `checkpoint`: `snapshot.db` and the thread that writes it.
+//! - `backup`: backups in the snapshot format (`Store::backup_to`), their check and restore.
 //! - `recovery`: snapshot load plus WAL replay at start-up.
 //! - `lock`: the data folder's lock file.
 //! - `store`: the `Store` facade; `config`: `StoreConfig`, `SyncMode`; `error`: `Error`.
@@ -17,8 +18,19 @@
 //!
 //! `LOCK` (held while open), `wal-00000001.log`, `wal-00000002.log`, ... (WAL segments; only the
 //! newest is appended to), `snapshot.db` (the map at the last checkpoint, naming the first
-//! segment to replay after it) and, briefly, `snapshot.db.tmp`.
+//! segment to replay after it) and, briefly, `snapshot.db.tmp` and `backup-*.tmp` (a backup
+//! being written or streamed).
+//!
+//! # Metrics
+//!
+//! Recorded through the `metrics` facade (a no-op until the binary installs a recorder):
+//! `kv_wal_appends_total`, `kv_wal_records_total`, `kv_wal_bytes_written_total`,
+//! `kv_wal_fsync_seconds` (histogram), `kv_wal_batch_records` (histogram: records per group
+//! commit), `kv_checkpoints_total{result}`, `kv_checkpoint_duration_seconds` (histogram),
+//! `kv_snapshot_bytes`, `kv_snapshot_entries`, `kv_backups_total{result}`,
+//! `kv_backup_duration_seconds` (histogram), `kv_backup_bytes`.
 
+mod backup;
 mod checkpoint;
 mod config;
 mod error;
@@ -33,6 +45,7 @@ mod store;
 pub mod version;
 mod wal;
 
+pub use backup::{restore_backup, verify_backup, BackupInfo};
 pub use checkpoint::CheckpointStats;
 pub use config::{StoreConfig, SyncMode};
 pub use error::Error;

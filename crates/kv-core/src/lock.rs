@@ -9,7 +9,7 @@ use std::path::Path;
 use crate::Error;
 
 /// File name of the lock in the data folder.
-const FILE_NAME: &str = "LOCK";
+pub(crate) const FILE_NAME: &str = "LOCK";
 
 /// An exclusive advisory lock (`flock`) on `data_dir/LOCK`, released when dropped.
 #[derive(Debug)]

@@ -115,8 +115,8 @@ impl Slot {
     }
 
     fn key(&self) -> &str {
-        // ok: slots are only built from `&str` keys.
-        std::str::from_utf8(self.key_bytes()).expect("slot keys are built from &str")
+        let key = std::str::from_utf8(self.key_bytes());
+        key.expect("slot keys are built from &str") // ok: Slot::new takes a &str key
     }
 
     /// The value bytes; `None` for a tombstone.
@@ -249,6 +249,20 @@ impl ShardedMap {
             shard.count(&old, false);
         }
         true
+    }
+
+    /// Removes the keys' entries outright (no tombstone): for keys this node no longer owns
+    /// after a membership change. Returns how many were present.
+    pub fn forget(&self, keys: &[String]) -> usize {
+        let mut removed = 0;
+        for key in keys {
+            let mut shard = self.shard(key).write();
+            if let Some(old) = shard.slots.take(key.as_bytes()) {
+                shard.count(&old, false);
+                removed += 1;
+            }
+        }
+        removed
     }
 
     /// Totals over all shards (locks each shard briefly).

@@ -9,7 +9,7 @@ use tracing::{info, warn};
 
 use crate::frame::{self, FrameRead};
 use crate::map::ShardedMap;
-use crate::{segment, snapshot, Clock, Error, Record, Version};
+use crate::{backup, segment, snapshot, Clock, Error, Record, Version};
 
 /// What recovery found.
 #[derive(Debug)]
@@ -73,6 +73,7 @@ pub(crate) fn recover(dir: &Path, map: &ShardedMap, clock: &Clock) -> Result<Rec
 }
 
 fn remove_stale_tmp(dir: &Path) -> Result<(), Error> {
+    backup::remove_stale(dir)?;
     let tmp = dir.join(snapshot::TMP_FILE_NAME);
     if tmp.exists() {
         info!(path = %tmp.display(), "removing a snapshot left unfinished by a crash");

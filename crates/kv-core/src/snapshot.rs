@@ -19,7 +19,8 @@ pub const TMP_FILE_NAME: &str = "snapshot.db.tmp";
 const MAGIC: [u8; 8] = *b"KVSNAPSH";
 const FOOTER_MAGIC: [u8; 8] = *b"KVSNAPND";
 const FORMAT_VERSION: u32 = 1;
-const HEADER_LEN: usize = 32;
+/// Bytes of the header.
+pub(crate) const HEADER_LEN: usize = 32;
 const FOOTER_LEN: usize = 32;
 
 /// Layout of `snapshot.db` (integers little-endian):
@@ -51,6 +52,8 @@ pub struct Written {
     pub records: u64,
     pub bytes: u64,
     pub tombstones_dropped: u64,
+    /// The creation time in the header (unix ms).
+    pub created_ms: u64,
 }
 
 fn with_crc(mut fields: Vec<u8>) -> Vec<u8> {
@@ -59,7 +62,8 @@ fn with_crc(mut fields: Vec<u8>) -> Vec<u8> {
     fields
 }
 
-fn header_bytes(start_segment: u64, created_ms: u64) -> Vec<u8> {
+/// The header of a snapshot whose WAL replay starts at `start_segment`.
+pub(crate) fn header_bytes(start_segment: u64, created_ms: u64) -> Vec<u8> {
     with_crc(
         [
             &MAGIC[..],
@@ -92,7 +96,7 @@ pub fn write_atomic(
     cutoff_ms: u64,
 ) -> Result<Written, Error> {
     let tmp = dir.join(TMP_FILE_NAME);
-    let result = write_tmp(&tmp, map, clock, start_segment, cutoff_ms).and_then(|written| {
+    let result = write_file(&tmp, map, clock, start_segment, cutoff_ms).and_then(|written| {
         let target = dir.join(FILE_NAME);
         fs::rename(&tmp, &target).map_err(Error::io("rename into place", &target))?;
         segment::sync_dir(dir)?;
@@ -104,7 +108,10 @@ pub fn write_atomic(
     result
 }
 
-fn write_tmp(
+/// Writes the map to `tmp` in the snapshot format and fsyncs it (no rename): the body of
+/// [`write_atomic`], and of backups. Shards are exported one after the other, each under its own
+/// lock, so writes go on meanwhile and the file is not one point in time across shards.
+pub(crate) fn write_file(
     tmp: &Path,
     map: &ShardedMap,
     clock: &Clock,
@@ -119,6 +126,7 @@ fn write_tmp(
         records: 0,
         bytes: 0,
         tombstones_dropped: 0,
+        created_ms,
     };
     let mut buf = Vec::new();
     let mut result = out.write_all(&header_bytes(start, created_ms));

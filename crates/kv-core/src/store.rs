@@ -2,7 +2,7 @@
 //! threads, and offers get / apply / checkpoint / scan / status / shutdown to the node.
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -10,8 +10,9 @@ use std::time::{Instant, SystemTime};
 
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
-use tracing::info;
+use tracing::{info, warn};
 
+use crate::backup::{self, BackupInfo};
 use crate::checkpoint::{CheckpointSignal, Checkpointer};
 use crate::lock::DirLock;
 use crate::map::ShardedMap;
@@ -260,6 +261,47 @@ impl Store {
             .request_now()
             .await
             .map_err(|_| Error::Closed)?
+    }
+
+    /// Blocking (run it on a blocking thread): writes a backup of the live map to `path` in the
+    /// snapshot format, fsynced, while writes go on. The file holds every write acknowledged
+    /// before this call (see [`BackupInfo`] for exactly what it holds); the map, the WAL and
+    /// `snapshot.db` are not changed. A failed backup leaves no file.
+    pub fn backup_to(&self, path: &Path) -> Result<BackupInfo, Error> {
+        self.check_open()?;
+        let result = backup::write(path, &self.inner.map, &self.inner.clock);
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        metrics::counter!("kv_backups_total", "result" => outcome).increment(1);
+        match &result {
+            Ok(info) => {
+                metrics::histogram!("kv_backup_duration_seconds")
+                    .record(info.duration.as_secs_f64());
+                metrics::gauge!("kv_backup_bytes").set(info.bytes as f64);
+                info!(
+                    path = %path.display(),
+                    entries = info.entries,
+                    bytes = info.bytes,
+                    duration_ms = u64::try_from(info.duration.as_millis()).unwrap_or(u64::MAX),
+                    "backup written"
+                );
+            }
+            Err(e) => warn!(path = %path.display(), error = %e, "backup failed"),
+        }
+        result
+    }
+
+    /// A fresh path for a temporary backup file inside the data folder (same file system, so
+    /// space is where the operator expects it). A crash leaves it behind only until the next
+    /// start, which removes it.
+    pub fn backup_temp_path(&self) -> PathBuf {
+        backup::temp_path(&self.inner.data_dir)
+    }
+
+    /// Removes keys from the map without tombstones (keys this node stopped owning after a
+    /// membership change). Not logged: the caller checkpoints afterwards, and until then a
+    /// restart brings the keys back, which is harmless. Returns how many were present.
+    pub fn forget(&self, keys: &[String]) -> usize {
+        self.inner.map.forget(keys)
     }
 
     /// Why writes are refused, when the WAL has failed (cheap: no counting).

@@ -1,4 +1,4 @@
-//! Tests of the store as a whole: durability across clean and crash restarts, group commit,
+//! (Compiled only under #[cfg(test)], from store.rs.) Tests of the store as a whole: durability across clean and crash restarts, group commit,
 //! the failed state, the lock, checkpoints, and a model-based property test.
 
 use super::*;
@@ -191,6 +191,21 @@ async fn failed_write_refuses_writes_but_keeps_reads() {
         store.status().failed.is_none(),
         "a restart clears the failed state"
     );
+}
+
+#[tokio::test]
+async fn shutdown_after_a_wal_failure_reports_it_and_still_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).unwrap();
+    store.apply(vec![put(&store, "kept", "yes")]).await.unwrap();
+    store.inject_write_failure();
+    assert!(store.apply(vec![put(&store, "lost", "no")]).await.is_err());
+    let err = store.shutdown().await.unwrap_err();
+    assert!(matches!(err, Error::WalFailed { .. }), "{err}");
+    assert!(store.shutdown().await.is_ok(), "a second call is a no-op");
+    drop(store);
+    let store = Store::open(config(dir.path())).unwrap();
+    assert_eq!(value(&store, "kept"), Some(b"yes".to_vec()));
 }
 
 #[tokio::test]

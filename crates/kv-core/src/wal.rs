@@ -208,6 +208,7 @@ impl WalWriter {
         self.state
             .wal_bytes
             .fetch_add(self.buf.len() as u64, Ordering::Relaxed);
+        metrics::counter!("kv_wal_bytes_written_total").increment(self.buf.len() as u64);
         self.unsynced = true;
         match self.sync {
             SyncMode::Always => self.sync(),
@@ -236,10 +237,17 @@ impl WalWriter {
         Ok(())
     }
 
+    /// Counts a group commit in the status counters and the metrics. `records` is what was
+    /// written (stale records are not); a batch that wrote nothing is no group commit.
     fn count_batch(&self, appends: u64, records: u64) {
         self.state.batches.fetch_add(1, Ordering::Relaxed);
         self.state.appends.fetch_add(appends, Ordering::Relaxed);
         self.state.records.fetch_add(records, Ordering::Relaxed);
+        metrics::counter!("kv_wal_appends_total").increment(appends);
+        if records > 0 {
+            metrics::counter!("kv_wal_records_total").increment(records);
+            metrics::histogram!("kv_wal_batch_records").record(records as f64);
+        }
     }
 
     /// Fsyncs the segment if anything was written since the last fsync. A failure is final.
@@ -255,7 +263,9 @@ impl WalWriter {
         self.unsynced = false;
         self.last_sync = Instant::now();
         self.state.fsyncs.fetch_add(1, Ordering::Relaxed);
-        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let elapsed = started.elapsed();
+        metrics::histogram!("kv_wal_fsync_seconds").record(elapsed.as_secs_f64());
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         self.state.fsync_micros.fetch_add(micros, Ordering::Relaxed);
         Ok(())
     }

@@ -1,4 +1,4 @@
-//! The whole router against tiny in-process fake nodes on 127.0.0.1:0: failover rules, health,
+//! (Compiled only under #[cfg(test)], from app.rs.) The whole router against tiny in-process fake nodes on 127.0.0.1:0: failover rules, health,
 //! auth, request ids and JSON errors. No fixed sleeps: waits poll with a deadline.
 
 use std::future::{Future, IntoFuture};
@@ -127,7 +127,7 @@ fn state(config: &LbConfig) -> SharedState {
 fn key_owned_by(state: &LbState, node: &str) -> String {
     (0..10_000)
         .map(|i| format!("key-{i}"))
-        .find(|key| state.ring.primary(key) == Some(node))
+        .find(|key| state.routing().ring.primary(key) == Some(node))
         .expect("some key has this primary")
 }
 
@@ -171,9 +171,9 @@ async fn get_and_post_fail_over_from_a_refusing_primary() {
     let (status, body) = send(&state, request(Method::GET, &format!("/v1/{key}"), "")).await;
     assert_eq!(status, StatusCode::OK);
     assert_ne!(body["node"], json!(dead));
-    let dead_index = state.ring.position(&dead).unwrap();
+    let dead_index = state.routing().ring.position(&dead).unwrap();
     assert!(
-        !state.health.is_healthy(dead_index),
+        !state.routing().health.is_healthy(dead_index),
         "marked down passively"
     );
 
@@ -287,7 +287,7 @@ async fn health_is_ok_degraded_or_down() {
         let config = config(&nodes);
         let state = state(&config);
         let _checkers = spawn_checkers(
-            state.health.clone(),
+            state.routing().health.clone(),
             state.upstream.clone(),
             config.health_check_interval,
             config.health_check_timeout,
@@ -299,7 +299,7 @@ async fn health_is_ok_degraded_or_down() {
     }
     let state = state(&config(&[&good.url]));
     let _checkers = spawn_checkers(
-        state.health.clone(),
+        state.routing().health.clone(),
         state.upstream.clone(),
         Duration::from_millis(20),
         Duration::from_millis(200),
@@ -399,7 +399,7 @@ async fn raw_path_and_query_pass_unchanged_and_the_decoded_key_routes() {
     assert_eq!(body["uri"], "/v1/users%2F42/name?r=one");
     assert_eq!(
         body["node"],
-        json!(state.ring.primary("users/42/name").unwrap())
+        json!(state.routing().ring.primary("users/42/name").unwrap())
     );
 }
 

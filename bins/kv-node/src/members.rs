@@ -1,0 +1,113 @@
+//! Membership endpoints: `GET /admin/members` (the view, its epoch and the progress of a change),
+//! `POST /admin/members` (plan, then apply, adding and removing nodes), and the node-to-node
+//! `/internal/members`, `/internal/transfer` and `/internal/estimate` they rely on.
+
+use crate::config::canonical_url;
+use crate::error::ApiError;
+use crate::routes::AppState;
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use kv_cluster::{TransferState, View};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// The body of `POST /admin/members`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChangeBody {
+    #[serde(default)]
+    add: Vec<String>,
+    #[serde(default)]
+    remove: Vec<String>,
+}
+
+/// The query of `POST /admin/members`.
+#[derive(Debug, Default, Deserialize)]
+pub struct ChangeQuery {
+    #[serde(default)]
+    dry_run: Option<String>,
+}
+
+/// `GET /admin/members`: the view, its epoch, and every data-holding node's transfer progress.
+pub async fn show(State(app): State<AppState>) -> Json<Value> {
+    let cluster = app.cluster();
+    let view = cluster.topology().view.clone();
+    let progress = cluster.transfer_progress().await;
+    Json(json!({
+        "epoch": view.epoch,
+        "members": view.members,
+        "in_transition": view.in_transition(),
+        "coordinator": view.coordinator,
+        "transfer": progress,
+    }))
+}
+
+/// `POST /admin/members?dry_run=true` with `{"add": [url...], "remove": [url...]}`: the plan,
+/// and unless it is a dry run, its start.
+pub async fn change(
+    State(app): State<AppState>,
+    Query(query): Query<ChangeQuery>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let dry_run = match query.dry_run.as_deref() {
+        None | Some("false" | "0") => false,
+        Some("true" | "1" | "") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("dry_run={other}: expected true or false"),
+            ))
+        }
+    };
+    let parsed: ChangeBody = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_json",
+            format!(r#"expected {{"add": [url...], "remove": [url...]}}: {e}"#),
+        )
+    })?;
+    let canonical = |urls: Vec<String>| -> Result<Vec<String>, ApiError> {
+        urls.iter()
+            .map(|u| {
+                canonical_url("add/remove", u)
+                    .map_err(|e| ApiError::bad_request("invalid_plan", e.to_string()))
+            })
+            .collect()
+    };
+    let (add, remove) = (canonical(parsed.add)?, canonical(parsed.remove)?);
+    let report = app.cluster().plan_change(add, remove, dry_run).await?;
+    Ok(Json(report).into_response())
+}
+
+/// `GET /internal/members`: this node's view.
+pub async fn view(State(app): State<AppState>) -> Json<View> {
+    Json(app.cluster().topology().view.clone())
+}
+
+/// `POST /internal/members`: a peer offers a view; adopted when newer.
+pub async fn offer(
+    State(app): State<AppState>,
+    Json(view): Json<View>,
+) -> Result<Json<Value>, ApiError> {
+    let adopted = app.cluster().adopt_view(view)?;
+    Ok(Json(json!({ "adopted": adopted })))
+}
+
+/// `GET /internal/transfer`: this node's part in the change in progress.
+pub async fn transfer(State(app): State<AppState>) -> Json<TransferState> {
+    Json(app.cluster().transfer_state())
+}
+
+/// `POST /internal/estimate`: what a proposed view would move of this node's keys.
+pub async fn estimate(
+    State(app): State<AppState>,
+    Json(view): Json<View>,
+) -> Json<kv_cluster::rebalance::Estimate> {
+    let cluster = app.cluster().clone();
+    Json(
+        tokio::task::spawn_blocking(move || cluster.estimate(&view))
+            .await
+            .unwrap_or_default(),
+    )
+}

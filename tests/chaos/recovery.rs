@@ -1,0 +1,156 @@
+//! Damaged files on restart, as SPEC section 7 says: a torn WAL tail is cut (the node starts and
+//! keeps every acknowledged write); corruption followed by valid records, or a corrupt snapshot,
+//! stops start-up with a non-zero exit and a message naming the file and the offset.
+
+use kv_tests::faults::{report, ChaosCluster, ChaosOptions};
+use kv_tests::{send, Node};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+fn put(node: &str, key: &str, value: &str) {
+    let answer = send(
+        "POST",
+        &format!("{node}/v1/{key}"),
+        Some(&json!({ "value": value }).to_string()),
+    )
+    .unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.text);
+}
+
+fn value_of(node: &str, key: &str) -> Option<String> {
+    let answer = send("GET", &format!("{node}/v1/{key}"), None).unwrap();
+    answer.json["value"].as_str().map(str::to_owned)
+}
+
+/// The WAL segments of a data folder, oldest first.
+fn segments(dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("wal-") && n.ends_with(".log"))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// The largest segment (the one holding the records just written).
+fn fullest_segment(dir: &Path) -> PathBuf {
+    segments(dir)
+        .into_iter()
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .expect("a WAL segment")
+}
+
+fn flip_byte(path: &Path, at: usize) -> u8 {
+    let mut bytes = std::fs::read(path).unwrap();
+    let old = bytes[at];
+    bytes[at] ^= 0x5a;
+    std::fs::write(path, bytes).unwrap();
+    old
+}
+
+/// Starts the node and expects it to refuse: non-zero exit, and a log naming `file` and an offset.
+fn expect_refusal(node: &mut Node, file: &str) -> String {
+    let log_len = std::fs::metadata(&node.log).map_or(0, |m| m.len() as usize);
+    node.spawn();
+    let status = node.wait_exit(Duration::from_secs(30)).unwrap_or_else(|| {
+        panic!(
+            "{} started on damaged data:\n{}",
+            node.name,
+            node.log_tail()
+        )
+    });
+    let log = std::fs::read_to_string(&node.log).unwrap();
+    let new_lines = log[log_len..].to_owned();
+    assert!(!status.success(), "exit status {status} on damaged data");
+    assert!(
+        new_lines.contains(file),
+        "the refusal does not name {file}:\n{new_lines}"
+    );
+    assert!(
+        new_lines.contains("offset"),
+        "the refusal names no offset:\n{new_lines}"
+    );
+    new_lines
+}
+
+#[test]
+fn torn_tail_is_cut_and_corruption_or_a_bad_snapshot_stops_start_up() {
+    let mut c = ChaosCluster::start(&ChaosOptions {
+        nodes: 1,
+        replication_factor: 1,
+        ..ChaosOptions::default()
+    });
+    let url = c.url(0).to_owned();
+    let dir = c.nodes[0].data_dir.clone();
+    for i in 0..40 {
+        put(&url, &format!("k{i}"), &format!("v{i}"));
+    }
+
+    // 1. Torn tail: a crash in the middle of an append leaves half a frame at the end.
+    c.nodes[0].kill9();
+    let segment = fullest_segment(&dir);
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let intact = bytes.len();
+    bytes.extend_from_slice(&200u32.to_le_bytes());
+    bytes.extend_from_slice(&[0xab; 4 + 37]);
+    std::fs::write(&segment, &bytes).unwrap();
+    c.nodes[0].restart();
+    for i in 0..40 {
+        assert_eq!(
+            value_of(&url, &format!("k{i}")),
+            Some(format!("v{i}")),
+            "k{i} after the cut"
+        );
+    }
+    let log = std::fs::read_to_string(&c.nodes[0].log).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("torn") && l.contains(&intact.to_string())),
+        "no warning naming the torn tail's offset {intact}:\n{}",
+        c.nodes[0].log_tail()
+    );
+    put(&url, "after-cut", "still writable");
+
+    // 2. Corruption followed by valid records: refuse to start, name the file and offset.
+    c.nodes[0].kill9();
+    let segment = fullest_segment(&dir);
+    let len = std::fs::metadata(&segment).unwrap().len() as usize;
+    assert!(
+        len > 1000,
+        "segment too small to corrupt in the middle: {len}"
+    );
+    let at = len / 3;
+    let old = flip_byte(&segment, at);
+    let name = segment.file_name().unwrap().to_str().unwrap().to_owned();
+    let refusal = expect_refusal(&mut c.nodes[0], &name);
+    // Repaired by hand, the same folder starts again with everything in it.
+    let mut bytes = std::fs::read(&segment).unwrap();
+    bytes[at] = old;
+    std::fs::write(&segment, bytes).unwrap();
+    c.nodes[0].restart();
+    assert_eq!(value_of(&url, "k39"), Some("v39".into()));
+
+    // 3. A corrupt snapshot: a clean stop writes one; damage its middle.
+    let status = c.nodes[0].terminate();
+    assert!(status.success(), "SIGTERM exit {status}");
+    let snapshot = dir.join("snapshot.db");
+    let len = std::fs::metadata(&snapshot).unwrap().len() as usize;
+    flip_byte(&snapshot, len / 2);
+    let snapshot_refusal = expect_refusal(&mut c.nodes[0], "snapshot.db");
+    report(
+        "recovery",
+        &[
+            ("faults", "3".into()),
+            ("acked", "41".into()),
+            ("lost", "0".into()),
+        ],
+    );
+    eprintln!("wal refusal: {}", refusal.trim());
+    eprintln!("snapshot refusal: {}", snapshot_refusal.trim());
+}

@@ -1,0 +1,515 @@
+//! Fault injection for the chaos tests: a cluster whose nodes sit behind [`Proxy`]s on their own
+//! loopback addresses (so links can be cut or slowed per direction), an optional kv-lb, a tmpfs
+//! data folder for disk-full runs, a seeded random source, and the load generator that records a
+//! [`History`].
+
+use crate::history::{self, History, Kind, Outcome};
+use crate::proxy::{Link, Proxy};
+use crate::{bin_dir, send, wait_until, Node, START_DEADLINE};
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long a scenario runs: `KV_CHAOS_SECS` when set (the long runs of `scripts/chaos.sh`),
+/// otherwise `short` (the normal `cargo test`).
+pub fn chaos_duration(short: Duration) -> Duration {
+    std::env::var("KV_CHAOS_SECS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .map_or(short, Duration::from_secs)
+}
+
+/// Prints one machine-readable result line; `scripts/chaos.sh` turns these into its table.
+pub fn report(scenario: &str, figures: &[(&str, String)]) {
+    let fields: Vec<String> = figures.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    eprintln!("CHAOS-RESULT scenario={scenario} {}", fields.join(" "));
+}
+
+/// A small xorshift generator: seeded from `KV_CHAOS_SEED` or the clock, printed for replays.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator for `scenario`; prints the seed so a failing run can be repeated.
+    pub fn for_scenario(scenario: &str) -> Rng {
+        let seed = std::env::var("KV_CHAOS_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+            });
+        eprintln!("{scenario}: KV_CHAOS_SEED={seed}");
+        Rng(seed | 1)
+    }
+
+    /// The next number.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
+    }
+
+    /// A duration between `low` and `high`.
+    pub fn between(&mut self, low: Duration, high: Duration) -> Duration {
+        let span = high.saturating_sub(low).as_millis().max(1) as u64;
+        low + Duration::from_millis(self.next_u64() % span)
+    }
+}
+
+/// Options for [`ChaosCluster::start`].
+#[derive(Debug, Clone)]
+pub struct ChaosOptions {
+    /// Number of nodes.
+    pub nodes: usize,
+    /// `REPLICATION_FACTOR`.
+    pub replication_factor: usize,
+    /// Start a kv-lb in front of the nodes (it reaches them as everybody does).
+    pub lb: bool,
+    /// Put every node behind a [`Proxy`] on its own loopback address.
+    pub proxied: bool,
+    /// Extra environment for every node and the LB.
+    pub env: Vec<(String, String)>,
+    /// Data folders to use instead of fresh ones, by node index (e.g. a tmpfs).
+    pub data_dirs: HashMap<usize, PathBuf>,
+}
+
+impl Default for ChaosOptions {
+    fn default() -> Self {
+        ChaosOptions {
+            nodes: 3,
+            replication_factor: 3,
+            lb: false,
+            proxied: false,
+            env: Vec::new(),
+            data_dirs: HashMap::new(),
+        }
+    }
+}
+
+/// A kv-lb process, killed when dropped.
+#[derive(Debug)]
+pub struct Lb {
+    /// `http://127.0.0.1:<port>`.
+    pub url: String,
+    /// Its log file.
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl Drop for Lb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Real node processes, each optionally behind a proxy, plus an optional LB.
+#[derive(Debug)]
+pub struct ChaosCluster {
+    /// The nodes; `nodes[i].url` is the URL everyone uses (the proxy's, when proxied).
+    pub nodes: Vec<Node>,
+    /// `proxies[i]` sits in front of node `i` (empty when not proxied).
+    pub proxies: Vec<Proxy>,
+    /// The load balancer, when asked for.
+    pub lb: Option<Lb>,
+    /// Data folders and logs; removed on drop.
+    pub dir: tempfile::TempDir,
+}
+
+/// The loopback address node `i` listens and connects from when proxied: 127.0.0.(i+2).
+pub fn node_ip(i: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(
+        127,
+        0,
+        0,
+        u8::try_from(i + 2).expect("few nodes"),
+    ))
+}
+
+fn free_port_on(ip: IpAddr) -> u16 {
+    let listener = TcpListener::bind((ip, 0)).expect("bind a free port");
+    listener.local_addr().expect("local addr").port()
+}
+
+impl ChaosCluster {
+    /// Starts everything and waits until every node (and the LB) answers `/health`.
+    pub fn start(options: &ChaosOptions) -> ChaosCluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut proxies = Vec::new();
+        let mut listens = Vec::new();
+        for i in 0..options.nodes {
+            let ip = if options.proxied {
+                node_ip(i)
+            } else {
+                IpAddr::V4(Ipv4Addr::LOCALHOST)
+            };
+            let listen = SocketAddr::new(ip, free_port_on(ip));
+            if options.proxied {
+                proxies.push(Proxy::start(listen));
+            }
+            listens.push(listen);
+        }
+        let urls: Vec<String> = if options.proxied {
+            proxies.iter().map(Proxy::url).collect()
+        } else {
+            listens.iter().map(|a| format!("http://{a}")).collect()
+        };
+        let mut nodes: Vec<Node> = (0..options.nodes)
+            .map(|i| {
+                let name = format!("node{}", i + 1);
+                let data_dir = options
+                    .data_dirs
+                    .get(&i)
+                    .cloned()
+                    .unwrap_or_else(|| dir.path().join(&name));
+                let mut env = vec![
+                    ("NODE_NAME".to_owned(), name.clone()),
+                    ("BIND_ADDR".to_owned(), listens[i].ip().to_string()),
+                    ("PORT".to_owned(), listens[i].port().to_string()),
+                    ("CURRENT_NODE_URL".to_owned(), urls[i].clone()),
+                    ("CLUSTER_NODES".to_owned(), urls.join(",")),
+                    (
+                        "REPLICATION_FACTOR".to_owned(),
+                        options.replication_factor.to_string(),
+                    ),
+                    ("DATA_DIR".to_owned(), data_dir.display().to_string()),
+                    ("RUST_LOG".to_owned(), log_level()),
+                    ("HEALTH_CHECK_INTERVAL_MS".to_owned(), "200".to_owned()),
+                ];
+                env.extend(options.env.iter().cloned());
+                let log = dir.path().join(format!("{name}.log"));
+                Node::new(&name, &urls[i], data_dir, log, env)
+            })
+            .collect();
+        for node in &mut nodes {
+            node.spawn();
+        }
+        for node in &mut nodes {
+            node.wait_healthy();
+        }
+        let lb = options.lb.then(|| start_lb(dir.path(), &urls, options));
+        ChaosCluster {
+            nodes,
+            proxies,
+            lb,
+            dir,
+        }
+    }
+
+    /// The URL everyone uses for node `i`.
+    pub fn url(&self, i: usize) -> &str {
+        &self.nodes[i].url
+    }
+
+    /// Cuts node `i` off from every other node, both ways, with `link` (`Refuse` or `Blackhole`).
+    /// Clients on 127.0.0.1 can still reach it, so a test can see what the minority answers.
+    pub fn isolate(&self, i: usize, link: Link) {
+        for (j, proxy) in self.proxies.iter().enumerate() {
+            if j == i {
+                for k in (0..self.nodes.len()).filter(|k| *k != i) {
+                    proxy.set(node_ip(k), link);
+                }
+            } else {
+                proxy.set(node_ip(i), link);
+            }
+        }
+    }
+
+    /// Adds `delay` to every link of node `i`: everything it receives and everything it sends.
+    pub fn slow(&self, i: usize, delay: Duration) {
+        for (j, proxy) in self.proxies.iter().enumerate() {
+            if j == i {
+                proxy.set_default(Link::Delay(delay));
+            } else {
+                proxy.set(node_ip(i), Link::Delay(delay));
+            }
+        }
+    }
+
+    /// Opens every link again.
+    pub fn heal(&self) {
+        for proxy in &self.proxies {
+            proxy.heal();
+        }
+    }
+
+    /// Waits until every running node sees every running peer up and the others down.
+    pub fn wait_converged(&self, within: Duration) {
+        wait_until(within, "every node sees its running peers up", || {
+            self.nodes.iter().filter(|n| n.is_running()).all(|n| {
+                n.status()["peers"].as_array().is_some_and(|peers| {
+                    peers.iter().all(|p| {
+                        let running = self
+                            .nodes
+                            .iter()
+                            .any(|m| m.url == p["url"] && m.is_running());
+                        (p["state"] == "up") == running
+                    })
+                })
+            })
+        });
+    }
+
+    /// Waits until no node has hints pending.
+    pub fn wait_hints_delivered(&self, within: Duration) {
+        wait_until(within, "every node delivered its hints", || {
+            self.nodes
+                .iter()
+                .all(|n| n.status()["hints_pending"].as_u64() == Some(0))
+        });
+    }
+
+    /// Node `i`'s own stored record of `key` (`GET /internal/entry`), or `None`.
+    pub fn local_entry(&self, i: usize, key: &str) -> Option<String> {
+        send(
+            "GET",
+            &format!("{}/internal/entry/{key}", self.url(i)),
+            None,
+        )
+        .ok()
+        .filter(|a| a.status == 200)
+        .map(|a| a.text)
+    }
+}
+
+fn log_level() -> String {
+    std::env::var("KV_TEST_LOG").unwrap_or_else(|_| "info".into())
+}
+
+fn start_lb(dir: &Path, urls: &[String], options: &ChaosOptions) -> Lb {
+    let port = free_port_on(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let log = dir.join("lb.log");
+    let file = std::fs::File::create(&log).expect("lb log");
+    let child = Command::new(bin_dir().join("kv-lb"))
+        .env_clear()
+        .env("DATABASE_NODES", urls.join(","))
+        .env("LB_PORT", port.to_string())
+        .env("REPLICATION_FACTOR", options.replication_factor.to_string())
+        .env("HEALTH_CHECK_INTERVAL_MS", "200")
+        .env("RUST_LOG", log_level())
+        .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().expect("dup log"))
+        .stderr(file)
+        .spawn()
+        .expect("spawn kv-lb");
+    let lb = Lb {
+        url: format!("http://127.0.0.1:{port}"),
+        log,
+        child,
+    };
+    wait_until(START_DEADLINE, "the LB answers /health", || {
+        send("GET", &format!("{}/health", lb.url), None)
+            .is_ok_and(|a| a.status == 200 && a.json["status"] == "ok")
+    });
+    lb
+}
+
+/// A tmpfs mounted on a folder for as long as this lives (root only); unmounted when dropped.
+#[derive(Debug)]
+pub struct Tmpfs {
+    /// The mount point.
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (`mount` syntax, e.g. `2m`) on `path`; `Err` says why not.
+    pub fn mount(path: &Path, size: &str) -> Result<Tmpfs, String> {
+        std::fs::create_dir_all(path).map_err(|e| e.to_string())?;
+        let output = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !output.status.success() {
+            return Err(String::from_utf8_lossy(&output.stderr).trim().to_owned());
+        }
+        Ok(Tmpfs {
+            path: path.to_owned(),
+        })
+    }
+
+    /// Changes the size in place; the files stay.
+    pub fn resize(&self, size: &str) {
+        let status = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.path)
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "remount of {} failed",
+            self.path.display()
+        );
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazy: the folder is released even if a process of ours still had it open.
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+/// The shape of a recorded read/write load.
+#[derive(Debug, Clone)]
+pub struct Load {
+    /// Client threads; each writes its own keys only (one writer per key).
+    pub workers: usize,
+    /// Keys per worker.
+    pub keys_per_worker: usize,
+    /// Per mille of operations that are writes.
+    pub write_permille: u64,
+    /// Query string of writes, e.g. `""` or `"?w=quorum"`.
+    pub write_query: String,
+    /// Query string of reads.
+    pub read_query: String,
+    /// Most operations per worker (a bound besides `stop`).
+    pub max_ops_per_worker: usize,
+    /// Pause between two operations of one worker, to leave the two cores to the nodes.
+    pub pace: Duration,
+    /// Prefix of every key, so loads of one test do not share keys.
+    pub prefix: String,
+}
+
+impl Default for Load {
+    fn default() -> Self {
+        Load {
+            workers: 4,
+            keys_per_worker: 8,
+            write_permille: 500,
+            write_query: String::new(),
+            read_query: String::new(),
+            max_ops_per_worker: 100_000,
+            pace: Duration::from_millis(5),
+            prefix: "k".into(),
+        }
+    }
+}
+
+/// Numbers the values of every load of this process, so no two writes ever carry the same value.
+static NEXT_VALUE: AtomicU64 = AtomicU64::new(0);
+
+/// A running load; [`Running::finish`] stops it now, [`Running::join`] lets it run to its end.
+#[derive(Debug)]
+pub struct Running {
+    stop: Arc<AtomicBool>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Waits until the workers stop by themselves (deadline or operation budget).
+    pub fn join(self) {
+        for worker in self.workers {
+            worker.join().expect("load worker");
+        }
+    }
+
+    /// Stops the workers (each finishes its current operation) and waits for them.
+    pub fn finish(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for worker in self.workers {
+            worker.join().expect("load worker");
+        }
+    }
+}
+
+/// Starts `load` against `targets` (worker `w` uses `targets[(w + op) % len]`), recording
+/// into `history`; it stops by itself at `deadline` or after its operation budget.
+pub fn start_load(
+    load: &Load,
+    targets: &[String],
+    history: &History,
+    deadline: Instant,
+    seed: u64,
+) -> Running {
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers = (0..load.workers)
+        .map(|w| {
+            let (load, targets, history, stop) = (
+                load.clone(),
+                targets.to_vec(),
+                history.clone(),
+                Arc::clone(&stop),
+            );
+            let mut rng = Rng(seed.wrapping_add(w as u64 * 7919) | 1);
+            std::thread::spawn(move || {
+                let client = history::load_client();
+                for op in 0..load.max_ops_per_worker {
+                    if stop.load(Ordering::SeqCst) || Instant::now() > deadline {
+                        return;
+                    }
+                    let target = &targets[(w + op) % targets.len()];
+                    if (rng.next_u64() % 1000) < load.write_permille {
+                        let key =
+                            format!("{}-w{w}-{}", load.prefix, rng.below(load.keys_per_worker));
+                        let value = format!("w{w}-{}", NEXT_VALUE.fetch_add(1, Ordering::Relaxed));
+                        history.record(w, &key, Kind::Write(value.clone()), || {
+                            let answer =
+                                history::write(&client, target, &key, &value, &load.write_query);
+                            history::outcome_of(answer, false)
+                        });
+                    } else {
+                        let owner = rng.below(load.workers);
+                        let key = format!(
+                            "{}-w{owner}-{}",
+                            load.prefix,
+                            rng.below(load.keys_per_worker)
+                        );
+                        history.record(w, &key, Kind::Read, || {
+                            let answer = history::read(&client, target, &key, &load.read_query);
+                            history::outcome_of(answer, true)
+                        });
+                    }
+                    std::thread::sleep(load.pace);
+                }
+            })
+        })
+        .collect();
+    Running { stop, workers }
+}
+
+/// Reads every written key from `base` with `query` (e.g. `?r=all`), retrying failures for a
+/// bounded time: the values the history is checked against.
+pub fn final_values(base: &str, keys: &[String], query: &str) -> HashMap<String, Option<String>> {
+    let client = history::load_client();
+    keys.iter()
+        .map(|key| {
+            let mut value = None;
+            wait_until(
+                Duration::from_secs(10),
+                &format!("a final read of {key}"),
+                || match history::outcome_of(history::read(&client, base, key, query), true) {
+                    Outcome::Ok(v) => {
+                        value = v;
+                        true
+                    }
+                    Outcome::Failed(_) => false,
+                },
+            );
+            (key.clone(), value)
+        })
+        .collect()
+}
+
+/// Milliseconds of the `p`-th percentile (0..=100) of `samples`.
+pub fn percentile_ms(samples: &[Duration], p: usize) -> u128 {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    sorted
+        .get((sorted.len().saturating_sub(1)) * p / 100)
+        .map_or(0, Duration::as_millis)
+}
