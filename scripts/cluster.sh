@@ -5,6 +5,8 @@
 #   scripts/cluster.sh down
 #   scripts/cluster.sh status
 #   scripts/cluster.sh logs [node1|node2|...|lb]
+#   scripts/cluster.sh add              # start one more node and join it (data moves to it)
+#   scripts/cluster.sh remove NAME      # drain NAME (its keys get N copies elsewhere), then stop it
 #
 # Runs from the repository root (or $KV_ROOT). Logs and pid files go to ./run/, node data to
 # ./data/node$i. Every other variable in the environment (WAL_SYNC, RUST_LOG, AUTH_TOKEN,
@@ -24,7 +26,7 @@ die() { echo "cluster.sh: $*" >&2; exit 1; }
 info() { echo "cluster.sh: $*"; }
 
 usage() {
-    sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 is_alive() { kill -0 "$1" 2>/dev/null; }
@@ -34,10 +36,12 @@ port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 healthy() { curl -fsS --max-time 1 "http://127.0.0.1:$1/health" >/dev/null 2>&1; }
 
-# Names of the processes of the recorded cluster: node1 .. nodeN, lb.
+# Names of the processes of the recorded cluster: node1 .. nodeN (less removed ones), lb.
 process_names() {
     local i
-    for ((i = 1; i <= NODES; i++)); do echo "node$i"; done
+    for ((i = 1; i <= NODES; i++)); do
+        [[ " ${REMOVED:-} " == *" node$i "* ]] || echo "node$i"
+    done
     echo lb
 }
 
@@ -136,9 +140,23 @@ cmd_up() {
         cargo build --release -p kv-node -p kv-lb
     fi
     [[ -x "$BIN_DIR/kv-node" && -x "$BIN_DIR/kv-lb" ]] || die "binaries not found in $BIN_DIR"
-    printf 'NODES=%s\nBASE_PORT=%s\nLB_PORT=%s\n' "$NODES" "$BASE_PORT" "$LB_PORT" >"$CLUSTER_ENV"
+    REMOVED=""
+    save_cluster_env
     start_all
     print_banner
+}
+
+save_cluster_env() {
+    printf 'NODES=%s\nBASE_PORT=%s\nLB_PORT=%s\nREMOVED="%s"\n' "$NODES" "$BASE_PORT" "$LB_PORT" "${REMOVED:-}" >"$CLUSTER_ENV"
+}
+
+# Starts node $1 (a number) on its port; CLUSTER_NODES is $2.
+launch_node() {
+    local i="$1" cluster_nodes="$2" port=$((BASE_PORT + $1 - 1))
+    launch "node$i" env NODE_NAME="node$i" PORT="$port" \
+        CURRENT_NODE_URL="http://127.0.0.1:$port" CLUSTER_NODES="$cluster_nodes" \
+        REPLICATION_FACTOR="${REPLICATION_FACTOR:-3}" DATA_DIR="./data/node$i" \
+        "$BIN_DIR/kv-node"
 }
 
 start_all() {
@@ -146,13 +164,7 @@ start_all() {
     for ((i = 1; i <= NODES; i++)); do urls+=("http://127.0.0.1:$((BASE_PORT + i - 1))"); done
     local cluster_nodes
     cluster_nodes="$(IFS=,; echo "${urls[*]}")"
-    for ((i = 1; i <= NODES; i++)); do
-        port=$((BASE_PORT + i - 1))
-        launch "node$i" env NODE_NAME="node$i" PORT="$port" \
-            CURRENT_NODE_URL="http://127.0.0.1:$port" CLUSTER_NODES="$cluster_nodes" \
-            REPLICATION_FACTOR="${REPLICATION_FACTOR:-3}" DATA_DIR="./data/node$i" \
-            "$BIN_DIR/kv-node"
-    done
+    for ((i = 1; i <= NODES; i++)); do launch_node "$i" "$cluster_nodes"; done
     for ((i = 1; i <= NODES; i++)); do wait_healthy "node$i"; done
     launch lb env DATABASE_NODES="$cluster_nodes" LB_PORT="$LB_PORT" \
         REPLICATION_FACTOR="${REPLICATION_FACTOR:-3}" "$BIN_DIR/kv-lb"
@@ -214,18 +226,78 @@ cmd_down() {
 
 cmd_status() {
     load_cluster_env
-    local name pid port health
-    printf '%-7s %-8s %-6s %-6s %s\n' NAME PID STATE PORT HEALTH
+    local name pid port health keys
+    printf '%-7s %-8s %-6s %-6s %-8s %s\n' NAME PID STATE PORT KEYS HEALTH
     for name in $(process_names); do
         port="$(port_of "$name")"
         pid="$(live_pid "$name")"
         health="$(curl -sS --max-time 2 "http://127.0.0.1:$port/health" 2>/dev/null || echo '-')"
-        if [[ -n "$pid" ]]; then
-            printf '%-7s %-8s %-6s %-6s %s\n' "$name" "$pid" alive "$port" "$health"
-        else
-            printf '%-7s %-8s %-6s %-6s %s\n' "$name" - dead "$port" "$health"
-        fi
+        keys="$(curl -sS --max-time 2 "http://127.0.0.1:$port/" 2>/dev/null | grep -o '"keys":[0-9]*' | cut -d: -f2)"
+        printf '%-7s %-8s %-6s %-6s %-8s %s\n' "$name" "${pid:--}" "$([[ -n "$pid" ]] && echo alive || echo dead)" \
+            "$port" "${keys:--}" "$health"
     done
+}
+
+# curl against the admin API of a live member, with the bearer token when AUTH_TOKEN is set.
+admin() {
+    local method="$1" path="$2" body="${3:-}" name auth=()
+    [[ -z "${AUTH_TOKEN:-}" ]] || auth=(-H "Authorization: Bearer $AUTH_TOKEN")
+    for name in $(process_names); do
+        [[ "$name" != lb && "$name" != "${SKIP:-}" && -n "$(live_pid "$name")" ]] || continue
+        curl -sS --max-time 30 -X "$method" "${auth[@]}" "http://127.0.0.1:$(port_of "$name")$path" \
+            ${body:+-d "$body"}
+        return
+    done
+    die "no live node to ask"
+}
+
+# Polls /admin/members until no change is in progress, or WAIT_SECS * 4 pass.
+wait_committed() {
+    local deadline=$((SECONDS + WAIT_SECS * 4))
+    until admin GET /admin/members | grep -q '"in_transition":false'; do
+        ((SECONDS < deadline)) || die "the membership change did not finish in time; see: $0 logs"
+        sleep 0.5
+    done
+}
+
+cmd_add() {
+    load_cluster_env
+    local i=$((NODES + 1)) port url
+    port=$((BASE_PORT + i - 1))
+    ((port != LB_PORT)) || die "the next node port $port is the LB's"
+    ! port_in_use "$port" || die "port $port (for node$i) is already in use"
+    url="http://127.0.0.1:$port"
+    launch_node "$i" "$url"
+    NODES="$i"
+    save_cluster_env
+    wait_healthy "node$i"
+    info "node$i is up at $url; joining it"
+    admin POST /admin/members "{\"add\": [\"$url\"]}" >/dev/null
+    wait_committed
+    info "node$i joined; keys per node:"
+    cmd_status
+}
+
+cmd_remove() {
+    load_cluster_env
+    local name="${1:-}" pid
+    if ! [[ "$name" =~ ^node[0-9]+$ ]] || ((${name#node} > NODES)); then
+        die "remove: expected the name of a node of this cluster, like node2"
+    fi
+    info "draining $name (its keys get N copies on the others)"
+    SKIP="$name" admin POST /admin/members "{\"remove\": [\"http://127.0.0.1:$(port_of "$name")\"]}" >/dev/null
+    SKIP="$name" wait_committed
+    pid="$(live_pid "$name")"
+    if [[ -n "$pid" ]]; then
+        kill -TERM "$pid" 2>/dev/null || true
+        local deadline=$((SECONDS + STOP_SECS))
+        while is_alive "$pid" && ((SECONDS < deadline)); do sleep 0.2; done
+        ! is_alive "$pid" || kill -KILL "$pid" 2>/dev/null || true
+    fi
+    rm -f "$RUN_DIR/$name.pid"
+    REMOVED="${REMOVED:-} $name"
+    save_cluster_env
+    info "$name left the cluster; its data dir ./data/$name is no longer needed"
 }
 
 cmd_logs() {
@@ -245,6 +317,8 @@ main() {
         down) cmd_down ;;
         status) cmd_status ;;
         logs) cmd_logs "$@" ;;
+        add) cmd_add ;;
+        remove) cmd_remove "$@" ;;
         help | -h | --help) usage ;;
         *) usage >&2; exit 2 ;;
     esac
