@@ -187,6 +187,26 @@ fn grow_from_3_to_5_then_shrink_to_4_under_load_without_errors_or_loss() {
     let n4 = new_node(&c, "node4", "20000");
     let n5 = new_node(&c, "node5", "20000");
 
+    // Plans that cannot be carried out are refused.
+    for bad in [
+        json!({"remove": ["http://127.0.0.1:1"]}),
+        json!({"add": [c.url(0)]}),
+        json!({}),
+        json!({"add": ["not a url"]}),
+    ] {
+        let answer = send(
+            "POST",
+            &format!("{}/admin/members?dry_run=true", c.url(0)),
+            Some(&bad.to_string()),
+        )
+        .unwrap();
+        assert_eq!(
+            (answer.status, answer.json["error"].clone()),
+            (400, json!("invalid_plan")),
+            "{bad}: {}",
+            answer.text
+        );
+    }
     // A dry run changes nothing.
     let plan = change(c.url(0), json!({"add": [n4.url, n5.url]}), true);
     assert_eq!(plan.json["applied"], false);

@@ -4,10 +4,13 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+#[path = "ops/prometheus.rs"]
+mod prometheus;
+
 use kv_tests::{
     bin_dir, client, free_port, send, send_with, wait_until, Node, Options, TestCluster,
 };
-use prometheus_parse::{Scrape, Value};
+use prometheus::Exposition;
 use serde_json::json;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -26,39 +29,13 @@ fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         .collect()
 }
 
-/// `GET {url}/metrics`, parsed.
-fn scrape(url: &str) -> Scrape {
+/// `GET {url}/metrics`, parsed strictly as Prometheus text.
+fn scrape(url: &str) -> Exposition {
     let answer = send("GET", &format!("{url}/metrics"), None).unwrap();
     assert_eq!(answer.status, 200, "{}", answer.text);
-    Scrape::parse(answer.text.lines().map(|l| Ok(l.to_owned()))).unwrap()
-}
-
-/// Sum of the samples of a counter or gauge whose labels include `labels`.
-fn sum(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-    scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == name)
-        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .map(|s| match s.value {
-            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => v,
-            _ => panic!("{name} is not a counter or gauge: {:?}", s.value),
-        })
-        .sum()
-}
-
-/// Observations in a histogram (its `+Inf` bucket), over all label sets; None when absent.
-fn observations(scrape: &Scrape, name: &str) -> Option<f64> {
-    let counts: Vec<f64> = scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == name)
-        .map(|s| match &s.value {
-            Value::Histogram(buckets) => buckets.iter().map(|b| b.count).fold(0.0, f64::max),
-            other => panic!("{name} is not a histogram: {other:?}"),
-        })
-        .collect();
-    (!counts.is_empty()).then(|| counts.iter().sum())
+    let content_type = answer.headers["content-type"].to_str().unwrap();
+    assert!(content_type.starts_with("text/plain"), "{content_type}");
+    prometheus::parse(&answer.text).unwrap_or_else(|e| panic!("{url}/metrics: {e}"))
 }
 
 #[test]
@@ -79,10 +56,10 @@ fn metrics_parse_and_move_with_traffic() {
     let before: Vec<f64> = c
         .nodes
         .iter()
-        .map(|n| sum(&scrape(&n.url), "kv_http_requests_total", &writes))
+        .map(|n| scrape(&n.url).sum("kv_http_requests_total", &writes))
         .collect();
     let lb_posts = [("method", "POST"), ("status", "200")];
-    let lb_before = sum(&scrape(&lb), "kv_lb_requests_total", &lb_posts);
+    let lb_before = scrape(&lb).sum("kv_lb_requests_total", &lb_posts);
     for i in 0..10 {
         let body = json!({ "value": i }).to_string();
         let put = send("POST", &format!("{lb}/v1/ops/metrics"), Some(&body)).unwrap();
@@ -94,21 +71,21 @@ fn metrics_parse_and_move_with_traffic() {
         .position(|n| n.status()["keys"] == 1)
         .expect("one node owns the key");
     let m = scrape(c.url(owner));
-    let rose = sum(&m, "kv_http_requests_total", &writes) - before[owner];
+    let rose = m.sum("kv_http_requests_total", &writes) - before[owner];
     assert!(rose >= 10.0, "the owner's write counter rose by {rose}");
-    assert!(sum(&m, "kv_wal_appends_total", &[]) >= 10.0);
-    assert!(sum(&m, "kv_wal_records_total", &[]) >= 10.0);
-    assert!(sum(&m, "kv_wal_bytes_written_total", &[]) > 0.0);
-    assert!(observations(&m, "kv_wal_fsync_seconds").unwrap() >= 1.0);
-    assert!(observations(&m, "kv_wal_batch_records").unwrap() >= 1.0);
-    assert!(observations(&m, "kv_http_request_duration_seconds").unwrap() >= 10.0);
-    assert_eq!(sum(&m, "kv_keys", &[]), 1.0);
-    assert!(sum(&m, "kv_wal_bytes", &[]) > 0.0);
-    assert_eq!(sum(&m, "kv_peer_up", &[]), 2.0, "both peers up");
-    assert_eq!(sum(&m, "kv_hints_pending", &[]), 0.0);
-    let lb_rose = sum(&scrape(&lb), "kv_lb_requests_total", &lb_posts) - lb_before;
+    assert!(m.sum("kv_wal_appends_total", &[]) >= 10.0);
+    assert!(m.sum("kv_wal_records_total", &[]) >= 10.0);
+    assert!(m.sum("kv_wal_bytes_written_total", &[]) > 0.0);
+    assert!(m.observations("kv_wal_fsync_seconds").unwrap() >= 1.0);
+    assert!(m.observations("kv_wal_batch_records").unwrap() >= 1.0);
+    assert!(m.observations("kv_http_request_duration_seconds").unwrap() >= 10.0);
+    assert_eq!(m.sum("kv_keys", &[]), 1.0);
+    assert!(m.sum("kv_wal_bytes", &[]) > 0.0);
+    assert_eq!(m.sum("kv_peer_up", &[]), 2.0, "both peers up");
+    assert_eq!(m.sum("kv_hints_pending", &[]), 0.0);
+    let lb_rose = scrape(&lb).sum("kv_lb_requests_total", &lb_posts) - lb_before;
     assert!(lb_rose >= 10.0, "the LB's POST counter rose by {lb_rose}");
-    assert_eq!(sum(&scrape(&lb), "kv_lb_node_healthy", &[]), 3.0);
+    assert_eq!(scrape(&lb).sum("kv_lb_node_healthy", &[]), 3.0);
 
     // A forced checkpoint answers its figures and shows up in the metrics.
     let cp = send("POST", &format!("{}/admin/checkpoint", c.url(owner)), None).unwrap();
@@ -116,10 +93,10 @@ fn metrics_parse_and_move_with_traffic() {
     assert_eq!(cp.json["keys"], 1);
     assert!(cp.json["bytes"].as_u64().unwrap() > 0);
     let m = scrape(c.url(owner));
-    assert!(sum(&m, "kv_checkpoints_total", &[("result", "ok")]) >= 1.0);
-    assert!(observations(&m, "kv_checkpoint_duration_seconds").unwrap() >= 1.0);
-    assert!(sum(&m, "kv_snapshot_bytes", &[]) > 0.0);
-    assert!(sum(&m, "kv_snapshot_timestamp_seconds", &[]) > 1.6e9);
+    assert!(m.sum("kv_checkpoints_total", &[("result", "ok")]) >= 1.0);
+    assert!(m.observations("kv_checkpoint_duration_seconds").unwrap() >= 1.0);
+    assert!(m.sum("kv_snapshot_bytes", &[]) > 0.0);
+    assert!(m.sum("kv_snapshot_timestamp_seconds", &[]) > 1.6e9);
     let wrong = send("GET", &format!("{}/admin/checkpoint", c.url(owner)), None).unwrap();
     assert_eq!(wrong.status, 405);
     assert_eq!(wrong.headers["allow"], "POST");
@@ -181,7 +158,7 @@ fn one_request_id_is_logged_by_the_lb_the_coordinator_and_a_replica() {
     let acks: f64 = c
         .nodes
         .iter()
-        .map(|n| sum(&scrape(&n.url), "kv_replication_acks_total", &[]))
+        .map(|n| scrape(&n.url).sum("kv_replication_acks_total", &[]))
         .sum();
     assert!(acks >= 1.0, "replication acks are counted");
 }

@@ -134,6 +134,28 @@ struct WorkerContext {
 }
 
 impl WorkerContext {
+    /// Shared state for the workers of `config`; the first phase is the warm-up, if any.
+    fn new(config: &RunConfig, requests: RequestFactory) -> Result<Self, BenchError> {
+        let first_phase = match config.warmup.is_zero() {
+            true => Phase::Measure,
+            false => Phase::Warmup,
+        };
+        Ok(WorkerContext {
+            target: config.target.clone(),
+            timeout: config.timeout,
+            requests,
+            mix: config.mix,
+            sampler: KeySampler::new(config.dist, config.keys).map_err(BenchError::Invalid)?,
+            phase: Arc::new(PhaseCell::new(first_phase)),
+            live: Arc::new(LiveCounters::default()),
+            tickets: AtomicU64::new(0),
+            ticket_limit: match config.stop {
+                StopAt::Requests(n) => Some(n),
+                StopAt::Elapsed(_) => None,
+            },
+        })
+    }
+
     /// Whether a worker may send one more request in `phase`.
     fn may_send(&self, phase: Phase) -> bool {
         match (phase, self.ticket_limit) {
@@ -157,25 +179,7 @@ pub async fn run(config: &RunConfig) -> Result<RunResult, BenchError> {
         true => Some(preload(config, &requests).await?),
         false => None,
     };
-    let first_phase = if config.warmup.is_zero() {
-        Phase::Measure
-    } else {
-        Phase::Warmup
-    };
-    let ctx = Arc::new(WorkerContext {
-        target: config.target.clone(),
-        timeout: config.timeout,
-        requests,
-        mix: config.mix,
-        sampler: KeySampler::new(config.dist, config.keys).map_err(BenchError::Invalid)?,
-        phase: Arc::new(PhaseCell::new(first_phase)),
-        live: Arc::new(LiveCounters::default()),
-        tickets: AtomicU64::new(0),
-        ticket_limit: match config.stop {
-            StopAt::Requests(n) => Some(n),
-            StopAt::Elapsed(_) => None,
-        },
-    });
+    let ctx = Arc::new(WorkerContext::new(config, requests)?);
     let workers: Vec<_> = (0..config.conns)
         .map(|_| tokio::spawn(worker(Arc::clone(&ctx))))
         .collect();
@@ -183,18 +187,22 @@ pub async fn run(config: &RunConfig) -> Result<RunResult, BenchError> {
     tokio::time::sleep(config.warmup).await;
     ctx.phase.set(Phase::Measure);
     let start = Instant::now();
-    if let StopAt::Elapsed(duration) = config.stop {
-        tokio::time::sleep(duration).await;
-        ctx.phase.set(Phase::Done);
-    }
-    let elapsed_at_stop = start.elapsed();
-    let stats = join_workers(workers).await?;
-    let elapsed = match config.stop {
-        StopAt::Elapsed(_) => elapsed_at_stop,
-        StopAt::Requests(_) => start.elapsed(),
+    let stats = match config.stop {
+        StopAt::Elapsed(duration) => {
+            tokio::time::sleep(duration).await;
+            ctx.phase.set(Phase::Done);
+            let elapsed = start.elapsed();
+            // Requests still in flight finish (or time out) but are no longer recorded.
+            (join_workers(workers).await?, elapsed)
+        }
+        StopAt::Requests(_) => {
+            let stats = join_workers(workers).await?;
+            (stats, start.elapsed())
+        }
     };
     ctx.phase.set(Phase::Done);
     progress.finish();
+    let (stats, elapsed) = stats;
     Ok(RunResult {
         stats,
         elapsed,

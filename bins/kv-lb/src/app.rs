@@ -9,14 +9,14 @@ use axum::http::{Method, Uri};
 use axum::middleware::{from_fn, from_fn_with_state};
 use axum::routing::{any, get, post};
 use axum::Router;
-use parking_lot::RwLock;
 use metrics_exporter_prometheus::PrometheusHandle;
+use parking_lot::RwLock;
 
 use crate::config::LbConfig;
 use crate::error::ApiError;
 use crate::health::health_route;
-use crate::routing::Routing;
 use crate::metrics::metrics_route;
+use crate::routing::Routing;
 use crate::status::{status_route, Counters};
 use crate::upstream::Upstream;
 use crate::{auth, proxy, request_context};
@@ -58,7 +58,13 @@ pub struct LbState {
 impl LbState {
     /// Builds the state from a checked configuration.
     pub fn new(config: &LbConfig, metrics: PrometheusHandle) -> SharedState {
-        let routing = Routing::new(0, &config.nodes, config.vnodes, config.replication_factor, None);
+        let routing = Routing::new(
+            0,
+            &config.nodes,
+            config.vnodes,
+            config.replication_factor,
+            None,
+        );
         Arc::new(LbState {
             routing: RwLock::new(Arc::new(routing)),
             vnodes: config.vnodes,

@@ -69,8 +69,10 @@ impl HealthTable {
     pub fn copy_from(&self, previous: &HealthTable) {
         for node in &self.nodes {
             if let Some(old) = previous.nodes.iter().find(|o| o.url == node.url) {
-                node.healthy.store(old.healthy.load(Ordering::Relaxed), Ordering::Relaxed);
-                node.latency_us.store(old.latency_us.load(Ordering::Relaxed), Ordering::Relaxed);
+                node.healthy
+                    .store(old.healthy.load(Ordering::Relaxed), Ordering::Relaxed);
+                node.latency_us
+                    .store(old.latency_us.load(Ordering::Relaxed), Ordering::Relaxed);
             }
         }
     }

@@ -40,7 +40,9 @@ pub async fn key_owner(
         ))
     })?;
     let routing = state.routing();
-    let preference = routing.ring.preference_list(&key, routing.replication_factor);
+    let preference = routing
+        .ring
+        .preference_list(&key, routing.replication_factor);
     debug!(%key, ?preference, "routing by key");
     forward(&state, &routing, &preference, request, true).await
 }
@@ -130,7 +132,13 @@ enum Step {
 
 impl Attempt<'_> {
     /// Applies the retry rules of this module's doc to one outcome.
-    fn judge(&self, state: &LbState, routing: &Routing, outcome: Outcome, failures: &mut Failures) -> Step {
+    fn judge(
+        &self,
+        state: &LbState,
+        routing: &Routing,
+        outcome: Outcome,
+        failures: &mut Failures,
+    ) -> Step {
         let url = self.url;
         match outcome {
             Outcome::Answered(response)

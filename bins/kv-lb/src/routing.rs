@@ -31,7 +31,13 @@ pub struct Routing {
 
 impl Routing {
     /// A picture of `nodes`; health carried over from `previous` for nodes it knew.
-    pub fn new(epoch: u64, nodes: &[String], vnodes: usize, replication_factor: usize, previous: Option<&HealthTable>) -> Routing {
+    pub fn new(
+        epoch: u64,
+        nodes: &[String],
+        vnodes: usize,
+        replication_factor: usize,
+        previous: Option<&HealthTable>,
+    ) -> Routing {
         let ring = Ring::new(nodes, vnodes);
         let health = HealthTable::new(ring.nodes());
         if let Some(previous) = previous {
@@ -66,8 +72,17 @@ struct Member {
 /// Runs the health checkers of the current picture and follows the nodes' membership view:
 /// every [`VIEW_POLL_INTERVAL`] one healthy node is asked for it, and a newer epoch rebuilds the
 /// ring from its active and leaving members (the nodes that hold data until a change commits).
-pub async fn follow_membership(state: SharedState, check_interval: Duration, check_timeout: Duration) {
-    let mut checkers: JoinSet<()> = spawn_checkers(state.routing().health.clone(), state.upstream.clone(), check_interval, check_timeout);
+pub async fn follow_membership(
+    state: SharedState,
+    check_interval: Duration,
+    check_timeout: Duration,
+) {
+    let mut checkers: JoinSet<()> = spawn_checkers(
+        state.routing().health.clone(),
+        state.upstream.clone(),
+        check_interval,
+        check_timeout,
+    );
     let mut ticks = tokio::time::interval(VIEW_POLL_INTERVAL);
     loop {
         ticks.tick().await;
@@ -78,20 +93,39 @@ pub async fn follow_membership(state: SharedState, check_interval: Duration, che
         if view.epoch <= current.epoch {
             continue;
         }
-        let owners: Vec<String> = view.members.iter().filter(|m| m.state != "joining").map(|m| m.url.clone()).collect();
+        let owners: Vec<String> = view
+            .members
+            .iter()
+            .filter(|m| m.state != "joining")
+            .map(|m| m.url.clone())
+            .collect();
         if owners.is_empty() {
             continue;
         }
-        let next = Routing::new(view.epoch, &owners, state.vnodes, state.configured_replication_factor, Some(&current.health));
+        let next = Routing::new(
+            view.epoch,
+            &owners,
+            state.vnodes,
+            state.configured_replication_factor,
+            Some(&current.health),
+        );
         info!(epoch = view.epoch, nodes = ?next.ring.nodes(), "following the cluster's membership view");
         checkers.abort_all();
-        checkers = spawn_checkers(next.health.clone(), state.upstream.clone(), check_interval, check_timeout);
+        checkers = spawn_checkers(
+            next.health.clone(),
+            state.upstream.clone(),
+            check_interval,
+            check_timeout,
+        );
         state.set_routing(next);
     }
 }
 
 async fn fetch_view(state: &SharedState, routing: &Routing, timeout: Duration) -> Option<View> {
-    for index in routing.health.healthy_first(&(0..routing.health.len()).collect::<Vec<_>>()) {
+    for index in routing
+        .health
+        .healthy_first(&(0..routing.health.len()).collect::<Vec<_>>())
+    {
         let Some(url) = routing.health.url(index) else {
             continue;
         };

@@ -6,8 +6,8 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderName, Method, Request, Response, Uri};
 use bytes::Bytes;
-use http_body_util::Limited;
 use http_body_util::Full;
+use http_body_util::Limited;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -124,14 +124,21 @@ impl Upstream {
     }
 
     /// `GET {node_url}{path}`: the body of a 200 answer, read within `deadline`.
-    pub async fn get_json(&self, node_url: &str, path: &str, deadline: Duration) -> Result<Bytes, String> {
+    pub async fn get_json(
+        &self,
+        node_url: &str,
+        path: &str,
+        deadline: Duration,
+    ) -> Result<Bytes, String> {
         use http_body_util::BodyExt;
         let uri = node_uri(node_url, path).map_err(|e| e.to_string())?;
         let mut request = Request::new(Full::new(Bytes::new()));
         *request.uri_mut() = uri;
         let response = match self.attempt(request, deadline).await {
             Outcome::Answered(response) if response.status() == 200 => response,
-            Outcome::Answered(response) => return Err(format!("{path} answered {}", response.status())),
+            Outcome::Answered(response) => {
+                return Err(format!("{path} answered {}", response.status()))
+            }
             Outcome::ConnectFailed(reason) | Outcome::Failed(reason) => return Err(reason),
             Outcome::TimedOut => return Err(format!("no answer within {deadline:?}")),
         };

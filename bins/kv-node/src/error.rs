@@ -100,6 +100,7 @@ impl ApiError {
             ApiError::Cluster(C::PreconditionFailed { .. }) => {
                 (StatusCode::PRECONDITION_FAILED, "precondition_failed")
             }
+            ApiError::Cluster(C::BadPlan { .. }) => (StatusCode::BAD_REQUEST, "invalid_plan"),
             ApiError::Cluster(C::BadConsistency { .. }) => {
                 (StatusCode::BAD_REQUEST, "invalid_consistency")
             }

@@ -5,9 +5,9 @@ use crate::consistency::Consistency;
 use crate::detector::{FailureDetector, PeerStatus};
 use crate::error::{Error, Result};
 use crate::hints::HintStore;
+use crate::membership::{self, Topology, View};
 use crate::peer::{ForwardRequest, ForwardResponse, PeerClient};
 use kv_core::{Record, Store};
-use crate::membership::{self, Topology, View};
 use parking_lot::RwLock;
 use serde::Serialize;
 use std::path::PathBuf;
@@ -215,8 +215,14 @@ impl Cluster {
                 return Ok(false);
             }
             membership::store(&inner.config.members_file, &view)?;
-            info!(epoch = view.epoch, members = view.members.len(), in_transition = view.in_transition(), "adopted membership view");
-            let topology = Topology::new(view, inner.config.replication_factor, inner.config.vnodes);
+            info!(
+                epoch = view.epoch,
+                members = view.members.len(),
+                in_transition = view.in_transition(),
+                "adopted membership view"
+            );
+            let topology =
+                Topology::new(view, inner.config.replication_factor, inner.config.vnodes);
             inner.detector.set_peers(
                 topology
                     .members()

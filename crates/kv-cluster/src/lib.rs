@@ -32,9 +32,9 @@ pub use error::{Error, Result};
 pub use kv_ring::DEFAULT_VNODES;
 pub use listing::ListPage;
 pub use membership::{Member, MemberState, View};
-pub use rebalance::{PlanReport, TransferState};
 pub use peer::{
     ForwardRequest, ForwardResponse, FORWARDED_HEADER, REQUEST_ID_HEADER, SECRET_HEADER,
     VERSION_HEADER,
 };
 pub use quorum::{now_ms, Precondition, Write};
+pub use rebalance::{PlanReport, TransferState};

@@ -211,7 +211,9 @@ pub fn store(path: &Path, view: &View) -> Result<()> {
     file.sync_all().map_err(err)?;
     fs::rename(&tmp, path).map_err(err)?;
     if let Some(dir) = path.parent() {
-        fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(err)?;
     }
     Ok(())
 }
@@ -299,7 +301,9 @@ mod tests {
     use super::*;
 
     fn urls(n: usize) -> Vec<String> {
-        (1..=n).map(|i| format!("http://127.0.0.1:800{i}")).collect()
+        (1..=n)
+            .map(|i| format!("http://127.0.0.1:800{i}"))
+            .collect()
     }
 
     #[test]
@@ -313,10 +317,16 @@ mod tests {
         assert!(plan.in_transition());
         assert_eq!(plan.before().len(), 3);
         assert_eq!(plan.after().len(), 4);
-        assert!(plan.plan(&[], &urls(1), "x").is_err(), "one change at a time");
+        assert!(
+            plan.plan(&[], &urls(1), "x").is_err(),
+            "one change at a time"
+        );
         let done = plan.committed();
         assert_eq!((done.epoch, done.members.len()), (2, 4));
-        let remove = plan.committed().plan(&[], &[urls(2)[1].clone()], "x").unwrap();
+        let remove = plan
+            .committed()
+            .plan(&[], &[urls(2)[1].clone()], "x")
+            .unwrap();
         assert_eq!(remove.before().len(), 4);
         assert_eq!(remove.after().len(), 3);
         assert_eq!(remove.committed().members.len(), 3);
@@ -328,7 +338,10 @@ mod tests {
         assert!(seed.plan(&[], &[], "x").is_err());
         assert!(seed.plan(&urls(1), &[], "x").is_err(), "already a member");
         assert!(seed.plan(&[], &["http://nowhere:1".into()], "x").is_err());
-        assert!(seed.plan(&[], &urls(2), "x").is_err(), "would remove every node");
+        assert!(
+            seed.plan(&[], &urls(2), "x").is_err(),
+            "would remove every node"
+        );
     }
 
     #[test]
@@ -342,12 +355,18 @@ mod tests {
             let key = format!("k{i}");
             let owners = topology.owners(&key);
             assert_eq!(owners.len(), 3);
-            assert!(owners.iter().all(|o| !o.ends_with("8004")), "joining nodes own nothing yet");
+            assert!(
+                owners.iter().all(|o| !o.ends_with("8004")),
+                "joining nodes own nothing yet"
+            );
             let pending = topology.pending(&key);
             moved += usize::from(!pending.is_empty());
             assert!(pending.iter().all(|p| p.ends_with("8004")));
         }
-        assert!((600..=900).contains(&moved), "with N=3 of 3 -> 4 most keys gain node 4: {moved}");
+        assert!(
+            (600..=900).contains(&moved),
+            "with N=3 of 3 -> 4 most keys gain node 4: {moved}"
+        );
     }
 
     #[test]
@@ -355,7 +374,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("members.json");
         assert_eq!(load(&path).unwrap(), None);
-        let view = View::seed(&urls(3)).plan(&urls(0), &[urls(3)[2].clone()], "me").unwrap();
+        let view = View::seed(&urls(3))
+            .plan(&urls(0), &[urls(3)[2].clone()], "me")
+            .unwrap();
         store(&path, &view).unwrap();
         assert_eq!(load(&path).unwrap(), Some(view));
         fs::write(&path, b"{ not json").unwrap();

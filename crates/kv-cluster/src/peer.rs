@@ -272,16 +272,26 @@ impl PeerClient {
         Ok((latency, rank))
     }
 
-    async fn get_json<T: serde::de::DeserializeOwned>(&self, peer: &str, path: &str) -> Result<T, CallError> {
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        peer: &str,
+        path: &str,
+    ) -> Result<T, CallError> {
         let response = self
             .request(Method::GET, format!("{peer}{path}"), "membership")
             .send()
             .await
             .map_err(|e| CallError::from_reqwest(peer, &e))?;
         if response.status() != StatusCode::OK {
-            return Err(CallError::failed(peer, format!("{path} answered {}", response.status())));
+            return Err(CallError::failed(
+                peer,
+                format!("{path} answered {}", response.status()),
+            ));
         }
-        response.json().await.map_err(|e| CallError::failed(peer, e.to_string()))
+        response
+            .json()
+            .await
+            .map_err(|e| CallError::failed(peer, e.to_string()))
     }
 
     async fn post_json<B: serde::Serialize, T: serde::de::DeserializeOwned>(
@@ -297,9 +307,15 @@ impl PeerClient {
             .await
             .map_err(|e| CallError::from_reqwest(peer, &e))?;
         if response.status() != StatusCode::OK {
-            return Err(CallError::failed(peer, format!("{path} answered {}", response.status())));
+            return Err(CallError::failed(
+                peer,
+                format!("{path} answered {}", response.status()),
+            ));
         }
-        response.json().await.map_err(|e| CallError::failed(peer, e.to_string()))
+        response
+            .json()
+            .await
+            .map_err(|e| CallError::failed(peer, e.to_string()))
     }
 
     /// The peer's membership view.
@@ -308,17 +324,30 @@ impl PeerClient {
     }
 
     /// Offers the peer a view; it adopts it if it is newer than its own.
-    pub async fn push_view(&self, peer: &str, view: &crate::membership::View) -> Result<(), CallError> {
-        self.post_json::<_, serde_json::Value>(peer, MEMBERS_PATH, view).await.map(|_| ())
+    pub async fn push_view(
+        &self,
+        peer: &str,
+        view: &crate::membership::View,
+    ) -> Result<(), CallError> {
+        self.post_json::<_, serde_json::Value>(peer, MEMBERS_PATH, view)
+            .await
+            .map(|_| ())
     }
 
     /// The peer's part in the membership change in progress.
-    pub async fn transfer_state(&self, peer: &str) -> Result<crate::rebalance::TransferState, CallError> {
+    pub async fn transfer_state(
+        &self,
+        peer: &str,
+    ) -> Result<crate::rebalance::TransferState, CallError> {
         self.get_json(peer, TRANSFER_PATH).await
     }
 
     /// What `view` would move of the keys the peer is first owner of.
-    pub async fn estimate(&self, peer: &str, view: &crate::membership::View) -> Result<crate::rebalance::Estimate, CallError> {
+    pub async fn estimate(
+        &self,
+        peer: &str,
+        view: &crate::membership::View,
+    ) -> Result<crate::rebalance::Estimate, CallError> {
         self.post_json(peer, ESTIMATE_PATH, view).await
     }
 

@@ -114,7 +114,12 @@ pub struct NodeMoves {
 
 impl Cluster {
     /// Plans adding `add` and removing `remove`; applies it unless `dry_run`.
-    pub async fn plan_change(&self, add: Vec<String>, remove: Vec<String>, dry_run: bool) -> Result<PlanReport> {
+    pub async fn plan_change(
+        &self,
+        add: Vec<String>,
+        remove: Vec<String>,
+        dry_run: bool,
+    ) -> Result<PlanReport> {
         let current = self.topology();
         let view = current.view.plan(&add, &remove, &self.inner.me)?;
         let (estimates, incomplete) = self.gather_estimates(&current, &view).await;
@@ -122,7 +127,12 @@ impl Cluster {
         if !dry_run {
             self.adopt_view(view.clone())?;
             self.push_view(&view).await;
-            info!(epoch = view.epoch, ?add, ?remove, "membership change applied");
+            info!(
+                epoch = view.epoch,
+                ?add,
+                ?remove,
+                "membership change applied"
+            );
         }
         Ok(report)
     }
@@ -132,7 +142,12 @@ impl Cluster {
             if node == &*self.inner.me {
                 return Some(self.estimate(view));
             }
-            self.inner.peers.estimate(node, view).await.map_err(|e| warn!(error = %e, "no estimate")).ok()
+            self.inner
+                .peers
+                .estimate(node, view)
+                .await
+                .map_err(|e| warn!(error = %e, "no estimate"))
+                .ok()
         });
         let answers = futures::future::join_all(asks).await;
         let incomplete = answers.iter().any(Option::is_none);
@@ -142,7 +157,11 @@ impl Cluster {
     /// This node's share of what `view` would move (see [`Estimate`]).
     pub fn estimate(&self, view: &View) -> Estimate {
         let now = self.topology();
-        let next = Topology::new(view.clone(), self.inner.config.replication_factor, self.inner.config.vnodes);
+        let next = Topology::new(
+            view.clone(),
+            self.inner.config.replication_factor,
+            self.inner.config.vnodes,
+        );
         let me = &self.inner.me;
         let mut estimate = Estimate {
             node: me.to_string(),
@@ -175,11 +194,14 @@ impl Cluster {
         targets.extend(self.topology().members().map(|m| m.to_string()));
         targets.sort();
         targets.dedup();
-        let pushes = targets.iter().filter(|t| **t != *self.inner.me).map(|t| async move {
-            if let Err(e) = self.inner.peers.push_view(t, view).await {
-                warn!(peer = %t, error = %e, "could not send the membership view; gossip will");
-            }
-        });
+        let pushes = targets
+            .iter()
+            .filter(|t| **t != *self.inner.me)
+            .map(|t| async move {
+                if let Err(e) = self.inner.peers.push_view(t, view).await {
+                    warn!(peer = %t, error = %e, "could not send the membership view; gossip will");
+                }
+            });
         futures::future::join_all(pushes).await;
     }
 
@@ -191,14 +213,23 @@ impl Cluster {
         let mut state = self.inner.transfer.lock();
         if !view.in_transition() {
             if state.epoch < view.epoch && !state.running {
-                *state = TransferState { epoch: view.epoch, done: true, running: true, ..TransferState::default() };
+                *state = TransferState {
+                    epoch: view.epoch,
+                    done: true,
+                    running: true,
+                    ..TransferState::default()
+                };
                 let cluster = self.clone();
                 tokio::spawn(async move { cluster.drop_foreign_keys().await });
             }
             return;
         }
         if state.epoch != view.epoch || (!state.done && !state.running) {
-            *state = TransferState { epoch: view.epoch, running: true, ..TransferState::default() };
+            *state = TransferState {
+                epoch: view.epoch,
+                running: true,
+                ..TransferState::default()
+            };
             let cluster = self.clone();
             let epoch = view.epoch;
             tokio::spawn(async move { cluster.transfer(epoch).await });
@@ -218,7 +249,9 @@ impl Cluster {
         let mut plan: BTreeMap<Arc<str>, Vec<String>> = BTreeMap::new();
         self.inner.store.scan(|key, _| {
             let owners = topology.owners(key);
-            let first_live = owners.iter().find(|o| **o == me || self.inner.detector.is_up(o));
+            let first_live = owners
+                .iter()
+                .find(|o| **o == me || self.inner.detector.is_up(o));
             if first_live != Some(&me) {
                 return;
             }
@@ -228,7 +261,12 @@ impl Cluster {
         });
         let total: u64 = plan.values().map(|k| k.len() as u64).sum();
         self.inner.transfer.lock().total = total;
-        info!(epoch, keys = total, targets = plan.len(), "streaming keys to new replicas");
+        info!(
+            epoch,
+            keys = total,
+            targets = plan.len(),
+            "streaming keys to new replicas"
+        );
         let rate = self.inner.config.transfer_keys_per_sec.max(1);
         for (target, keys) in plan {
             for chunk in keys.chunks(TRANSFER_BATCH) {
@@ -251,13 +289,23 @@ impl Cluster {
     }
 
     /// Sends one batch until `target` takes it; false when the change it belongs to is over.
-    async fn send_until_taken(&self, target: &str, records: &[kv_core::Record], epoch: u64) -> bool {
+    async fn send_until_taken(
+        &self,
+        target: &str,
+        records: &[kv_core::Record],
+        epoch: u64,
+    ) -> bool {
         let mut stop = self.inner.stop.subscribe();
         loop {
             if self.topology().view.epoch != epoch || *stop.borrow() {
                 return false;
             }
-            match self.inner.peers.replicate(target, records, "transfer").await {
+            match self
+                .inner
+                .peers
+                .replicate(target, records, "transfer")
+                .await
+            {
                 Ok(()) => return true,
                 Err(e) => {
                     warn!(peer = target, error = %e, "transfer batch not taken; retrying");
@@ -334,7 +382,10 @@ impl Cluster {
             };
             state.is_ok_and(|s| s.epoch == view.epoch && s.done && s.hints_for_new == 0)
         });
-        futures::future::join_all(asks).await.into_iter().all(|done| done)
+        futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .all(|done| done)
     }
 
     /// After a committed change: forgets the keys this node no longer owns, then checkpoints so
@@ -350,7 +401,11 @@ impl Cluster {
         });
         if !foreign.is_empty() {
             let dropped = self.inner.store.forget(&foreign);
-            info!(keys = dropped, epoch = topology.view.epoch, "dropped keys this node no longer owns");
+            info!(
+                keys = dropped,
+                epoch = topology.view.epoch,
+                "dropped keys this node no longer owns"
+            );
             if let Err(e) = self.inner.store.checkpoint().await {
                 warn!(error = %e, "checkpoint after dropping keys failed; they return on restart and are dropped again");
             }
@@ -363,7 +418,11 @@ impl Cluster {
 
 /// Adds up the nodes' estimates into a per-node report.
 fn summarise(view: View, estimates: Vec<Estimate>, incomplete: bool, applied: bool) -> PlanReport {
-    let mut nodes: BTreeMap<String, NodeMoves> = view.all().into_iter().map(|u| (u.to_owned(), NodeMoves::default())).collect();
+    let mut nodes: BTreeMap<String, NodeMoves> = view
+        .all()
+        .into_iter()
+        .map(|u| (u.to_owned(), NodeMoves::default()))
+        .collect();
     let mut keys_moved = 0;
     for estimate in estimates {
         nodes.entry(estimate.node).or_default().keys_before = estimate.keys;
@@ -382,10 +441,22 @@ fn summarise(view: View, estimates: Vec<Estimate>, incomplete: bool, applied: bo
     for line in nodes.values_mut() {
         line.keys_after = (line.keys_before + line.gain_keys).saturating_sub(line.lose_keys);
     }
-    let after: Vec<u64> = view.after().iter().filter_map(|u| nodes.get(*u)).map(|l| l.keys_after).collect();
+    let after: Vec<u64> = view
+        .after()
+        .iter()
+        .filter_map(|u| nodes.get(*u))
+        .map(|l| l.keys_after)
+        .collect();
     let balance_after = match (after.iter().max(), after.iter().min()) {
         (Some(&max), Some(&min)) if min > 0 => max as f64 / min as f64,
         _ => 0.0,
     };
-    PlanReport { view, applied, nodes, keys_moved, balance_after, incomplete }
+    PlanReport {
+        view,
+        applied,
+        nodes,
+        keys_moved,
+        balance_after,
+        incomplete,
+    }
 }

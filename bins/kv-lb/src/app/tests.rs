@@ -232,16 +232,25 @@ async fn a_timeout_is_retried_for_reads_and_stamped_writes_and_is_504_for_condit
     let (status, body) = send(&state, request(Method::PUT, &format!("/v1/{key}"), "{}")).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["node"], json!(good.url));
-    assert_eq!(good.hits(), 2, "the stamped write moved on to the next replica");
+    assert_eq!(
+        good.hits(),
+        2,
+        "the stamped write moved on to the next replica"
+    );
 
     let mut conditional = request(Method::PUT, &format!("/v1/{key}"), "{}");
-    conditional
-        .headers_mut()
-        .insert(axum::http::header::IF_MATCH, axum::http::HeaderValue::from_static("*"));
+    conditional.headers_mut().insert(
+        axum::http::header::IF_MATCH,
+        axum::http::HeaderValue::from_static("*"),
+    );
     let (status, body) = send(&state, conditional).await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(body["error"], "timeout");
-    assert_eq!(good.hits(), 2, "a conditional write is not sent to a second node");
+    assert_eq!(
+        good.hits(),
+        2,
+        "a conditional write is not sent to a second node"
+    );
 }
 
 #[tokio::test]
