@@ -238,8 +238,14 @@ impl Cluster {
     ) -> Result<Vec<(Arc<str>, Option<Record>)>> {
         let total = replicas.len();
         let (tx, mut rx) = mpsc::channel(total.max(1));
-        let mut pending = replicas.into_iter();
+        let mut answers = Vec::with_capacity(total);
+        let mut pending = replicas.into_iter().peekable();
         let mut launched = 0;
+        // This node's own copy needs no task and no network: answer it inline.
+        if let Some(me) = pending.next_if(|node| *node == self.inner.me) {
+            answers.push((me, self.local_record(key)));
+            launched += 1;
+        }
         let launch = |node: Arc<str>| {
             let (cluster, key, rid, tx) = (
                 self.clone(),
@@ -252,11 +258,10 @@ impl Cluster {
                 let _ = tx.send((node, answer)).await;
             });
         };
-        for node in pending.by_ref().take(needed) {
+        for node in pending.by_ref().take(needed.saturating_sub(launched)) {
             launch(node);
             launched += 1;
         }
-        let mut answers = Vec::with_capacity(total);
         let mut failed = 0;
         let deadline = tokio::time::Instant::now() + self.inner.config.peer_timeout;
         let speculate_at = tokio::time::Instant::now() + SPECULATIVE_READ_DELAY;
