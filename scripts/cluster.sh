@@ -232,7 +232,7 @@ cmd_status() {
         port="$(port_of "$name")"
         pid="$(live_pid "$name")"
         health="$(curl -sS --max-time 2 "http://127.0.0.1:$port/health" 2>/dev/null || echo '-')"
-        keys="$(curl -sS --max-time 2 "http://127.0.0.1:$port/" 2>/dev/null | grep -o '"keys":[0-9]*' | cut -d: -f2)"
+        keys="$(curl -sS --max-time 2 "http://127.0.0.1:$port/" 2>/dev/null | grep -o '"keys":[0-9]*' | cut -d: -f2 || true)"
         printf '%-7s %-8s %-6s %-6s %-8s %s\n' "$name" "${pid:--}" "$([[ -n "$pid" ]] && echo alive || echo dead)" \
             "$port" "${keys:--}" "$health"
     done

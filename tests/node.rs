@@ -204,22 +204,28 @@ fn auth_token_guards_the_data_api() {
     )
     .unwrap();
     assert_eq!(ok.status, 200);
+    let health = send("GET", &format!("{}/health", c.url(0)), None).unwrap();
     assert_eq!(
-        send("GET", &format!("{}/health", c.url(0)), None)
-            .unwrap()
-            .status,
-        200
+        (health.status, health.json["status"].clone()),
+        (200, json!("ok"))
+    );
+    assert_eq!(
+        health.json["epoch"], 0,
+        "the membership epoch travels with health checks"
     );
 }
 
 #[test]
 fn status_and_health_describe_the_node() {
     let c = single(&[]);
+    let health = send("GET", &format!("{}/health", c.url(0)), None).unwrap();
     assert_eq!(
-        send("GET", &format!("{}/health", c.url(0)), None)
-            .unwrap()
-            .json,
-        json!({"status": "ok"})
+        (health.status, health.json["status"].clone()),
+        (200, json!("ok"))
+    );
+    assert_eq!(
+        health.json["epoch"], 0,
+        "the membership epoch travels with health checks"
     );
     send(
         "POST",

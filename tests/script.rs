@@ -65,7 +65,7 @@ fn alive(pid: u32) -> bool {
 #[test]
 fn cluster_sh_up_round_trip_down_leaves_nothing_behind() {
     let root = tempfile::tempdir().unwrap();
-    let (base, lb) = free_port_run(3);
+    let (base, lb) = free_port_run(5); // room for a 4th node before the LB port
     let up = script(
         root.path(),
         &[
@@ -111,7 +111,45 @@ fn cluster_sh_up_round_trip_down_leaves_nothing_behind() {
     );
 
     let status = script(root.path(), &["status"]);
-    assert!(status.status.success());
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let table = String::from_utf8_lossy(&status.stdout);
+    assert_eq!(
+        table.lines().filter(|l| l.contains(" alive ")).count(),
+        4,
+        "{table}"
+    );
+    // Grow by one node and shrink again: data stays readable through the LB.
+    let add = script(root.path(), &["add"]);
+    assert!(
+        add.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&add.stdout),
+        String::from_utf8_lossy(&add.stderr)
+    );
+    let remove = script(root.path(), &["remove", "node2"]);
+    assert!(
+        remove.status.success(),
+        "{}",
+        String::from_utf8_lossy(&remove.stderr)
+    );
+    let table = String::from_utf8_lossy(&script(root.path(), &["status"]).stdout).into_owned();
+    assert!(
+        table.contains("node4") && !table.contains("node2"),
+        "{table}"
+    );
+    assert_eq!(
+        send("GET", &format!("{lb_url}/v1/mykey"), None)
+            .unwrap()
+            .json["value"],
+        "hello"
+    );
+    let mut started = started;
+    started.extend(pids(root.path()));
+
     let down = script(root.path(), &["down"]);
     assert!(
         down.status.success(),
