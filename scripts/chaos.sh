@@ -42,7 +42,7 @@ awk '
     split("scenario secs ops faults acked failed_ops lost stale phantom", known, " ")
     for (k in f) { skip = 0; for (j in known) if (known[j] == k) skip = 1; if (!skip) notes = notes " " k "=" f[k] }
     printf "%-10s %6s %8s %7s %8s %7s %5s %6s %s\n", f["scenario"], (f["secs"] ? f["secs"] : "-"), (f["ops"] ? f["ops"] : "-"),
-      f["faults"], f["acked"], (f["failed_ops"] != "" ? f["failed_ops"] : "-"), f["lost"],
+      f["faults"], f["acked"], (f["failed_ops"] != "" ? f["failed_ops"] : "-"), (f["lost"] != "" ? f["lost"] : "-"),
       (f["stale"] != "" ? f["stale"] : "-"), (f["phantom"] != "" ? " phantom=" f["phantom"] : "") notes
   }' "$out/results"
 exit $status

@@ -75,9 +75,85 @@ pub fn init_metrics() -> PrometheusHandle {
             .unwrap_or_else(|_| PrometheusBuilder::new())
     };
     match builder().install_recorder() {
-        Ok(handle) => handle,
+        Ok(handle) => {
+            describe_metrics();
+            handle
+        }
         Err(_) => builder().build_recorder().handle(),
     }
+}
+
+/// `# HELP` lines for the metrics an operator alerts on (names as recorded by kv-node,
+/// kv-cluster and kv-core).
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        "kv_http_requests_total",
+        "HTTP requests answered, by route, method and status"
+    );
+    describe_histogram!(
+        "kv_http_request_duration_seconds",
+        Unit::Seconds,
+        "HTTP request latency"
+    );
+    describe_counter!(
+        "kv_wal_appends_total",
+        "store writes (apply calls) made durable by the WAL"
+    );
+    describe_counter!("kv_wal_records_total", "records written to the WAL");
+    describe_counter!(
+        "kv_wal_bytes_written_total",
+        Unit::Bytes,
+        "bytes written to the WAL"
+    );
+    describe_histogram!(
+        "kv_wal_fsync_seconds",
+        Unit::Seconds,
+        "WAL fsync (fdatasync) latency"
+    );
+    describe_histogram!("kv_wal_batch_records", "records per WAL group commit");
+    describe_counter!(
+        "kv_checkpoints_total",
+        "checkpoints, by result (ok or error)"
+    );
+    describe_histogram!(
+        "kv_checkpoint_duration_seconds",
+        Unit::Seconds,
+        "checkpoint duration"
+    );
+    describe_gauge!(
+        "kv_snapshot_bytes",
+        Unit::Bytes,
+        "size of the last snapshot written"
+    );
+    describe_gauge!(
+        "kv_snapshot_timestamp_seconds",
+        "unix time of the newest snapshot"
+    );
+    describe_counter!(
+        "kv_backups_total",
+        "backups written, by result (ok or error)"
+    );
+    describe_gauge!("kv_keys", "live keys on this node");
+    describe_gauge!(
+        "kv_value_bytes",
+        Unit::Bytes,
+        "bytes of live values on this node"
+    );
+    describe_gauge!(
+        "kv_wal_bytes",
+        Unit::Bytes,
+        "WAL bytes not yet covered by a snapshot"
+    );
+    describe_gauge!(
+        "kv_writes_refused",
+        "1 when the WAL failed and the node refuses writes"
+    );
+    describe_gauge!(
+        "kv_hints_pending",
+        "hinted writes waiting for a peer that was down"
+    );
+    describe_gauge!("kv_peer_up", "1 when this node believes the peer is up");
 }
 
 /// Folds histogram samples every [`UPKEEP_INTERVAL`] for the life of the runtime.

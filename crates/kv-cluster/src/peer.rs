@@ -277,21 +277,8 @@ impl PeerClient {
         peer: &str,
         path: &str,
     ) -> Result<T, CallError> {
-        let response = self
-            .request(Method::GET, format!("{peer}{path}"), "membership")
-            .send()
-            .await
-            .map_err(|e| CallError::from_reqwest(peer, &e))?;
-        if response.status() != StatusCode::OK {
-            return Err(CallError::failed(
-                peer,
-                format!("{path} answered {}", response.status()),
-            ));
-        }
-        response
-            .json()
-            .await
-            .map_err(|e| CallError::failed(peer, e.to_string()))
+        let request = self.request(Method::GET, format!("{peer}{path}"), "membership");
+        Self::json_call(peer, path, request).await
     }
 
     async fn post_json<B: serde::Serialize, T: serde::de::DeserializeOwned>(
@@ -300,9 +287,17 @@ impl PeerClient {
         path: &str,
         body: &B,
     ) -> Result<T, CallError> {
-        let response = self
-            .request(Method::POST, format!("{peer}{path}"), "membership")
-            .json(body)
+        let request = self.request(Method::POST, format!("{peer}{path}"), "membership");
+        Self::json_call(peer, path, request.json(body)).await
+    }
+
+    /// Sends a membership call and decodes the JSON of its 200 answer.
+    async fn json_call<T: serde::de::DeserializeOwned>(
+        peer: &str,
+        path: &str,
+        request: reqwest::RequestBuilder,
+    ) -> Result<T, CallError> {
+        let response = request
             .send()
             .await
             .map_err(|e| CallError::from_reqwest(peer, &e))?;

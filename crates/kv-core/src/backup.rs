@@ -94,7 +94,7 @@ pub fn verify_backup(path: &Path) -> Result<BackupInfo, Error> {
         reason,
     };
     let meta = snapshot::load(path, |_| {}).map_err(|e| match e {
-        Error::Corrupt { offset, reason, .. } => bad(format!("{reason} at byte offset {offset}")),
+        Error::Corrupt { offset, reason, .. } => bad(format!("{reason} (byte offset {offset})")),
         Error::BadFormat { reason, .. } => bad(reason),
         Error::Io { op, source, .. } => bad(format!("cannot {op} it: {source}")),
         other => other,
