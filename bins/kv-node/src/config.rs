@@ -37,6 +37,7 @@ struct NodeEnv {
     request_timeout_ms: Option<String>,
     shutdown_grace_secs: Option<String>,
     transfer_keys_per_sec: Option<String>,
+    max_connections: Option<String>,
     log_format: Option<String>,
 }
 
@@ -163,6 +164,11 @@ pub const HELP_VARIABLES: &[(&str, &str, &str)] = &[
         "5000",
         "keys a node streams per second during a membership change",
     ),
+    (
+        "MAX_CONNECTIONS",
+        "1024",
+        "client and peer connections served at once; more wait",
+    ),
     ("RUST_LOG", "info", "tracing filter"),
     ("LOG_FORMAT", "text", "text | json"),
 ];
@@ -227,6 +233,8 @@ pub struct NodeConfig {
     pub shutdown_grace: Duration,
     /// Keys a node streams per second to new replicas during a membership change.
     pub transfer_keys_per_sec: u64,
+    /// Connections served at once.
+    pub max_connections: usize,
     /// Log output format.
     pub log_format: LogFormat,
 }
@@ -461,6 +469,13 @@ impl NodeEnv {
                 5000,
                 1,
                 10_000_000,
+            )?,
+            max_connections: parse_num(
+                "MAX_CONNECTIONS",
+                self.max_connections.as_deref(),
+                1024,
+                1,
+                1_000_000,
             )?,
             log_format,
         })

@@ -13,6 +13,7 @@ mod members;
 mod request;
 mod restore;
 mod routes;
+mod serve;
 mod status;
 mod telemetry;
 
@@ -99,16 +100,17 @@ async fn run(config: NodeConfig) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     info!(node = %config.name, url = %config.url, listen = %config.listen, nodes = config.nodes.len(), "serving");
     let grace = config.shutdown_grace;
+    let limits = serve::ServeLimits {
+        max_connections: config.max_connections,
+        // Room for the longest key, percent-encoded, plus ordinary headers.
+        max_head_bytes: (3 * config.max_key_bytes + 16 * 1024).max(32 * 1024),
+    };
     let app = routes::app(routes::AppState::new(config, cluster.clone(), metrics));
-    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let shutdown = async {
         shutdown_signal().await;
-        let _ = stopping_tx.send(());
-    });
-    let server = tokio::spawn(async move { server.await });
-    let _ = stopping_rx.await;
-    info!("shutting down: no new connections; finishing requests in flight");
-    if tokio::time::timeout(grace, server).await.is_err() {
+        info!("shutting down: no new connections; finishing requests in flight");
+    };
+    if !serve::serve(listener, app, limits, shutdown, grace).await {
         warn!(
             grace_secs = grace.as_secs(),
             "requests still in flight after the grace period; closing"
