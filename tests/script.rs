@@ -62,9 +62,24 @@ fn alive(pid: u32) -> bool {
             .contains(") Z ")
 }
 
+/// Stops whatever the script started under `root` if the test ends early (a failed assertion):
+/// the script detaches its processes, so nothing else would.
+struct StopOnDrop<'a>(&'a Path);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        for pid in pids(self.0) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
 #[test]
 fn cluster_sh_up_round_trip_down_leaves_nothing_behind() {
     let root = tempfile::tempdir().unwrap();
+    let _cleanup = StopOnDrop(root.path());
     let (base, lb) = free_port_run(5); // room for a 4th node before the LB port
     let up = script(
         root.path(),
