@@ -125,6 +125,7 @@ fn every_bad_input_gets_a_json_error_and_changes_nothing() {
             "invalid_key",
         ),
         ("DELETE", format!("{base}/v1"), None, 400, "invalid_key"),
+        ("GET", format!("{base}/v1/"), None, 400, "invalid_key"),
         (
             "POST",
             format!("{base}/v1/{}", "k".repeat(17)),

@@ -269,6 +269,14 @@ fn not_found(key: &str) -> ApiError {
     ApiError::NotFound(format!("key {key:?} does not exist"))
 }
 
+/// `/v1/` with nothing after the slash: an empty key (the listing is `/v1` without a slash).
+pub async fn empty_key() -> ApiError {
+    ApiError::bad_request(
+        "invalid_key",
+        "the key is empty; use /v1/<key> (or GET /v1?prefix= to list keys)",
+    )
+}
+
 /// `GET|HEAD|POST|PUT|DELETE /v1/{key}`.
 pub async fn data(State(app): State<AppState>, request: Request) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();

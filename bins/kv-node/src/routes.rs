@@ -86,7 +86,7 @@ pub fn request_id(headers: &HeaderMap) -> String {
 pub fn app(state: AppState) -> Router {
     let data = Router::new()
         .route("/v1", any(list::list))
-        .route("/v1/", any(list::list))
+        .route("/v1/", any(api::empty_key))
         .route("/v1/{*key}", any(api::data))
         .route("/batch", post(batch::batch))
         .route("/admin/backup", get(admin::backup))
