@@ -72,9 +72,6 @@ fn oversized_keys_and_bodies_are_refused_with_400_and_413() {
 }
 
 #[test]
-#[ignore = "missing: a 64 KiB request header is served with 200 (the head limit is hyper's \
-            default, about 400 KiB; 500 headers and a 1 MiB header do get 431); proposed: heads \
-            over 16-32 KiB -> 431"]
 fn oversized_request_heads_are_refused_with_431() {
     let c = one_node(&[]);
     let url = c.url(0);
@@ -126,9 +123,6 @@ fn slow_loris(addr: SocketAddr) -> Option<Duration> {
 }
 
 #[test]
-#[ignore = "missing: kv-node has no request-head read timeout (axum::serve without \
-            header_read_timeout); a client sending one header byte a second holds its \
-            connection for ever"]
 fn a_slow_loris_client_is_cut_off_and_cannot_hold_the_node() {
     let c = one_node(&[]);
     let addr = addr_of(c.url(0));
@@ -175,8 +169,6 @@ fn sockets_of(pid: u32) -> usize {
 }
 
 #[test]
-#[ignore = "missing: kv-node has no cap on concurrent connections (proposed: MAX_CONNECTIONS, \
-            connections over it closed at once or left in the backlog)"]
 fn concurrent_connections_are_capped() {
     const CAP: usize = 16;
     let c = one_node(&[("MAX_CONNECTIONS", "16")]);
