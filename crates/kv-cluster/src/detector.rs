@@ -109,6 +109,13 @@ impl FailureDetector {
         self.get(peer).map_or(PeerState::Up, |h| h.state.lock().0)
     }
 
+    /// Round trip of the peer's last successful health check (`None`: never measured, or a
+    /// stranger); a hint for which replicas to ask first.
+    pub fn latency(&self, peer: &str) -> Option<Duration> {
+        let micros = self.get(peer)?.latency_us.load(Ordering::Relaxed);
+        (micros != u64::MAX).then(|| Duration::from_micros(micros))
+    }
+
     /// Records a successful check; returns true when the peer just came (back) up.
     pub fn record_success(&self, peer: &str, latency: Duration) -> bool {
         let Some(health) = self.get(peer) else {
@@ -207,6 +214,8 @@ mod tests {
         let status = &fd.snapshot()[0];
         assert_eq!(status.state, PeerState::Up);
         assert_eq!(status.latency_ms, Some(2.0));
+        assert_eq!(fd.latency(PEER), Some(Duration::from_millis(2)));
+        assert_eq!(fd.latency("http://127.0.0.1:9"), None);
     }
 
     #[test]

@@ -217,13 +217,21 @@ impl Cluster {
         }))
     }
 
-    /// This node first (no network), then live replicas in preference order, then the rest.
+    /// The order replicas are asked in for a read.
     fn read_order(&self, replicas: Vec<Arc<str>>) -> Vec<Arc<str>> {
-        let mut ordered = self.live_first(replicas);
-        if let Some(pos) = ordered.iter().position(|r| *r == self.inner.me) {
-            let me = ordered.remove(pos);
-            ordered.insert(0, me);
-        }
+        let detector = &self.inner.detector;
+        let mut ordered = replicas;
+        // Stable sort: this node, then peers believed up by their last measured round trip
+        // (unmeasured ones after), then peers believed down; a slow peer is asked last.
+        ordered.sort_by_key(|r| {
+            if *r == self.inner.me {
+                (0, Duration::ZERO)
+            } else if detector.is_up(r) {
+                (1, detector.latency(r).unwrap_or(Duration::MAX))
+            } else {
+                (2, Duration::ZERO)
+            }
+        });
         ordered
     }
 
