@@ -132,6 +132,30 @@ impl HintStore {
         self.counts.lock().values().sum()
     }
 
+    /// Drops the hints of every peer not in `members` (nodes that left the cluster: their keys
+    /// were copied to the remaining owners before they left). Returns how many were dropped.
+    pub async fn discard_except(&self, members: &[&str]) -> u64 {
+        let keep: Vec<String> = members.iter().map(|m| folder_name(m)).collect();
+        let gone: Vec<String> = self
+            .counts
+            .lock()
+            .keys()
+            .filter(|folder| !keep.contains(folder))
+            .cloned()
+            .collect();
+        let mut dropped = 0;
+        for folder in gone {
+            // A folder name maps to itself, so it can stand in for the peer's URL.
+            for file in self.seal(&folder).await {
+                if let Err(e) = fs::remove_file(&file) {
+                    warn!(path = %file.display(), error = %e, "cannot remove hints of a departed node");
+                }
+            }
+            dropped += self.counts.lock().remove(&folder).unwrap_or(0);
+        }
+        dropped
+    }
+
     /// Hints delivered since start-up.
     pub fn delivered(&self) -> u64 {
         self.delivered.load(Ordering::Relaxed)
@@ -383,6 +407,24 @@ mod tests {
         reopened.remove_delivered(PEER, &sealed[0], 10).unwrap();
         assert_eq!(reopened.pending_for(PEER), 1);
         assert_eq!(reopened.delivered(), 10);
+    }
+
+    #[tokio::test]
+    async fn hints_of_departed_nodes_are_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = HintStore::open(dir.path().join("hints")).unwrap();
+        store.add(PEER, record(1));
+        store.add("http://127.0.0.1:8003", record(2));
+        wait_for_writer(&store).await;
+        assert_eq!(store.discard_except(&[PEER]).await, 1);
+        assert_eq!(store.pending(), 1);
+        assert_eq!(store.pending_for(PEER), 1);
+        drop(store);
+        assert_eq!(
+            HintStore::open(dir.path().join("hints")).unwrap().pending(),
+            1,
+            "gone from disk too"
+        );
     }
 
     #[test]

@@ -410,6 +410,13 @@ impl Cluster {
                 warn!(error = %e, "checkpoint after dropping keys failed; they return on restart and are dropped again");
             }
         }
+        let departed = self.inner.hints.discard_except(&topology.view.all()).await;
+        if departed > 0 {
+            info!(
+                hints = departed,
+                "dropped hints for nodes that left the cluster"
+            );
+        }
         let mut state = self.inner.transfer.lock();
         state.running = false;
         state.save(&self.inner.config.members_file);
