@@ -226,17 +226,8 @@ impl PeerClient {
             }
             format!("{peer}{KEYS_PATH}?{}", query.finish())
         };
-        let response = self
-            .request(Method::GET, url, request_id)
-            .send()
-            .await
-            .map_err(|e| CallError::from_reqwest(peer, &e))?;
-        if response.status() != StatusCode::OK {
-            return Err(CallError::failed(
-                peer,
-                format!("status {}", response.status()),
-            ));
-        }
+        let request = self.request(Method::GET, url, request_id);
+        let response = send_expecting_ok(peer, request, KEYS_PATH).await?;
         let body = response
             .bytes()
             .await
@@ -252,18 +243,10 @@ impl PeerClient {
         timeout: Duration,
     ) -> Result<(Duration, Option<(u64, u32)>), CallError> {
         let started = Instant::now();
-        let response = self
+        let request = self
             .request(Method::GET, format!("{peer}/health"), "health-check")
-            .timeout(timeout)
-            .send()
-            .await
-            .map_err(|e| CallError::from_reqwest(peer, &e))?;
-        if response.status() != StatusCode::OK {
-            return Err(CallError::failed(
-                peer,
-                format!("health answered {}", response.status()),
-            ));
-        }
+            .timeout(timeout);
+        let response = send_expecting_ok(peer, request, "/health").await?;
         let latency = started.elapsed();
         let body: serde_json::Value = response.json().await.unwrap_or_default();
         let rank = body["epoch"]
@@ -297,17 +280,8 @@ impl PeerClient {
         path: &str,
         request: reqwest::RequestBuilder,
     ) -> Result<T, CallError> {
-        let response = request
-            .send()
-            .await
-            .map_err(|e| CallError::from_reqwest(peer, &e))?;
-        if response.status() != StatusCode::OK {
-            return Err(CallError::failed(
-                peer,
-                format!("{path} answered {}", response.status()),
-            ));
-        }
-        response
+        send_expecting_ok(peer, request, path)
+            .await?
             .json()
             .await
             .map_err(|e| CallError::failed(peer, e.to_string()))
@@ -375,6 +349,25 @@ impl PeerClient {
             body,
         })
     }
+}
+
+/// Sends a request and insists on a 200 answer; `what` names the call in the error.
+async fn send_expecting_ok(
+    peer: &str,
+    request: reqwest::RequestBuilder,
+    what: &str,
+) -> Result<reqwest::Response, CallError> {
+    let response = request
+        .send()
+        .await
+        .map_err(|e| CallError::from_reqwest(peer, &e))?;
+    if response.status() != StatusCode::OK {
+        return Err(CallError::failed(
+            peer,
+            format!("{what} answered {}", response.status()),
+        ));
+    }
+    Ok(response)
 }
 
 /// Encodes a batch of records for `/internal/replicate`.
