@@ -7,6 +7,7 @@
 #   scripts/cluster.sh logs [node1|node2|...|lb]
 #   scripts/cluster.sh add              # start one more node and join it (data moves to it)
 #   scripts/cluster.sh remove NAME      # drain NAME (its keys get N copies elsewhere), then stop it
+#   scripts/cluster.sh start NAME       # start a stopped (or killed) node again, same data
 #
 # Runs from the repository root (or $KV_ROOT). Logs and pid files go to ./run/, node data to
 # ./data/node$i. Every other variable in the environment (WAL_SYNC, RUST_LOG, AUTH_TOKEN,
@@ -26,10 +27,11 @@ die() { echo "cluster.sh: $*" >&2; exit 1; }
 info() { echo "cluster.sh: $*"; }
 
 usage() {
-    sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
-is_alive() { kill -0 "$1" 2>/dev/null; }
+# True while process $1 runs (a zombie waiting to be reaped does not count).
+is_alive() { kill -0 "$1" 2>/dev/null && [[ "$(ps -p "$1" -o stat= 2>/dev/null)" != Z* ]]; }
 
 # True when something accepts TCP connections on 127.0.0.1:$1.
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -79,7 +81,7 @@ refuse_if_running() {
 launch() {
     local name="$1"; shift
     set -m   # own process group: a Ctrl-C in this terminal does not reach the cluster
-    nohup "$@" >"$RUN_DIR/$name.log" 2>&1 </dev/null &
+    nohup "$@" >>"$RUN_DIR/$name.log" 2>&1 </dev/null &
     echo $! >"$RUN_DIR/$name.pid"
     set +m
 }
@@ -141,6 +143,7 @@ cmd_up() {
     fi
     [[ -x "$BIN_DIR/kv-node" && -x "$BIN_DIR/kv-lb" ]] || die "binaries not found in $BIN_DIR"
     REMOVED=""
+    rm -f "$RUN_DIR"/*.log
     save_cluster_env
     start_all
     print_banner
@@ -300,6 +303,21 @@ cmd_remove() {
     info "$name left the cluster; its data dir ./data/$name is no longer needed"
 }
 
+cmd_start() {
+    load_cluster_env
+    local name="${1:-}" i urls=() cluster_nodes
+    if ! [[ "$name" =~ ^node[0-9]+$ ]] || ((${name#node} > NODES)) || [[ " ${REMOVED:-} " == *" $name "* ]]; then
+        die "start: expected the name of a node of this cluster, like node2"
+    fi
+    [[ -z "$(live_pid "$name")" ]] || die "$name is already running"
+    # The seed list only matters at a node's first start; afterwards its stored view wins.
+    for ((i = 1; i <= NODES; i++)); do urls+=("http://127.0.0.1:$((BASE_PORT + i - 1))"); done
+    cluster_nodes="$(IFS=,; echo "${urls[*]}")"
+    launch_node "${name#node}" "$cluster_nodes"
+    wait_healthy "$name"
+    info "$name is up again"
+}
+
 cmd_logs() {
     [[ -d "$RUN_DIR" ]] || die "no logs in $RUN_DIR"
     if (($#)); then
@@ -319,6 +337,7 @@ main() {
         logs) cmd_logs "$@" ;;
         add) cmd_add ;;
         remove) cmd_remove "$@" ;;
+        start) cmd_start "$@" ;;
         help | -h | --help) usage ;;
         *) usage >&2; exit 2 ;;
     esac

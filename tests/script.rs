@@ -162,6 +162,25 @@ fn cluster_sh_up_round_trip_down_leaves_nothing_behind() {
             .json["value"],
         "hello"
     );
+    // A killed node comes back with `start`.
+    let node3: u32 = std::fs::read_to_string(root.path().join("run/node3.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    Command::new("kill")
+        .args(["-KILL", &node3.to_string()])
+        .status()
+        .unwrap();
+    kv_tests::wait_until(std::time::Duration::from_secs(10), "node3 is gone", || {
+        !alive(node3)
+    });
+    let start = script(root.path(), &["start", "node3"]);
+    assert!(
+        start.status.success(),
+        "{}",
+        String::from_utf8_lossy(&start.stderr)
+    );
     let mut started = started;
     started.extend(pids(root.path()));
 
