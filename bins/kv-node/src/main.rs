@@ -7,6 +7,7 @@ mod api;
 mod batch;
 mod config;
 mod error;
+mod help;
 mod internal;
 mod list;
 mod members;
@@ -17,10 +18,9 @@ mod serve;
 mod status;
 mod telemetry;
 
-use config::{NodeConfig, HELP_VARIABLES};
+use config::NodeConfig;
 use kv_cluster::{Cluster, ClusterConfig};
 use kv_core::{Store, StoreConfig};
-use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 use tracing::{error, info, warn};
@@ -31,10 +31,10 @@ const HINT_DELIVERY_BUDGET: Duration = Duration::from_secs(2);
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
-        Some("--help" | "-h") => return print_help(),
+        Some("--help" | "-h") => return help::print_help(),
         Some("restore") => return restore::main(&args[1..]),
         Some("--version" | "-V") => {
-            return print_line(&format!("kv-node {}", env!("CARGO_PKG_VERSION")))
+            return help::print_line(&format!("kv-node {}", env!("CARGO_PKG_VERSION")))
         }
         Some(other) => {
             eprintln!("kv-node: unknown argument {other:?}; kv-node is configured by environment variables (see kv-node --help)");
@@ -171,28 +171,5 @@ async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {},
         () = terminate => {},
-    }
-}
-
-fn print_help() -> ExitCode {
-    let mut text = format!(
-        "kv-node {}: one storage node of kv, a distributed key-value store.\n\n\
-         Usage: kv-node            (configured by environment variables)\n       \
-         kv-node restore <backup file> [--data-dir DIR] [--force]\n       \
-         kv-node --help | --version\n\n{}\n\nEnvironment variables (default in brackets):\n",
-        env!("CARGO_PKG_VERSION"),
-        restore::HELP
-    );
-    for (name, default, meaning) in HELP_VARIABLES {
-        text.push_str(&format!("  {name:<26} {meaning} [{default}]\n"));
-    }
-    print_line(&text)
-}
-
-fn print_line(text: &str) -> ExitCode {
-    let mut out = std::io::stdout().lock();
-    match writeln!(out, "{text}") {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(_) => ExitCode::FAILURE,
     }
 }

@@ -1,0 +1,162 @@
+//! `kv-node --help` and `--version`: the usage text and the table of environment variables
+//! (kept in the order of `.env.example`).
+
+use std::io::Write;
+use std::process::ExitCode;
+
+/// Every variable with its default and meaning, for `kv-node --help`.
+pub const HELP_VARIABLES: &[(&str, &str, &str)] = &[
+    (
+        "CURRENT_NODE_URL",
+        "http://127.0.0.1:$PORT",
+        "this node's URL as peers and the LB know it",
+    ),
+    (
+        "CLUSTER_NODES",
+        "this node alone",
+        "comma-separated URLs of all nodes, this one included",
+    ),
+    (
+        "NODE_NAME",
+        "node1",
+        "name shown in status, logs and metrics",
+    ),
+    ("PORT", "8000", "port to listen on"),
+    (
+        "BIND_ADDR",
+        "127.0.0.1",
+        "address to bind; 0.0.0.0 for multi-host",
+    ),
+    (
+        "REPLICATION_FACTOR",
+        "3",
+        "N, copies of each key; capped at the number of nodes",
+    ),
+    (
+        "DATA_DIR",
+        "./data/$NODE_NAME",
+        "folder of the WAL segments, snapshot.db and hints",
+    ),
+    (
+        "SNAPSHOT_INTERVAL_SECS",
+        "300",
+        "seconds between periodic checkpoints",
+    ),
+    (
+        "WAL_SYNC",
+        "always",
+        "always (fsync before ack, group commit) | interval | never",
+    ),
+    (
+        "WAL_SYNC_INTERVAL_MS",
+        "100",
+        "fsync period when WAL_SYNC=interval",
+    ),
+    (
+        "WAL_MAX_BYTES",
+        "67108864",
+        "checkpoint when the WAL grows past this many bytes",
+    ),
+    (
+        "TOMBSTONE_GRACE_SECS",
+        "86400",
+        "deleted keys' tombstones are collected after this",
+    ),
+    (
+        "WRITE_CONSISTENCY",
+        "quorum",
+        "default W: one | quorum | all | 1..N",
+    ),
+    (
+        "READ_CONSISTENCY",
+        "quorum",
+        "default R: one | quorum | all | 1..N",
+    ),
+    (
+        "VNODES",
+        "kv_cluster::DEFAULT_VNODES",
+        "virtual nodes per node; must match the LB's",
+    ),
+    (
+        "MAX_KEY_BYTES",
+        "1024",
+        "longest key, in bytes of UTF-8 (400 beyond)",
+    ),
+    (
+        "MAX_VALUE_BYTES",
+        "1048576",
+        "largest value, in bytes of JSON (413 beyond)",
+    ),
+    (
+        "AUTH_TOKEN",
+        "unset",
+        "when set, /v1 requests need Authorization: Bearer <token>",
+    ),
+    (
+        "CLUSTER_SECRET",
+        "unset",
+        "when set, node-to-node calls carry it; /internal needs it",
+    ),
+    (
+        "HEALTH_CHECK_INTERVAL_MS",
+        "500",
+        "time between health checks of each peer",
+    ),
+    (
+        "HEALTH_CHECK_TIMEOUT_MS",
+        "500",
+        "deadline of one health check",
+    ),
+    (
+        "PEER_TIMEOUT_MS",
+        "2000",
+        "deadline of a replication, replica read or forward call",
+    ),
+    (
+        "REQUEST_TIMEOUT_MS",
+        "10000",
+        "deadline of a client request (504 beyond)",
+    ),
+    (
+        "SHUTDOWN_GRACE_SECS",
+        "10",
+        "how long SIGTERM waits for requests in flight",
+    ),
+    (
+        "TRANSFER_KEYS_PER_SEC",
+        "5000",
+        "keys a node streams per second during a membership change",
+    ),
+    (
+        "MAX_CONNECTIONS",
+        "1024",
+        "client and peer connections served at once; more wait",
+    ),
+    ("RUST_LOG", "info", "tracing filter"),
+    ("LOG_FORMAT", "text", "text | json"),
+];
+
+/// Prints `kv-node --help`: usage, `restore`, and every variable with its default.
+pub fn print_help() -> ExitCode {
+    let mut text = format!(
+        "kv-node {}: one storage node of kv, a distributed key-value store.\n\n\
+         Usage: kv-node            (configured by environment variables)\n       \
+         kv-node restore <backup file> [--data-dir DIR] [--force]\n       \
+         kv-node --help | --version\n\n{}\n\nEnvironment variables (default in brackets):\n",
+        env!("CARGO_PKG_VERSION"),
+        crate::restore::HELP
+    );
+    for (name, default, meaning) in HELP_VARIABLES {
+        text.push_str(&format!("  {name:<26} {meaning} [{default}]\n"));
+    }
+    print_line(&text)
+}
+
+/// Prints one text to stdout; the exit code says whether that worked.
+pub fn print_line(text: &str) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}") {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::FAILURE,
+    }
+}
