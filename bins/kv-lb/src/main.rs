@@ -37,6 +37,10 @@ use crate::config::{LbConfig, LogFormat};
 /// Extra time granted at shutdown beyond the request deadline, for answers still streaming.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
+/// mimalloc: measured faster than glibc malloc for the many small allocations of a request.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     if let Some(code) = answer_arguments() {
         return code;

@@ -28,6 +28,10 @@ use tracing::{error, info, warn};
 /// How long a clean shutdown gives peers to take their hints before keeping them on disk.
 const HINT_DELIVERY_BUDGET: Duration = Duration::from_secs(2);
 
+/// mimalloc: measured faster than glibc malloc for the many small allocations of a request.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
