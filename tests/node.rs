@@ -206,14 +206,7 @@ fn auth_token_guards_the_data_api() {
     .unwrap();
     assert_eq!(ok.status, 200);
     let health = send("GET", &format!("{}/health", c.url(0)), None).unwrap();
-    assert_eq!(
-        (health.status, health.json["status"].clone()),
-        (200, json!("ok"))
-    );
-    assert_eq!(
-        health.json["epoch"], 0,
-        "the membership epoch travels with health checks"
-    );
+    assert_eq!(health.status, 200, "/health needs no token");
 }
 
 #[test]

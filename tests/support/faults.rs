@@ -248,19 +248,7 @@ impl ChaosCluster {
 
     /// Waits until every running node sees every running peer up and the others down.
     pub fn wait_converged(&self, within: Duration) {
-        wait_until(within, "every node sees its running peers up", || {
-            self.nodes.iter().filter(|n| n.is_running()).all(|n| {
-                n.status()["peers"].as_array().is_some_and(|peers| {
-                    peers.iter().all(|p| {
-                        let running = self
-                            .nodes
-                            .iter()
-                            .any(|m| m.url == p["url"] && m.is_running());
-                        (p["state"] == "up") == running
-                    })
-                })
-            })
-        });
+        crate::wait_converged(&self.nodes, within);
     }
 
     /// Waits until no node has hints pending.

@@ -114,6 +114,20 @@ pub fn send_with(
     })
 }
 
+/// Waits until every running node of `nodes` sees its running peers up and the others down.
+pub fn wait_converged(nodes: &[Node], within: Duration) {
+    wait_until(within, "every node sees its running peers up", || {
+        nodes.iter().filter(|n| n.is_running()).all(|n| {
+            n.status()["peers"].as_array().is_some_and(|peers| {
+                peers.iter().all(|p| {
+                    let running = nodes.iter().any(|m| m.url == p["url"] && m.is_running());
+                    (p["state"] == "up") == running
+                })
+            })
+        })
+    });
+}
+
 /// One kv-node process and what is needed to restart it the same way.
 #[derive(Debug)]
 pub struct Node {
@@ -419,24 +433,7 @@ impl TestCluster {
 
     /// Waits until every running node sees every other running node up.
     pub fn wait_converged(&self) {
-        wait_until(
-            Duration::from_secs(15),
-            "every node sees its running peers up",
-            || {
-                self.nodes.iter().filter(|n| n.is_running()).all(|n| {
-                    let status = n.status();
-                    status["peers"].as_array().is_some_and(|peers| {
-                        peers.iter().all(|p| {
-                            let running = self
-                                .nodes
-                                .iter()
-                                .any(|m| m.url == p["url"] && m.is_running());
-                            (p["state"] == "up") == running
-                        })
-                    })
-                })
-            },
-        );
+        wait_converged(&self.nodes, Duration::from_secs(15));
     }
 }
 
