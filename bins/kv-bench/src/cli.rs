@@ -31,7 +31,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Closed-loop HTTP/1.1 load against a kv node or load balancer; prints a result table.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Minimal HTTP server answering every request with a fixed ~70-byte JSON body: the HTTP
     /// limit of this machine, to compare kv against.
     LimitServer(LimitArgs),
@@ -91,6 +91,11 @@ pub struct RunArgs {
     /// No progress display on stderr (the table still goes to stdout).
     #[arg(long)]
     pub quiet: bool,
+    /// Open-loop pacing: send this many requests per second in total, on a fixed schedule,
+    /// instead of as fast as the answers come. Latency is then counted from each request's
+    /// scheduled time, so a stalled server shows up as latency, not as fewer requests.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub rate: Option<u64>,
     /// Deadline of one request, connecting included; a late answer counts as a `timeout` error.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub timeout: Duration,
@@ -152,6 +157,7 @@ impl RunArgs {
             r: self.r,
             preload: self.preload,
             timeout: self.timeout,
+            rate: self.rate,
             progress,
         })
     }
@@ -219,6 +225,8 @@ mod tests {
             "all",
             "--r",
             "2",
+            "--rate",
+            "500",
         ])
         .unwrap();
         let Command::Run(args) = cli.command else {
@@ -234,6 +242,8 @@ mod tests {
             )
         );
         assert_eq!(args.dist, KeyDist::Zipf(0.9));
+        assert_eq!(args.rate, Some(500));
+        assert!(Cli::try_parse_from(["kv-bench", "run", "--rate", "0"]).is_err());
         assert!(Cli::try_parse_from(["kv-bench", "run", "--mix", "read=0"]).is_err());
         assert!(
             Cli::try_parse_from(["kv-bench", "run", "--duration", "1s", "--requests", "5"])

@@ -1,5 +1,7 @@
-//! The closed-loop load generator: `conns` workers, each with one keep-alive connection, send
-//! the next request as soon as the previous answer is in; a warm-up phase is not recorded.
+//! The load generator: `conns` workers, each with one keep-alive connection. Closed loop by
+//! default (the next request leaves as soon as the previous answer is in); with a rate, open
+//! loop (requests leave on a fixed schedule shared by the workers, latency counted from the
+//! schedule). A warm-up phase is not recorded.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -57,6 +59,8 @@ pub struct RunConfig {
     pub preload: bool,
     /// Deadline of one request, connecting included.
     pub timeout: Duration,
+    /// Requests per second in total (open loop), or `None` for a closed loop.
+    pub rate: Option<u64>,
     /// How progress is shown on stderr.
     pub progress: ProgressMode,
 }
@@ -118,6 +122,30 @@ impl PhaseCell {
     }
 }
 
+/// The shared send schedule of an open-loop run: request `n` is due at `start + n / rate`.
+#[derive(Debug)]
+struct Pacer {
+    start: tokio::time::Instant,
+    rate: f64,
+    next: AtomicU64,
+}
+
+impl Pacer {
+    fn new(rate: u64) -> Self {
+        Pacer {
+            start: tokio::time::Instant::now(),
+            rate: rate as f64,
+            next: AtomicU64::new(0),
+        }
+    }
+
+    /// Claims the next slot of the schedule; returns when it is due.
+    fn claim(&self) -> tokio::time::Instant {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        self.start + Duration::from_secs_f64(n as f64 / self.rate)
+    }
+}
+
 /// What every worker shares.
 #[derive(Debug)]
 struct WorkerContext {
@@ -131,6 +159,7 @@ struct WorkerContext {
     /// Measured requests handed out so far (only used with [`StopAt::Requests`]).
     tickets: AtomicU64,
     ticket_limit: Option<u64>,
+    pacer: Option<Pacer>,
 }
 
 impl WorkerContext {
@@ -153,6 +182,7 @@ impl WorkerContext {
                 StopAt::Requests(n) => Some(n),
                 StopAt::Elapsed(_) => None,
             },
+            pacer: config.rate.map(Pacer::new),
         })
     }
 
@@ -225,7 +255,14 @@ async fn worker(ctx: Arc<WorkerContext>) -> Result<RunStats, BenchError> {
         let request = ctx.requests.build(op, key).map_err(|e| {
             BenchError::Invalid(format!("cannot build a {} request: {e}", op.name()))
         })?;
-        let start = Instant::now();
+        let start = match &ctx.pacer {
+            Some(pacer) => {
+                let due = pacer.claim();
+                tokio::time::sleep_until(due).await;
+                due.into_std()
+            }
+            None => Instant::now(),
+        };
         let outcome = conn.exchange(op, request).await;
         let latency = start.elapsed();
         ctx.live.count(outcome);
@@ -352,6 +389,7 @@ mod tests {
             r: None,
             preload: false,
             timeout: Duration::from_secs(2),
+            rate: None,
             progress: ProgressMode::Off,
         }
     }
@@ -378,6 +416,23 @@ mod tests {
         assert_eq!(ops[..3].iter().map(|o| o.count).sum::<u64>(), all.count);
         assert_eq!(result.stats.total().unwrap().latency_us.len(), all.count);
         assert!(ops.iter().all(|o| o.count > 0), "every op of the mix ran");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_paced_run_sends_at_the_rate_not_as_fast_as_it_can() {
+        let addr = limit_server(StatusCode::OK).await;
+        let mut config = config(addr, StopAt::Elapsed(Duration::from_secs(1)), "read=1");
+        config.rate = Some(400);
+        let result = run(&config).await.unwrap();
+        let all = result.stats.total().unwrap();
+        // 400/s for the measured second, give or take the requests at its two edges; the
+        // limit server answers tens of thousands per second unpaced.
+        assert!(
+            (360..=440).contains(&all.ok),
+            "{} requests at 400/s",
+            all.ok
+        );
+        assert_eq!(all.error_count(), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

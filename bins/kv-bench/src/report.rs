@@ -22,6 +22,8 @@ pub struct Report {
     pub url: String,
     /// Workers (= connections).
     pub conns: usize,
+    /// `--rate`: requests per second of an open-loop run; `None` for a closed loop.
+    pub rate: Option<u64>,
     /// Tokio worker threads of the load generator.
     pub threads: usize,
     /// Length of the measured phase, in seconds.
@@ -108,6 +110,7 @@ impl Report {
             label: label.unwrap_or(url).to_string(),
             url: url.to_string(),
             conns: config.conns,
+            rate: config.rate,
             threads,
             duration_secs: result.elapsed.as_secs_f64(),
             warmup_secs: config.warmup.as_secs_f64(),
@@ -190,10 +193,11 @@ pub fn render_table(report: &Report) -> String {
     };
     let _ = writeln!(
         out,
-        "{}: {} | {} conns | {:.1} s measured | mix {} | dist {} | keys {}{}{}",
+        "{}: {} | {} conns{} | {:.1} s measured | mix {} | dist {} | keys {}{}{}",
         report.label,
         report.url,
         report.conns,
+        report.rate.map_or(String::new(), |r| format!(" at {r}/s")),
         report.duration_secs,
         report.mix,
         report.dist,

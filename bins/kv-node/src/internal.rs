@@ -1,5 +1,5 @@
 //! Node-to-node endpoints under `/internal`: replication of record batches and reads of this
-//! node's own entry for a key. Not for clients.
+//! node's own entries. Not for clients.
 
 use crate::error::ApiError;
 use crate::request::parse_key;
@@ -8,22 +8,68 @@ use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use kv_cluster::peer::{decode_batch, encode_batch, ENTRY_PATH, MAX_BATCH_BYTES};
+use kv_cluster::peer::{
+    decode_batch, decode_keys, encode_batch, encode_entries, BATCH_REQUEST_IDS_HEADER, ENTRY_PATH,
+    MAX_BATCH_BYTES,
+};
+use tracing::debug;
+
+/// Reads a binary request body of at most [`MAX_BATCH_BYTES`].
+async fn body(request: Request, what: &'static str) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(request.into_body(), MAX_BATCH_BYTES)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge {
+            what,
+            limit: MAX_BATCH_BYTES,
+        })
+}
+
+/// An encoded binary answer.
+fn octets(body: impl Into<axum::body::Body>) -> Response {
+    let mut response = (StatusCode::OK, body.into()).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    response
+}
 
 /// `POST /internal/replicate`: applies a batch of records durably, then answers.
 pub async fn replicate(
     State(app): State<AppState>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let body: Bytes = axum::body::to_bytes(request.into_body(), MAX_BATCH_BYTES)
-        .await
-        .map_err(|_| ApiError::PayloadTooLarge {
-            what: "replication batch",
-            limit: MAX_BATCH_BYTES,
-        })?;
+    let ids = request.headers().get(BATCH_REQUEST_IDS_HEADER).cloned();
+    let body = body(request, "replication batch").await?;
     let records = decode_batch(&body).map_err(|e| ApiError::bad_request("invalid_batch", e))?;
+    if let Some(ids) = ids {
+        debug!(
+            records = records.len(),
+            request_ids = ids.to_str().unwrap_or_default(),
+            "replication batch"
+        );
+    }
     let applied = app.cluster().apply_replicated(records).await?;
     Ok(axum::Json(serde_json::json!({ "applied": applied })).into_response())
+}
+
+/// `POST /internal/entries`: this node's entries for a list of keys (tombstones included; none
+/// for a key it does not hold), in the order asked.
+pub async fn entries(State(app): State<AppState>, request: Request) -> Result<Response, ApiError> {
+    let ids = request.headers().get(BATCH_REQUEST_IDS_HEADER).cloned();
+    let body = body(request, "key list").await?;
+    let keys = decode_keys(&body, app.config().max_key_bytes)
+        .map_err(|e| ApiError::bad_request("invalid_batch", e))?;
+    if let Some(ids) = ids {
+        debug!(
+            keys = keys.len(),
+            request_ids = ids.to_str().unwrap_or_default(),
+            "entries batch"
+        );
+    }
+    let cluster = app.cluster();
+    let entries: Vec<_> = keys.iter().map(|key| cluster.local_record(key)).collect();
+    Ok(octets(encode_entries(&entries)))
 }
 
 /// `GET /internal/entry/{key}`: this node's entry for the key as an encoded record (tombstones
@@ -34,12 +80,7 @@ pub async fn entry(State(app): State<AppState>, request: Request) -> Result<Resp
         Some(record) => {
             let mut body = Vec::with_capacity(key.len() + 64);
             record.encode(&mut body);
-            let mut response = (StatusCode::OK, body).into_response();
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/octet-stream"),
-            );
-            Ok(response)
+            Ok(octets(body))
         }
         None => Err(ApiError::NotFound(format!("no local entry for {key:?}"))),
     }
@@ -68,10 +109,5 @@ pub async fn keys(State(app): State<AppState>, request: Request) -> Result<Respo
         }
     }
     let page = app.cluster().local_page(&prefix, after.as_deref(), limit);
-    let mut response = (StatusCode::OK, encode_batch(&page)).into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    Ok(response)
+    Ok(octets(encode_batch(&page)))
 }

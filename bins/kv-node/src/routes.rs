@@ -96,6 +96,7 @@ pub fn app(state: AppState) -> Router {
     let internal = Router::new()
         .route("/internal/replicate", post(internal::replicate))
         .route("/internal/entry/{*key}", get(internal::entry))
+        .route("/internal/entries", post(internal::entries))
         .route("/internal/keys", get(internal::keys))
         .route("/internal/members", get(members::view).post(members::offer))
         .route("/internal/transfer", get(members::transfer))

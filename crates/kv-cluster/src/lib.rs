@@ -7,6 +7,7 @@
 //! - [`membership`]: the membership view, its file, plans, and the rings during a change.
 //! - [`rebalance`]: carrying out a change: estimates, streaming keys, commit, cleanup.
 //! - `background`: the health-check loop and hint replay.
+//! - `coalesce`: merging concurrent small calls to one peer into batches.
 //! - [`consistency`]: `w` / `r` levels and how many replicas each needs.
 //! - [`detector`]: the failure detector, what this node believes about each peer.
 //! - [`hints`]: durable hinted-handoff files for peers that missed writes.
@@ -15,6 +16,7 @@
 
 mod background;
 pub mod cluster;
+mod coalesce;
 pub mod consistency;
 pub mod detector;
 pub mod error;

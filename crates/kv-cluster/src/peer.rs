@@ -1,11 +1,14 @@
 //! Peer client: the node-to-node `/internal` calls (replicate, fetch, health) and request forwarding,
-//! over one pooled keep-alive `reqwest::Client` with connect and request deadlines.
+//! over one pooled keep-alive `reqwest::Client` with connect and request deadlines. The small calls
+//! of the quorum paths (one record, one key) go through a [`Coalescer`] per kind, which merges
+//! concurrent calls to one peer into batches.
 
+use crate::coalesce::{Coalescer, SendBatch};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kv_core::Record;
-use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use reqwest::header::{HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Header that carries `CLUSTER_SECRET` on node-to-node calls.
@@ -17,10 +20,14 @@ pub const FORWARDED_HEADER: &str = "x-kv-forwarded";
 pub const VERSION_HEADER: &str = "x-kv-version";
 /// Header that carries the request id across processes.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Header of a coalesced batch: the request ids of all its calls, comma-separated, in order.
+pub const BATCH_REQUEST_IDS_HEADER: &str = "x-kv-request-ids";
 /// Path of the replication endpoint: a batch of records to apply durably.
 pub const REPLICATE_PATH: &str = "/internal/replicate";
 /// Path prefix of the single-entry read endpoint; the percent-encoded key follows.
 pub const ENTRY_PATH: &str = "/internal/entry/";
+/// Path of the many-entry read endpoint: a list of keys in, one entry (or none) per key out.
+pub const ENTRIES_PATH: &str = "/internal/entries";
 /// Path of the local key-page endpoint used by cluster-wide listings.
 pub const KEYS_PATH: &str = "/internal/keys";
 /// Path of the membership view: `GET` reads a node's, `POST` offers it a newer one.
@@ -31,9 +38,11 @@ pub const TRANSFER_PATH: &str = "/internal/transfer";
 pub const ESTIMATE_PATH: &str = "/internal/estimate";
 /// Largest record batch a peer accepts in one `/internal/replicate` call.
 pub const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
+/// Most keys one `/internal/entries` call may ask for.
+pub const MAX_ENTRIES_KEYS: usize = 1024;
 
 /// Why a call to a peer failed; decides whether a retry elsewhere is safe.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum CallError {
     /// The connection could not be made: the peer cannot have seen the request.
     #[error("cannot connect to {peer}: {reason}")]
@@ -106,11 +115,27 @@ pub struct ForwardResponse {
     pub body: Bytes,
 }
 
-/// Pooled HTTP client for every call a node makes to its peers.
+/// The HTTP side of the peer client: one pooled client and the secret every call carries.
 #[derive(Debug, Clone)]
-pub struct PeerClient {
+struct Transport {
     http: reqwest::Client,
     secret: Option<HeaderValue>,
+}
+
+/// Pooled HTTP client for every call a node makes to its peers.
+#[derive(Clone)]
+pub struct PeerClient {
+    transport: Transport,
+    replicate_one: Arc<Coalescer<Record, ()>>,
+    fetch_one: Arc<Coalescer<String, Option<Record>>>,
+}
+
+impl std::fmt::Debug for PeerClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerClient")
+            .field("transport", &self.transport)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PeerClient {
@@ -140,72 +165,63 @@ impl PeerClient {
             ),
             None => None,
         };
-        Ok(PeerClient { http, secret })
+        let transport = Transport { http, secret };
+        let sender = transport.clone();
+        let replicate: SendBatch<Record, ()> = Arc::new(move |peer, records, ids| {
+            let sender = sender.clone();
+            Box::pin(async move {
+                let count = records.len();
+                sender.replicate(&peer, &records, &ids).await?;
+                Ok(vec![(); count])
+            })
+        });
+        let sender = transport.clone();
+        let fetch: SendBatch<String, Option<Record>> = Arc::new(move |peer, keys, ids| {
+            let sender = sender.clone();
+            Box::pin(async move { sender.fetch_many(&peer, &keys, &ids).await })
+        });
+        Ok(PeerClient {
+            transport,
+            replicate_one: Arc::new(Coalescer::new(replicate)),
+            fetch_one: Arc::new(Coalescer::new(fetch)),
+        })
     }
 
     fn request(&self, method: Method, url: String, request_id: &str) -> reqwest::RequestBuilder {
-        let mut builder = self.http.request(method, url);
-        if let Some(secret) = &self.secret {
-            builder = builder.header(SECRET_HEADER, secret.clone());
-        }
-        if let Ok(rid) = HeaderValue::from_str(request_id) {
-            builder = builder.header(REQUEST_ID_HEADER, rid);
-        }
-        builder
+        self.transport.request(method, url, request_id)
     }
 
-    /// Sends records to `peer`, which answers only once they are durable in its WAL.
+    /// Sends records to `peer` in one call; it answers only once they are durable in its WAL.
     pub async fn replicate(
         &self,
         peer: &str,
         records: &[Record],
         request_id: &str,
     ) -> Result<(), CallError> {
-        let body = encode_batch(records);
-        let response = self
-            .request(Method::POST, format!("{peer}{REPLICATE_PATH}"), request_id)
-            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| CallError::from_reqwest(peer, &e))?;
-        let status = response.status();
-        if status.is_success() {
-            return Ok(());
-        }
-        let text = response.text().await.unwrap_or_default();
-        Err(CallError::failed(peer, format!("status {status}: {text}")))
+        let ids = [Arc::from(request_id)];
+        self.transport.replicate(peer, records, &ids).await
     }
 
-    /// Reads `peer`'s local entry for `key` (tombstones included); `None` when it has none.
+    /// Sends one record to `peer`, merged with concurrent ones into a batch; answers once the
+    /// peer holds it durably.
+    pub async fn replicate_record(
+        &self,
+        peer: &Arc<str>,
+        record: Record,
+        request_id: Arc<str>,
+    ) -> Result<(), CallError> {
+        self.replicate_one.call(peer, record, request_id).await
+    }
+
+    /// Reads `peer`'s local entry for `key` (tombstones included), `None` when it has none;
+    /// concurrent reads from one peer are merged into one `/internal/entries` call.
     pub async fn fetch(
         &self,
-        peer: &str,
+        peer: &Arc<str>,
         key: &str,
-        request_id: &str,
+        request_id: Arc<str>,
     ) -> Result<Option<Record>, CallError> {
-        let url = format!(
-            "{peer}{ENTRY_PATH}{}",
-            utf8_percent_encode(key, NON_ALPHANUMERIC)
-        );
-        let response = self
-            .request(Method::GET, url, request_id)
-            .send()
-            .await
-            .map_err(|e| CallError::from_reqwest(peer, &e))?;
-        match response.status() {
-            StatusCode::NOT_FOUND => Ok(None),
-            StatusCode::OK => {
-                let body = response
-                    .bytes()
-                    .await
-                    .map_err(|e| CallError::from_reqwest(peer, &e))?;
-                Record::decode(&body)
-                    .map(Some)
-                    .map_err(|e| CallError::failed(peer, format!("undecodable entry: {e}")))
-            }
-            status => Err(CallError::failed(peer, format!("status {status}"))),
-        }
+        self.fetch_one.call(peer, key.to_owned(), request_id).await
     }
 
     /// Asks `peer` for its local page of keys (tombstones included) after `after` with `prefix`.
@@ -351,6 +367,93 @@ impl PeerClient {
     }
 }
 
+impl Transport {
+    fn request(&self, method: Method, url: String, request_id: &str) -> reqwest::RequestBuilder {
+        let mut builder = self.http.request(method, url);
+        if let Some(secret) = &self.secret {
+            builder = builder.header(SECRET_HEADER, secret.clone());
+        }
+        if let Ok(rid) = HeaderValue::from_str(request_id) {
+            builder = builder.header(REQUEST_ID_HEADER, rid);
+        }
+        builder
+    }
+
+    /// A call on behalf of the client requests `ids`: the first is the call's request id, and a
+    /// batch of several carries them all in [`BATCH_REQUEST_IDS_HEADER`] for the peer's log.
+    fn batch_request(
+        &self,
+        method: Method,
+        url: String,
+        ids: &[Arc<str>],
+    ) -> reqwest::RequestBuilder {
+        let first = ids.first().map_or("", |id| id);
+        let builder = self.request(method, url, first);
+        if ids.len() < 2 {
+            return builder;
+        }
+        let joined = ids.iter().map(|id| &**id).collect::<Vec<_>>().join(",");
+        match HeaderValue::from_str(&joined) {
+            Ok(value) => builder.header(BATCH_REQUEST_IDS_HEADER, value),
+            Err(_) => builder,
+        }
+    }
+
+    async fn replicate(
+        &self,
+        peer: &str,
+        records: &[Record],
+        ids: &[Arc<str>],
+    ) -> Result<(), CallError> {
+        let response = self
+            .batch_request(Method::POST, format!("{peer}{REPLICATE_PATH}"), ids)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(encode_batch(records))
+            .send()
+            .await
+            .map_err(|e| CallError::from_reqwest(peer, &e))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let text = response.text().await.unwrap_or_default();
+        Err(CallError::failed(peer, format!("status {status}: {text}")))
+    }
+
+    async fn fetch_many(
+        &self,
+        peer: &str,
+        keys: &[String],
+        ids: &[Arc<str>],
+    ) -> Result<Vec<Option<Record>>, CallError> {
+        let request = self
+            .batch_request(Method::POST, format!("{peer}{ENTRIES_PATH}"), ids)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(encode_keys(keys));
+        let response = send_expecting_ok(peer, request, ENTRIES_PATH).await?;
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| CallError::from_reqwest(peer, &e))?;
+        let entries = decode_entries(&body).map_err(|e| CallError::failed(peer, e))?;
+        if entries.len() != keys.len() {
+            return Err(CallError::failed(
+                peer,
+                format!("{} entries for {} keys", entries.len(), keys.len()),
+            ));
+        }
+        for (key, entry) in keys.iter().zip(&entries) {
+            if entry.as_ref().is_some_and(|r| r.key != *key) {
+                return Err(CallError::failed(
+                    peer,
+                    format!("an entry for another key than {key:?}"),
+                ));
+            }
+        }
+        Ok(entries)
+    }
+}
+
 /// Sends a request and insists on a 200 answer; `what` names the call in the error.
 async fn send_expecting_ok(
     peer: &str,
@@ -422,6 +525,99 @@ pub fn decode_batch(mut buf: &[u8]) -> Result<Vec<Record>, String> {
     Ok(records)
 }
 
+/// Encodes the keys of an `/internal/entries` call: `[count: u32 LE]` then `[len: u32 LE][key]`.
+pub fn encode_keys(keys: &[String]) -> Bytes {
+    let mut out = BytesMut::with_capacity(4 + keys.iter().map(|k| 4 + k.len()).sum::<usize>());
+    out.put_u32_le(u32::try_from(keys.len()).unwrap_or(u32::MAX));
+    for key in keys {
+        out.put_u32_le(u32::try_from(key.len()).unwrap_or(u32::MAX));
+        out.put_slice(key.as_bytes());
+    }
+    out.freeze()
+}
+
+/// Decodes [`encode_keys`]: at most [`MAX_ENTRIES_KEYS`] UTF-8 keys of at most `max_key_bytes`.
+pub fn decode_keys(mut buf: &[u8], max_key_bytes: usize) -> Result<Vec<String>, String> {
+    if buf.remaining() < 4 {
+        return Err("key list shorter than its header".into());
+    }
+    let count = buf.get_u32_le() as usize;
+    if count > MAX_ENTRIES_KEYS || count > buf.remaining() / 4 {
+        return Err(format!(
+            "key list claims {count} keys in {} bytes",
+            buf.remaining()
+        ));
+    }
+    let mut keys = Vec::with_capacity(count);
+    for i in 0..count {
+        if buf.remaining() < 4 {
+            return Err(format!("key {i} has no length"));
+        }
+        let len = buf.get_u32_le() as usize;
+        if len == 0 || len > max_key_bytes || buf.remaining() < len {
+            return Err(format!("key {i} has a bad length {len}"));
+        }
+        let key = std::str::from_utf8(&buf[..len]).map_err(|_| format!("key {i} is not UTF-8"))?;
+        keys.push(key.to_owned());
+        buf.advance(len);
+    }
+    if buf.has_remaining() {
+        return Err(format!("{} bytes after the last key", buf.remaining()));
+    }
+    Ok(keys)
+}
+
+/// Encodes the answer of an `/internal/entries` call: `[count: u32 LE]` then per key
+/// `[len: u32 LE][Record::encode bytes]`, with `len` 0 for a key the node has no entry for.
+pub fn encode_entries(entries: &[Option<Record>]) -> Bytes {
+    let mut out = BytesMut::with_capacity(4 + entries.len() * 64);
+    out.put_u32_le(u32::try_from(entries.len()).unwrap_or(u32::MAX));
+    let mut scratch = Vec::new();
+    for entry in entries {
+        scratch.clear();
+        if let Some(record) = entry {
+            record.encode(&mut scratch);
+        }
+        out.put_u32_le(u32::try_from(scratch.len()).unwrap_or(u32::MAX));
+        out.put_slice(&scratch);
+    }
+    out.freeze()
+}
+
+/// Decodes [`encode_entries`]; any inconsistency is an error, never a panic.
+pub fn decode_entries(mut buf: &[u8]) -> Result<Vec<Option<Record>>, String> {
+    if buf.remaining() < 4 {
+        return Err("entry list shorter than its header".into());
+    }
+    let count = buf.get_u32_le() as usize;
+    if count > buf.remaining() / 4 {
+        return Err(format!(
+            "entry list claims {count} entries in {} bytes",
+            buf.remaining()
+        ));
+    }
+    let mut entries = Vec::with_capacity(count);
+    for i in 0..count {
+        if buf.remaining() < 4 {
+            return Err(format!("entry {i} has no length"));
+        }
+        let len = buf.get_u32_le() as usize;
+        if buf.remaining() < len {
+            return Err(format!("entry {i} is cut short"));
+        }
+        let entry = match len {
+            0 => None,
+            _ => Some(Record::decode(&buf[..len]).map_err(|e| format!("entry {i}: {e}"))?),
+        };
+        entries.push(entry);
+        buf.advance(len);
+    }
+    if buf.has_remaining() {
+        return Err(format!("{} bytes after the last entry", buf.remaining()));
+    }
+    Ok(entries)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -449,6 +645,29 @@ mod tests {
         let decoded = decode_batch(&encode_batch(&records)).unwrap();
         assert_eq!(decoded, records);
         assert!(decode_batch(&encode_batch(&[])).unwrap().is_empty());
+    }
+
+    #[test]
+    fn key_lists_and_entry_lists_round_trip_and_refuse_damage() {
+        let keys = vec!["a".to_owned(), "b/c".to_owned(), "ü".to_owned()];
+        assert_eq!(decode_keys(&encode_keys(&keys), 1024).unwrap(), keys);
+        let bytes = encode_keys(&keys);
+        for cut in 0..bytes.len() {
+            assert!(decode_keys(&bytes[..cut], 1024).is_err(), "cut at {cut}");
+        }
+        assert!(decode_keys(&bytes, 1).is_err(), "a key over the limit");
+        assert!(decode_keys(&encode_keys(&[String::new()]), 1024).is_err());
+        assert!(decode_keys(&[0, 0, 1, 0, 0, 0, 0, 0], 1024).is_err());
+
+        let entries = vec![Some(record("a", Some("1"))), None, Some(record("c", None))];
+        assert_eq!(decode_entries(&encode_entries(&entries)).unwrap(), entries);
+        let bytes = encode_entries(&entries);
+        for cut in 0..bytes.len() {
+            assert!(decode_entries(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut extra = bytes.to_vec();
+        extra.push(0);
+        assert!(decode_entries(&extra).is_err());
     }
 
     #[test]

@@ -166,7 +166,7 @@ impl Cluster {
         }
         match inner
             .peers
-            .replicate(replica, std::slice::from_ref(record), rid)
+            .replicate_record(replica, record.clone(), Arc::from(rid))
             .await
         {
             Ok(()) => {
@@ -320,10 +320,14 @@ impl Cluster {
         if *node == self.inner.me {
             return Ok(self.local_record(key));
         }
-        self.inner.peers.fetch(node, key, rid).await.map_err(|e| {
-            debug!(peer = %node, error = %e, "replica read failed");
-            self.inner.detector.record_failure(node, e.is_connect());
-        })
+        self.inner
+            .peers
+            .fetch(node, key, Arc::from(rid))
+            .await
+            .map_err(|e| {
+                debug!(peer = %node, error = %e, "replica read failed");
+                self.inner.detector.record_failure(node, e.is_connect());
+            })
     }
 
     /// Sends the newest record to replicas that answered with an older one (or none).
