@@ -265,7 +265,7 @@ async fn worker(ctx: Arc<WorkerContext>) -> Result<RunStats, BenchError> {
         };
         let outcome = conn.exchange(op, request).await;
         let latency = start.elapsed();
-        ctx.live.count(outcome);
+        ctx.live.count(outcome, latency);
         // Only requests that started and ended inside the measured phase count.
         if started_in == Phase::Measure && ctx.phase.get() == Phase::Measure {
             stats.record(op, outcome, latency);

@@ -1,10 +1,13 @@
 //! Live progress on stderr while a run goes on: an indicatif bar on a terminal, otherwise one
-//! plain line per second (so logs of scripted runs stay readable).
+//! plain line per second (so logs of scripted runs stay readable). Each update shows the rate,
+//! the errors so far and the p99 latency of the successful requests since the last update, so a
+//! long run (a soak) shows whether its tail latency stays steady.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::task::JoinHandle;
 
@@ -27,22 +30,54 @@ pub enum ProgressMode {
     Off,
 }
 
-/// Requests finished so far, in every phase; updated by the workers.
-#[derive(Debug, Default)]
+/// Requests finished so far, in every phase, and the latencies of the current update window;
+/// updated by the workers.
+#[derive(Debug)]
 pub struct LiveCounters {
     successes: AtomicU64,
     errors: AtomicU64,
+    window: Mutex<Option<Histogram<u64>>>,
+}
+
+impl Default for LiveCounters {
+    fn default() -> Self {
+        LiveCounters {
+            successes: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            // Auto-resizing, 2 significant digits: plenty for a progress line.
+            window: Mutex::new(Histogram::new(2).ok()),
+        }
+    }
 }
 
 impl LiveCounters {
-    /// Counts one finished request.
-    pub fn count(&self, outcome: Outcome) {
+    /// Counts one finished request; a successful one's latency goes into the window.
+    pub fn count(&self, outcome: Outcome, latency: Duration) {
         let counter = if outcome.is_success() {
             &self.successes
         } else {
             &self.errors
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        if outcome.is_success() {
+            let micros = u64::try_from(latency.as_micros())
+                .unwrap_or(u64::MAX)
+                .max(1);
+            if let Ok(mut window) = self.window.lock() {
+                if let Some(window) = window.as_mut() {
+                    let _ = window.record(micros);
+                }
+            }
+        }
+    }
+
+    /// p99 latency of the successful requests since the last call, then a fresh window.
+    fn take_window_p99(&self) -> Option<Duration> {
+        let mut guard = self.window.lock().ok()?;
+        let window = guard.as_mut()?;
+        let p99 = (!window.is_empty()).then(|| window.value_at_quantile(0.99));
+        window.reset();
+        p99.map(Duration::from_micros)
     }
 
     /// `(successes, errors)` so far.
@@ -149,7 +184,11 @@ impl Ticker {
             } else {
                 "measure"
             };
-            let message = format!("{label} {rate:>9.0} ops/s  {errors} errors");
+            let p99 = match self.live.take_window_p99() {
+                Some(p99) => format!("{:>8.2} ms", p99.as_secs_f64() * 1000.0),
+                None => format!("{:>8} ms", "-"),
+            };
+            let message = format!("{label} {rate:>9.0} ops/s  p99 {p99}  {errors} errors");
             match &self.bar {
                 Some(bar) => {
                     bar.set_position(self.position(begin, done, measured_from));
@@ -168,5 +207,27 @@ impl Ticker {
             }
             StopAt::Requests(_) => measured_from.map_or(0, |from| done - from),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_p99_covers_successes_since_the_last_update_only() {
+        let live = LiveCounters::default();
+        assert_eq!(live.take_window_p99(), None);
+        for ms in 1..=100 {
+            live.count(Outcome::Ok, Duration::from_millis(ms));
+        }
+        live.count(Outcome::Connect, Duration::from_secs(30));
+        let p99 = live.take_window_p99().unwrap();
+        assert!(
+            p99 >= Duration::from_millis(98) && p99 <= Duration::from_millis(100),
+            "{p99:?}"
+        );
+        assert_eq!(live.snapshot(), (100, 1));
+        assert_eq!(live.take_window_p99(), None, "the window starts afresh");
     }
 }
