@@ -27,6 +27,9 @@
 #   6 mix-lb-zipf     95/5 read/write mix, zipf:0.99 keys, through the LB (server default r/w)
 #   7 single-get      GET on a 1-node kv-node (REPLICATION_FACTOR=1)
 #   8 single-post     POST on the 1-node kv-node (WAL_SYNC=always)
+#   9 get-proxy-one   reference, not kv: GET r=one to node1 through `kv-bench limit-proxy`, the
+#                     leanest hyper proxy (no routing, no retries); what any proxy hop allows,
+#                     to read get-lb-one against
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -43,7 +46,7 @@ HEALTH_WAIT_SECS=30   # how long a process may take to answer /health
 STOP_WAIT_SECS=10     # how long a process may take to exit after SIGTERM
 
 ALL_SCENARIOS=(get-lb-quorum get-lb-one get-owner-one post-lb-quorum post-lb-one mix-lb-zipf
-    single-get single-post)
+    single-get single-post get-proxy-one)
 STARTED_PIDS=()
 DATA_DIRS=()
 
@@ -148,6 +151,17 @@ ensure_limit() {
     LIMIT_URL="http://127.0.0.1:$port"
 }
 
+# Starts the reference proxy in front of node1 once; sets PROXY_URL.
+ensure_proxy() {
+    [[ -n "${PROXY_URL:-}" ]] && return
+    ensure_cluster
+    local port
+    port="$(free_ports 1)"
+    launch proxy "$BIN_DIR/kv-bench" limit-proxy --port "$port" --upstream "${NODE1_URL#http://}"
+    wait_for_port proxy "$LAST_PID" "$port"
+    PROXY_URL="http://127.0.0.1:$port"
+}
+
 # The limit server has no /health: wait until it answers anything.
 wait_for_port() {
     local name="$1" pid="$2" port="$3" deadline=$((SECONDS + HEALTH_WAIT_SECS))
@@ -196,6 +210,7 @@ scenario() {
         mix-lb-zipf) ensure_cluster; preload lb "$LB_URL" quorum; url="$LB_URL"; args=(--mix "read=95,write=5" --dist zipf:0.99) ;;
         single-get) ensure_single; preload single "$SINGLE_URL" one; url="$SINGLE_URL"; args=(--mix read=100) ;;
         single-post) ensure_single; url="$SINGLE_URL"; args=(--mix write=100) ;;
+        get-proxy-one) ensure_proxy; preload lb "$LB_URL" quorum; url="$PROXY_URL"; args=(--mix read=100 --r one) ;;
         *) die "unknown scenario $1 (known: ${ALL_SCENARIOS[*]})" ;;
     esac
     for ((round = 1; round <= ROUNDS; round++)); do

@@ -35,6 +35,23 @@ pub enum Command {
     /// Minimal HTTP server answering every request with a fixed ~70-byte JSON body: the HTTP
     /// limit of this machine, to compare kv against.
     LimitServer(LimitArgs),
+    /// The leanest HTTP/1.1 reverse proxy in front of one upstream (one upstream connection per
+    /// client connection, no routing): what one proxy hop costs on this machine.
+    LimitProxy(LimitProxyArgs),
+}
+
+/// Arguments of `kv-bench limit-proxy`.
+#[derive(Debug, Args)]
+pub struct LimitProxyArgs {
+    /// Port to listen on, on 127.0.0.1.
+    #[arg(long, default_value_t = 8998)]
+    pub port: u16,
+    /// Address of the server every request goes to, for example 127.0.0.1:8001.
+    #[arg(long)]
+    pub upstream: SocketAddr,
+    /// Tokio worker threads; default: all cores.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub threads: Option<u32>,
 }
 
 /// Arguments of `kv-bench run`.

@@ -1,14 +1,17 @@
-//! kv-bench: a closed-loop HTTP/1.1 load generator for kv (`run`) and the reference server that
-//! marks this machine's HTTP limit (`limit-server`). This file is wiring: parse the command line,
+//! kv-bench: an HTTP/1.1 load generator for kv (`run`), the reference server that marks this
+//! machine's HTTP limit (`limit-server`) and the reference proxy that marks what one proxy hop
+//! costs (`limit-proxy`). This file is wiring: parse the command line,
 //! build the tokio runtime, call the subcommand, print the result.
 //!
 //! Modules: `cli` (arguments), `workload` (mix, keys, consistency), `request` (target and
 //! requests), `conn` (one keep-alive connection), `load` (workers and phases), `stats` (counts and
-//! histograms), `progress` (stderr display), `report` (table and JSON), `limit_server`.
+//! histograms), `progress` (stderr display), `report` (table and JSON), `limit_server`,
+//! `limit_proxy`.
 
 mod cli;
 mod conn;
 mod error;
+mod limit_proxy;
 mod limit_server;
 mod load;
 mod progress;
@@ -22,7 +25,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command, LimitArgs, RunArgs};
+use crate::cli::{Cli, Command, LimitArgs, LimitProxyArgs, RunArgs};
 use crate::error::BenchError;
 use crate::progress::ProgressMode;
 use crate::report::Report;
@@ -31,6 +34,7 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Run(args) => run_command(&args),
         Command::LimitServer(args) => limit_server_command(&args),
+        Command::LimitProxy(args) => limit_proxy_command(&args),
     };
     result.unwrap_or_else(|e| {
         eprintln!("kv-bench: {e}");
@@ -108,6 +112,33 @@ fn limit_server_command(args: &LimitArgs) -> Result<ExitCode, BenchError> {
         eprintln!("kv-bench limit-server: listening on http://{local}");
         tokio::select! {
             () = limit_server::serve(listener, status) => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `kv-bench limit-proxy`: proxies to `--upstream` until Ctrl-C or SIGTERM.
+fn limit_proxy_command(args: &LimitProxyArgs) -> Result<ExitCode, BenchError> {
+    let (runtime, _threads) = runtime(args.threads)?;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], args.port));
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| BenchError::Listen {
+                addr: addr.to_string(),
+                source,
+            })?;
+        let local = listener.local_addr().map_err(|source| BenchError::Listen {
+            addr: addr.to_string(),
+            source,
+        })?;
+        eprintln!(
+            "kv-bench limit-proxy: listening on http://{local}, forwarding to {}",
+            args.upstream
+        );
+        tokio::select! {
+            () = limit_proxy::serve(listener, args.upstream) => {}
             _ = tokio::signal::ctrl_c() => {}
         }
         Ok(ExitCode::SUCCESS)

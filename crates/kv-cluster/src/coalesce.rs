@@ -8,6 +8,10 @@
 //! leave together, up to [`MAX_BATCH`] per request, as soon as a slot frees. Under load the
 //! batches grow by themselves, the way a WAL group commit does, and the peer's WAL commits each
 //! batch with one fsync. Each caller gets its own answer; a failed request fails every call in it.
+//!
+//! A peer that is slow but not down (it answers, late) could let a queue grow without bound, so a
+//! lane holds at most [`MAX_QUEUED`] calls: beyond that a call fails at once, and the caller
+//! does what it does for any failed call (a write becomes a hint, a read asks another replica).
 
 use crate::peer::CallError;
 use futures::future::BoxFuture;
@@ -20,6 +24,8 @@ use tokio::sync::oneshot;
 pub const MAX_IN_FLIGHT: usize = 2;
 /// Most calls merged into one request (it also bounds the request-id header of a batch).
 pub const MAX_BATCH: usize = 64;
+/// Most calls waiting for one peer; more fail at once (the peer is not keeping up).
+pub const MAX_QUEUED: usize = 4096;
 
 /// One queued call: what to send, the request id it belongs to, and where its answer goes.
 pub struct Call<I, A> {
@@ -73,6 +79,12 @@ impl<I: Send + 'static, A: Send + 'static> Coalescer<I, A> {
         let lane = self.lane(peer);
         let start_sender = {
             let mut lane = lane.lock();
+            if lane.queue.len() >= MAX_QUEUED {
+                return Err(CallError::Failed {
+                    peer: peer.to_string(),
+                    reason: format!("{MAX_QUEUED} calls already wait for this peer"),
+                });
+            }
             lane.queue.push_back(Call {
                 item,
                 request_id,
@@ -219,6 +231,40 @@ mod tests {
         assert_eq!(c.call(&peer, 1, Arc::from("r")).await.unwrap(), 2);
         let other: Arc<str> = Arc::from("q");
         assert_eq!(c.call(&other, 2, Arc::from("r")).await.unwrap(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_does_not_keep_up_gets_no_more_than_the_queue_holds() {
+        let (release, released) = tokio::sync::watch::channel(false);
+        let send: SendBatch<u32, u32> = Arc::new(move |_, items: Vec<u32>, _| {
+            let mut released = released.clone();
+            Box::pin(async move {
+                let _ = released.wait_for(|r| *r).await;
+                Ok(items)
+            })
+        });
+        let c = Arc::new(Coalescer::new(send));
+        let peer: Arc<str> = Arc::from("slow");
+        // Calls until the queue is full: the senders hold what they took, the rest waits.
+        let mut calls = Vec::new();
+        while c.lane(&peer).lock().queue.len() < MAX_QUEUED {
+            let (c, peer) = (c.clone(), peer.clone());
+            let i = calls.len() as u32;
+            calls.push(tokio::spawn(async move {
+                c.call(&peer, i, Arc::from("r")).await
+            }));
+            tokio::task::yield_now().await;
+        }
+        let refused = c.call(&peer, 0, Arc::from("r")).await;
+        assert!(refused.is_err(), "a call beyond the queue fails at once");
+        release.send(true).unwrap();
+        for (i, call) in calls.into_iter().enumerate() {
+            assert_eq!(
+                call.await.unwrap().unwrap(),
+                i as u32,
+                "queued calls are answered"
+            );
+        }
     }
 
     #[tokio::test]
