@@ -313,6 +313,23 @@ fn cluster_secret_guards_internal_calls_and_replication_still_works() {
     )
     .unwrap();
     assert_eq!(allowed.status, 200);
+    // The batched read endpoint is guarded too, and refuses a body that is no key list.
+    let refused = send("POST", &format!("{}/internal/entries", c.url(1)), Some("x")).unwrap();
+    assert_eq!(refused.status, 401);
+    let junk = kv_tests::send_with(
+        "POST",
+        &format!("{}/internal/entries", c.url(1)),
+        Some("junk"),
+        &[("x-kv-secret", "s3cret")],
+    )
+    .unwrap();
+    assert_eq!(
+        (junk.status, junk.json["error"].clone()),
+        (400, json!("invalid_batch"))
+    );
+    // Quorum reads go through it (with the secret) and see the write.
+    let read = send("GET", &format!("{}/v1/k?r=all", c.url(2)), None).unwrap();
+    assert_eq!((read.status, read.json["value"].clone()), (200, json!(1)));
 }
 
 #[test]
