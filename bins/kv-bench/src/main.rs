@@ -92,6 +92,19 @@ fn run_command(args: &RunArgs) -> Result<ExitCode, BenchError> {
     })
 }
 
+/// Binds `addr`; returns the listener and the address it got (the port, when 0 was asked for).
+async fn listen(
+    addr: std::net::SocketAddr,
+) -> Result<(tokio::net::TcpListener, std::net::SocketAddr), BenchError> {
+    let failed = |source| BenchError::Listen {
+        addr: addr.to_string(),
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(failed)?;
+    let local = listener.local_addr().map_err(failed)?;
+    Ok((listener, local))
+}
+
 /// `kv-bench limit-server`: serves until Ctrl-C or SIGTERM.
 fn limit_server_command(args: &LimitArgs) -> Result<ExitCode, BenchError> {
     let (runtime, _threads) = runtime(args.threads)?;
@@ -99,16 +112,7 @@ fn limit_server_command(args: &LimitArgs) -> Result<ExitCode, BenchError> {
     let status = http::StatusCode::from_u16(args.status)
         .map_err(|e| BenchError::Invalid(format!("--status {}: {e}", args.status)))?;
     runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| BenchError::Listen {
-                addr: addr.to_string(),
-                source,
-            })?;
-        let local = listener.local_addr().map_err(|source| BenchError::Listen {
-            addr: addr.to_string(),
-            source,
-        })?;
+        let (listener, local) = listen(addr).await?;
         eprintln!("kv-bench limit-server: listening on http://{local}");
         tokio::select! {
             () = limit_server::serve(listener, status) => {}
@@ -123,16 +127,7 @@ fn limit_proxy_command(args: &LimitProxyArgs) -> Result<ExitCode, BenchError> {
     let (runtime, _threads) = runtime(args.threads)?;
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], args.port));
     runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| BenchError::Listen {
-                addr: addr.to_string(),
-                source,
-            })?;
-        let local = listener.local_addr().map_err(|source| BenchError::Listen {
-            addr: addr.to_string(),
-            source,
-        })?;
+        let (listener, local) = listen(addr).await?;
         eprintln!(
             "kv-bench limit-proxy: listening on http://{local}, forwarding to {}",
             args.upstream

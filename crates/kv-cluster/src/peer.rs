@@ -473,149 +473,108 @@ async fn send_expecting_ok(
     Ok(response)
 }
 
-/// Encodes a batch of records for `/internal/replicate`.
-///
-/// Layout: `[count: u32 LE]` then, per record, `[len: u32 LE][Record::encode bytes]`. TCP and HTTP
-/// framing already protect the bytes in flight, so no checksum is added here.
+/// Encodes a batch of records for `/internal/replicate`: the list frame of
+/// [`encode_list`] around each record's `Record::encode` bytes. TCP and HTTP framing already
+/// protect the bytes in flight, so no checksum is added here.
 pub fn encode_batch(records: &[Record]) -> Bytes {
-    let mut out = BytesMut::with_capacity(4 + records.len() * 64);
-    out.put_u32_le(u32::try_from(records.len()).unwrap_or(u32::MAX));
-    let mut scratch = Vec::new();
-    for record in records {
-        scratch.clear();
-        record.encode(&mut scratch);
-        out.put_u32_le(u32::try_from(scratch.len()).unwrap_or(u32::MAX));
-        out.put_slice(&scratch);
-    }
-    out.freeze()
+    encode_list(records, |record, out| record.encode(out))
 }
 
 /// Decodes a batch written by [`encode_batch`]; any inconsistency is an error, never a panic.
-pub fn decode_batch(mut buf: &[u8]) -> Result<Vec<Record>, String> {
+pub fn decode_batch(buf: &[u8]) -> Result<Vec<Record>, String> {
     if buf.len() > MAX_BATCH_BYTES {
         return Err(format!("batch of {} bytes is over the limit", buf.len()));
     }
-    if buf.remaining() < 4 {
-        return Err("batch shorter than its header".into());
-    }
-    let count = buf.get_u32_le() as usize;
-    // Each record takes at least its 4-byte length prefix; a larger count is a lie.
-    if count > buf.remaining() / 4 {
-        return Err(format!(
-            "batch claims {count} records in {} bytes",
-            buf.remaining()
-        ));
-    }
-    let mut records = Vec::with_capacity(count);
-    for i in 0..count {
-        if buf.remaining() < 4 {
-            return Err(format!("record {i} has no length"));
-        }
-        let len = buf.get_u32_le() as usize;
-        if buf.remaining() < len {
-            return Err(format!("record {i} is cut short"));
-        }
-        let record = Record::decode(&buf[..len]).map_err(|e| format!("record {i}: {e}"))?;
-        records.push(record);
-        buf.advance(len);
-    }
-    if buf.has_remaining() {
-        return Err(format!("{} bytes after the last record", buf.remaining()));
-    }
-    Ok(records)
+    decode_list(buf, "record", usize::MAX, |bytes| {
+        Record::decode(bytes).map_err(|e| e.to_string())
+    })
 }
 
-/// Encodes the keys of an `/internal/entries` call: `[count: u32 LE]` then `[len: u32 LE][key]`.
+/// Encodes the keys of an `/internal/entries` call (the list frame around each key's bytes).
 pub fn encode_keys(keys: &[String]) -> Bytes {
-    let mut out = BytesMut::with_capacity(4 + keys.iter().map(|k| 4 + k.len()).sum::<usize>());
-    out.put_u32_le(u32::try_from(keys.len()).unwrap_or(u32::MAX));
-    for key in keys {
-        out.put_u32_le(u32::try_from(key.len()).unwrap_or(u32::MAX));
-        out.put_slice(key.as_bytes());
-    }
-    out.freeze()
+    encode_list(keys, |key, out| out.extend_from_slice(key.as_bytes()))
 }
 
-/// Decodes [`encode_keys`]: at most [`MAX_ENTRIES_KEYS`] UTF-8 keys of at most `max_key_bytes`.
-pub fn decode_keys(mut buf: &[u8], max_key_bytes: usize) -> Result<Vec<String>, String> {
-    if buf.remaining() < 4 {
-        return Err("key list shorter than its header".into());
-    }
-    let count = buf.get_u32_le() as usize;
-    if count > MAX_ENTRIES_KEYS || count > buf.remaining() / 4 {
-        return Err(format!(
-            "key list claims {count} keys in {} bytes",
-            buf.remaining()
-        ));
-    }
-    let mut keys = Vec::with_capacity(count);
-    for i in 0..count {
-        if buf.remaining() < 4 {
-            return Err(format!("key {i} has no length"));
+/// Decodes [`encode_keys`]: at most [`MAX_ENTRIES_KEYS`] UTF-8 keys of 1 to `max_key_bytes`.
+pub fn decode_keys(buf: &[u8], max_key_bytes: usize) -> Result<Vec<String>, String> {
+    decode_list(buf, "key", MAX_ENTRIES_KEYS, |bytes| {
+        if bytes.is_empty() || bytes.len() > max_key_bytes {
+            return Err(format!("bad length {}", bytes.len()));
         }
-        let len = buf.get_u32_le() as usize;
-        if len == 0 || len > max_key_bytes || buf.remaining() < len {
-            return Err(format!("key {i} has a bad length {len}"));
-        }
-        let key = std::str::from_utf8(&buf[..len]).map_err(|_| format!("key {i} is not UTF-8"))?;
-        keys.push(key.to_owned());
-        buf.advance(len);
-    }
-    if buf.has_remaining() {
-        return Err(format!("{} bytes after the last key", buf.remaining()));
-    }
-    Ok(keys)
+        std::str::from_utf8(bytes)
+            .map(str::to_owned)
+            .map_err(|_| "not UTF-8".to_owned())
+    })
 }
 
-/// Encodes the answer of an `/internal/entries` call: `[count: u32 LE]` then per key
-/// `[len: u32 LE][Record::encode bytes]`, with `len` 0 for a key the node has no entry for.
+/// Encodes the answer of an `/internal/entries` call: per key the record's bytes, or nothing
+/// (length 0) for a key the node has no entry for.
 pub fn encode_entries(entries: &[Option<Record>]) -> Bytes {
-    let mut out = BytesMut::with_capacity(4 + entries.len() * 64);
-    out.put_u32_le(u32::try_from(entries.len()).unwrap_or(u32::MAX));
-    let mut scratch = Vec::new();
-    for entry in entries {
-        scratch.clear();
+    encode_list(entries, |entry, out| {
         if let Some(record) = entry {
-            record.encode(&mut scratch);
+            record.encode(out);
         }
+    })
+}
+
+/// Decodes [`encode_entries`]; any inconsistency is an error, never a panic.
+pub fn decode_entries(buf: &[u8]) -> Result<Vec<Option<Record>>, String> {
+    decode_list(buf, "entry", usize::MAX, |bytes| match bytes {
+        [] => Ok(None),
+        _ => Record::decode(bytes).map(Some).map_err(|e| e.to_string()),
+    })
+}
+
+/// The frame of every list on the peer wire: `[count: u32 LE]`, then per item
+/// `[len: u32 LE][bytes written by put]`.
+fn encode_list<T>(items: &[T], mut put: impl FnMut(&T, &mut Vec<u8>)) -> Bytes {
+    let mut out = BytesMut::with_capacity(4 + items.len() * 64);
+    out.put_u32_le(u32::try_from(items.len()).unwrap_or(u32::MAX));
+    let mut scratch = Vec::new();
+    for item in items {
+        scratch.clear();
+        put(item, &mut scratch);
         out.put_u32_le(u32::try_from(scratch.len()).unwrap_or(u32::MAX));
         out.put_slice(&scratch);
     }
     out.freeze()
 }
 
-/// Decodes [`encode_entries`]; any inconsistency is an error, never a panic.
-pub fn decode_entries(mut buf: &[u8]) -> Result<Vec<Option<Record>>, String> {
+/// Reads a list framed by [`encode_list`] of at most `max_count` items, each decoded by `item`;
+/// a count the bytes cannot hold, a cut item, or bytes after the last one are errors.
+fn decode_list<T>(
+    mut buf: &[u8],
+    what: &str,
+    max_count: usize,
+    mut item: impl FnMut(&[u8]) -> Result<T, String>,
+) -> Result<Vec<T>, String> {
     if buf.remaining() < 4 {
-        return Err("entry list shorter than its header".into());
+        return Err(format!("{what} list shorter than its header"));
     }
     let count = buf.get_u32_le() as usize;
-    if count > buf.remaining() / 4 {
+    // Each item takes at least its 4-byte length prefix; a larger count is a lie.
+    if count > max_count || count > buf.remaining() / 4 {
         return Err(format!(
-            "entry list claims {count} entries in {} bytes",
+            "{what} list claims {count} items in {} bytes",
             buf.remaining()
         ));
     }
-    let mut entries = Vec::with_capacity(count);
+    let mut items = Vec::with_capacity(count);
     for i in 0..count {
         if buf.remaining() < 4 {
-            return Err(format!("entry {i} has no length"));
+            return Err(format!("{what} {i} has no length"));
         }
         let len = buf.get_u32_le() as usize;
         if buf.remaining() < len {
-            return Err(format!("entry {i} is cut short"));
+            return Err(format!("{what} {i} is cut short"));
         }
-        let entry = match len {
-            0 => None,
-            _ => Some(Record::decode(&buf[..len]).map_err(|e| format!("entry {i}: {e}"))?),
-        };
-        entries.push(entry);
+        items.push(item(&buf[..len]).map_err(|e| format!("{what} {i}: {e}"))?);
         buf.advance(len);
     }
     if buf.has_remaining() {
-        return Err(format!("{} bytes after the last entry", buf.remaining()));
+        return Err(format!("{} bytes after the last {what}", buf.remaining()));
     }
-    Ok(entries)
+    Ok(items)
 }
 
 #[cfg(test)]
