@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -18,29 +17,18 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
 
-/// Pause after a failed `accept` before trying again.
-const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(50);
+use crate::limit_server::accept_forever;
 
 type Body = http_body_util::combinators::BoxBody<bytes::Bytes, hyper::Error>;
 
 /// Proxies every connection accepted on `listener` to `upstream` until the task is dropped.
 pub async fn serve(listener: TcpListener, upstream: SocketAddr) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _peer)) => stream,
-            Err(e) => {
-                eprintln!("kv-bench limit-proxy: accept failed: {e}");
-                tokio::time::sleep(ACCEPT_RETRY_DELAY).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        tokio::spawn(async move {
-            if let Err(e) = proxy_connection(stream, upstream).await {
-                eprintln!("kv-bench limit-proxy: {e}");
-            }
-        });
-    }
+    accept_forever(listener, "limit-proxy", move |stream| async move {
+        if let Err(e) = proxy_connection(stream, upstream).await {
+            eprintln!("kv-bench limit-proxy: {e}");
+        }
+    })
+    .await
 }
 
 /// One client connection and its own upstream connection, both driven by this task.

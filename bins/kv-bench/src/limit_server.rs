@@ -3,6 +3,7 @@
 //! limit, the yardstick kv is compared against.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,7 +14,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 /// The answer to every request (73 bytes, like `GET /v1/bench-4711` on kv).
 pub const LIMIT_BODY: &str =
@@ -26,24 +27,35 @@ const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(50);
 /// request with `status` and [`LIMIT_BODY`]. A status other than 200 lets tests check how the
 /// load generator counts failures.
 pub async fn serve(listener: TcpListener, status: StatusCode) {
+    accept_forever(listener, "limit-server", move |stream| async move {
+        let service = service_fn(move |request| answer(request, status));
+        // A client that hangs up mid-request ends its connection; nothing to report.
+        let _ = http1::Builder::new()
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+    })
+    .await
+}
+
+/// Accepts connections until the task is dropped and runs `serve_one` on each in its own task
+/// (`TCP_NODELAY` set); a failed `accept` is reported as `who` and retried after a pause.
+pub async fn accept_forever<F, Fut>(listener: TcpListener, who: &str, serve_one: F)
+where
+    F: Fn(TcpStream) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _peer)) => stream,
-            Err(e) => {
-                eprintln!("kv-bench limit-server: accept failed: {e}");
-                tokio::time::sleep(ACCEPT_RETRY_DELAY).await;
-                continue;
+        match listener.accept().await {
+            Ok((stream, _peer)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(serve_one(stream));
             }
-        };
-        let _ = stream.set_nodelay(true);
-        tokio::spawn(async move {
-            let service = service_fn(move |request| answer(request, status));
-            // A client that hangs up mid-request ends its connection; nothing to report.
-            let _ = http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
+            Err(e) => {
+                eprintln!("kv-bench {who}: accept failed: {e}");
+                tokio::time::sleep(ACCEPT_RETRY_DELAY).await;
+            }
+        }
     }
 }
 

@@ -176,7 +176,7 @@ impl WorkerContext {
             mix: config.mix,
             sampler: KeySampler::new(config.dist, config.keys).map_err(BenchError::Invalid)?,
             phase: Arc::new(PhaseCell::new(first_phase)),
-            live: Arc::new(LiveCounters::default()),
+            live: Arc::new(LiveCounters::new(config.progress)),
             tickets: AtomicU64::new(0),
             ticket_limit: match config.stop {
                 StopAt::Requests(n) => Some(n),

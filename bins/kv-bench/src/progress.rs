@@ -37,20 +37,22 @@ pub struct LiveCounters {
     successes: AtomicU64,
     errors: AtomicU64,
     window: Mutex<Option<Histogram<u64>>>,
+    keeps_latency: bool,
 }
 
-impl Default for LiveCounters {
-    fn default() -> Self {
+impl LiveCounters {
+    /// Counters for a run shown in `mode`; latencies are only kept when something shows them,
+    /// so a `--quiet` run takes no lock per request.
+    pub fn new(mode: ProgressMode) -> Self {
         LiveCounters {
             successes: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             // Auto-resizing, 2 significant digits: plenty for a progress line.
             window: Mutex::new(Histogram::new(2).ok()),
+            keeps_latency: mode != ProgressMode::Off,
         }
     }
-}
 
-impl LiveCounters {
     /// Counts one finished request; a successful one's latency goes into the window.
     pub fn count(&self, outcome: Outcome, latency: Duration) {
         let counter = if outcome.is_success() {
@@ -59,12 +61,12 @@ impl LiveCounters {
             &self.errors
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        if outcome.is_success() {
+        if self.keeps_latency && outcome.is_success() {
             let micros = u64::try_from(latency.as_micros())
                 .unwrap_or(u64::MAX)
                 .max(1);
-            if let Ok(mut window) = self.window.lock() {
-                if let Some(window) = window.as_mut() {
+            if let Ok(mut guard) = self.window.lock() {
+                if let Some(window) = guard.as_mut() {
                     let _ = window.record(micros);
                 }
             }
@@ -216,7 +218,7 @@ mod tests {
 
     #[test]
     fn the_window_p99_covers_successes_since_the_last_update_only() {
-        let live = LiveCounters::default();
+        let live = LiveCounters::new(ProgressMode::Lines);
         assert_eq!(live.take_window_p99(), None);
         for ms in 1..=100 {
             live.count(Outcome::Ok, Duration::from_millis(ms));
