@@ -11,7 +11,9 @@
 #
 # Runs from the repository root (or $KV_ROOT). Logs and pid files go to ./run/, node data to
 # ./data/node$i. Every other variable in the environment (WAL_SYNC, RUST_LOG, AUTH_TOKEN,
-# VNODES, REPLICATION_FACTOR, ...) reaches the processes unchanged.
+# VNODES, REPLICATION_FACTOR, ...) reaches the processes unchanged. `up` gives the cluster a random
+# CLUSTER_SECRET (or keeps the one in the environment), kept in run/cluster.env (mode 0600): nodes
+# refuse /internal calls without it, and /admin calls take it as a bearer token.
 set -euo pipefail
 
 ROOT="${KV_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
@@ -143,20 +145,28 @@ cmd_up() {
     fi
     [[ -x "$BIN_DIR/kv-node" && -x "$BIN_DIR/kv-lb" ]] || die "binaries not found in $BIN_DIR"
     REMOVED=""
+    CLUSTER_SECRET="${CLUSTER_SECRET:-$(new_secret)}"
     rm -f "$RUN_DIR"/*.log
     save_cluster_env
     start_all
     print_banner
 }
 
+# 24 random bytes as hex: the cluster's secret.
+new_secret() { od -An -N24 -tx1 /dev/urandom | tr -d ' \n'; }
+
 save_cluster_env() {
-    printf 'NODES=%s\nBASE_PORT=%s\nLB_PORT=%s\nREMOVED="%s"\n' "$NODES" "$BASE_PORT" "$LB_PORT" "${REMOVED:-}" >"$CLUSTER_ENV"
+    (
+        umask 077
+        printf 'NODES=%s\nBASE_PORT=%s\nLB_PORT=%s\nREMOVED="%s"\nCLUSTER_SECRET=%q\n' \
+            "$NODES" "$BASE_PORT" "$LB_PORT" "${REMOVED:-}" "${CLUSTER_SECRET:-}" >"$CLUSTER_ENV"
+    )
 }
 
 # Starts node $1 (a number) on its port; CLUSTER_NODES is $2.
 launch_node() {
     local i="$1" cluster_nodes="$2" port=$((BASE_PORT + $1 - 1))
-    launch "node$i" env NODE_NAME="node$i" PORT="$port" \
+    launch "node$i" env NODE_NAME="node$i" PORT="$port" CLUSTER_SECRET="${CLUSTER_SECRET:-}" \
         CURRENT_NODE_URL="http://127.0.0.1:$port" CLUSTER_NODES="$cluster_nodes" \
         REPLICATION_FACTOR="${REPLICATION_FACTOR:-3}" DATA_DIR="./data/node$i" \
         "$BIN_DIR/kv-node"
@@ -241,10 +251,9 @@ cmd_status() {
     done
 }
 
-# curl against the admin API of a live member, with the bearer token when AUTH_TOKEN is set.
+# curl against the admin API of a live member, with the cluster secret as its bearer token.
 admin() {
-    local method="$1" path="$2" body="${3:-}" name auth=()
-    [[ -z "${AUTH_TOKEN:-}" ]] || auth=(-H "Authorization: Bearer $AUTH_TOKEN")
+    local method="$1" path="$2" body="${3:-}" name auth=(-H "Authorization: Bearer ${CLUSTER_SECRET:-}")
     for name in $(process_names); do
         [[ "$name" != lb && "$name" != "${SKIP:-}" && -n "$(live_pid "$name")" ]] || continue
         curl -sS --max-time 30 -X "$method" "${auth[@]}" "http://127.0.0.1:$(port_of "$name")$path" \

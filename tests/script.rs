@@ -124,6 +124,7 @@ fn cluster_sh_up_round_trip_down_leaves_nothing_behind() {
         root.path().join("data/node1").exists(),
         "data in ./data/node1..3"
     );
+    assert_cluster_is_closed(root.path(), base);
 
     let status = script(root.path(), &["status"]);
     assert!(
@@ -199,4 +200,34 @@ fn cluster_sh_up_round_trip_down_leaves_nothing_behind() {
         send("GET", &format!("{lb_url}/health"), None).is_err(),
         "nothing listens any more"
     );
+}
+
+/// The quick-start cluster has a secret of its own (kept 0600 in run/cluster.env): `/internal`
+/// and `/admin` refuse calls without it, and take calls with it.
+fn assert_cluster_is_closed(root: &Path, base: u16) {
+    use std::os::unix::fs::PermissionsExt;
+    let env_file = root.join("run/cluster.env");
+    let mode = std::fs::metadata(&env_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "run/cluster.env is private, mode {mode:o}");
+    let text = std::fs::read_to_string(&env_file).unwrap();
+    let secret = text
+        .lines()
+        .find_map(|l| l.strip_prefix("CLUSTER_SECRET="))
+        .expect("run/cluster.env records CLUSTER_SECRET");
+    assert!(secret.len() >= 32, "a long random secret: {secret:?}");
+    let node1 = format!("http://127.0.0.1:{base}");
+    for (method, path) in [("GET", "/internal/keys"), ("GET", "/internal/members")] {
+        let refused = send(method, &format!("{node1}{path}"), None).unwrap();
+        assert_eq!(refused.status, 401, "{method} {path}: {}", refused.text);
+        let with_secret = kv_tests::send_with(
+            method,
+            &format!("{node1}{path}"),
+            None,
+            &[("x-kv-secret", secret)],
+        )
+        .unwrap();
+        assert_eq!(with_secret.status, 200, "{method} {path} with the secret");
+    }
+    let backup = send("GET", &format!("{node1}/admin/backup"), None).unwrap();
+    assert_eq!(backup.status, 401, "{}", backup.text);
 }

@@ -5,7 +5,7 @@ use crate::error::ApiError;
 use crate::request::{
     parse_key, parse_precondition, parse_query, parse_supplied_version, parse_write_body, read_body,
 };
-use crate::routes::{request_id, AppState};
+use crate::routes::{is_peer_call, request_id, AppState};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -319,7 +319,7 @@ pub async fn data(State(app): State<AppState>, request: Request) -> Result<Respo
     } else {
         (
             parse_precondition(&parts.headers)?,
-            parse_supplied_version(&parts.headers)?,
+            parse_supplied_version(&parts.headers, config.max_clock_offset)?,
         )
     };
     if precondition != Precondition::Always && version.is_some() {
@@ -337,7 +337,9 @@ pub async fn data(State(app): State<AppState>, request: Request) -> Result<Respo
         version,
     };
     let rid = request_id(&parts.headers);
-    let forwarded = parts.headers.contains_key(FORWARDED_HEADER);
+    // A client cannot claim to be a forwarding node: the marker counts only with the secret.
+    let forwarded =
+        parts.headers.contains_key(FORWARDED_HEADER) && is_peer_call(&app, &parts.headers);
     let auth = parts.headers.get(header::AUTHORIZATION);
     let work = execute(&app, op, auth, &rid, forwarded);
     match tokio::time::timeout(config.request_timeout, work).await {

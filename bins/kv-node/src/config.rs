@@ -31,6 +31,8 @@ struct NodeEnv {
     max_value_bytes: Option<String>,
     auth_token: Option<String>,
     cluster_secret: Option<String>,
+    insecure_cluster: Option<String>,
+    max_clock_offset_ms: Option<String>,
     health_check_interval_ms: Option<String>,
     health_check_timeout_ms: Option<String>,
     peer_timeout_ms: Option<String>,
@@ -87,8 +89,18 @@ pub struct NodeConfig {
     pub max_value_bytes: usize,
     /// Bearer token required on `/v1` and admin routes.
     pub auth_token: Option<String>,
-    /// Shared secret of node-to-node calls.
+    /// The cluster credential: `CLUSTER_SECRET`, else `AUTH_TOKEN`. Node-to-node calls carry it;
+    /// `/internal` and membership messages are refused without it. `None` only on an open
+    /// cluster (see [`NodeConfig::open_cluster`]).
     pub cluster_secret: Option<String>,
+    /// True when the node runs without a cluster credential: bound to a loopback address, or
+    /// with `INSECURE_CLUSTER=true` elsewhere. Anyone who reaches the port can call `/internal`.
+    pub open_cluster: bool,
+    /// `MAX_CLOCK_OFFSET_MS`: the largest clock difference between nodes that kv tolerates.
+    /// Versions from clients further ahead of this node's clock than this are refused, and from
+    /// peers further ahead than twice this (their clock may be this far ahead, and their clock may
+    /// have observed a client's version this far ahead of theirs).
+    pub max_clock_offset: Duration,
     /// Time between health checks of each peer.
     pub health_interval: Duration,
     /// Deadline of one health check.
@@ -178,6 +190,47 @@ fn non_empty(raw: Option<String>) -> Option<String> {
     raw.filter(|s| !s.trim().is_empty())
 }
 
+/// The cluster credential (`CLUSTER_SECRET`, else `AUTH_TOKEN`), or `None` for an open cluster,
+/// which only a loopback bind or `INSECURE_CLUSTER=true` allows (Redis' protected mode).
+fn cluster_credential(
+    secret: Option<String>,
+    auth_token: Option<String>,
+    bind: IpAddr,
+    insecure: Option<&str>,
+) -> Result<Option<String>, ConfigError> {
+    let insecure = match insecure.map(|s| s.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("" | "false" | "0" | "no") => false,
+        Some("true" | "1" | "yes") => true,
+        Some(_) => {
+            let raw = insecure.unwrap_or_default();
+            return Err(bad("INSECURE_CLUSTER", raw, "expected true or false"));
+        }
+    };
+    let (var, credential) = match (secret, auth_token) {
+        (Some(secret), _) => ("CLUSTER_SECRET", Some(secret)),
+        (None, token) => ("AUTH_TOKEN", token),
+    };
+    match credential {
+        // It travels in a header: printable ASCII only, checked here rather than at the first call.
+        Some(c) if !c.bytes().all(|b| b.is_ascii_graphic()) => Err(bad(
+            var,
+            "<hidden>",
+            "expected printable ASCII without spaces (it travels in an HTTP header)",
+        )),
+        Some(c) => Ok(Some(c)),
+        None if bind.is_loopback() || insecure => Ok(None),
+        None => Err(bad(
+            "CLUSTER_SECRET",
+            "",
+            format!(
+                "expected a secret shared by every node: BIND_ADDR={bind} is not a loopback \
+                 address, so node-to-node calls must be authenticated (set CLUSTER_SECRET or \
+                 AUTH_TOKEN, or INSECURE_CLUSTER=true to run open)"
+            ),
+        )),
+    }
+}
+
 impl NodeEnv {
     fn validate(self) -> Result<NodeConfig, ConfigError> {
         let name = non_empty(self.node_name).unwrap_or_else(|| "node1".to_owned());
@@ -249,6 +302,12 @@ impl NodeEnv {
                 .parse()
                 .map_err(|_| bad("WAL_SYNC", raw, "expected always, interval or never"))?,
         };
+        let cluster_secret = cluster_credential(
+            non_empty(self.cluster_secret),
+            non_empty(self.auth_token.clone()),
+            ip,
+            self.insecure_cluster.as_deref(),
+        )?;
         let log_format = match self.log_format.as_deref().map(str::trim) {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
@@ -309,7 +368,16 @@ impl NodeEnv {
                 64 << 20,
             )?,
             auth_token: non_empty(self.auth_token),
-            cluster_secret: non_empty(self.cluster_secret),
+            open_cluster: cluster_secret.is_none(),
+            cluster_secret,
+            max_clock_offset: parse_num(
+                "MAX_CLOCK_OFFSET_MS",
+                self.max_clock_offset_ms.as_deref(),
+                500,
+                1,
+                3_600_000,
+            )
+            .map(Duration::from_millis)?,
             health_interval: millis(
                 "HEALTH_CHECK_INTERVAL_MS",
                 self.health_check_interval_ms.as_deref(),
@@ -387,6 +455,50 @@ mod tests {
         assert_eq!(c.nodes[2], "http://localhost:8003");
         assert_eq!(c.data_dir, PathBuf::from("./data/node2"));
         assert_eq!(c.replication_factor, 2);
+    }
+
+    #[test]
+    fn the_cluster_credential_falls_back_to_the_token_and_is_required_off_loopback() {
+        let c = env(&[("CLUSTER_SECRET", "s3cret"), ("AUTH_TOKEN", "tok")]).unwrap();
+        assert_eq!(c.cluster_secret.as_deref(), Some("s3cret"));
+        let c = env(&[("AUTH_TOKEN", "tok")]).unwrap();
+        assert_eq!(c.cluster_secret.as_deref(), Some("tok"));
+        assert!(!c.open_cluster);
+        let c = env(&[]).unwrap();
+        assert!(c.open_cluster && c.cluster_secret.is_none());
+        let c = env(&[("BIND_ADDR", "::1")]).unwrap();
+        assert!(c.open_cluster);
+        let refused = env(&[("BIND_ADDR", "0.0.0.0")]).unwrap_err().to_string();
+        assert!(
+            refused.starts_with("CLUSTER_SECRET=: expected a secret"),
+            "{refused}"
+        );
+        assert!(!refused.contains('\n'));
+        let c = env(&[("BIND_ADDR", "0.0.0.0"), ("INSECURE_CLUSTER", "true")]).unwrap();
+        assert!(c.open_cluster);
+        let c = env(&[("BIND_ADDR", "0.0.0.0"), ("CLUSTER_SECRET", "x")]).unwrap();
+        assert!(!c.open_cluster);
+        let bad_secret = env(&[("CLUSTER_SECRET", "has space")])
+            .unwrap_err()
+            .to_string();
+        assert!(bad_secret.starts_with("CLUSTER_SECRET=<hidden>: expected printable"));
+        assert!(!bad_secret.contains("has space"));
+        assert!(env(&[("INSECURE_CLUSTER", "maybe")]).is_err());
+    }
+
+    #[test]
+    fn the_clock_offset_defaults_to_half_a_second() {
+        assert_eq!(
+            env(&[]).unwrap().max_clock_offset,
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            env(&[("MAX_CLOCK_OFFSET_MS", "250")])
+                .unwrap()
+                .max_clock_offset,
+            Duration::from_millis(250)
+        );
+        assert!(env(&[("MAX_CLOCK_OFFSET_MS", "0")]).is_err());
     }
 
     #[test]

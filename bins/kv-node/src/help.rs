@@ -94,8 +94,18 @@ pub const HELP_VARIABLES: &[(&str, &str, &str)] = &[
     ),
     (
         "CLUSTER_SECRET",
-        "unset",
-        "when set, node-to-node calls carry it; /internal needs it",
+        "AUTH_TOKEN",
+        "node-to-node calls carry it; /internal and membership need it",
+    ),
+    (
+        "INSECURE_CLUSTER",
+        "false",
+        "true: run without a cluster secret on a non-loopback BIND_ADDR",
+    ),
+    (
+        "MAX_CLOCK_OFFSET_MS",
+        "500",
+        "versions this far ahead of the node's clock are refused",
     ),
     (
         "HEALTH_CHECK_INTERVAL_MS",

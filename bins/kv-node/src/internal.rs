@@ -2,7 +2,7 @@
 //! node's own entries. Not for clients.
 
 use crate::error::ApiError;
-use crate::request::parse_key;
+use crate::request::{check_not_ahead, parse_key};
 use crate::routes::AppState;
 use axum::body::Bytes;
 use axum::extract::{Request, State};
@@ -12,7 +12,9 @@ use kv_cluster::peer::{
     decode_batch, decode_keys, encode_batch, encode_entries, BATCH_REQUEST_IDS_HEADER, ENTRY_PATH,
     MAX_BATCH_BYTES,
 };
-use tracing::debug;
+use kv_core::Record;
+use std::time::Duration;
+use tracing::{debug, warn};
 
 /// Reads a binary request body of at most [`MAX_BATCH_BYTES`].
 async fn body(request: Request, what: &'static str) -> Result<Bytes, ApiError> {
@@ -42,6 +44,7 @@ pub async fn replicate(
     let ids = request.headers().get(BATCH_REQUEST_IDS_HEADER).cloned();
     let body = body(request, "replication batch").await?;
     let records = decode_batch(&body).map_err(|e| ApiError::bad_request("invalid_batch", e))?;
+    refuse_future_versions(&records, 2 * app.config().max_clock_offset)?;
     if let Some(ids) = ids {
         debug!(
             records = records.len(),
@@ -51,6 +54,34 @@ pub async fn replicate(
     }
     let applied = app.cluster().apply_replicated(records).await?;
     Ok(axum::Json(serde_json::json!({ "applied": applied })).into_response())
+}
+
+/// Refuses a batch holding a version further ahead of this node's clock than `max_ahead`: it
+/// would win over every later write and drag this node's clock (and snapshots) along. Honest
+/// peers stay within twice `MAX_CLOCK_OFFSET_MS`: their clock is at most that far ahead, and it
+/// may have observed a client's version that far ahead of theirs.
+fn refuse_future_versions(records: &[Record], max_ahead: Duration) -> Result<(), ApiError> {
+    for record in records {
+        if let Err(ahead_ms) = check_not_ahead(record.version, max_ahead) {
+            warn!(
+                key = %record.key,
+                version = %record.version,
+                ahead_ms,
+                "refused a replicated record from the future"
+            );
+            return Err(ApiError::bad_request(
+                "invalid_version",
+                format!(
+                    "record {:?} has version {} from {ahead_ms} ms ahead of this node's clock; \
+                     at most {} ms is accepted (2 x MAX_CLOCK_OFFSET_MS)",
+                    record.key,
+                    record.version,
+                    max_ahead.as_millis()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `POST /internal/entries`: this node's entries for a list of keys (tombstones included; none

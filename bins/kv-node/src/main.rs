@@ -85,6 +85,13 @@ async fn run(config: NodeConfig) -> Result<(), String> {
     // Before the store opens, so that what kv-core records from its threads is kept.
     let metrics = telemetry::init_metrics();
     telemetry::spawn_upkeep(metrics.clone());
+    if config.open_cluster {
+        warn!(
+            listen = %config.listen,
+            "no CLUSTER_SECRET (or AUTH_TOKEN): /internal, membership and /admin calls are open \
+             to anyone who can reach this address; set CLUSTER_SECRET to close them"
+        );
+    }
     info!(node = %config.name, data_dir = %config.data_dir.display(), "recovering");
     let store = tokio::task::spawn_blocking(move || Store::open(store_config))
         .await

@@ -12,14 +12,12 @@ use percent_encoding::percent_decode_str;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use std::borrow::Cow;
+use std::time::Duration;
 
 /// Room for the `{"value": ...}` envelope around a value of the largest allowed size.
 const BODY_ENVELOPE_BYTES: usize = 64 * 1024;
 /// Longest TTL accepted: ten years, in seconds.
 pub const MAX_TTL_SECS: u64 = 10 * 365 * 86_400;
-/// How far ahead of this machine's clock a version a write brings may be: further, and one bad
-/// client clock could make a key unwritable for everyone else.
-const MAX_VERSION_AHEAD_MS: u64 = 60_000;
 
 /// Extracts the key from a `/v1/...` or `/internal/entry/...` path: everything after `prefix`,
 /// percent-decoded, 1 to `max` bytes of UTF-8.
@@ -250,8 +248,13 @@ fn bad_precondition(why: &str) -> ApiError {
     )
 }
 
-/// The version a write brings in `x-kv-version`, checked against this machine's clock.
-pub fn parse_supplied_version(headers: &HeaderMap) -> Result<Option<Version>, ApiError> {
+/// The version a write brings in `x-kv-version`, at most `max_ahead` ahead of this node's clock:
+/// further, and one bad client clock could make a key unwritable for everyone else (and drag
+/// every node's clock along).
+pub fn parse_supplied_version(
+    headers: &HeaderMap,
+    max_ahead: Duration,
+) -> Result<Option<Version>, ApiError> {
     let Some(raw) = headers.get(VERSION_HEADER) else {
         return Ok(None);
     };
@@ -262,12 +265,24 @@ pub fn parse_supplied_version(headers: &HeaderMap) -> Result<Option<Version>, Ap
         .ok()
         .and_then(|v| v.trim().parse().ok())
         .ok_or_else(|| bad("expected a version as sent in ETag"))?;
-    if version.physical_ms() > kv_cluster::now_ms().saturating_add(MAX_VERSION_AHEAD_MS) {
-        return Err(bad(
-            "the version is more than 60 s ahead of this node's clock",
-        ));
-    }
+    check_not_ahead(version, max_ahead).map_err(|ahead_ms| {
+        bad(&format!(
+            "the version is {ahead_ms} ms ahead of this node's clock; at most {} ms is accepted \
+             (MAX_CLOCK_OFFSET_MS)",
+            max_ahead.as_millis()
+        ))
+    })?;
     Ok(Some(version))
+}
+
+/// `Err(ms ahead)` when `version` is further than `max_ahead` ahead of this node's clock.
+pub fn check_not_ahead(version: Version, max_ahead: Duration) -> Result<(), u64> {
+    let now = kv_cluster::now_ms();
+    let limit = u64::try_from(max_ahead.as_millis()).unwrap_or(u64::MAX);
+    if version.physical_ms() > now.saturating_add(limit) {
+        return Err(version.physical_ms() - now);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -377,6 +392,20 @@ mod tests {
         ));
         let mut h = HeaderMap::new();
         h.insert(VERSION_HEADER, "ffffffffffff0000-00000001".parse().unwrap());
-        assert!(parse_supplied_version(&h).is_err(), "far in the future");
+        let half_second = Duration::from_millis(500);
+        assert!(
+            parse_supplied_version(&h, half_second).is_err(),
+            "far in the future"
+        );
+        let at = |ms: u64| Version {
+            hlc: ms << 16,
+            node: 1,
+        };
+        let (now, ahead) = (at(kv_cluster::now_ms()), at(kv_cluster::now_ms() + 5_000));
+        assert_eq!(check_not_ahead(now, half_second), Ok(()));
+        assert!(check_not_ahead(ahead, half_second).is_err());
+        assert_eq!(check_not_ahead(ahead, Duration::from_secs(10)), Ok(()));
+        h.insert(VERSION_HEADER, now.to_string().parse().unwrap());
+        assert_eq!(parse_supplied_version(&h, half_second).unwrap(), Some(now));
     }
 }

@@ -1,6 +1,19 @@
 //! The node's router: which path goes to which handler, and the layers around them (request id
-//! and metrics on everything, the bearer token on `/v1` and `/admin`, the cluster secret on
-//! `/internal`).
+//! and metrics on everything, the bearer token on `/v1`, the cluster credential on `/internal`,
+//! either of the two on `/admin`).
+//!
+//! # Who may call what
+//! | routes | credential |
+//! |---|---|
+//! | `/`, `/health`, `/metrics`, `GET /admin/members` | none |
+//! | `/v1`, `/batch` | `Authorization: Bearer <AUTH_TOKEN>` when `AUTH_TOKEN` is set |
+//! | `/admin` (backup, checkpoint, membership changes) | bearer `AUTH_TOKEN` or bearer cluster secret |
+//! | `/internal` | `x-kv-secret: <cluster secret>` |
+//!
+//! The cluster secret is `CLUSTER_SECRET`, else `AUTH_TOKEN`; only an open cluster (loopback
+//! bind or `INSECURE_CLUSTER=true`, see `config.rs`) has none, and then `/internal` and `/admin`
+//! are open too. Node-to-node markers on client routes (`x-kv-forwarded`) count only on calls
+//! that carry the secret: [`is_peer_call`].
 
 use crate::config::NodeConfig;
 use crate::error::ApiError;
@@ -89,10 +102,13 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/", any(api::empty_key))
         .route("/v1/{*key}", any(api::data))
         .route("/batch", post(batch::batch))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    let admin = Router::new()
         .route("/admin/backup", get(admin::backup))
         .route("/admin/checkpoint", post(admin::checkpoint))
-        .route("/admin/members", get(members::show).post(members::change))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+        .route("/admin/members", post(members::change))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin))
+        .route("/admin/members", get(members::show));
     let internal = Router::new()
         .route("/internal/replicate", post(internal::replicate))
         .route("/internal/entry/{*key}", get(internal::entry))
@@ -110,6 +126,7 @@ pub fn app(state: AppState) -> Router {
         .route("/health", get(status::health))
         .route("/metrics", get(status::metrics))
         .merge(data)
+        .merge(admin)
         .merge(internal)
         .fallback(status::no_route)
         .method_not_allowed_fallback(status::wrong_method)
@@ -124,13 +141,7 @@ async fn require_token(
     next: Next,
 ) -> Result<Response, ApiError> {
     if let Some(token) = &app.config().auth_token {
-        let given = request
-            .headers()
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or_default();
-        if !bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+        if !bearer_matches(request.headers(), token) {
             return Err(ApiError::Unauthorized(
                 "missing or wrong bearer token (Authorization: Bearer <AUTH_TOKEN>)",
             ));
@@ -139,23 +150,63 @@ async fn require_token(
     Ok(next.run(request).await)
 }
 
-/// `CLUSTER_SECRET`: when set, `/internal` calls must carry it.
+/// `/admin`: the bearer token, or the cluster secret as a bearer token (an operator of a cluster
+/// without `AUTH_TOKEN` holds the secret). Open only on an open cluster.
+async fn require_admin(
+    State(app): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let config = app.config();
+    let accepted = [config.auth_token.as_ref(), config.cluster_secret.as_ref()];
+    let required = accepted.iter().any(Option::is_some);
+    let given = accepted
+        .iter()
+        .flatten()
+        .any(|secret| bearer_matches(request.headers(), secret));
+    if required && !given {
+        return Err(ApiError::Unauthorized(
+            "admin calls need Authorization: Bearer <AUTH_TOKEN or CLUSTER_SECRET>",
+        ));
+    }
+    Ok(next.run(request).await)
+}
+
+/// True when `Authorization: Bearer <secret>` is present (constant-time comparison).
+fn bearer_matches(headers: &HeaderMap, secret: &str) -> bool {
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    bool::from(given.as_bytes().ct_eq(secret.as_bytes()))
+}
+
+/// True when the call carries the cluster secret (always on an open cluster): only such calls
+/// may use node-to-node markers such as `x-kv-forwarded`.
+pub fn is_peer_call(app: &AppState, headers: &HeaderMap) -> bool {
+    match &app.config().cluster_secret {
+        Some(secret) => {
+            let given = headers
+                .get(SECRET_HEADER)
+                .map(|v| v.as_bytes())
+                .unwrap_or_default();
+            bool::from(given.ct_eq(secret.as_bytes()))
+        }
+        None => true,
+    }
+}
+
+/// `/internal`: the call must carry the cluster secret (unless the cluster is open).
 async fn require_secret(
     State(app): State<AppState>,
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    if let Some(secret) = &app.config().cluster_secret {
-        let given = request
-            .headers()
-            .get(SECRET_HEADER)
-            .map(|v| v.as_bytes())
-            .unwrap_or_default();
-        if !bool::from(given.ct_eq(secret.as_bytes())) {
-            return Err(ApiError::Unauthorized(
-                "node-to-node calls need the cluster secret",
-            ));
-        }
+    if !is_peer_call(&app, request.headers()) {
+        return Err(ApiError::Unauthorized(
+            "node-to-node calls need the cluster secret (x-kv-secret)",
+        ));
     }
     Ok(next.run(request).await)
 }
