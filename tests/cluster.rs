@@ -179,10 +179,11 @@ fn kill_9_of_one_node_loses_no_quorum_write_and_hints_catch_it_up() {
         );
     }
     assert_eq!(
-        put(&survivors[0], "doomed", json!("x"), "?w=all").status,
+        put(&survivors[0], "never", json!("x"), "?w=all").status,
         503,
         "w=all cannot be met with a node down"
     );
+    assert_eq!(put(&survivors[0], "doomed", json!("x"), "").status, 200);
     assert_eq!(
         send("DELETE", &format!("{}/v1/doomed", survivors[1]), None)
             .unwrap()
@@ -208,6 +209,8 @@ fn kill_9_of_one_node_loses_no_quorum_write_and_hints_catch_it_up() {
             "while-down-{i} never reached node3"
         );
     }
+    let never = get(c.url(2), "never", "?r=all");
+    assert_eq!(never.status, 404, "a write refused with 503 was applied");
     let doomed = get(c.url(2), "doomed", "?r=all");
     assert_eq!(
         doomed.status, 404,

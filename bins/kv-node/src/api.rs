@@ -29,6 +29,8 @@ const KEY_ESCAPES: &AsciiSet = &CONTROLS
     .add(b'`')
     .add(b'{')
     .add(b'}');
+/// Header of every write answer: how many durable copies were confirmed.
+pub const ACKS_HEADER: &str = "x-kv-acks";
 /// Methods `/v1/{key}` takes, for `405` answers.
 const ALLOWED: &str = "GET, HEAD, POST, PUT, DELETE";
 
@@ -78,11 +80,15 @@ pub enum Outcome {
         version: Version,
         /// When it expires, in Unix milliseconds.
         expires_at_ms: Option<u64>,
+        /// For a write: the durable copies confirmed (`X-KV-Acks`).
+        acks: Option<usize>,
     },
     /// The key was deleted.
     Deleted {
         /// The key.
         key: String,
+        /// Durable copies of the tombstone confirmed (`X-KV-Acks`).
+        acks: usize,
     },
     /// Another node coordinated it; its answer, unchanged.
     Forwarded(ForwardResponse),
@@ -96,9 +102,23 @@ impl IntoResponse for Outcome {
                 value,
                 version,
                 expires_at_ms,
-            } => value_response(&key, &value, version, expires_at_ms),
-            Outcome::Deleted { key } => {
-                axum::Json(serde_json::json!({"key": key, "deleted": true})).into_response()
+                acks,
+            } => {
+                let mut response = value_response(&key, &value, version, expires_at_ms);
+                if let Some(acks) = acks {
+                    response
+                        .headers_mut()
+                        .insert(ACKS_HEADER, HeaderValue::from(acks));
+                }
+                response
+            }
+            Outcome::Deleted { key, acks } => {
+                let mut response =
+                    axum::Json(serde_json::json!({"key": key, "deleted": true})).into_response();
+                response
+                    .headers_mut()
+                    .insert(ACKS_HEADER, HeaderValue::from(acks));
+                response
             }
             Outcome::Forwarded(answer) => {
                 let mut response = (answer.status, answer.body).into_response();
@@ -143,6 +163,7 @@ async fn coordinate(app: &AppState, op: KeyOp, request_id: &str) -> Result<Outco
                 value: entry.value.unwrap_or_default(),
                 version: entry.version,
                 expires_at_ms: entry.expires_at_ms,
+                acks: None,
             }),
             _ => Err(not_found(&op.key)),
         },
@@ -158,11 +179,12 @@ async fn coordinate(app: &AppState, op: KeyOp, request_id: &str) -> Result<Outco
                 .write_if(&op.key, write, op.precondition, levels, request_id)
                 .await?
             {
-                Some(version) => Ok(Outcome::Value {
+                Some(written) => Ok(Outcome::Value {
                     key: op.key,
                     value,
-                    version,
+                    version: written.version,
                     expires_at_ms,
+                    acks: Some(written.acks),
                 }),
                 None => Err(not_found(&op.key)),
             }
@@ -177,7 +199,10 @@ async fn coordinate(app: &AppState, op: KeyOp, request_id: &str) -> Result<Outco
                 .write_if(&op.key, write, op.precondition, levels, request_id)
                 .await?
             {
-                Some(_) => Ok(Outcome::Deleted { key: op.key }),
+                Some(written) => Ok(Outcome::Deleted {
+                    key: op.key,
+                    acks: written.acks,
+                }),
                 None => Err(not_found(&op.key)),
             }
         }
@@ -341,11 +366,27 @@ pub async fn data(State(app): State<AppState>, request: Request) -> Result<Respo
     let forwarded =
         parts.headers.contains_key(FORWARDED_HEADER) && is_peer_call(&app, &parts.headers);
     let auth = parts.headers.get(header::AUTHORIZATION);
+    let is_write = op.kind != OpKind::Get;
+    // A coordinator that was forwarded to gives up before the node that forwarded to it does,
+    // so that node hears the real outcome instead of timing out itself.
+    let budget = if forwarded {
+        config
+            .request_timeout
+            .saturating_sub(config.peer_timeout)
+            .max(config.request_timeout / 2)
+    } else {
+        config.request_timeout
+    };
     let work = execute(&app, op, auth, &rid, forwarded);
-    match tokio::time::timeout(config.request_timeout, work).await {
+    match tokio::time::timeout(budget, work).await {
         Ok(result) => result.map(IntoResponse::into_response),
+        // The write's replication runs in its own tasks and may still complete.
+        Err(_) if is_write => Err(ApiError::Cluster(kv_cluster::Error::OutcomeUnknown {
+            acked: 0,
+            detail: format!("it was not confirmed within {} ms", budget.as_millis()),
+        })),
         Err(_) => Err(ApiError::Timeout(
-            u64::try_from(config.request_timeout.as_millis()).unwrap_or(u64::MAX),
+            u64::try_from(budget.as_millis()).unwrap_or(u64::MAX),
         )),
     }
 }
@@ -356,5 +397,8 @@ fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
         if let Some(value) = from.get(&name) {
             to.insert(name, value.clone());
         }
+    }
+    if let Some(value) = from.get(ACKS_HEADER) {
+        to.insert(ACKS_HEADER, value.clone());
     }
 }

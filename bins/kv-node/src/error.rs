@@ -105,8 +105,14 @@ impl ApiError {
                 (StatusCode::BAD_REQUEST, "invalid_consistency")
             }
             ApiError::Cluster(
-                C::Unavailable { .. } | C::NoReplicaReachable { .. } | C::PeerProtocol { .. },
+                C::Unavailable { .. }
+                | C::TooFewReplicasUp { .. }
+                | C::NoReplicaReachable { .. }
+                | C::PeerProtocol { .. },
             ) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Cluster(C::OutcomeUnknown { .. }) => {
+                (StatusCode::GATEWAY_TIMEOUT, "outcome_unknown")
+            }
             ApiError::Cluster(C::Store(
                 kv_core::Error::WalFailed { .. } | kv_core::Error::Closed,
             )) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
@@ -121,10 +127,24 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, body) = self.status_and_body();
         let mut response = (status, axum::Json(body)).into_response();
-        if let ApiError::MethodNotAllowed { allow, .. } = self {
-            response
-                .headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static(allow));
+        match self {
+            ApiError::MethodNotAllowed { allow, .. } => {
+                response
+                    .headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static(allow));
+            }
+            // Write answers say how many durable copies were confirmed, failures included.
+            ApiError::Cluster(kv_cluster::Error::OutcomeUnknown { acked, .. }) => {
+                response
+                    .headers_mut()
+                    .insert(crate::api::ACKS_HEADER, HeaderValue::from(acked));
+            }
+            ApiError::Cluster(kv_cluster::Error::TooFewReplicasUp { .. }) => {
+                response
+                    .headers_mut()
+                    .insert(crate::api::ACKS_HEADER, HeaderValue::from(0));
+            }
+            _ => {}
         }
         response
     }

@@ -151,6 +151,8 @@ fn cluster_config(config: &NodeConfig) -> ClusterConfig {
         health_timeout: config.health_timeout,
         connect_timeout: Duration::from_millis(500),
         peer_timeout: config.peer_timeout,
+        // The forwarded-to coordinator's budget is shorter than this node's (see `api::data`).
+        forward_timeout: config.request_timeout,
         write_consistency: config.write_consistency,
         read_consistency: config.read_consistency,
         hints_dir: config.data_dir.join("hints"),

@@ -36,8 +36,11 @@ pub struct ClusterConfig {
     pub health_timeout: Duration,
     /// TCP connect deadline for peer calls.
     pub connect_timeout: Duration,
-    /// Deadline of one replication, read or forward call.
+    /// Deadline of one replication or read call.
     pub peer_timeout: Duration,
+    /// Deadline of a forwarded client request: longer than the coordinator's own budget, so
+    /// the forwarding node hears the coordinator's real outcome.
+    pub forward_timeout: Duration,
     /// Default W.
     pub write_consistency: Consistency,
     /// Default R.
@@ -296,7 +299,12 @@ impl Cluster {
     ) -> Result<ForwardResponse> {
         let inner = &self.inner;
         for target in targets {
-            match inner.peers.forward(target, request, request_id).await {
+            let timeout = inner.config.forward_timeout;
+            match inner
+                .peers
+                .forward(target, request, request_id, timeout)
+                .await
+            {
                 Ok(response) => {
                     inner.forwarded.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!("kv_forwarded_requests_total").increment(1);
@@ -307,7 +315,13 @@ impl Cluster {
                     warn!(to = %target, error = %e, "forward failed");
                     inner.detector.record_failure(target, e.is_connect());
                     if !(e.is_connect() || idempotent) {
-                        return Err(Error::NoReplicaReachable { tried: 1 });
+                        // The write may have reached the replica: that is no 503.
+                        return Err(Error::OutcomeUnknown {
+                            acked: 0,
+                            detail: format!(
+                                "the replica it was forwarded to ({target}) did not answer"
+                            ),
+                        });
                     }
                 }
             }

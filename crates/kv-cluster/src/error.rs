@@ -14,6 +14,24 @@ pub enum Error {
         /// Replicas that did answer.
         answered: usize,
     },
+    /// Fewer replicas than W are believed up, so the write was refused before anything was
+    /// written anywhere: retrying later is safe, and nothing changed.
+    #[error("{needed} replicas must store this write but only {up} of the key's replicas are up; nothing was written")]
+    TooFewReplicasUp {
+        /// W.
+        needed: usize,
+        /// Replicas believed up (this node included).
+        up: usize,
+    },
+    /// A write was sent but not confirmed by W replicas in time: it may or may not be applied
+    /// (some replicas may hold it, and hints may carry it on).
+    #[error("the write was sent but {detail}; it may or may not have been applied (retrying it is safe)")]
+    OutcomeUnknown {
+        /// Durable copies confirmed before giving up.
+        acked: usize,
+        /// What was missing.
+        detail: String,
+    },
     /// The request ran past its deadline.
     #[error("no answer within {ms} ms")]
     Timeout {

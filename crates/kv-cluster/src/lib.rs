@@ -38,5 +38,5 @@ pub use peer::{
     ForwardRequest, ForwardResponse, FORWARDED_HEADER, REQUEST_ID_HEADER, SECRET_HEADER,
     VERSION_HEADER,
 };
-pub use quorum::{now_ms, Precondition, Write};
+pub use quorum::{now_ms, Precondition, Write, Written};
 pub use rebalance::{PlanReport, TransferState};

@@ -337,15 +337,18 @@ impl PeerClient {
     }
 
     /// Passes a client request on to `peer`, marked as forwarded, and returns its answer unchanged.
+    /// `timeout` is longer than a peer call's: the replica coordinates the request first.
     pub async fn forward(
         &self,
         peer: &str,
         request: &ForwardRequest,
         request_id: &str,
+        timeout: Duration,
     ) -> Result<ForwardResponse, CallError> {
         let url = format!("{peer}{}", request.path_and_query);
         let builder = self
             .request(request.method.clone(), url, request_id)
+            .timeout(timeout)
             .headers(request.headers.clone())
             .header(FORWARDED_HEADER, "1")
             .body(request.body.clone());

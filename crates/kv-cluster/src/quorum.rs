@@ -51,6 +51,15 @@ pub struct Write {
     pub version: Option<Version>,
 }
 
+/// A write that W replicas confirmed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Written {
+    /// The version it was stored under.
+    pub version: Version,
+    /// Durable copies confirmed when the answer was given (at least W).
+    pub acks: usize,
+}
+
 /// Milliseconds since the Unix epoch on this machine's clock.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -62,6 +71,10 @@ impl Cluster {
     /// Stores `write` under its version (a new one from this node's clock when it has none) and
     /// returns once W replicas hold it durably; the other replicas get it in the background, or
     /// a hint when they are down.
+    ///
+    /// Outcomes are honest: [`Error::TooFewReplicasUp`] (503) only when fewer than W replicas are
+    /// believed up, decided before anything is written; [`Error::OutcomeUnknown`] (504) when the
+    /// write was sent but W did not confirm it in time.
     #[instrument(skip(self, write), fields(%w))]
     pub async fn write(
         &self,
@@ -69,7 +82,7 @@ impl Cluster {
         write: Write,
         w: Consistency,
         request_id: &str,
-    ) -> Result<Version> {
+    ) -> Result<Written> {
         if let Some(reason) = self.inner.store.write_refused() {
             return Err(Error::Store(kv_core::Error::WalFailed { reason }));
         }
@@ -82,31 +95,34 @@ impl Cluster {
             value: write.value,
             expires_at_ms: write.expires_at_ms,
         };
-        self.replicate_quorum(record, w, request_id).await?;
-        Ok(version)
+        let acks = self.replicate_quorum(record, w, request_id).await?;
+        Ok(Written { version, acks })
     }
 
-    /// Sends `record` to every replica of its key in parallel and waits for `w` durable acks.
-    /// The fan-out runs in spawned tasks, so it completes even when the client hangs up.
-    /// Replicas believed down get a hint without a call, unless too few are up to reach `w`:
-    /// then they are tried too (a refused connection costs little, and they may be back).
+    /// Sends `record` to every replica of its key in parallel and waits for `w` durable acks;
+    /// returns how many confirmed. The fan-out runs in spawned tasks, so it completes even when
+    /// the client hangs up. Replicas believed down get a hint without a call. When fewer than `w`
+    /// replicas are believed up, nothing is sent and nothing is hinted: the write is refused.
     async fn replicate_quorum(
         &self,
         record: Record,
         w: Consistency,
         request_id: &str,
-    ) -> Result<()> {
+    ) -> Result<usize> {
         let topology = self.topology();
         let replicas = topology.owners(&record.key);
         let needed = w.required(replicas.len());
         let is_up = |r: &Arc<str>| *r == self.inner.me || self.inner.detector.is_up(r);
-        let try_down_ones = replicas.iter().filter(|r| is_up(r)).count() < needed;
+        let up = replicas.iter().filter(|r| is_up(r)).count();
+        if up < needed {
+            return Err(Error::TooFewReplicasUp { needed, up });
+        }
         let (tx, mut rx) = mpsc::channel(replicas.len().max(1));
         let record = Arc::new(record);
         let rid: Arc<str> = Arc::from(request_id);
         let mut outstanding = 0;
         for replica in &replicas {
-            if !try_down_ones && !is_up(replica) {
+            if !is_up(replica) {
                 self.inner.hints.add(replica, (*record).clone());
                 continue;
             }
@@ -142,11 +158,13 @@ impl Cluster {
             }
         }
         if acked >= needed {
-            Ok(())
+            Ok(acked)
         } else {
-            Err(Error::Unavailable {
-                needed,
-                answered: acked,
+            Err(Error::OutcomeUnknown {
+                acked,
+                detail: format!(
+                    "only {acked} of the {needed} required replicas confirmed it in time"
+                ),
             })
         }
     }
@@ -185,28 +203,51 @@ impl Cluster {
         }
     }
 
-    /// Reads `key` from R replicas and returns the newest entry (tombstones included); stale
-    /// replicas among those that answered are repaired in the background.
+    /// Reads `key` from R replicas and returns the newest entry (tombstones included).
+    ///
+    /// When the answers disagree, a read at a quorum level first writes the newest record back
+    /// until a quorum of replicas holds it (the second phase of ABD), so no later quorum read can
+    /// return anything older; `r=one` repairs in the background only. When they agree the read
+    /// answers at once. The clock observes the newest version, so a write that follows this read
+    /// on this node gets a greater one.
     #[instrument(skip(self), fields(%r))]
     pub async fn read(&self, key: &str, r: Consistency, request_id: &str) -> Result<Option<Entry>> {
         let replicas = self.read_order(self.replicas(key));
-        let needed = r.required(replicas.len());
+        let n = replicas.len();
+        let needed = r.required(n);
         if needed == 1 && replicas.first() == Some(&self.inner.me) {
             return Ok(self.inner.store.get(key));
         }
-        let answers = self.gather(key, replicas, needed, request_id).await?;
+        let answers = self
+            .gather(key, replicas.clone(), needed, request_id)
+            .await?;
         let newest = answers
             .iter()
             .filter_map(|(_, record)| record.as_ref())
             .max_by_key(|record| record.version)
             .cloned();
         if let Some(newest) = &newest {
+            self.inner.store.clock().observe(newest.version);
             let stale: Vec<Arc<str>> = answers
-                .into_iter()
+                .iter()
                 .filter(|(_, rec)| rec.as_ref().is_none_or(|r| r.version < newest.version))
-                .map(|(node, _)| node)
+                .map(|(node, _)| node.clone())
                 .collect();
-            if !stale.is_empty() {
+            let quorum = Consistency::Quorum.required(n);
+            if !stale.is_empty() && needed >= quorum {
+                let holders = answers.len() - stale.len();
+                let unasked = replicas
+                    .into_iter()
+                    .filter(|node| !answers.iter().any(|(asked, _)| asked == node));
+                let targets = stale.into_iter().chain(unasked).collect();
+                self.write_back(
+                    targets,
+                    newest.clone(),
+                    quorum.saturating_sub(holders),
+                    request_id,
+                )
+                .await?;
+            } else if !stale.is_empty() {
                 self.repair(stale, newest.clone(), request_id);
             }
         }
@@ -330,6 +371,53 @@ impl Cluster {
             })
     }
 
+    /// Writes `newest` to `targets` and waits until `more` of them confirmed it (the rest finish
+    /// in the background, or become hints).
+    async fn write_back(
+        &self,
+        targets: Vec<Arc<str>>,
+        newest: Record,
+        more: usize,
+        request_id: &str,
+    ) -> Result<()> {
+        let (tx, mut rx) = mpsc::channel(targets.len().max(1));
+        let newest = Arc::new(newest);
+        for node in targets {
+            let (cluster, newest, rid, tx) = (
+                self.clone(),
+                newest.clone(),
+                request_id.to_owned(),
+                tx.clone(),
+            );
+            tokio::spawn(async move {
+                cluster.inner.read_repairs.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("kv_read_repairs_total").increment(1);
+                debug!(peer = %node, key = %newest.key, "read write-back");
+                let ok = cluster.send_to_replica(&node, &newest, &rid).await;
+                let _ = tx.send(ok).await;
+            });
+        }
+        drop(tx);
+        let mut confirmed = 0;
+        let deadline = tokio::time::Instant::now() + self.inner.config.peer_timeout;
+        while confirmed < more {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(ok)) => confirmed += usize::from(ok),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        if confirmed >= more {
+            Ok(())
+        } else {
+            // The newest version may be held by fewer than a quorum: answering it could let a
+            // later read return something older.
+            Err(Error::Unavailable {
+                needed: more,
+                answered: confirmed,
+            })
+        }
+    }
+
     /// Sends the newest record to replicas that answered with an older one (or none).
     fn repair(&self, stale: Vec<Arc<str>>, newest: Record, request_id: &str) {
         let cluster = self.clone();
@@ -353,7 +441,7 @@ impl Cluster {
     ///
     /// A write that carries its own `version` is idempotent: sent twice (a retry after a lost
     /// answer), it is the same record, and a delete that finds its own tombstone succeeds again.
-    /// Returns the version written, or `None` for a delete of a key that does not exist.
+    /// Returns the write, or `None` for a delete of a key that does not exist.
     pub async fn write_if(
         &self,
         key: &str,
@@ -361,7 +449,7 @@ impl Cluster {
         precondition: Precondition,
         (w, r): (Consistency, Consistency),
         request_id: &str,
-    ) -> Result<Option<Version>> {
+    ) -> Result<Option<Written>> {
         if precondition == Precondition::Always && write.value.is_some() {
             return self.write(key, write, w, request_id).await.map(Some);
         }
@@ -372,8 +460,12 @@ impl Cluster {
         let n = self.replication_factor();
         let r = Consistency::Count(r.required(n).max(Consistency::Quorum.required(n)));
         let newest = self.read(key, r, request_id).await?;
-        if write.version.is_some() && newest.as_ref().map(|e| e.version) == write.version {
-            return Ok(write.version);
+        if let Some(version) = write.version {
+            if newest.as_ref().map(|e| e.version) == Some(version) {
+                // The retried write is already the newest: the read confirmed a quorum holds it.
+                let acks = Consistency::Quorum.required(n).min(r.required(n));
+                return Ok(Some(Written { version, acks }));
+            }
         }
         let current = newest.filter(|e| e.is_live_at(now_ms()));
         if !precondition.holds(current.as_ref()) {

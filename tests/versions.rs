@@ -1,0 +1,145 @@
+//! Black-box tests of honest write outcomes and quorum reads that never go back in time:
+//! `503` only when nothing was written, `X-KV-Acks` on every write answer, and a quorum read that
+//! sees replicas disagree writes the newest record back to a quorum before it answers.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use kv_cluster::peer::encode_batch;
+use kv_core::{Record, Version};
+use kv_tests::{send, wait_until, TestCluster};
+use serde_json::json;
+use std::time::Duration;
+
+fn acks(answer: &kv_tests::Answer) -> Option<u64> {
+    answer
+        .headers
+        .get("x-kv-acks")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+fn put(node: &str, key: &str, value: serde_json::Value, query: &str) -> kv_tests::Answer {
+    let body = json!({ "value": value }).to_string();
+    send("POST", &format!("{node}/v1/{key}{query}"), Some(&body)).unwrap()
+}
+
+/// Node `node`'s own record of `key`, as the raw `/internal/entry` body.
+fn local_entry(node: &str, key: &str) -> Option<Vec<u8>> {
+    let response = kv_tests::client()
+        .get(format!("{node}/internal/entry/{key}"))
+        .send()
+        .unwrap();
+    (response.status() == 200).then(|| response.bytes().unwrap().to_vec())
+}
+
+#[test]
+fn every_write_answer_says_how_many_durable_copies_were_confirmed() {
+    let c = TestCluster::start(3);
+    c.wait_converged();
+    let node = c.url(0);
+    let all = put(node, "a", json!(1), "?w=all");
+    assert_eq!((all.status, acks(&all)), (200, Some(3)), "{}", all.text);
+    let quorum = put(node, "q", json!(1), "");
+    assert_eq!(quorum.status, 200);
+    assert!(
+        acks(&quorum).is_some_and(|n| n >= 2),
+        "{:?}",
+        quorum.headers
+    );
+    let one = put(node, "o", json!(1), "?w=one");
+    assert!(acks(&one).is_some_and(|n| n >= 1));
+    let deleted = send("DELETE", &format!("{node}/v1/a?w=all"), None).unwrap();
+    assert_eq!((deleted.status, acks(&deleted)), (200, Some(3)));
+    // A node that is not a replica forwards; the coordinator's count comes back unchanged.
+    let forwarded = put(c.url(1), "a", json!(2), "?w=all");
+    assert_eq!(acks(&forwarded), Some(3));
+}
+
+#[test]
+fn a_write_refused_with_503_changed_nothing_anywhere() {
+    let mut c = TestCluster::start(3);
+    c.wait_converged();
+    c.nodes[1].kill9();
+    c.nodes[2].kill9();
+    let node = c.url(0).to_owned();
+    wait_until(Duration::from_secs(5), "node1 sees both peers down", || {
+        c.nodes[0].status()["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["state"] == "down")
+    });
+    for i in 0..10 {
+        let refused = put(&node, &format!("refused-{i}"), json!(i), "");
+        assert_eq!(refused.status, 503, "{}", refused.text);
+        assert_eq!(refused.json["error"], "unavailable");
+        assert_eq!(acks(&refused), Some(0));
+        let message = refused.json["message"].as_str().unwrap();
+        assert!(message.contains("nothing was written"), "{message}");
+    }
+    assert_eq!(c.nodes[0].status()["hints_pending"], 0, "no hint was kept");
+    c.nodes[1].restart();
+    c.nodes[2].restart();
+    c.wait_converged();
+    for i in 0..10 {
+        for n in 0..3 {
+            assert_eq!(
+                local_entry(c.url(n), &format!("refused-{i}")),
+                None,
+                "node{} holds a write that was refused",
+                n + 1
+            );
+        }
+        let read = send("GET", &format!("{node}/v1/refused-{i}?r=all"), None).unwrap();
+        assert_eq!(read.status, 404);
+    }
+}
+
+#[test]
+fn a_quorum_read_that_sees_disagreement_writes_back_before_answering() {
+    let c = TestCluster::start(3);
+    c.wait_converged();
+    for (i, owner) in [0usize, 1, 2, 0, 1, 2].into_iter().enumerate() {
+        let key = format!("abd-{i}");
+        let node = c.url(owner);
+        assert_eq!(put(node, &key, json!("old"), "?w=all").status, 200);
+        // Only `owner` holds the newer record (as after a write that reached one replica).
+        let version = Version {
+            hlc: now_ms() << 16,
+            node: 9,
+        };
+        let newer = Record::put(key.clone(), version, "\"new\"".into());
+        let sent = kv_tests::client()
+            .post(format!("{node}/internal/replicate"))
+            .body(encode_batch(&[newer]).to_vec())
+            .send()
+            .unwrap();
+        assert_eq!(sent.status(), 200);
+        // The owner answers a quorum read from its own copy plus one peer's: they disagree, so
+        // the newest is on a quorum before the answer leaves.
+        let read = send("GET", &format!("{node}/v1/{key}"), None).unwrap();
+        assert_eq!(read.json["value"], "new", "{}", read.text);
+        let holders = (0..3)
+            .filter(|&n| {
+                local_entry(c.url(n), &key)
+                    .is_some_and(|e| String::from_utf8_lossy(&e).contains("new"))
+            })
+            .count();
+        assert!(
+            holders >= 2,
+            "{key}: the value read is on {holders} node(s)"
+        );
+        // And no later quorum read through any node returns the older value.
+        for n in 0..3 {
+            let again = send("GET", &format!("{}/v1/{key}", c.url(n)), None).unwrap();
+            assert_eq!(again.json["value"], "new", "through node{}", n + 1);
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    u64::try_from(since.as_millis()).unwrap()
+}
