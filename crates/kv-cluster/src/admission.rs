@@ -390,7 +390,9 @@ mod tests {
         let alone = View::seed(std::slice::from_ref(&me));
         let mut cluster = seed(3);
         cluster.epoch = 6;
-        let plan = cluster.plan(std::slice::from_ref(&me), &[], &url(1)).unwrap();
+        let plan = cluster
+            .plan(std::slice::from_ref(&me), &[], &url(1))
+            .unwrap();
         assert_eq!(judge(&alone, &plan, &me), Verdict::Adopt);
         let other = cluster.plan(&[url(5)], &[], &url(1)).unwrap();
         assert!(refused(judge(&alone, &other, &me)));
