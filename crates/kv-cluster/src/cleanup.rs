@@ -32,11 +32,18 @@ pub(crate) enum Confirmation {
     NoAnswer,
 }
 
-/// Reads one owner's answer for a key this node holds at `local` (`None`: no answer).
-pub(crate) fn confirmation(local: Version, answer: Option<&Option<Record>>) -> Confirmation {
+/// Reads one owner's answer for a key this node holds at `local` (`None`: no answer). A local
+/// tombstone is also confirmed by an owner that has no entry at all: the key reads as deleted
+/// there too, and the owner may have collected its own tombstone already.
+pub(crate) fn confirmation(
+    local: Version,
+    local_is_tombstone: bool,
+    answer: Option<&Option<Record>>,
+) -> Confirmation {
     match answer {
         None => Confirmation::NoAnswer,
         Some(Some(record)) if record.version >= local => Confirmation::Holds,
+        Some(None) if local_is_tombstone => Confirmation::Holds,
         Some(_) => Confirmation::Behind,
     }
 }
@@ -52,6 +59,7 @@ pub(crate) fn may_drop(confirmations: &[Confirmation]) -> bool {
 struct Foreign {
     key: String,
     version: Version,
+    tombstone: bool,
     owners: Vec<Arc<str>>,
     bytes: usize,
 }
@@ -112,13 +120,13 @@ impl Cluster {
         let (mut dropped, mut kept) = (0, 0);
         for batch in batches(&foreign) {
             let confirmed = self.confirm(batch).await;
-            kept += batch.len() - confirmed.len();
             // A key written again since it was checked keeps its newer copy until the next pass.
             let still: Vec<String> = confirmed
                 .into_iter()
                 .filter(|f| self.inner.store.get(&f.key).map(|e| e.version) == Some(f.version))
                 .map(|f| f.key.clone())
                 .collect();
+            kept += batch.len() - still.len();
             dropped += self.inner.store.forget(&still);
         }
         if dropped > 0 {
@@ -144,6 +152,7 @@ impl Cluster {
                 foreign.push(Foreign {
                     key: key.to_owned(),
                     version: entry.version,
+                    tombstone: entry.value.is_none(),
                     owners,
                     bytes: key.len() + entry.value.as_ref().map_or(0, |v| v.len()),
                 });
@@ -177,9 +186,14 @@ impl Cluster {
         for (owner, indexes, answer) in futures::future::join_all(asks).await {
             let mut behind = Vec::new();
             for (j, &i) in indexes.iter().enumerate() {
-                let c = confirmation(batch[i].version, answer.as_ref().and_then(|a| a.get(j)));
+                let f = &batch[i];
+                let c = confirmation(
+                    f.version,
+                    f.tombstone,
+                    answer.as_ref().and_then(|a| a.get(j)),
+                );
                 if c == Confirmation::Behind {
-                    behind.extend(self.local_record(&batch[i].key));
+                    behind.extend(self.local_record(&f.key));
                 }
                 verdicts[i].push(c);
             }
@@ -248,17 +262,31 @@ mod tests {
     #[test]
     fn an_owner_confirms_only_the_same_or_a_newer_version() {
         let local = version(10);
-        assert_eq!(confirmation(local, None), Confirmation::NoAnswer);
-        assert_eq!(confirmation(local, Some(&None)), Confirmation::Behind);
+        assert_eq!(confirmation(local, false, None), Confirmation::NoAnswer);
+        assert_eq!(
+            confirmation(local, false, Some(&None)),
+            Confirmation::Behind
+        );
         let older = Some(record(9, Some("1")));
-        assert_eq!(confirmation(local, Some(&older)), Confirmation::Behind);
+        assert_eq!(
+            confirmation(local, false, Some(&older)),
+            Confirmation::Behind
+        );
         let same = Some(record(10, Some("1")));
-        assert_eq!(confirmation(local, Some(&same)), Confirmation::Holds);
+        assert_eq!(confirmation(local, false, Some(&same)), Confirmation::Holds);
         let newer_tombstone = Some(record(11, None));
         assert_eq!(
-            confirmation(local, Some(&newer_tombstone)),
+            confirmation(local, false, Some(&newer_tombstone)),
             Confirmation::Holds
         );
+        // A deleted key: an owner without any entry (its tombstone collected) confirms it, one
+        // with an older live value does not.
+        assert_eq!(confirmation(local, true, Some(&None)), Confirmation::Holds);
+        assert_eq!(
+            confirmation(local, true, Some(&older)),
+            Confirmation::Behind
+        );
+        assert_eq!(confirmation(local, true, None), Confirmation::NoAnswer);
     }
 
     #[test]
@@ -277,6 +305,7 @@ mod tests {
                 .map(|i| Foreign {
                     key: format!("k{i}"),
                     version: version(1),
+                    tombstone: false,
                     owners: Vec::new(),
                     bytes,
                 })
