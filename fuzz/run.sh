@@ -9,7 +9,7 @@ secs="${FUZZ_SECS:-600}"
 jobs="${JOBS:-1}"
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(record_decode frame_read peer_batch consistency_parse wal_open snapshot_open)
+  targets=(record_decode frame_read peer_batch consistency_parse wal_open snapshot_open view_decode)
 fi
 mkdir -p logs
 # FUZZ_NO_BUILD=1 reuses the last build (handy while the tree is being edited).

@@ -1,7 +1,11 @@
 //! Black-box tests of membership changes on real processes: nodes join and leave a running
-//! cluster under load through the LB, data moves, nothing is lost, crashes mid-transfer resume.
+//! cluster under load through the LB, data moves, nothing is lost, crashes mid-transfer resume;
+//! forged views are refused and a view alone never makes a node drop keys (`membership/forged.rs`).
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+#[path = "membership/forged.rs"]
+mod forged;
 
 use kv_tests::{free_port, send, wait_until, Node, Options, TestCluster};
 use serde_json::{json, Value};

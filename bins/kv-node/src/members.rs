@@ -6,12 +6,15 @@ use crate::config::canonical_url;
 use crate::error::ApiError;
 use crate::routes::AppState;
 use axum::body::Bytes;
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{Extensions, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use kv_cluster::peer::FROM_HEADER;
 use kv_cluster::{TransferState, View};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::net::SocketAddr;
 
 /// The body of `POST /admin/members`.
 #[derive(Debug, Default, Deserialize)]
@@ -85,12 +88,28 @@ pub async fn view(State(app): State<AppState>) -> Json<View> {
     Json(app.cluster().topology().view.clone())
 }
 
-/// `POST /internal/members`: a peer offers a view; adopted when newer.
+/// `POST /internal/members`: a peer offers a view; adopted when it is a step this node can
+/// check (see `kv_cluster::admission`). A refusal is logged with the sender: the URL it names in
+/// `x-kv-from` and the connection's address.
 pub async fn offer(
     State(app): State<AppState>,
-    Json(view): Json<View>,
+    headers: HeaderMap,
+    extensions: Extensions,
+    body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let adopted = app.cluster().adopt_view(view)?;
+    let named = headers
+        .get(FROM_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.chars().take(256).collect::<String>())
+        .unwrap_or_else(|| "unnamed".to_owned());
+    let address = extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or_else(|| "unknown address".to_owned(), |c| c.0.to_string());
+    let sender = format!("{named} from {address}");
+    let view = View::decode(&body).inspect_err(|e| {
+        tracing::warn!(sender, error = %e, "refused a membership view");
+    })?;
+    let adopted = app.cluster().adopt_view(view, &sender)?;
     Ok(Json(json!({ "adopted": adopted })))
 }
 

@@ -2,7 +2,9 @@
 //! replay of hints to peers that are up.
 
 use crate::cluster::Cluster;
+use crate::error::Error;
 use crate::hints::HintStore;
+use crate::membership::View;
 use std::sync::Arc;
 use tracing::{info, warn};
 
@@ -64,15 +66,47 @@ impl Cluster {
         }
     }
 
-    /// Fetches a peer's newer membership view and adopts it.
+    /// Fetches a peer's newer membership view and adopts it if it is a checked step from this
+    /// node's view; one it cannot check (it missed changes) goes to [`Self::catch_up`].
     async fn pull_view(&self, peer: &str) {
         match self.inner.peers.fetch_view(peer).await {
-            Ok(view) => {
-                if let Err(e) = self.adopt_view(view) {
-                    warn!(peer, error = %e, "cannot adopt the peer's membership view");
-                }
-            }
+            Ok(view) => match self.adopt_view(view.clone(), peer) {
+                Ok(_) => {}
+                Err(Error::ViewNeedsMajority { .. }) => self.catch_up(view).await,
+                Err(e) => warn!(peer, error = %e, "cannot adopt the peer's membership view"),
+            },
             Err(e) => warn!(peer, error = %e, "cannot fetch the peer's membership view"),
+        }
+    }
+
+    /// Catching up after missing several changes: adopts `view` only when a majority of the other
+    /// members of this node's own view hold exactly that view, so one peer (or one forged
+    /// message) cannot move this node; otherwise the next health round tries again.
+    async fn catch_up(&self, view: View) {
+        let current = self.topology().view.clone();
+        let me = &*self.inner.me;
+        let others: Vec<&str> = current.all().into_iter().filter(|u| *u != me).collect();
+        let asks = others.iter().map(|peer| self.inner.peers.fetch_view(peer));
+        let agree = futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .filter(|answer| answer.as_ref().is_ok_and(|v| *v == view))
+            .count();
+        if agree * 2 <= others.len() {
+            return warn!(
+                epoch = view.epoch,
+                agree,
+                asked = others.len(),
+                "membership view far ahead of this node's is not held by a majority of its members; not adopted"
+            );
+        }
+        match self.adopt_confirmed(view) {
+            Ok(true) => info!(
+                agree,
+                "caught up with the membership view held by a majority"
+            ),
+            Ok(false) => {}
+            Err(e) => warn!(error = %e, "cannot adopt the majority's membership view"),
         }
     }
 

@@ -1,6 +1,7 @@
 //! The cluster facade a node serves requests through: where a key lives, forwarding to its
 //! replicas, and the quorum write and read paths with hinted handoff and read repair.
 
+use crate::admission::{self, Verdict};
 use crate::consistency::Consistency;
 use crate::detector::{FailureDetector, PeerStatus};
 use crate::error::{Error, Result};
@@ -208,34 +209,83 @@ impl Cluster {
         self.inner.topology.read().clone()
     }
 
-    /// Adopts `view` if it is newer than the current one: stores it, rebuilds the rings and the
-    /// peer set, and starts this node's share of a change in progress. Returns whether it did.
-    pub fn adopt_view(&self, view: View) -> Result<bool> {
-        let inner = &self.inner;
+    /// Adopts `view` when it is a checked step from the current one ([`admission::judge`]):
+    /// stores it, rebuilds the rings and the peer set, and starts this node's share of a change
+    /// in progress. Returns whether it did; a view it may not take is an error, logged with
+    /// `sender` (who offered it).
+    pub fn adopt_view(&self, view: View, sender: &str) -> Result<bool> {
+        let refuse = |e: Error| {
+            warn!(sender, epoch = view.epoch, error = %e, "refused a membership view");
+            metrics::counter!("kv_views_refused_total").increment(1);
+            Err(e)
+        };
+        if let Err(reason) = view.check_shape() {
+            return refuse(Error::MalformedView { reason });
+        }
         {
-            let mut current = inner.topology.write();
-            if view.rank() <= current.view.rank() {
-                return Ok(false);
+            let mut current = self.inner.topology.write();
+            let epochs = (view.epoch, current.view.epoch);
+            match admission::judge(&current.view, &view, &self.inner.me) {
+                Verdict::Adopt => self.install(&mut current, view)?,
+                Verdict::Known => return Ok(false),
+                Verdict::NeedsMajority => {
+                    return refuse(Error::ViewNeedsMajority {
+                        offered: epochs.0,
+                        current: epochs.1,
+                    })
+                }
+                Verdict::Refused(reason) => {
+                    return refuse(Error::ViewRefused {
+                        offered: epochs.0,
+                        current: epochs.1,
+                        reason,
+                    })
+                }
             }
-            membership::store(&inner.config.members_file, &view)?;
-            info!(
-                epoch = view.epoch,
-                members = view.members.len(),
-                in_transition = view.in_transition(),
-                "adopted membership view"
-            );
-            let topology =
-                Topology::new(view, inner.config.replication_factor, inner.config.vnodes);
-            inner.detector.set_peers(
-                topology
-                    .members()
-                    .filter(|u| **u != inner.me)
-                    .map(|u| u.to_string()),
-            );
-            *current = Arc::new(topology);
         }
         self.resume_membership_work();
         Ok(true)
+    }
+
+    /// Adopts a view it cannot check step by step (it missed changes), once a majority of the members of this
+    /// node's own view hold that very view (`Cluster::catch_up` asked them). It must still have a
+    /// valid shape, rank higher, and keep a member that holds data now.
+    pub(crate) fn adopt_confirmed(&self, view: View) -> Result<bool> {
+        if let Err(reason) = view.check_shape() {
+            return Err(Error::MalformedView { reason });
+        }
+        {
+            let mut current = self.inner.topology.write();
+            let holders = current.view.before();
+            if view.rank() <= current.view.rank() || !view.all().iter().any(|u| holders.contains(u))
+            {
+                return Ok(false);
+            }
+            self.install(&mut current, view)?;
+        }
+        self.resume_membership_work();
+        Ok(true)
+    }
+
+    /// Stores `view` and makes it current (under the topology lock the caller holds).
+    fn install(&self, current: &mut Arc<Topology>, view: View) -> Result<()> {
+        let inner = &self.inner;
+        membership::store(&inner.config.members_file, &view)?;
+        info!(
+            epoch = view.epoch,
+            members = view.members.len(),
+            in_transition = view.in_transition(),
+            "adopted membership view"
+        );
+        let topology = Topology::new(view, inner.config.replication_factor, inner.config.vnodes);
+        inner.detector.set_peers(
+            topology
+                .members()
+                .filter(|u| **u != inner.me)
+                .map(|u| u.to_string()),
+        );
+        *current = Arc::new(topology);
+        Ok(())
     }
 
     /// The local storage engine.

@@ -86,6 +86,33 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// An offered membership view that is not a well-formed view at all.
+    #[error("malformed membership view: {reason}")]
+    MalformedView {
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An offered membership view that is not a step this node may take.
+    #[error(
+        "membership view of epoch {offered} refused (this node is at epoch {current}): {reason}"
+    )]
+    ViewRefused {
+        /// The offered view's epoch.
+        offered: u64,
+        /// This node's epoch.
+        current: u64,
+        /// Why.
+        reason: String,
+    },
+    /// An offered membership view this node cannot check against its own (it missed changes):
+    /// it adopts it only once a majority of its members hold it.
+    #[error("membership view of epoch {offered} not adopted: this node is at epoch {current} and cannot check it step by step; it adopts it once a majority of its members hold it")]
+    ViewNeedsMajority {
+        /// The offered view's epoch.
+        offered: u64,
+        /// This node's epoch.
+        current: u64,
+    },
     /// The stored membership view could not be read or written.
     #[error("membership file {path}: {reason}")]
     MembersFile {

@@ -5,7 +5,9 @@
 //! - `quorum`: quorum writes and reads, read repair, deletes, conditional writes.
 //! - `listing`: cluster-wide key listing (scatter-gather, merged pages with a cursor).
 //! - [`membership`]: the membership view, its file, plans, and the rings during a change.
-//! - [`rebalance`]: carrying out a change: estimates, streaming keys, commit, cleanup.
+//! - [`admission`]: which offered views a node adopts (shape, and steps of the plan protocol).
+//! - [`rebalance`]: carrying out a change: estimates, streaming keys, commit.
+//! - `cleanup`: dropping keys this node no longer owns, once their new owners confirm them.
 //! - `background`: the health-check loop and hint replay.
 //! - `coalesce`: merging concurrent small calls to one peer into batches.
 //! - [`consistency`]: `w` / `r` levels and how many replicas each needs.
@@ -14,7 +16,9 @@
 //! - [`peer`]: the HTTP client for `/internal` calls and forwarding, and the batch wire format.
 //! - [`error`]: this crate's one error type.
 
+pub mod admission;
 mod background;
+mod cleanup;
 pub mod cluster;
 mod coalesce;
 pub mod consistency;

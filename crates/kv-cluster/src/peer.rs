@@ -18,6 +18,8 @@ pub const FORWARDED_HEADER: &str = "x-kv-forwarded";
 /// Header of a write that carries its own version (stamped by the load balancer, or a client's
 /// own, like Cassandra's `USING TIMESTAMP`): a retry of it is the same write.
 pub const VERSION_HEADER: &str = "x-kv-version";
+/// Header naming the node (its URL) that offers a membership view, for the receiver's log.
+pub const FROM_HEADER: &str = "x-kv-from";
 /// Header that carries the request id across processes.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// Header of a coalesced batch: the request ids of all its calls, comma-separated, in order.
@@ -308,15 +310,32 @@ impl PeerClient {
         self.get_json(peer, MEMBERS_PATH).await
     }
 
-    /// Offers the peer a view; it adopts it if it is newer than its own.
+    /// Offers the peer a view as node `from`; it adopts it if it is a step it can check.
     pub async fn push_view(
         &self,
         peer: &str,
         view: &crate::membership::View,
+        from: &str,
     ) -> Result<(), CallError> {
-        self.post_json::<_, serde_json::Value>(peer, MEMBERS_PATH, view)
+        let request = self
+            .request(Method::POST, format!("{peer}{MEMBERS_PATH}"), "membership")
+            .header(FROM_HEADER, from)
+            .json(view);
+        Self::json_call::<serde_json::Value>(peer, MEMBERS_PATH, request)
             .await
             .map(|_| ())
+    }
+
+    /// `peer`'s own entries for `keys` (at most [`MAX_ENTRIES_KEYS`]), in order, `None` for a key
+    /// it holds no entry for (one `/internal/entries` call, not coalesced).
+    pub async fn fetch_entries(
+        &self,
+        peer: &str,
+        keys: &[String],
+        request_id: &str,
+    ) -> Result<Vec<Option<Record>>, CallError> {
+        let ids = [Arc::from(request_id)];
+        self.transport.fetch_many(peer, keys, &ids).await
     }
 
     /// The peer's part in the membership change in progress.

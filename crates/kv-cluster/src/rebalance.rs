@@ -1,7 +1,7 @@
 //! Carrying out a membership change: estimating a plan, applying it, streaming this node's share
 //! of the keys to their new replicas (rate-limited, restartable), committing once every node is
-//! done, and dropping keys this node no longer owns afterwards. See `membership.rs` for the
-//! protocol.
+//! done; `cleanup.rs` drops the keys this node no longer owns afterwards. See `membership.rs`
+//! for the protocol.
 
 use crate::cluster::Cluster;
 use crate::error::Result;
@@ -35,7 +35,7 @@ pub struct TransferState {
     #[serde(default)]
     pub hints_for_new: u64,
     #[serde(skip)]
-    running: bool,
+    pub(crate) running: bool,
     #[serde(skip)]
     committing: bool,
 }
@@ -53,7 +53,7 @@ impl TransferState {
             .unwrap_or_default()
     }
 
-    fn save(&self, members_file: &Path) {
+    pub(crate) fn save(&self, members_file: &Path) {
         let path = Self::path(members_file);
         let written = serde_json::to_vec(self)
             .map_err(std::io::Error::other)
@@ -125,7 +125,7 @@ impl Cluster {
         let (estimates, incomplete) = self.gather_estimates(&current, &view).await;
         let report = summarise(view.clone(), estimates, incomplete, !dry_run);
         if !dry_run {
-            self.adopt_view(view.clone())?;
+            self.adopt_view(view.clone(), &self.inner.me)?;
             self.push_view(&view).await;
             info!(
                 epoch = view.epoch,
@@ -198,7 +198,7 @@ impl Cluster {
             .iter()
             .filter(|t| **t != *self.inner.me)
             .map(|t| async move {
-                if let Err(e) = self.inner.peers.push_view(t, view).await {
+                if let Err(e) = self.inner.peers.push_view(t, view, &self.inner.me).await {
                     warn!(peer = %t, error = %e, "could not send the membership view; gossip will");
                 }
             });
@@ -361,7 +361,7 @@ impl Cluster {
             }
             if self.all_done(&view).await {
                 let committed = view.committed();
-                match self.adopt_view(committed.clone()) {
+                match self.adopt_view(committed.clone(), &self.inner.me) {
                     Ok(_) => {
                         self.push_view(&committed).await;
                         info!(epoch = committed.epoch, "membership change committed");
@@ -386,40 +386,6 @@ impl Cluster {
             .await
             .into_iter()
             .all(|done| done)
-    }
-
-    /// After a committed change: forgets the keys this node no longer owns, then checkpoints so
-    /// they stay forgotten. Re-run at every start while such keys remain, so a crash is harmless.
-    async fn drop_foreign_keys(self) {
-        let topology = self.topology();
-        let me = self.inner.me.clone();
-        let mut foreign = Vec::new();
-        self.inner.store.scan(|key, _| {
-            if !topology.owners(key).contains(&me) {
-                foreign.push(key.to_owned());
-            }
-        });
-        if !foreign.is_empty() {
-            let dropped = self.inner.store.forget(&foreign);
-            info!(
-                keys = dropped,
-                epoch = topology.view.epoch,
-                "dropped keys this node no longer owns"
-            );
-            if let Err(e) = self.inner.store.checkpoint().await {
-                warn!(error = %e, "checkpoint after dropping keys failed; they return on restart and are dropped again");
-            }
-        }
-        let departed = self.inner.hints.discard_except(&topology.view.all()).await;
-        if departed > 0 {
-            info!(
-                hints = departed,
-                "dropped hints for nodes that left the cluster"
-            );
-        }
-        let mut state = self.inner.transfer.lock();
-        state.running = false;
-        state.save(&self.inner.config.members_file);
     }
 }
 
