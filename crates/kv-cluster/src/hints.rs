@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use kv_core::Record;
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,7 +60,7 @@ impl std::fmt::Debug for Command {
 impl HintStore {
     /// Opens `dir` (created if missing), counts the hints already there and starts the writer thread.
     pub fn open(dir: PathBuf) -> Result<HintStore> {
-        fs::create_dir_all(&dir).map_err(|source| Error::HintIo {
+        kv_core::files::create_private_dir(&dir).map_err(|source| Error::HintIo {
             op: "create",
             path: dir.clone(),
             source,
@@ -242,8 +242,8 @@ impl Writer {
             std::collections::hash_map::Entry::Vacant(e) => {
                 let seq = self.next_seq.entry(folder.to_owned()).or_insert(1);
                 let dir = self.dir.join(folder);
-                fs::create_dir_all(&dir)?;
-                let file = OpenOptions::new()
+                kv_core::files::create_private_dir(&dir)?;
+                let file = kv_core::files::private_options()
                     .create(true)
                     .append(true)
                     .open(dir.join(format!("{seq:08}.hint")))?;
