@@ -6,7 +6,8 @@
 //! files `00000001.hint`, `00000002.hint`, ... Each file is a sequence of frames
 //! `[len: u32 LE][crc32c(payload): u32 LE][payload = kv_core::Record::encode]`. New hints go to the
 //! newest file; a replay first *seals* the current file (later hints go to a new one), delivers the
-//! sealed files in order and deletes each once the peer has acknowledged all of it.
+//! sealed files in order and deletes each once the peer has acknowledged all of it. Files are
+//! streamed ([`HintReader`]): a replay or a count holds one batch of hints in memory at a time.
 //!
 //! One writer thread owns the open files: appends queue on a bounded channel, and the thread
 //! writes everything queued, then fsyncs each touched file once (group commit, as in the WAL).
@@ -16,7 +17,7 @@ use kv_core::Record;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::{Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -26,8 +27,11 @@ use tracing::{error, warn};
 /// Hints that may wait in the writer's queue; when it is full a hint is dropped with a warning
 /// (read repair still heals the replica), so a slow disk never blocks client writes.
 const HINT_QUEUE_CAPACITY: usize = 16 * 1024;
-/// Frames larger than this are treated as damage, not allocated.
-const MAX_HINT_FRAME_BYTES: usize = 64 * 1024 * 1024;
+/// Frames larger than this are treated as damage, not allocated (a record this large could not
+/// be delivered in one batch anyway).
+const MAX_HINT_FRAME_BYTES: usize = crate::peer::MAX_BATCH_BYTES;
+/// Hints counted per read while counting a file at start-up.
+const COUNT_BATCH_BYTES: usize = 1024 * 1024;
 
 enum Command {
     Append {
@@ -70,7 +74,7 @@ impl HintStore {
         for (folder, files) in existing_files(&dir)? {
             let mut count = 0;
             for file in &files {
-                count += read_hint_file(file)?.len() as u64;
+                count += count_hints(file)?;
             }
             let last = files.last().and_then(|f| file_seq(f)).unwrap_or(0);
             next_seq.insert(folder.clone(), last + 1);
@@ -172,11 +176,6 @@ impl HintStore {
             return Vec::new();
         }
         rx.await.unwrap_or_default()
-    }
-
-    /// Reads a sealed file's hints (blocking I/O; call from `spawn_blocking`).
-    pub fn read_sealed(path: &Path) -> Result<Vec<Record>> {
-        read_hint_file(path)
     }
 
     /// Deletes a delivered file and lowers `peer`'s count by the `delivered` hints it held.
@@ -319,45 +318,145 @@ fn existing_files(dir: &Path) -> Result<Vec<(String, Vec<PathBuf>)>> {
     Ok(out)
 }
 
-/// Reads every whole frame of a hint file. A damaged or torn frame ends the file with a warning:
-/// the hint duplicates a write that W replicas already hold, and read repair heals what is left.
-fn read_hint_file(path: &Path) -> Result<Vec<Record>> {
-    let mut bytes = Vec::new();
-    File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut bytes))
-        .map_err(|source| Error::HintIo {
-            op: "read",
+/// Hints of one file, counted by streaming through it.
+fn count_hints(path: &Path) -> Result<u64> {
+    let mut reader = HintReader::open(path)?;
+    let mut count = 0;
+    loop {
+        let batch = reader.next_batch(usize::MAX, COUNT_BATCH_BYTES)?;
+        if batch.is_empty() {
+            return Ok(count);
+        }
+        count += batch.len() as u64;
+    }
+}
+
+/// Streams the hints of one sealed file in batches capped in count and bytes (blocking I/O: use
+/// it from `spawn_blocking`). A damaged or torn frame ends the file with a warning: the hint
+/// duplicates a write that W replicas already hold, and read repair heals what is left.
+#[derive(Debug)]
+pub struct HintReader {
+    path: PathBuf,
+    file: BufReader<File>,
+    offset: u64,
+    /// A record read past the previous batch's byte cap; it opens the next batch.
+    pending: Option<Record>,
+    ended: bool,
+}
+
+impl HintReader {
+    /// Opens a sealed hint file.
+    pub fn open(path: &Path) -> Result<HintReader> {
+        let file = File::open(path).map_err(|source| Error::HintIo {
+            op: "open",
             path: path.to_owned(),
             source,
         })?;
-    let mut records = Vec::new();
-    let mut offset = 0usize;
-    while offset < bytes.len() {
-        match decode_frame(&bytes[offset..]) {
-            Some((record, used)) => {
-                records.push(record);
-                offset += used;
-            }
-            None => {
-                warn!(path = %path.display(), offset, "damaged hint frame; later hints in this file skipped");
+        Ok(HintReader {
+            path: path.to_owned(),
+            file: BufReader::with_capacity(64 * 1024, file),
+            offset: 0,
+            pending: None,
+            ended: false,
+        })
+    }
+
+    /// The next hints: at most `max_records`, and within `max_bytes` as a replication batch
+    /// counts them (`peer::batch_item_bytes`), except that a lone larger hint comes alone.
+    /// Empty once the file is done.
+    pub fn next_batch(&mut self, max_records: usize, max_bytes: usize) -> Result<Vec<Record>> {
+        let mut batch = Vec::new();
+        let mut bytes = 4usize;
+        while batch.len() < max_records.max(1) {
+            let Some(record) = self
+                .pending
+                .take()
+                .map_or_else(|| self.next_record(), |r| Ok(Some(r)))?
+            else {
+                break;
+            };
+            bytes = bytes.saturating_add(crate::peer::batch_item_bytes(&record));
+            if !batch.is_empty() && bytes > max_bytes {
+                self.pending = Some(record);
                 break;
             }
+            batch.push(record);
         }
+        Ok(batch)
     }
-    Ok(records)
+
+    /// Reads the next whole frame; `None` at the end of the file or at the first damage.
+    fn next_record(&mut self) -> Result<Option<Record>> {
+        if self.ended {
+            return Ok(None);
+        }
+        let record = self.read_frame().map_err(|source| Error::HintIo {
+            op: "read",
+            path: self.path.clone(),
+            source,
+        })?;
+        match record {
+            Frame::Record(record, used) => {
+                self.offset += used;
+                return Ok(Some(record));
+            }
+            Frame::End => {}
+            Frame::Damaged => {
+                warn!(path = %self.path.display(), offset = self.offset, "damaged hint frame; later hints in this file skipped");
+            }
+        }
+        self.ended = true;
+        Ok(None)
+    }
+
+    fn read_frame(&mut self) -> std::io::Result<Frame> {
+        let mut header = [0u8; 8];
+        let got = read_full(&mut self.file, &mut header)?;
+        if got == 0 {
+            return Ok(Frame::End);
+        }
+        if got < header.len() {
+            return Ok(Frame::Damaged);
+        }
+        let [l0, l1, l2, l3, c0, c1, c2, c3] = header;
+        let len = u32::from_le_bytes([l0, l1, l2, l3]) as usize;
+        let crc = u32::from_le_bytes([c0, c1, c2, c3]);
+        if len > MAX_HINT_FRAME_BYTES {
+            return Ok(Frame::Damaged);
+        }
+        let mut payload = vec![0u8; len];
+        if read_full(&mut self.file, &mut payload)? < len || crc32c::crc32c(&payload) != crc {
+            return Ok(Frame::Damaged);
+        }
+        Ok(match Record::decode(&payload) {
+            Ok(record) => Frame::Record(record, 8 + len as u64),
+            Err(_) => Frame::Damaged,
+        })
+    }
 }
 
-fn decode_frame(buf: &[u8]) -> Option<(Record, usize)> {
-    let len = u32::from_le_bytes(buf.get(0..4)?.try_into().ok()?) as usize;
-    let crc = u32::from_le_bytes(buf.get(4..8)?.try_into().ok()?);
-    if len > MAX_HINT_FRAME_BYTES {
-        return None;
+/// What the next frame of a hint file holds.
+enum Frame {
+    /// A whole record and the bytes its frame took.
+    Record(Record, u64),
+    /// The file ends cleanly here.
+    End,
+    /// A torn or damaged frame.
+    Damaged,
+}
+
+/// Reads until `buf` is full or the file ends; returns how many bytes were read.
+fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
-    let payload = buf.get(8..8 + len)?;
-    if crc32c::crc32c(payload) != crc {
-        return None;
-    }
-    Some((Record::decode(payload).ok()?, 8 + len))
+    Ok(filled)
 }
 
 #[cfg(test)]
@@ -402,7 +501,7 @@ mod tests {
         reopened.add(PEER, record(10));
         let sealed = reopened.seal(PEER).await;
         assert_eq!(sealed.len(), 2, "old file plus the new one: {sealed:?}");
-        let first = HintStore::read_sealed(&sealed[0]).unwrap();
+        let first = read_all(&sealed[0]);
         assert_eq!(first, (0..10).map(record).collect::<Vec<_>>());
         reopened.remove_delivered(PEER, &sealed[0], 10).unwrap();
         assert_eq!(reopened.pending_for(PEER), 1);
@@ -442,6 +541,78 @@ mod tests {
         let file = dir.path().join("p").join("00000001.hint");
         let bytes = fs::read(&file).unwrap();
         fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
-        assert_eq!(read_hint_file(&path).unwrap(), vec![record(1)]);
+        assert_eq!(read_all(&path), vec![record(1)]);
+        assert_eq!(count_hints(&path).unwrap(), 1);
+    }
+
+    fn read_all(path: &Path) -> Vec<Record> {
+        let mut reader = HintReader::open(path).unwrap();
+        let mut all = Vec::new();
+        loop {
+            let batch = reader.next_batch(usize::MAX, usize::MAX).unwrap();
+            if batch.is_empty() {
+                return all;
+            }
+            all.extend(batch);
+        }
+    }
+
+    fn large(i: u64, bytes: usize) -> Record {
+        Record {
+            value: Some(Bytes::from(vec![b'7'; bytes])),
+            ..record(i)
+        }
+    }
+
+    #[test]
+    fn large_hints_are_read_in_byte_capped_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = Writer {
+            dir: dir.path().to_owned(),
+            next_seq: HashMap::new(),
+            open: HashMap::new(),
+        };
+        let written: Vec<Record> = (0..12).map(|i| large(i, 900 * 1024)).collect();
+        for r in &written {
+            writer.append("p", r).unwrap();
+        }
+        writer.append("p", &large(12, 3 * 1024 * 1024)).unwrap();
+        writer.append("p", &record(13)).unwrap();
+        drop(writer);
+        let path = dir.path().join("p").join("00000001.hint");
+        let cap = 2 * 1024 * 1024;
+        let mut reader = HintReader::open(&path).unwrap();
+        let mut batches = Vec::new();
+        for _ in 0..100 {
+            let batch = reader.next_batch(512, cap).unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            batches.push(batch);
+        }
+        for batch in &batches {
+            let bytes = crate::peer::encode_batch(batch).len();
+            assert!(
+                bytes <= cap || batch.len() == 1,
+                "{bytes} bytes in {}",
+                batch.len()
+            );
+        }
+        assert_eq!(
+            batches.iter().map(Vec::len).collect::<Vec<_>>(),
+            [2, 2, 2, 2, 2, 2, 1, 1]
+        );
+        let mut expected = written;
+        expected.extend([large(12, 3 * 1024 * 1024), record(13)]);
+        assert_eq!(batches.concat(), expected, "every hint, in order");
+        assert_eq!(count_hints(&path).unwrap(), 14);
+        assert_eq!(
+            HintReader::open(&path)
+                .unwrap()
+                .next_batch(3, usize::MAX)
+                .unwrap()
+                .len(),
+            3
+        );
     }
 }

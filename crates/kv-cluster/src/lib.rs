@@ -32,7 +32,7 @@ pub use consistency::Consistency;
 pub use detector::{PeerState, PeerStatus};
 pub use error::{Error, Result};
 pub use kv_ring::DEFAULT_VNODES;
-pub use listing::ListPage;
+pub use listing::{ListPage, LocalPage};
 pub use membership::{Member, MemberState, View};
 pub use peer::{
     ForwardRequest, ForwardResponse, FORWARDED_HEADER, REQUEST_ID_HEADER, SECRET_HEADER,

@@ -119,7 +119,8 @@ pub fn verify_backup(path: &Path) -> Result<BackupInfo, Error> {
 /// even a crash before the old segments are removed never replays them on top of the backup.
 pub fn restore_backup(file: &Path, data_dir: &Path, force: bool) -> Result<BackupInfo, Error> {
     let info = verify_backup(file)?;
-    crate::files::create_private_dir(data_dir).map_err(Error::io("create data folder", data_dir))?;
+    crate::files::create_private_dir(data_dir)
+        .map_err(Error::io("create data folder", data_dir))?;
     let _lock = DirLock::acquire(data_dir)?;
     let found = data_entries(data_dir)?;
     if !found.is_empty() && !force {

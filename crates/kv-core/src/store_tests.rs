@@ -2,11 +2,11 @@
 //! the failed state, the lock, checkpoints, and a model-based property test.
 
 use super::*;
-use std::fs;
 use crate::{frame, snapshot, Version};
 use bytes::Bytes;
 use proptest::prelude::*;
 use std::collections::HashMap;
+use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
@@ -504,6 +504,9 @@ async fn the_data_folder_and_every_file_in_it_are_owner_only() {
         assert_eq!(mode(&path), 0o600, "{}", path.display());
         files += 1;
     }
-    assert!(files >= 4, "lock, WAL segments, snapshot and backup: {files}");
+    assert!(
+        files >= 4,
+        "lock, WAL segments, snapshot and backup: {files}"
+    );
     store.shutdown().await.unwrap();
 }
