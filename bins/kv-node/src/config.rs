@@ -365,7 +365,8 @@ impl NodeEnv {
                 self.max_value_bytes.as_deref(),
                 1 << 20,
                 1,
-                64 << 20,
+                // Larger values could be written but never replicated (over a peer's batch limit).
+                kv_cluster::peer::MAX_REPLICABLE_VALUE_BYTES,
             )?,
             auth_token: non_empty(self.auth_token),
             open_cluster: cluster_secret.is_none(),
@@ -513,6 +514,10 @@ mod tests {
                 "PORT=70000: expected a whole number from 1 to 65535",
             ),
             (&[("PORT", "abc")], "PORT=abc:"),
+            (
+                &[("MAX_VALUE_BYTES", "67108864")],
+                "MAX_VALUE_BYTES=67108864: expected a whole number from 1 to 16707584",
+            ),
             (
                 &[("CLUSTER_NODES", "not a url")],
                 "CLUSTER_NODES=not a url: expected a URL",

@@ -85,7 +85,7 @@ pub const HELP_VARIABLES: &[(&str, &str, &str)] = &[
     (
         "MAX_VALUE_BYTES",
         "1048576",
-        "largest value, in bytes of JSON (413 beyond)",
+        "largest value, in bytes of JSON (413 beyond); at most 16707584, so it fits a replication batch",
     ),
     (
         "AUTH_TOKEN",

@@ -9,8 +9,8 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use kv_cluster::peer::{
-    decode_batch, decode_keys, encode_batch, encode_entries, BATCH_REQUEST_IDS_HEADER, ENTRY_PATH,
-    MAX_BATCH_BYTES,
+    decode_batch, decode_keys, encode_batch, encode_entries, PageQuery, BATCH_REQUEST_IDS_HEADER,
+    ENTRY_PATH, MAX_BATCH_BYTES, PAGE_FULL_HEADER,
 };
 use kv_core::Record;
 use std::time::Duration;
@@ -117,10 +117,12 @@ pub async fn entry(State(app): State<AppState>, request: Request) -> Result<Resp
     }
 }
 
-/// `GET /internal/keys?prefix=&after=&limit=`: this node's page of entries (tombstones included),
-/// in key order, as a record batch.
+/// `GET /internal/keys?prefix=&after=&limit=[&values=true]`: this node's page of entries
+/// (tombstones included), in key order, as a record batch of at most `SEND_BATCH_BYTES`. Live
+/// entries carry an empty value unless `values=true`; [`PAGE_FULL_HEADER`] says whether the node
+/// holds more keys after the page.
 pub async fn keys(State(app): State<AppState>, request: Request) -> Result<Response, ApiError> {
-    let (mut prefix, mut after, mut limit) = (String::new(), None, 100usize);
+    let (mut prefix, mut after, mut limit, mut values) = (String::new(), None, 100usize, false);
     for (name, value) in
         url::form_urlencoded::parse(request.uri().query().unwrap_or_default().as_bytes())
     {
@@ -136,9 +138,30 @@ pub async fn keys(State(app): State<AppState>, request: Request) -> Result<Respo
                         ApiError::bad_request("invalid_query", format!("limit={value}"))
                     })?
             }
+            "values" => {
+                values = match value.as_ref() {
+                    "true" => true,
+                    "false" => false,
+                    _ => {
+                        return Err(ApiError::bad_request(
+                            "invalid_query",
+                            format!("values={value}: expected true or false"),
+                        ))
+                    }
+                }
+            }
             _ => {}
         }
     }
-    let page = app.cluster().local_page(&prefix, after.as_deref(), limit);
-    Ok(octets(encode_batch(&page)))
+    let query = PageQuery {
+        prefix: &prefix,
+        after: after.as_deref(),
+        limit,
+        values,
+    };
+    let page = app.cluster().local_page(&query);
+    let mut response = octets(encode_batch(&page.records));
+    let full = HeaderValue::from_static(if page.full { "true" } else { "false" });
+    response.headers_mut().insert(PAGE_FULL_HEADER, full);
+    Ok(response)
 }

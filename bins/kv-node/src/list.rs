@@ -73,10 +73,13 @@ pub async fn list(State(app): State<AppState>, request: Request) -> Result<Respo
     }
     let query = parse_query(parts.uri.query())?;
     let rid = request_id(&parts.headers);
-    let page = app
-        .cluster()
-        .list(&query.prefix, query.after.as_deref(), query.limit, &rid)
-        .await?;
+    let page_query = kv_cluster::peer::PageQuery {
+        prefix: &query.prefix,
+        after: query.after.as_deref(),
+        limit: query.limit,
+        values: query.values,
+    };
+    let page = app.cluster().list(&page_query, &rid).await?;
     let keys: Vec<&str> = page.records.iter().map(|r| r.key.as_str()).collect();
     let mut body = json!({ "keys": keys, "next": page.next, "incomplete": page.incomplete });
     if query.values {

@@ -3,12 +3,14 @@
 
 use crate::cluster::Cluster;
 use crate::error::Error;
-use crate::hints::HintStore;
+use crate::hints::HintReader;
 use crate::membership::View;
+use crate::peer::SEND_BATCH_BYTES;
 use std::sync::Arc;
 use tracing::{info, warn};
 
-/// Hints sent to a peer in one `/internal/replicate` call.
+/// Most hints sent to a peer in one `/internal/replicate` call (also capped at
+/// [`SEND_BATCH_BYTES`]).
 const HINT_BATCH: usize = 512;
 
 impl Cluster {
@@ -110,26 +112,16 @@ impl Cluster {
         }
     }
 
-    /// Delivers every sealed hint file of `peer`, oldest first; stops at the first failure and
-    /// keeps what was not delivered for the next round.
+    /// Delivers every sealed hint file of `peer`, oldest first, streaming each in batches of at
+    /// most [`HINT_BATCH`] hints and [`SEND_BATCH_BYTES`]; stops at the first failure and keeps
+    /// what was not delivered for the next round.
     pub(crate) async fn replay_hints(&self, peer: &str) {
         let inner = &self.inner;
         for path in inner.hints.seal(peer).await {
-            let read_path = path.clone();
-            let records =
-                match tokio::task::spawn_blocking(move || HintStore::read_sealed(&read_path)).await
-                {
-                    Ok(Ok(records)) => records,
-                    Ok(Err(e)) => return warn!(error = %e, "cannot read hints"),
-                    Err(e) => return warn!(error = %e, "hint reader failed"),
-                };
-            for chunk in records.chunks(HINT_BATCH) {
-                if let Err(e) = inner.peers.replicate(peer, chunk, "hint-replay").await {
-                    inner.detector.record_failure(peer, e.is_connect());
-                    return warn!(peer, error = %e, "hint replay interrupted");
-                }
-            }
-            let count = records.len() as u64;
+            let count = match self.replay_file(peer, &path).await {
+                Ok(count) => count,
+                Err(e) => return warn!(peer, error = %e, "hint replay interrupted"),
+            };
             match inner.hints.remove_delivered(peer, &path, count) {
                 Ok(()) => {
                     metrics::counter!("kv_hints_delivered_total").increment(count);
@@ -137,6 +129,36 @@ impl Cluster {
                 }
                 Err(e) => return warn!(error = %e, "cannot remove delivered hints"),
             }
+        }
+    }
+
+    /// Sends one hint file to `peer`, batch after batch; the number of hints it held, or why
+    /// reading or sending failed (the file then stays for the next round).
+    async fn replay_file(&self, peer: &str, path: &std::path::Path) -> Result<u64, String> {
+        let inner = &self.inner;
+        let open = path.to_owned();
+        let mut reader = tokio::task::spawn_blocking(move || HintReader::open(&open))
+            .await
+            .map_err(|e| format!("hint reader failed: {e}"))?
+            .map_err(|e| e.to_string())?;
+        let mut count = 0;
+        loop {
+            let read = tokio::task::spawn_blocking(move || {
+                let batch = reader.next_batch(HINT_BATCH, SEND_BATCH_BYTES);
+                (reader, batch)
+            })
+            .await;
+            let (back, batch) = read.map_err(|e| format!("hint reader failed: {e}"))?;
+            reader = back;
+            let batch = batch.map_err(|e| e.to_string())?;
+            if batch.is_empty() {
+                return Ok(count);
+            }
+            if let Err(e) = inner.peers.replicate(peer, &batch, "hint-replay").await {
+                inner.detector.record_failure(peer, e.is_connect());
+                return Err(e.to_string());
+            }
+            count += batch.len() as u64;
         }
     }
 }

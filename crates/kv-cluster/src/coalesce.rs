@@ -9,6 +9,10 @@
 //! batches grow by themselves, the way a WAL group commit does, and the peer's WAL commits each
 //! batch with one fsync. Each caller gets its own answer; a failed request fails every call in it.
 //!
+//! A batch is capped in bytes too (when the coalescer is given a weight per item): calls are
+//! taken while the batch stays within the cap, and a call heavier than the cap alone leaves alone,
+//! so a burst of large values never makes a request the peer refuses.
+//!
 //! A peer that is slow but not down (it answers, late) could let a queue grow without bound, so a
 //! lane holds at most [`MAX_QUEUED`] calls: beyond that a call fails at once, and the caller
 //! does what it does for any failed call (a write becomes a hint, a read asks another replica).
@@ -52,19 +56,34 @@ struct Lane<I, A> {
 /// A peer's lane, shared by its callers and its in-flight senders.
 type SharedLane<I, A> = Arc<Mutex<Lane<I, A>>>;
 
+/// The weight of an item towards a batch's byte cap.
+pub type Weigh<I> = fn(&I) -> usize;
+
 /// Merges concurrent calls of one kind, per peer.
 pub struct Coalescer<I, A> {
     lanes: Mutex<HashMap<Arc<str>, SharedLane<I, A>>>,
     send: SendBatch<I, A>,
+    weigh: Weigh<I>,
+    max_batch_bytes: usize,
 }
 
 impl<I: Send + 'static, A: Send + 'static> Coalescer<I, A> {
-    /// A coalescer that sends its batches with `send`.
+    /// A coalescer that sends its batches with `send`, capped in count only.
     pub fn new(send: SendBatch<I, A>) -> Self {
         Coalescer {
             lanes: Mutex::new(HashMap::new()),
             send,
+            weigh: |_| 0,
+            max_batch_bytes: usize::MAX,
         }
+    }
+
+    /// Caps each batch at `max_batch_bytes` as counted by `weigh` (one item heavier than that
+    /// still leaves, alone).
+    pub fn with_byte_cap(mut self, weigh: Weigh<I>, max_batch_bytes: usize) -> Self {
+        self.weigh = weigh;
+        self.max_batch_bytes = max_batch_bytes;
+        self
     }
 
     /// Queues `item` for `peer` and waits for its answer. The request is sent by a spawned task,
@@ -97,7 +116,8 @@ impl<I: Send + 'static, A: Send + 'static> Coalescer<I, A> {
             free
         };
         if start_sender {
-            tokio::spawn(drain(lane, peer.clone(), self.send.clone()));
+            let cap = (self.weigh, self.max_batch_bytes);
+            tokio::spawn(drain(lane, peer.clone(), self.send.clone(), cap));
         }
         answer.await.unwrap_or_else(|_| {
             Err(CallError::Failed {
@@ -121,8 +141,28 @@ impl<I: Send + 'static, A: Send + 'static> Coalescer<I, A> {
     }
 }
 
+/// How many calls at the head of `queue` make the next batch: at most [`MAX_BATCH`], and no
+/// more than `max_bytes` by `weigh` unless the first call alone is heavier.
+fn batch_len<I, A>(queue: &VecDeque<Call<I, A>>, (weigh, max_bytes): (Weigh<I>, usize)) -> usize {
+    let mut bytes = 0usize;
+    let mut take = 0;
+    for call in queue.iter().take(MAX_BATCH) {
+        bytes = bytes.saturating_add(weigh(&call.item));
+        if take > 0 && bytes > max_bytes {
+            break;
+        }
+        take += 1;
+    }
+    take
+}
+
 /// One in-flight slot: sends what is queued, batch after batch, until the queue is empty.
-async fn drain<I, A>(lane: SharedLane<I, A>, peer: Arc<str>, send: SendBatch<I, A>) {
+async fn drain<I, A>(
+    lane: SharedLane<I, A>,
+    peer: Arc<str>,
+    send: SendBatch<I, A>,
+    cap: (Weigh<I>, usize),
+) {
     loop {
         let calls: Vec<Call<I, A>> = {
             let mut lane = lane.lock();
@@ -130,7 +170,7 @@ async fn drain<I, A>(lane: SharedLane<I, A>, peer: Arc<str>, send: SendBatch<I, 
                 lane.in_flight -= 1;
                 return;
             }
-            let take = lane.queue.len().min(MAX_BATCH);
+            let take = batch_len(&lane.queue, cap);
             lane.queue.drain(..take).collect()
         };
         let mut items = Vec::with_capacity(calls.len());
@@ -265,6 +305,60 @@ mod tests {
                 "queued calls are answered"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn batches_stay_within_the_byte_cap_and_a_heavy_call_leaves_alone() {
+        let (release, released) = tokio::sync::watch::channel(false);
+        let batches = Arc::new(Mutex::new(Vec::<Vec<u32>>::new()));
+        let seen = batches.clone();
+        let send: SendBatch<u32, u32> = Arc::new(move |_, items: Vec<u32>, _| {
+            let (mut released, seen) = (released.clone(), seen.clone());
+            Box::pin(async move {
+                seen.lock().push(items.clone());
+                let _ = released.wait_for(|r| *r).await;
+                Ok(items)
+            })
+        });
+        let c = Arc::new(Coalescer::new(send).with_byte_cap(|w| *w as usize, 100));
+        let peer: Arc<str> = Arc::from("p");
+        let weights = [60u32, 30, 30, 200, 10, 10, 50, 50, 1];
+        let calls: Vec<_> = weights
+            .iter()
+            .map(|w| {
+                let (c, peer, w) = (c.clone(), peer.clone(), *w);
+                tokio::spawn(async move { c.call(&peer, w, Arc::from("r")).await })
+            })
+            .collect();
+        // Let every call queue up before any batch is answered (bounded: without a cap the
+        // first batch takes everything and the second never comes).
+        for _ in 0..1000 {
+            if batches.lock().len() >= MAX_IN_FLIGHT {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        release.send(true).unwrap();
+        for (call, w) in calls.into_iter().zip(weights) {
+            assert_eq!(call.await.unwrap().unwrap(), w);
+        }
+        let batches = batches.lock();
+        assert_eq!(batches.iter().map(Vec::len).sum::<usize>(), weights.len());
+        for batch in batches.iter() {
+            let bytes: u32 = batch.iter().sum();
+            assert!(
+                bytes <= 100 || batch.len() == 1,
+                "batch over the cap: {batch:?}"
+            );
+        }
+        assert!(
+            batches.iter().any(|b| b.len() > 1),
+            "small calls still merge: {batches:?}"
+        );
+        assert!(
+            batches.contains(&vec![200]),
+            "the heavy call went alone: {batches:?}"
+        );
     }
 
     #[tokio::test]

@@ -6,17 +6,20 @@
 //! files `00000001.hint`, `00000002.hint`, ... Each file is a sequence of frames
 //! `[len: u32 LE][crc32c(payload): u32 LE][payload = kv_core::Record::encode]`. New hints go to the
 //! newest file; a replay first *seals* the current file (later hints go to a new one), delivers the
-//! sealed files in order and deletes each once the peer has acknowledged all of it.
+//! sealed files in order and deletes each once the peer has acknowledged all of it. Files are
+//! streamed ([`HintReader`]): a replay or a count holds one batch of hints in memory at a time.
 //!
 //! One writer thread owns the open files: appends queue on a bounded channel, and the thread
 //! writes everything queued, then fsyncs each touched file once (group commit, as in the WAL).
 
 use crate::error::{Error, Result};
+use crate::hint_file::count_hints;
+pub use crate::hint_file::HintReader;
 use kv_core::Record;
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::fs::{self, File};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -26,8 +29,6 @@ use tracing::{error, warn};
 /// Hints that may wait in the writer's queue; when it is full a hint is dropped with a warning
 /// (read repair still heals the replica), so a slow disk never blocks client writes.
 const HINT_QUEUE_CAPACITY: usize = 16 * 1024;
-/// Frames larger than this are treated as damage, not allocated.
-const MAX_HINT_FRAME_BYTES: usize = 64 * 1024 * 1024;
 
 enum Command {
     Append {
@@ -60,7 +61,7 @@ impl std::fmt::Debug for Command {
 impl HintStore {
     /// Opens `dir` (created if missing), counts the hints already there and starts the writer thread.
     pub fn open(dir: PathBuf) -> Result<HintStore> {
-        fs::create_dir_all(&dir).map_err(|source| Error::HintIo {
+        kv_core::files::create_private_dir(&dir).map_err(|source| Error::HintIo {
             op: "create",
             path: dir.clone(),
             source,
@@ -70,7 +71,7 @@ impl HintStore {
         for (folder, files) in existing_files(&dir)? {
             let mut count = 0;
             for file in &files {
-                count += read_hint_file(file)?.len() as u64;
+                count += count_hints(file)?;
             }
             let last = files.last().and_then(|f| file_seq(f)).unwrap_or(0);
             next_seq.insert(folder.clone(), last + 1);
@@ -174,11 +175,6 @@ impl HintStore {
         rx.await.unwrap_or_default()
     }
 
-    /// Reads a sealed file's hints (blocking I/O; call from `spawn_blocking`).
-    pub fn read_sealed(path: &Path) -> Result<Vec<Record>> {
-        read_hint_file(path)
-    }
-
     /// Deletes a delivered file and lowers `peer`'s count by the `delivered` hints it held.
     pub fn remove_delivered(&self, peer: &str, path: &Path, delivered: u64) -> Result<()> {
         fs::remove_file(path).map_err(|source| Error::HintIo {
@@ -242,8 +238,8 @@ impl Writer {
             std::collections::hash_map::Entry::Vacant(e) => {
                 let seq = self.next_seq.entry(folder.to_owned()).or_insert(1);
                 let dir = self.dir.join(folder);
-                fs::create_dir_all(&dir)?;
-                let file = OpenOptions::new()
+                kv_core::files::create_private_dir(&dir)?;
+                let file = kv_core::files::private_options()
                     .create(true)
                     .append(true)
                     .open(dir.join(format!("{seq:08}.hint")))?;
@@ -319,47 +315,6 @@ fn existing_files(dir: &Path) -> Result<Vec<(String, Vec<PathBuf>)>> {
     Ok(out)
 }
 
-/// Reads every whole frame of a hint file. A damaged or torn frame ends the file with a warning:
-/// the hint duplicates a write that W replicas already hold, and read repair heals what is left.
-fn read_hint_file(path: &Path) -> Result<Vec<Record>> {
-    let mut bytes = Vec::new();
-    File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut bytes))
-        .map_err(|source| Error::HintIo {
-            op: "read",
-            path: path.to_owned(),
-            source,
-        })?;
-    let mut records = Vec::new();
-    let mut offset = 0usize;
-    while offset < bytes.len() {
-        match decode_frame(&bytes[offset..]) {
-            Some((record, used)) => {
-                records.push(record);
-                offset += used;
-            }
-            None => {
-                warn!(path = %path.display(), offset, "damaged hint frame; later hints in this file skipped");
-                break;
-            }
-        }
-    }
-    Ok(records)
-}
-
-fn decode_frame(buf: &[u8]) -> Option<(Record, usize)> {
-    let len = u32::from_le_bytes(buf.get(0..4)?.try_into().ok()?) as usize;
-    let crc = u32::from_le_bytes(buf.get(4..8)?.try_into().ok()?);
-    if len > MAX_HINT_FRAME_BYTES {
-        return None;
-    }
-    let payload = buf.get(8..8 + len)?;
-    if crc32c::crc32c(payload) != crc {
-        return None;
-    }
-    Some((Record::decode(payload).ok()?, 8 + len))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -402,7 +357,7 @@ mod tests {
         reopened.add(PEER, record(10));
         let sealed = reopened.seal(PEER).await;
         assert_eq!(sealed.len(), 2, "old file plus the new one: {sealed:?}");
-        let first = HintStore::read_sealed(&sealed[0]).unwrap();
+        let first = read_all(&sealed[0]);
         assert_eq!(first, (0..10).map(record).collect::<Vec<_>>());
         reopened.remove_delivered(PEER, &sealed[0], 10).unwrap();
         assert_eq!(reopened.pending_for(PEER), 1);
@@ -442,6 +397,78 @@ mod tests {
         let file = dir.path().join("p").join("00000001.hint");
         let bytes = fs::read(&file).unwrap();
         fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
-        assert_eq!(read_hint_file(&path).unwrap(), vec![record(1)]);
+        assert_eq!(read_all(&path), vec![record(1)]);
+        assert_eq!(count_hints(&path).unwrap(), 1);
+    }
+
+    fn read_all(path: &Path) -> Vec<Record> {
+        let mut reader = HintReader::open(path).unwrap();
+        let mut all = Vec::new();
+        loop {
+            let batch = reader.next_batch(usize::MAX, usize::MAX).unwrap();
+            if batch.is_empty() {
+                return all;
+            }
+            all.extend(batch);
+        }
+    }
+
+    fn large(i: u64, bytes: usize) -> Record {
+        Record {
+            value: Some(Bytes::from(vec![b'7'; bytes])),
+            ..record(i)
+        }
+    }
+
+    #[test]
+    fn large_hints_are_read_in_byte_capped_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = Writer {
+            dir: dir.path().to_owned(),
+            next_seq: HashMap::new(),
+            open: HashMap::new(),
+        };
+        let written: Vec<Record> = (0..12).map(|i| large(i, 900 * 1024)).collect();
+        for r in &written {
+            writer.append("p", r).unwrap();
+        }
+        writer.append("p", &large(12, 3 * 1024 * 1024)).unwrap();
+        writer.append("p", &record(13)).unwrap();
+        drop(writer);
+        let path = dir.path().join("p").join("00000001.hint");
+        let cap = 2 * 1024 * 1024;
+        let mut reader = HintReader::open(&path).unwrap();
+        let mut batches = Vec::new();
+        for _ in 0..100 {
+            let batch = reader.next_batch(512, cap).unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            batches.push(batch);
+        }
+        for batch in &batches {
+            let bytes = crate::peer::encode_batch(batch).len();
+            assert!(
+                bytes <= cap || batch.len() == 1,
+                "{bytes} bytes in {}",
+                batch.len()
+            );
+        }
+        assert_eq!(
+            batches.iter().map(Vec::len).collect::<Vec<_>>(),
+            [2, 2, 2, 2, 2, 2, 1, 1]
+        );
+        let mut expected = written;
+        expected.extend([large(12, 3 * 1024 * 1024), record(13)]);
+        assert_eq!(batches.concat(), expected, "every hint, in order");
+        assert_eq!(count_hints(&path).unwrap(), 14);
+        assert_eq!(
+            HintReader::open(&path)
+                .unwrap()
+                .next_batch(3, usize::MAX)
+                .unwrap()
+                .len(),
+            3
+        );
     }
 }

@@ -12,7 +12,8 @@
 //! - `coalesce`: merging concurrent small calls to one peer into batches.
 //! - [`consistency`]: `w` / `r` levels and how many replicas each needs.
 //! - [`detector`]: the failure detector, what this node believes about each peer.
-//! - [`hints`]: durable hinted-handoff files for peers that missed writes.
+//! - [`hints`]: durable hinted-handoff files for peers that missed writes; `hint_file`: streaming
+//!   them back in byte-capped batches.
 //! - [`peer`]: the HTTP client for `/internal` calls and forwarding, and the batch wire format.
 //! - [`error`]: this crate's one error type.
 
@@ -24,6 +25,7 @@ mod coalesce;
 pub mod consistency;
 pub mod detector;
 pub mod error;
+mod hint_file;
 pub mod hints;
 mod listing;
 pub mod membership;
@@ -36,7 +38,7 @@ pub use consistency::Consistency;
 pub use detector::{PeerState, PeerStatus};
 pub use error::{Error, Result};
 pub use kv_ring::DEFAULT_VNODES;
-pub use listing::ListPage;
+pub use listing::{ListPage, LocalPage};
 pub use membership::{Member, MemberState, View};
 pub use peer::{
     ForwardRequest, ForwardResponse, FORWARDED_HEADER, REQUEST_ID_HEADER, SECRET_HEADER,

@@ -206,7 +206,7 @@ pub fn store(path: &Path, view: &View) -> Result<()> {
     };
     let tmp = path.with_extension("json.tmp");
     let bytes = serde_json::to_vec_pretty(view).map_err(|e| err(std::io::Error::other(e)))?;
-    let mut file = fs::File::create(&tmp).map_err(err)?;
+    let mut file = kv_core::files::create_private(&tmp).map_err(err)?;
     file.write_all(&bytes).map_err(err)?;
     file.sync_all().map_err(err)?;
     fs::rename(&tmp, path).map_err(err)?;

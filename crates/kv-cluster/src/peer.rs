@@ -38,8 +38,24 @@ pub const MEMBERS_PATH: &str = "/internal/members";
 pub const TRANSFER_PATH: &str = "/internal/transfer";
 /// Path where a node estimates what a proposed view would move.
 pub const ESTIMATE_PATH: &str = "/internal/estimate";
-/// Largest record batch a peer accepts in one `/internal/replicate` call.
+/// Largest body a peer accepts in one `/internal` call (a record batch, a key list), and the
+/// largest listing page a node reads from a peer.
 pub const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
+/// Size a node keeps each batch it sends to a peer within (replication, hints, transfers,
+/// listing pages): records join a batch while it stays within this, and a larger record goes
+/// alone. A quarter of [`MAX_BATCH_BYTES`], so a lone record of the largest allowed value fits.
+pub const SEND_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Largest value a node may be configured to accept (`MAX_VALUE_BYTES`): a record holding it,
+/// with a key of the longest the format allows and the batch framing, still fits in one
+/// [`MAX_BATCH_BYTES`] batch, so every value that is written can be replicated.
+pub const MAX_REPLICABLE_VALUE_BYTES: usize =
+    MAX_BATCH_BYTES - kv_core::MAX_KEY_LEN - BATCH_FRAMING_BYTES;
+/// Batch framing around one record: the count, its length prefix, and its record header and
+/// expiry (generous, so the bound above holds whatever the header grows to).
+const BATCH_FRAMING_BYTES: usize = 4096;
+/// Response header of `/internal/keys`: `true` when the node holds more matching keys after the
+/// page's last one (the page reached `limit`, or was cut at [`SEND_BATCH_BYTES`]).
+pub const PAGE_FULL_HEADER: &str = "x-kv-page-full";
 /// Most keys one `/internal/entries` call may ask for.
 pub const MAX_ENTRIES_KEYS: usize = 1024;
 
@@ -184,7 +200,9 @@ impl PeerClient {
         });
         Ok(PeerClient {
             transport,
-            replicate_one: Arc::new(Coalescer::new(replicate)),
+            replicate_one: Arc::new(
+                Coalescer::new(replicate).with_byte_cap(batch_item_bytes, SEND_BATCH_BYTES),
+            ),
             fetch_one: Arc::new(Coalescer::new(fetch)),
         })
     }
@@ -193,7 +211,8 @@ impl PeerClient {
         self.transport.request(method, url, request_id)
     }
 
-    /// Sends records to `peer` in one call; it answers only once they are durable in its WAL.
+    /// Sends records to `peer`, in as many calls as [`SEND_BATCH_BYTES`] asks for, one after
+    /// the other; it answers only once all of them are durable in the peer's WAL.
     pub async fn replicate(
         &self,
         peer: &str,
@@ -226,31 +245,38 @@ impl PeerClient {
         self.fetch_one.call(peer, key.to_owned(), request_id).await
     }
 
-    /// Asks `peer` for its local page of keys (tombstones included) after `after` with `prefix`.
+    /// Asks `peer` for its local page of keys (tombstones included) after `after` with `prefix`;
+    /// live keys come with their values only when `values` is true (else with an empty value).
+    /// Returns the page and whether the peer holds more keys after it.
     pub async fn list(
         &self,
         peer: &str,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
+        page: &PageQuery<'_>,
         request_id: &str,
-    ) -> Result<Vec<Record>, CallError> {
+    ) -> Result<(Vec<Record>, bool), CallError> {
         let url = {
             let mut query = url::form_urlencoded::Serializer::new(String::new());
-            query.append_pair("prefix", prefix);
-            query.append_pair("limit", &limit.to_string());
-            if let Some(after) = after {
+            query.append_pair("prefix", page.prefix);
+            query.append_pair("limit", &page.limit.to_string());
+            if let Some(after) = page.after {
                 query.append_pair("after", after);
+            }
+            if page.values {
+                query.append_pair("values", "true");
             }
             format!("{peer}{KEYS_PATH}?{}", query.finish())
         };
         let request = self.request(Method::GET, url, request_id);
         let response = send_expecting_ok(peer, request, KEYS_PATH).await?;
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| CallError::from_reqwest(peer, &e))?;
-        decode_batch(&body).map_err(|e| CallError::failed(peer, e))
+        let full = response
+            .headers()
+            .get(PAGE_FULL_HEADER)
+            .map(|v| v.as_bytes() == b"true");
+        let body = read_capped(peer, response, MAX_BATCH_BYTES).await?;
+        let records = decode_batch(&body).map_err(|e| CallError::failed(peer, e))?;
+        // A node without the header caps pages by count only.
+        let full = full.unwrap_or(records.len() >= page.limit);
+        Ok((records, full))
     }
 
     /// Probes `GET /health` with its own deadline; returns the round-trip time when healthy,
@@ -421,7 +447,24 @@ impl Transport {
         }
     }
 
+    /// Sends `records` in consecutive batches of at most [`SEND_BATCH_BYTES`] (see
+    /// [`byte_capped`]); stops at the first that fails.
     async fn replicate(
+        &self,
+        peer: &str,
+        records: &[Record],
+        ids: &[Arc<str>],
+    ) -> Result<(), CallError> {
+        if records.is_empty() {
+            return self.replicate_batch(peer, records, ids).await;
+        }
+        for batch in byte_capped(records, SEND_BATCH_BYTES) {
+            self.replicate_batch(peer, batch, ids).await?;
+        }
+        Ok(())
+    }
+
+    async fn replicate_batch(
         &self,
         peer: &str,
         records: &[Record],
@@ -476,6 +519,42 @@ impl Transport {
     }
 }
 
+/// What one node's page of a listing asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct PageQuery<'a> {
+    /// Keys start with this.
+    pub prefix: &'a str,
+    /// Keys sort after this.
+    pub after: Option<&'a str>,
+    /// At most this many keys.
+    pub limit: usize,
+    /// Ship the values of live keys (else they come empty).
+    pub values: bool,
+}
+
+/// Reads a response body of at most `limit` bytes; a longer one is an error, not a huge buffer.
+async fn read_capped(
+    peer: &str,
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Bytes, CallError> {
+    let mut body = BytesMut::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| CallError::from_reqwest(peer, &e))?
+    {
+        if body.len() + chunk.len() > limit {
+            return Err(CallError::failed(
+                peer,
+                format!("answer over the {limit}-byte limit"),
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
 /// Sends a request and insists on a 200 answer; `what` names the call in the error.
 async fn send_expecting_ok(
     peer: &str,
@@ -493,6 +572,34 @@ async fn send_expecting_ok(
         ));
     }
     Ok(response)
+}
+
+/// Bytes one record adds to a batch written by [`encode_batch`]: its length prefix and encoding.
+pub fn batch_item_bytes(record: &Record) -> usize {
+    4 + record.encoded_len()
+}
+
+/// Splits `records` into consecutive runs whose encoded batch ([`encode_batch`]) stays within
+/// `max_bytes`; a record too large for that on its own gets a run of its own.
+pub fn byte_capped(records: &[Record], max_bytes: usize) -> impl Iterator<Item = &[Record]> {
+    let mut rest = records;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 4;
+        let mut take = 0;
+        for record in rest {
+            bytes += batch_item_bytes(record);
+            if take > 0 && bytes > max_bytes {
+                break;
+            }
+            take += 1;
+        }
+        let (batch, tail) = rest.split_at(take);
+        rest = tail;
+        Some(batch)
+    })
 }
 
 /// Encodes a batch of records for `/internal/replicate`: the list frame of
@@ -649,6 +756,48 @@ mod tests {
         let mut extra = bytes.to_vec();
         extra.push(0);
         assert!(decode_entries(&extra).is_err());
+    }
+
+    #[test]
+    fn byte_capped_runs_fit_and_a_large_record_goes_alone() {
+        let big = "x".repeat(1000);
+        let records: Vec<Record> = [10, 10, 1000, 10, 400, 400, 400, 10]
+            .iter()
+            .enumerate()
+            .map(|(i, n)| record(&format!("k{i}"), Some(&big[..*n])))
+            .collect();
+        let runs: Vec<&[Record]> = byte_capped(&records, 900).collect();
+        assert_eq!(runs.iter().map(|r| r.len()).sum::<usize>(), records.len());
+        assert_eq!(runs.concat(), records, "in order, nothing lost");
+        for run in &runs {
+            let bytes = encode_batch(run).len();
+            assert!(
+                bytes <= 900 || run.len() == 1,
+                "{bytes} bytes in {}",
+                run.len()
+            );
+            let counted: usize = 4 + run.iter().map(batch_item_bytes).sum::<usize>();
+            assert_eq!(counted, bytes, "the count matches the encoding");
+        }
+        assert!(runs.iter().any(|r| r.len() == 1 && r[0].key == "k2"));
+        assert!(
+            runs.iter().any(|r| r.len() > 1),
+            "small records share a batch"
+        );
+        assert_eq!(byte_capped(&[], 900).count(), 0);
+    }
+
+    #[test]
+    fn the_largest_allowed_record_fits_in_one_batch_a_peer_accepts() {
+        let record = Record {
+            key: "k".repeat(kv_core::MAX_KEY_LEN),
+            version: Version { hlc: 1, node: 1 },
+            value: Some(Bytes::from(vec![b'1'; MAX_REPLICABLE_VALUE_BYTES])),
+            expires_at_ms: Some(u64::MAX),
+        };
+        let batch = encode_batch(std::slice::from_ref(&record));
+        assert!(batch.len() <= MAX_BATCH_BYTES, "{} bytes", batch.len());
+        assert_eq!(decode_batch(&batch).unwrap(), vec![record]);
     }
 
     #[test]

@@ -57,7 +57,7 @@ impl TransferState {
         let path = Self::path(members_file);
         let written = serde_json::to_vec(self)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| std::fs::write(&path, bytes));
+            .and_then(|bytes| kv_core::files::write_private(&path, &bytes));
         if let Err(e) = written {
             warn!(path = %path.display(), error = %e, "cannot record the finished transfer; a restart will redo it");
         }

@@ -119,7 +119,8 @@ pub fn verify_backup(path: &Path) -> Result<BackupInfo, Error> {
 /// even a crash before the old segments are removed never replays them on top of the backup.
 pub fn restore_backup(file: &Path, data_dir: &Path, force: bool) -> Result<BackupInfo, Error> {
     let info = verify_backup(file)?;
-    fs::create_dir_all(data_dir).map_err(Error::io("create data folder", data_dir))?;
+    crate::files::create_private_dir(data_dir)
+        .map_err(Error::io("create data folder", data_dir))?;
     let _lock = DirLock::acquire(data_dir)?;
     let found = data_entries(data_dir)?;
     if !found.is_empty() && !force {
@@ -174,7 +175,7 @@ fn copy_with_start(file: &Path, tmp: &Path, start: u64, created_ms: u64) -> Resu
     input
         .seek(SeekFrom::Start(snapshot::HEADER_LEN as u64))
         .map_err(Error::io("seek", file))?;
-    let out = File::create(tmp).map_err(Error::io("create", tmp))?;
+    let out = crate::files::create_private(tmp).map_err(Error::io("create", tmp))?;
     let mut out = BufWriter::with_capacity(1 << 20, out);
     let copied = out
         .write_all(&snapshot::header_bytes(start, created_ms))

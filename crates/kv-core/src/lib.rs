@@ -11,7 +11,7 @@
 //! - `snapshot`, `checkpoint`: `snapshot.db` and the thread that writes it.
 //! - `backup`: backups in the snapshot format (`Store::backup_to`), their check and restore.
 //! - `recovery`: snapshot load plus WAL replay at start-up.
-//! - `lock`: the data folder's lock file.
+//! - `lock`: the data folder's lock file; [`files`]: owner-only (`0700`/`0600`) folders and files.
 //! - `store`: the `Store` facade; `config`: `StoreConfig`, `SyncMode`; `error`: `Error`.
 //!
 //! # Files in the data folder
@@ -34,6 +34,7 @@ mod backup;
 mod checkpoint;
 mod config;
 mod error;
+pub mod files;
 pub mod frame;
 mod lock;
 pub mod map;

@@ -2,7 +2,7 @@
 //! (or a second store in the same process) on the same folder fails clearly instead of
 //! interleaving writes.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 
@@ -21,7 +21,7 @@ impl DirLock {
     /// Takes the lock without waiting; [`Error::Locked`] if another holder has it.
     pub fn acquire(dir: &Path) -> Result<DirLock, Error> {
         let path = dir.join(FILE_NAME);
-        let mut file = OpenOptions::new()
+        let mut file = crate::files::private_options()
             .read(true)
             .write(true)
             .create(true)

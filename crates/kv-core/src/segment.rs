@@ -1,7 +1,7 @@
 //! WAL segment files `wal-00000001.log`: names, the file header, listing, creation and removal.
 //! A segment holds frames of records after its header; only the newest segment is appended to.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -103,7 +103,7 @@ pub fn check_header(file: &Path, buf: &[u8], number: u64) -> Result<(), Error> {
 /// Creates segment `number` with its header, durable (file and folder fsynced), ready to append.
 pub fn create(dir: &Path, number: u64) -> Result<File, Error> {
     let file_path = path(dir, number);
-    let mut file = OpenOptions::new()
+    let mut file = crate::files::private_options()
         .create_new(true)
         .append(true)
         .open(&file_path)

@@ -119,7 +119,7 @@ pub(crate) fn write_file(
     cutoff_ms: u64,
 ) -> Result<Written, Error> {
     let write_err = Error::io("write", tmp);
-    let file = File::create(tmp).map_err(Error::io("create", tmp))?;
+    let file = crate::files::create_private(tmp).map_err(Error::io("create", tmp))?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
     let created_ms = crate::version::now_ms();
     let mut written = Written {

@@ -1,7 +1,6 @@
 //! The store facade: opens a data folder (lock, recovery), runs the WAL writer and checkpoint
 //! threads, and offers get / apply / checkpoint / scan / status / shutdown to the node.
 
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -129,7 +128,7 @@ impl Store {
     pub fn open(config: StoreConfig) -> Result<Store, Error> {
         let started = Instant::now();
         let dir = config.data_dir.clone();
-        fs::create_dir_all(&dir).map_err(Error::io("create data folder", &dir))?;
+        crate::files::create_private_dir(&dir).map_err(Error::io("create data folder", &dir))?;
         let lock = DirLock::acquire(&dir)?;
         let map = Arc::new(ShardedMap::default());
         let clock = Arc::new(Clock::new(config.node_id));

@@ -6,6 +6,7 @@ use crate::{frame, snapshot, Version};
 use bytes::Bytes;
 use proptest::prelude::*;
 use std::collections::HashMap;
+use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
@@ -480,4 +481,32 @@ proptest! {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(run_model(ops));
     }
+}
+
+#[tokio::test]
+async fn the_data_folder_and_every_file_in_it_are_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("data");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let store = Store::open(config(&dir)).unwrap();
+    store.apply(vec![put(&store, "a", "1")]).await.unwrap();
+    store.checkpoint().await.unwrap();
+    let backup = store.backup_temp_path();
+    store.backup_to(&backup).unwrap();
+    store.apply(vec![put(&store, "b", "2")]).await.unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700, "an existing loose folder is tightened");
+    let mut files = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        assert_eq!(mode(&path), 0o600, "{}", path.display());
+        files += 1;
+    }
+    assert!(
+        files >= 4,
+        "lock, WAL segments, snapshot and backup: {files}"
+    );
+    store.shutdown().await.unwrap();
 }
