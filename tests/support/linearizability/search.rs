@@ -187,12 +187,13 @@ impl Bitset {
 }
 
 /// One step on the search stack: the operation placed, the indeterminate write placed right
-/// before it (if any), and the register value before both.
+/// before it (if any), the register value before both, and whether it was no choice.
 #[derive(Debug)]
 struct Frame {
     op: usize,
     helper: Option<usize>,
     before: Value,
+    forced: bool,
 }
 
 /// The state of the search for one key.
@@ -202,6 +203,12 @@ struct Frame {
 /// operation not yet placed means this branch is dead, so the last placement is undone and the
 /// walk goes on after it. Lowe: a (placed set, register value) pair already explored is never
 /// explored again, since its future does not depend on how it was reached.
+///
+/// Reads of the current value are placed first and without branching: placing such a read now
+/// is never worse than later (it changes nothing, and waiting only adds constraints), so if the
+/// state after it fails, the state before it fails too and the search backs up past both. This
+/// keeps the states explored near one per operation where Wing & Gong alone would try every
+/// order of the reads running at the same time.
 ///
 /// Indeterminate writes have no return: they may take effect at any time after their call, or
 /// never. Placing one is only useful right before a read of its value (any valid order can be
@@ -289,9 +296,10 @@ impl Search {
 
     fn run(mut self, max_states: usize, deadline: Instant) -> SearchResult {
         let started = Instant::now();
-        let mut node = self.timeline.first();
         let mut deepest: Option<(usize, SearchResult)> = None;
         let mut steps: u64 = 0;
+        // `None`: a state was just reached, the walk starts over; `Some(node)`: it is at `node`.
+        let mut walk: Option<usize> = None;
         while self.returns_left > 0 {
             steps += 1;
             if self.states > max_states
@@ -304,12 +312,27 @@ impl Search {
                     started.elapsed()
                 ));
             }
+            let node = match walk {
+                Some(node) => node,
+                None => match self.matching_read() {
+                    Some(read) if self.try_place(read, true) => continue,
+                    // Explored before, and it failed: so does this state.
+                    Some(_) => {
+                        walk = self.backtrack();
+                        if walk.is_none() {
+                            break;
+                        }
+                        continue;
+                    }
+                    None => self.timeline.first(),
+                },
+            };
             let event = self.timeline.events[node];
             if !event.is_return {
-                node = if self.try_place(node) {
-                    self.timeline.first()
+                walk = if self.try_place(node, false) {
+                    None
                 } else {
-                    self.timeline.next[node]
+                    Some(self.timeline.next[node])
                 };
                 continue;
             }
@@ -320,17 +343,50 @@ impl Search {
             {
                 deepest = Some((self.stack.len(), self.stuck_at(event.op)));
             }
-            let Some(frame) = self.stack.pop() else {
-                return deepest.map_or_else(|| self.stuck_at(event.op), |(_, stuck)| stuck);
-            };
-            node = self.undo(frame);
+            walk = self.backtrack();
+            if walk.is_none() {
+                break;
+            }
         }
-        SearchResult::Linearizable
+        if self.returns_left == 0 {
+            return SearchResult::Linearizable;
+        }
+        deepest.map_or_else(
+            || SearchResult::GaveUp("the search ended without meeting a dead end".into()),
+            |(_, stuck)| stuck,
+        )
+    }
+
+    /// The call node of a determinate read of the current value that may take effect now.
+    fn matching_read(&self) -> Option<usize> {
+        let mut node = self.timeline.first();
+        while !self.timeline.events[node].is_return {
+            let op = self.timeline.events[node].op;
+            let read_now = matches!(self.effects[op], Effect::Read(v) if v == self.value);
+            if read_now && self.timeline.ret[op].is_some() {
+                return Some(node);
+            }
+            node = self.timeline.next[node];
+        }
+        None
+    }
+
+    /// Undoes placements up to and including the last one that was a choice; returns the node
+    /// after it, where the walk goes on, or `None` when no choice is left.
+    fn backtrack(&mut self) -> Option<usize> {
+        loop {
+            let frame = self.stack.pop()?;
+            let forced = frame.forced;
+            let next = self.undo(frame);
+            if !forced {
+                return Some(next);
+            }
+        }
     }
 
     /// Places the operation called at `node` now if the register allows it and the resulting
-    /// state is new.
-    fn try_place(&mut self, node: usize) -> bool {
+    /// state is new; `forced` marks a placement that was no choice (a read of the current value).
+    fn try_place(&mut self, node: usize, forced: bool) -> bool {
         let op = self.timeline.events[node].op;
         if self.timeline.ret[op].is_none() {
             // Indeterminate writes are placed only as helpers of a read.
@@ -359,6 +415,7 @@ impl Search {
             op,
             helper,
             before: self.value,
+            forced,
         });
         self.value = after;
         self.timeline.lift(op);
