@@ -196,6 +196,27 @@ struct Frame {
     forced: bool,
 }
 
+/// What each operation does, with values as numbers, and the value of each number.
+fn interned<'a>(ops: &[&'a RegisterOp]) -> (Vec<Effect>, Vec<Option<String>>) {
+    let mut ids: HashMap<&'a str, Value> = HashMap::new();
+    let mut names = vec![None];
+    let mut intern = |value: &'a Option<String>| match value {
+        None => ABSENT,
+        Some(v) => *ids.entry(v).or_insert_with(|| {
+            names.push(Some(v.clone()));
+            (names.len() - 1) as Value
+        }),
+    };
+    let effects = ops
+        .iter()
+        .map(|op| match &op.action {
+            Action::Write(v) => Effect::Write(intern(v)),
+            Action::Read(v) => Effect::Read(intern(v)),
+        })
+        .collect();
+    (effects, names)
+}
+
 /// The state of the search for one key.
 ///
 /// Wing & Gong: walk the timeline from its head; a call may be *placed* (linearized now) if the
@@ -232,23 +253,8 @@ struct Search {
 }
 
 impl Search {
-    fn new<'a>(ops: &[&'a RegisterOp]) -> Search {
-        let mut ids: HashMap<&'a str, Value> = HashMap::new();
-        let mut names = vec![None];
-        let mut intern = |value: &'a Option<String>| match value {
-            None => ABSENT,
-            Some(v) => *ids.entry(v).or_insert_with(|| {
-                names.push(Some(v.clone()));
-                (names.len() - 1) as Value
-            }),
-        };
-        let effects: Vec<Effect> = ops
-            .iter()
-            .map(|op| match &op.action {
-                Action::Write(v) => Effect::Write(intern(v)),
-                Action::Read(v) => Effect::Read(intern(v)),
-            })
-            .collect();
+    fn new(ops: &[&RegisterOp]) -> Search {
+        let (effects, names) = interned(ops);
         let returns: Vec<Option<Duration>> = ops
             .iter()
             .map(|op| match op.ending {
@@ -306,8 +312,8 @@ impl Search {
                 || (steps.is_multiple_of(STEPS_PER_CLOCK_CHECK) && Instant::now() >= deadline)
             {
                 return SearchResult::GaveUp(format!(
-                    "search gave up after {} states in {:?} (limits: {max_states} states per key, \
-                     the check's deadline)",
+                    "search gave up after {} states in {:?} (limits: {max_states} states per key \
+                     or the check's deadline)",
                     self.states,
                     started.elapsed()
                 ));
