@@ -142,6 +142,11 @@ impl History {
         keys
     }
 
+    /// Checks that every key's reads and writes fit one real-time order (`linearizability.rs`).
+    pub fn check_linearizable(&self) -> crate::linearizability::LinVerdict {
+        crate::linearizability::check(&self.ops())
+    }
+
     /// Checks the history against the final value of every key (`None` = missing).
     pub fn check(&self, finals: &HashMap<String, Option<String>>) -> Verdict {
         let ops = self.ops();

@@ -5,6 +5,7 @@
 
 pub mod faults;
 pub mod history;
+pub mod linearizability;
 pub mod proxy;
 
 use serde_json::Value;
