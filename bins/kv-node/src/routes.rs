@@ -117,20 +117,15 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// `AUTH_TOKEN`: when set, the request needs `Authorization: Bearer <token>` (constant-time check).
+/// `AUTH_TOKEN`: when set, the request needs `Authorization: Bearer <token>` (the scheme in any
+/// case, the token compared in constant time: `kv_http::bearer_matches`).
 async fn require_token(
     State(app): State<AppState>,
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
     if let Some(token) = &app.config().auth_token {
-        let given = request
-            .headers()
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or_default();
-        if !bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+        if !kv_http::bearer_matches(request.headers(), token) {
             return Err(ApiError::Unauthorized(
                 "missing or wrong bearer token (Authorization: Bearer <AUTH_TOKEN>)",
             ));
