@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Starts, stops and inspects a local kv cluster: N kv-node processes and one kv-lb.
 #
-#   scripts/cluster.sh up [--nodes N] [--base-port 8001] [--lb-port 9000] [--no-build]
+#   scripts/cluster.sh up [--nodes N] [--base-port 8001] [--lb-port 9000] [--no-build] [--tls]
 #   scripts/cluster.sh down
 #   scripts/cluster.sh status
 #   scripts/cluster.sh logs [node1|node2|...|lb]
@@ -13,7 +13,9 @@
 # ./data/node$i. Every other variable in the environment (WAL_SYNC, RUST_LOG, AUTH_TOKEN,
 # VNODES, REPLICATION_FACTOR, ...) reaches the processes unchanged. `up` gives the cluster a random
 # CLUSTER_SECRET (or keeps the one in the environment), kept in run/cluster.env (mode 0600): nodes
-# refuse /internal calls without it, and /admin calls take it as a bearer token.
+# refuse /internal calls without it, and /admin calls take it as a bearer token. With --tls, a
+# throwaway CA and certificate go to ./run/tls/ and every process serves (and calls its peers
+# over) HTTPS.
 set -euo pipefail
 
 ROOT="${KV_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
@@ -29,7 +31,7 @@ die() { echo "cluster.sh: $*" >&2; exit 1; }
 info() { echo "cluster.sh: $*"; }
 
 usage() {
-    sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 # True while process $1 runs (a zombie waiting to be reaped does not count).
@@ -38,7 +40,25 @@ is_alive() { kill -0 "$1" 2>/dev/null && [[ "$(ps -p "$1" -o stat= 2>/dev/null)"
 # True when something accepts TCP connections on 127.0.0.1:$1.
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-healthy() { curl -fsS --max-time 1 "http://127.0.0.1:$1/health" >/dev/null 2>&1; }
+healthy() { kv_curl -fsS --max-time 1 "$(scheme)://127.0.0.1:$1/health" >/dev/null 2>&1; }
+
+# TLS (`up --tls`, recorded as TLS=1 in cluster.env): https URLs, certificates in run/tls/,
+# and curl trusting only run/tls/ca.pem.
+TLS_DIR="$RUN_DIR/tls"
+scheme() { if [[ "${TLS:-0}" == 1 ]]; then echo https; else echo http; fi; }
+kv_curl() {
+    if [[ "${TLS:-0}" == 1 ]]; then curl --cacert "$TLS_DIR/ca.pem" "$@"; else curl "$@"; fi
+}
+# The TLS variables of every process, as `env` arguments (none without --tls).
+tls_vars() {
+    [[ "${TLS:-0}" == 1 ]] || return 0
+    printf '%s\n' "TLS_CERT_FILE=$TLS_DIR/node.pem" "TLS_KEY_FILE=$TLS_DIR/node-key.pem" \
+        "TLS_CA_FILE=$TLS_DIR/ca.pem"
+}
+make_certs() {
+    "$BIN_DIR/kv-node" tls-certs "$TLS_DIR" || die "cannot write TLS certificates to $TLS_DIR"
+    info "TLS: throwaway CA and certificate in $TLS_DIR"
+}
 
 # Names of the processes of the recorded cluster: node1 .. nodeN (less removed ones), lb.
 process_names() {
@@ -110,13 +130,14 @@ wait_healthy() {
 }
 
 parse_up_args() {
-    NODES=3 BASE_PORT=8001 LB_PORT=9000 BUILD=1
+    NODES=3 BASE_PORT=8001 LB_PORT=9000 BUILD=1 TLS=0
     while (($#)); do
         case "$1" in
             --nodes) NODES="${2:-}"; shift 2 ;;
             --base-port) BASE_PORT="${2:-}"; shift 2 ;;
             --lb-port) LB_PORT="${2:-}"; shift 2 ;;
             --no-build) BUILD=0; shift ;;
+            --tls) TLS=1; shift ;;
             *) die "unknown option '$1' for up (see: $0 help)" ;;
         esac
     done
@@ -144,6 +165,7 @@ cmd_up() {
         cargo build --release -p kv-node -p kv-lb
     fi
     [[ -x "$BIN_DIR/kv-node" && -x "$BIN_DIR/kv-lb" ]] || die "binaries not found in $BIN_DIR"
+    if ((TLS)); then make_certs; fi
     REMOVED=""
     CLUSTER_SECRET="${CLUSTER_SECRET:-$(new_secret)}"
     rm -f "$RUN_DIR"/*.log
@@ -158,45 +180,49 @@ new_secret() { od -An -N24 -tx1 /dev/urandom | tr -d ' \n'; }
 save_cluster_env() {
     (
         umask 077
-        printf 'NODES=%s\nBASE_PORT=%s\nLB_PORT=%s\nREMOVED="%s"\nCLUSTER_SECRET=%q\n' \
-            "$NODES" "$BASE_PORT" "$LB_PORT" "${REMOVED:-}" "${CLUSTER_SECRET:-}" >"$CLUSTER_ENV"
+        printf 'NODES=%s\nBASE_PORT=%s\nLB_PORT=%s\nREMOVED="%s"\nCLUSTER_SECRET=%q\nTLS=%s\n' \
+            "$NODES" "$BASE_PORT" "$LB_PORT" "${REMOVED:-}" "${CLUSTER_SECRET:-}" "${TLS:-0}" >"$CLUSTER_ENV"
     )
 }
 
 # Starts node $1 (a number) on its port; CLUSTER_NODES is $2.
 launch_node() {
-    local i="$1" cluster_nodes="$2" port=$((BASE_PORT + $1 - 1))
+    local i="$1" cluster_nodes="$2" port=$((BASE_PORT + $1 - 1)) tls=()
+    mapfile -t tls < <(tls_vars)
     launch "node$i" env NODE_NAME="node$i" PORT="$port" CLUSTER_SECRET="${CLUSTER_SECRET:-}" \
-        CURRENT_NODE_URL="http://127.0.0.1:$port" CLUSTER_NODES="$cluster_nodes" \
+        CURRENT_NODE_URL="$(scheme)://127.0.0.1:$port" CLUSTER_NODES="$cluster_nodes" \
         REPLICATION_FACTOR="${REPLICATION_FACTOR:-3}" DATA_DIR="./data/node$i" \
-        "$BIN_DIR/kv-node"
+        "${tls[@]}" "$BIN_DIR/kv-node"
 }
 
 start_all() {
-    local i port urls=()
-    for ((i = 1; i <= NODES; i++)); do urls+=("http://127.0.0.1:$((BASE_PORT + i - 1))"); done
+    local i port urls=() tls=()
+    for ((i = 1; i <= NODES; i++)); do urls+=("$(scheme)://127.0.0.1:$((BASE_PORT + i - 1))"); done
     local cluster_nodes
     cluster_nodes="$(IFS=,; echo "${urls[*]}")"
     for ((i = 1; i <= NODES; i++)); do launch_node "$i" "$cluster_nodes"; done
     for ((i = 1; i <= NODES; i++)); do wait_healthy "node$i"; done
+    mapfile -t tls < <(tls_vars)
     launch lb env DATABASE_NODES="$cluster_nodes" LB_PORT="$LB_PORT" \
-        REPLICATION_FACTOR="${REPLICATION_FACTOR:-3}" "$BIN_DIR/kv-lb"
+        REPLICATION_FACTOR="${REPLICATION_FACTOR:-3}" "${tls[@]}" "$BIN_DIR/kv-lb"
     wait_healthy lb
 }
 
 print_banner() {
-    local i
+    local i s curl="curl"
+    s="$(scheme)"
+    [[ "$TLS" != 1 ]] || curl="curl --cacert run/tls/ca.pem"
     info "cluster is up"
     for ((i = 1; i <= NODES; i++)); do
-        echo "  node$i  http://127.0.0.1:$((BASE_PORT + i - 1))  (log: run/node$i.log)"
+        echo "  node$i  $s://127.0.0.1:$((BASE_PORT + i - 1))  (log: run/node$i.log)"
     done
-    echo "  lb     http://127.0.0.1:$LB_PORT  (log: run/lb.log)"
+    echo "  lb     $s://127.0.0.1:$LB_PORT  (log: run/lb.log)"
     cat <<EOF
 
 Try:
-  curl -X POST http://localhost:$LB_PORT/v1/mykey -d '{"value": "hello"}'
-  curl http://localhost:$LB_PORT/v1/mykey
-  curl -X DELETE http://localhost:$LB_PORT/v1/mykey
+  $curl -X POST $s://localhost:$LB_PORT/v1/mykey -d '{"value": "hello"}'
+  $curl $s://localhost:$LB_PORT/v1/mykey
+  $curl -X DELETE $s://localhost:$LB_PORT/v1/mykey
 
 Stop with: scripts/cluster.sh down
 EOF
@@ -244,8 +270,8 @@ cmd_status() {
     for name in $(process_names); do
         port="$(port_of "$name")"
         pid="$(live_pid "$name")"
-        health="$(curl -sS --max-time 2 "http://127.0.0.1:$port/health" 2>/dev/null || echo '-')"
-        keys="$(curl -sS --max-time 2 "http://127.0.0.1:$port/" 2>/dev/null | grep -o '"keys":[0-9]*' | cut -d: -f2 || true)"
+        health="$(kv_curl -sS --max-time 2 "$(scheme)://127.0.0.1:$port/health" 2>/dev/null || echo '-')"
+        keys="$(kv_curl -sS --max-time 2 "$(scheme)://127.0.0.1:$port/" 2>/dev/null | grep -o '"keys":[0-9]*' | cut -d: -f2 || true)"
         printf '%-7s %-8s %-6s %-6s %-8s %s\n' "$name" "${pid:--}" "$([[ -n "$pid" ]] && echo alive || echo dead)" \
             "$port" "${keys:--}" "$health"
     done
@@ -256,7 +282,7 @@ admin() {
     local method="$1" path="$2" body="${3:-}" name auth=(-H "Authorization: Bearer ${CLUSTER_SECRET:-}")
     for name in $(process_names); do
         [[ "$name" != lb && "$name" != "${SKIP:-}" && -n "$(live_pid "$name")" ]] || continue
-        curl -sS --max-time 30 -X "$method" "${auth[@]}" "http://127.0.0.1:$(port_of "$name")$path" \
+        kv_curl -sS --max-time 30 -X "$method" "${auth[@]}" "$(scheme)://127.0.0.1:$(port_of "$name")$path" \
             ${body:+-d "$body"}
         return
     done
@@ -278,7 +304,7 @@ cmd_add() {
     port=$((BASE_PORT + i - 1))
     ((port != LB_PORT)) || die "the next node port $port is the LB's"
     ! port_in_use "$port" || die "port $port (for node$i) is already in use"
-    url="http://127.0.0.1:$port"
+    url="$(scheme)://127.0.0.1:$port"
     launch_node "$i" "$url"
     NODES="$i"
     save_cluster_env
@@ -297,7 +323,7 @@ cmd_remove() {
         die "remove: expected the name of a node of this cluster, like node2"
     fi
     info "draining $name (its keys get N copies on the others)"
-    SKIP="$name" admin POST /admin/members "{\"remove\": [\"http://127.0.0.1:$(port_of "$name")\"]}" >/dev/null
+    SKIP="$name" admin POST /admin/members "{\"remove\": [\"$(scheme)://127.0.0.1:$(port_of "$name")\"]}" >/dev/null
     SKIP="$name" wait_committed
     pid="$(live_pid "$name")"
     if [[ -n "$pid" ]]; then
@@ -320,7 +346,7 @@ cmd_start() {
     fi
     [[ -z "$(live_pid "$name")" ]] || die "$name is already running"
     # The seed list only matters at a node's first start; afterwards its stored view wins.
-    for ((i = 1; i <= NODES; i++)); do urls+=("http://127.0.0.1:$((BASE_PORT + i - 1))"); done
+    for ((i = 1; i <= NODES; i++)); do urls+=("$(scheme)://127.0.0.1:$((BASE_PORT + i - 1))"); done
     cluster_nodes="$(IFS=,; echo "${urls[*]}")"
     launch_node "${name#node}" "$cluster_nodes"
     wait_healthy "$name"

@@ -1,5 +1,6 @@
 //! Black-box tests of kv-lb in front of real nodes: owner routing without forwarding, health,
-//! and failover without client-visible errors while a node is killed and restarted.
+//! failover without client-visible errors while a node is killed and restarted, and the
+//! hardened door: idle and half-sent (slow-loris) connections are closed, others still served.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -205,4 +206,102 @@ fn failover_hides_a_killed_and_restarted_node_from_clients() {
             "{key}: acknowledged {value}, read {got}"
         );
     }
+}
+
+/// Whether the server closed `stream`: a read sees end of file or an error (not "would block").
+fn is_closed(stream: &mut std::net::TcpStream) -> bool {
+    use std::io::Read;
+    let mut byte = [0u8; 1];
+    match stream.read(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    }
+}
+
+/// Opens `count` connections to `addr`, each sending `prefix` (possibly nothing), left open.
+fn open_connections(addr: &str, count: usize, prefix: &[u8]) -> Vec<std::net::TcpStream> {
+    use std::io::Write;
+    (0..count)
+        .map(|_| {
+            let mut stream = std::net::TcpStream::connect(addr).unwrap();
+            stream.write_all(prefix).unwrap();
+            stream.set_nonblocking(true).unwrap();
+            stream
+        })
+        .collect()
+}
+
+/// Waits (bounded) until every stream is closed; returns how long that took.
+fn wait_all_closed(streams: &mut [std::net::TcpStream], within: Duration, what: &str) {
+    let started = Instant::now();
+    let mut open: Vec<usize> = (0..streams.len()).collect();
+    while !open.is_empty() {
+        open.retain(|&i| !is_closed(&mut streams[i]));
+        assert!(
+            started.elapsed() < within,
+            "{} of {} {what} connections still open after {within:?}",
+            open.len(),
+            streams.len()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_lb_closes_idle_and_half_sent_connections_and_keeps_serving() {
+    const HEAD_MS: u64 = 1000;
+    const IDLE_MS: u64 = 8000;
+    let c = TestCluster::start_with(Options {
+        nodes: 1,
+        replication_factor: 1,
+        lb: true,
+        env: vec![
+            ("HEAD_TIMEOUT_MS".into(), HEAD_MS.to_string()),
+            ("IDLE_TIMEOUT_MS".into(), IDLE_MS.to_string()),
+        ],
+    });
+    let lb = c.lb_url.clone().unwrap();
+    let addr = lb.trim_start_matches("http://").to_owned();
+    let opened = Instant::now();
+    let mut idle = open_connections(&addr, 400, b"");
+    let mut half_sent =
+        open_connections(&addr, 40, b"GET /health HTTP/1.1\r\nHost: lb\r\nX-Slow: ");
+
+    // With 440 connections held open, ordinary requests still answer quickly.
+    for i in 0..20 {
+        let started = Instant::now();
+        let put = send(
+            "PUT",
+            &format!("{lb}/v1/loris/{i}"),
+            Some(r#"{"value": 1}"#),
+        )
+        .unwrap();
+        let get = send("GET", &format!("{lb}/v1/loris/{i}"), None).unwrap();
+        assert_eq!((put.status, get.status), (200, 200), "{}", put.text);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "a write and a read took {:?}",
+            started.elapsed()
+        );
+    }
+
+    wait_all_closed(&mut half_sent, Duration::from_secs(60), "half-sent");
+    let half_sent_closed = opened.elapsed();
+    wait_all_closed(&mut idle, Duration::from_secs(60), "idle");
+    // Half-sent heads are cut at the head deadline, well before the idle timeout.
+    assert!(
+        half_sent_closed < Duration::from_millis(IDLE_MS),
+        "half-sent heads closed only after {half_sent_closed:?}"
+    );
+    assert!(
+        opened.elapsed() >= Duration::from_millis(IDLE_MS),
+        "idle connections closed before the idle timeout ({:?})",
+        opened.elapsed()
+    );
+    // And the LB still serves new connections.
+    assert_eq!(
+        send("GET", &format!("{lb}/health"), None).unwrap().status,
+        200
+    );
 }

@@ -56,8 +56,8 @@ pub struct LbState {
 }
 
 impl LbState {
-    /// Builds the state from a checked configuration.
-    pub fn new(config: &LbConfig, metrics: PrometheusHandle) -> SharedState {
+    /// Builds the state from a checked configuration and the client to the nodes.
+    pub fn new(config: &LbConfig, upstream: Upstream, metrics: PrometheusHandle) -> SharedState {
         let routing = Routing::new(
             0,
             &config.nodes,
@@ -69,7 +69,7 @@ impl LbState {
             routing: RwLock::new(Arc::new(routing)),
             vnodes: config.vnodes,
             configured_replication_factor: config.replication_factor,
-            upstream: Upstream::new(),
+            upstream,
             counters: Counters::default(),
             auth_token: config.auth_token.clone(),
             body_limit: config.max_value_bytes.saturating_add(BODY_MARGIN_BYTES),

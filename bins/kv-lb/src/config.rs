@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -19,6 +20,10 @@ const DEFAULT_HEALTH_CHECK_INTERVAL_MS: u64 = 1000;
 const DEFAULT_HEALTH_CHECK_TIMEOUT_MS: u64 = 500;
 const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 10_000;
 const DEFAULT_MAX_VALUE_BYTES: usize = 1_048_576;
+const DEFAULT_MAX_CONNECTIONS: usize = kv_http::serve::DEFAULT_MAX_CONNECTIONS;
+const DEFAULT_HEAD_TIMEOUT_MS: u64 = 10_000;
+const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
+const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
 /// Upper bound of every `*_MS` variable (one hour): keeps deadline arithmetic far from overflow.
 const MAX_MILLIS: u64 = 3_600_000;
 const MAX_VNODES: usize = 4096;
@@ -45,6 +50,12 @@ Configuration is read from the environment (default in brackets):
   MAX_VALUE_BYTES           value size limit (body cap: + 64 KiB) [{DEFAULT_MAX_VALUE_BYTES}]
   RUST_LOG                  tracing filter                        [info]
   LOG_FORMAT                text or json                          [text]
+  MAX_CONNECTIONS           client connections served at once     [{DEFAULT_MAX_CONNECTIONS}]
+  HEAD_TIMEOUT_MS           deadline of a request head once begun [{DEFAULT_HEAD_TIMEOUT_MS}]
+  IDLE_TIMEOUT_MS           idle keep-alive connection closed     [{DEFAULT_IDLE_TIMEOUT_MS}]
+  TLS_CERT_FILE             PEM certificate; with the key: HTTPS  [unset: plain HTTP]
+  TLS_KEY_FILE              PEM private key of TLS_CERT_FILE      [unset]
+  TLS_CA_FILE               PEM CA the nodes (https://) chain to  [unset]
 ",
         version = env!("CARGO_PKG_VERSION"),
         vnodes = kv_ring::DEFAULT_VNODES,
@@ -66,6 +77,12 @@ struct LbEnv {
     max_value_bytes: Option<String>,
     rust_log: Option<String>,
     log_format: Option<String>,
+    max_connections: Option<String>,
+    head_timeout_ms: Option<String>,
+    idle_timeout_ms: Option<String>,
+    tls_cert_file: Option<String>,
+    tls_key_file: Option<String>,
+    tls_ca_file: Option<String>,
 }
 
 /// How log lines are written.
@@ -102,6 +119,12 @@ pub struct LbConfig {
     pub log_filter: String,
     /// Log line format (`LOG_FORMAT`).
     pub log_format: LogFormat,
+    /// Limits of the client-facing door (`MAX_CONNECTIONS`, `HEAD_TIMEOUT_MS`, `IDLE_TIMEOUT_MS`).
+    pub serve_limits: kv_http::ServeLimits,
+    /// PEM certificate chain and key to serve HTTPS with (`TLS_CERT_FILE`, `TLS_KEY_FILE`).
+    pub tls_identity: Option<(PathBuf, PathBuf)>,
+    /// PEM CA that `https://` nodes must chain to (`TLS_CA_FILE`).
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 /// A rejected variable: printed as `NAME=value: expected ...` and exit code 2.
@@ -196,12 +219,58 @@ impl LbEnv {
             )?,
             log_filter: parse_log_filter(self.rust_log.as_deref())?,
             log_format: parse_log_format(self.log_format.as_deref())?,
+            serve_limits: kv_http::ServeLimits {
+                max_connections: parse_count(
+                    "MAX_CONNECTIONS",
+                    self.max_connections.as_deref(),
+                    DEFAULT_MAX_CONNECTIONS,
+                    MAX_CONNECTIONS_LIMIT,
+                )?,
+                head_timeout: parse_millis(
+                    "HEAD_TIMEOUT_MS",
+                    self.head_timeout_ms.as_deref(),
+                    DEFAULT_HEAD_TIMEOUT_MS,
+                )?,
+                idle_timeout: parse_millis(
+                    "IDLE_TIMEOUT_MS",
+                    self.idle_timeout_ms.as_deref(),
+                    DEFAULT_IDLE_TIMEOUT_MS,
+                )?,
+                ..kv_http::ServeLimits::default()
+            },
+            tls_identity: parse_tls_identity(self.tls_cert_file, self.tls_key_file)?,
+            tls_ca_file: non_empty(self.tls_ca_file).map(PathBuf::from),
         })
     }
 }
 
-/// `DATABASE_NODES`: at least one `http://host[:port]` base URL. Each is rewritten in the
-/// canonical form `http://host:port` (lower-case host, explicit port) that the nodes also use
+fn non_empty(raw: Option<String>) -> Option<String> {
+    raw.filter(|value| !value.trim().is_empty())
+}
+
+/// `TLS_CERT_FILE` and `TLS_KEY_FILE`: both or neither.
+fn parse_tls_identity(
+    cert: Option<String>,
+    key: Option<String>,
+) -> Result<Option<(PathBuf, PathBuf)>, ConfigError> {
+    match (non_empty(cert), non_empty(key)) {
+        (Some(cert), Some(key)) => Ok(Some((cert.into(), key.into()))),
+        (None, None) => Ok(None),
+        (Some(cert), None) => Err(ConfigError::new(
+            "TLS_KEY_FILE",
+            "",
+            format!("the private key file of TLS_CERT_FILE={cert}"),
+        )),
+        (None, Some(key)) => Err(ConfigError::new(
+            "TLS_CERT_FILE",
+            "",
+            format!("the certificate file of TLS_KEY_FILE={key}"),
+        )),
+    }
+}
+
+/// `DATABASE_NODES`: at least one `http://` or `https://` `host[:port]` base URL. Each is
+/// rewritten in the canonical form `scheme://host:port` (lower-case host, explicit port) that the nodes also use
 /// for `CLUSTER_NODES`, so the ring here and on the nodes hashes the same strings.
 fn parse_nodes(raw: Option<&str>) -> Result<Vec<String>, ConfigError> {
     let raw = raw.unwrap_or(DEFAULT_DATABASE_NODES);
@@ -229,10 +298,8 @@ fn parse_nodes(raw: Option<&str>) -> Result<Vec<String>, ConfigError> {
 /// `http://Host:port/` -> `http://host:port`; the reason when `entry` is not a node base URL.
 fn canonical_node_url(entry: &str) -> Result<String, String> {
     let url = Url::parse(entry).map_err(|e| format!("'{entry}': {e}"))?;
-    if url.scheme() != "http" {
-        return Err(format!(
-            "'{entry}' is not http:// (the LB speaks plain HTTP to nodes)"
-        ));
+    if url.scheme() != "http" && url.scheme() != "https" {
+        return Err(format!("'{entry}' is not http:// or https://"));
     }
     let host = url.host_str().filter(|host| !host.is_empty());
     let (Some(host), Some(port)) = (host, url.port_or_known_default()) else {
@@ -243,7 +310,7 @@ fn canonical_node_url(entry: &str) -> Result<String, String> {
             "'{entry}' has a path, query or fragment; give the node's base URL"
         ));
     }
-    Ok(format!("http://{host}:{port}"))
+    Ok(format!("{}://{host}:{port}", url.scheme()))
 }
 
 fn parse_port(raw: Option<&str>) -> Result<u16, ConfigError> {
@@ -358,6 +425,38 @@ mod tests {
         assert_eq!(config.request_timeout, Duration::from_secs(10));
         assert_eq!(config.max_value_bytes, 1_048_576);
         assert_eq!(config.log_format, LogFormat::Text);
+        assert_eq!(config.serve_limits.max_connections, 1024);
+        assert_eq!(config.serve_limits.head_timeout, Duration::from_secs(10));
+        assert_eq!(config.serve_limits.idle_timeout, Duration::from_secs(60));
+        assert_eq!(config.tls_identity, None);
+        assert_eq!(config.tls_ca_file, None);
+    }
+
+    #[test]
+    fn https_nodes_and_tls_files_are_accepted() {
+        let config = env(&[
+            (
+                "DATABASE_NODES",
+                "https://Node-A:8443/,https://127.0.0.1:8002",
+            ),
+            ("TLS_CERT_FILE", "run/tls/node.pem"),
+            ("TLS_KEY_FILE", "run/tls/node-key.pem"),
+            ("TLS_CA_FILE", "run/tls/ca.pem"),
+            ("HEAD_TIMEOUT_MS", "2000"),
+            ("IDLE_TIMEOUT_MS", "5000"),
+        ])
+        .unwrap();
+        assert_eq!(
+            config.nodes,
+            ["https://node-a:8443", "https://127.0.0.1:8002"]
+        );
+        assert_eq!(
+            config.tls_identity,
+            Some(("run/tls/node.pem".into(), "run/tls/node-key.pem".into()))
+        );
+        assert_eq!(config.tls_ca_file, Some("run/tls/ca.pem".into()));
+        assert_eq!(config.serve_limits.head_timeout, Duration::from_secs(2));
+        assert_eq!(config.serve_limits.idle_timeout, Duration::from_secs(5));
     }
 
     #[test]
@@ -390,8 +489,8 @@ mod tests {
         let cases: &[(&str, &str, &str)] = &[
             ("DATABASE_NODES", "", "DATABASE_NODES=: expected comma-separated node URLs such as http://127.0.0.1:8001 (at least one)"),
             ("DATABASE_NODES", "localhost:8001", "'localhost:8001' is not http://"),
+            ("DATABASE_NODES", "ftp://a:1", "'ftp://a:1' is not http:// or https://"),
             ("DATABASE_NODES", "http://", "'http://': empty host"),
-            ("DATABASE_NODES", "https://a:1", "'https://a:1' is not http://"),
             ("DATABASE_NODES", "http://a:1/x", "'http://a:1/x' has a path, query or fragment"),
             ("LB_PORT", "0", "LB_PORT=0: expected a port number from 1 to 65535"),
             ("LB_PORT", "70000", "LB_PORT=70000: expected a port number"),
@@ -406,6 +505,11 @@ mod tests {
             ("MAX_VALUE_BYTES", "1k", "MAX_VALUE_BYTES=1k: expected a whole number from 1 to 1073741824"),
             ("RUST_LOG", "kv_lb=loud", "RUST_LOG=kv_lb=loud: expected a tracing filter"),
             ("LOG_FORMAT", "xml", "LOG_FORMAT=xml: expected text or json"),
+            ("MAX_CONNECTIONS", "0", "MAX_CONNECTIONS=0: expected a whole number from 1 to 1000000"),
+            ("HEAD_TIMEOUT_MS", "0", "HEAD_TIMEOUT_MS=0: expected a whole number of milliseconds"),
+            ("IDLE_TIMEOUT_MS", "x", "IDLE_TIMEOUT_MS=x: expected a whole number of milliseconds"),
+            ("TLS_CERT_FILE", "cert.pem", "TLS_KEY_FILE=: expected the private key file of TLS_CERT_FILE=cert.pem"),
+            ("TLS_KEY_FILE", "key.pem", "TLS_CERT_FILE=: expected the certificate file of TLS_KEY_FILE=key.pem"),
         ];
         for (variable, value, wanted) in cases {
             let message = error(&[(variable, value)]);

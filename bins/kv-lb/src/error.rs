@@ -5,8 +5,6 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
-use serde_json::json;
 
 /// An error answered by the load balancer (a node's own error responses pass through untouched).
 #[derive(Debug, thiserror::Error)]
@@ -98,8 +96,7 @@ impl IntoResponse for ApiError {
             tracing::error!(%detail, "internal error");
         }
         let (status, code) = self.status_and_code();
-        let body = json!({ "error": code, "message": self.to_string() });
-        let mut response = (status, Json(body)).into_response();
+        let mut response = kv_http::error_response(status, code, &self.to_string());
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,

@@ -22,13 +22,11 @@ mod stamp;
 mod status;
 mod upstream;
 
-use std::future::IntoFuture;
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
@@ -52,6 +50,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let tls = match LbTls::load(&config) {
+        Ok(tls) => tls,
+        Err(e) => {
+            eprintln!("kv-lb: {e}");
+            return ExitCode::from(2);
+        }
+    };
     init_tracing(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -63,7 +68,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    match runtime.block_on(run(config, tls)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "kv-lb stopped");
@@ -104,9 +109,38 @@ fn init_tracing(config: &LbConfig) {
     };
 }
 
-async fn run(config: LbConfig) -> Result<(), String> {
+/// TLS of the LB, read at start-up: the acceptor it serves HTTPS with, the client's trust.
+struct LbTls {
+    acceptor: Option<kv_http::TlsAcceptor>,
+    client: rustls::ClientConfig,
+}
+
+impl LbTls {
+    /// Reads every TLS file that is set; the error names its variable.
+    fn load(config: &LbConfig) -> Result<LbTls, String> {
+        let acceptor = match &config.tls_identity {
+            Some((cert, key)) => {
+                kv_http::tls::read_certificates(cert)
+                    .map_err(|e| format!("TLS_CERT_FILE={}: {e}", cert.display()))?;
+                let acceptor = kv_http::tls::acceptor_from_pem(cert, key)
+                    .map_err(|e| format!("TLS_KEY_FILE={}: {e}", key.display()))?;
+                Some(acceptor)
+            }
+            None => None,
+        };
+        let ca = config.tls_ca_file.as_deref();
+        let client = kv_http::tls::client_config(ca).map_err(|e| {
+            let shown = ca.map(|p| p.display().to_string()).unwrap_or_default();
+            format!("TLS_CA_FILE={shown}: {e}")
+        })?;
+        Ok(LbTls { acceptor, client })
+    }
+}
+
+async fn run(config: LbConfig, tls: LbTls) -> Result<(), String> {
     let handle = metrics::install().map_err(|e| format!("cannot set up metrics: {e}"))?;
-    let state = app::LbState::new(&config, handle.clone());
+    let upstream = upstream::Upstream::new(tls.client);
+    let state = app::LbState::new(&config, upstream, handle.clone());
     tokio::spawn(routing::follow_membership(
         state.clone(),
         config.health_check_interval,
@@ -128,76 +162,18 @@ async fn run(config: LbConfig) -> Result<(), String> {
         replication_factor = state.routing().replication_factor,
         vnodes = state.vnodes,
         auth = config.auth_token.is_some(),
+        tls = tls.acceptor.is_some(),
         "kv-lb listening"
     );
-    serve(
-        listener,
-        app::app(state),
-        config.request_timeout + SHUTDOWN_GRACE,
-    )
-    .await
-}
-
-/// Serves until SIGTERM or Ctrl-C, then stops accepting and waits up to `drain` for the
-/// requests in flight.
-async fn serve(listener: TcpListener, app: axum::Router, drain: Duration) -> Result<(), String> {
-    let (stop, mut stopped) = watch::channel(false);
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        // An error means the sender is gone, which also means: stop.
-        let _ = stopped.wait_for(|stop| *stop).await;
-    });
-    let mut server = tokio::spawn(server.into_future());
-    tokio::select! {
-        finished = &mut server => return flatten(finished),
-        () = shutdown_signal() => {}
-    }
-    info!(
-        drain_ms = drain.as_millis() as u64,
-        "shutting down: finishing requests in flight"
-    );
-    let _ = stop.send(true);
-    match tokio::time::timeout(drain, &mut server).await {
-        Ok(finished) => flatten(finished),
-        Err(_) => {
-            warn!("requests still in flight after the drain period; exiting anyway");
-            Ok(())
-        }
-    }
-}
-
-fn flatten(finished: Result<std::io::Result<()>, tokio::task::JoinError>) -> Result<(), String> {
-    match finished {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(format!("server error: {e}")),
-        Err(e) => Err(format!("server task failed: {e}")),
-    }
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            warn!(error = %e, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
-        }
+    let shutdown = async {
+        kv_http::shutdown_signal().await;
+        info!("shutting down: finishing requests in flight");
     };
-    #[cfg(unix)]
-    let terminate = async {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut sigterm) => {
-                sigterm.recv().await;
-            }
-            Err(e) => {
-                warn!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => info!("Ctrl-C received"),
-        () = terminate => info!("SIGTERM received"),
+    let drain = config.request_timeout + SHUTDOWN_GRACE;
+    let app = app::app(state);
+    let limits = config.serve_limits;
+    if !kv_http::serve(listener, app, limits, tls.acceptor, shutdown, drain).await {
+        warn!("requests still in flight after the drain period; exiting anyway");
     }
+    Ok(())
 }

@@ -26,7 +26,9 @@ use crate::error::ApiError;
 use crate::metrics;
 use crate::routing::Routing;
 use crate::stamp::VERSION_HEADER;
-use crate::upstream::{into_client_response, strip_hop_by_hop, BufferedRequest, Outcome};
+use crate::upstream::{
+    into_client_response, strip_hop_by_hop, strip_internal_headers, BufferedRequest, Outcome,
+};
 
 /// `/v1/{*key}`, any method: to the key's first healthy replica.
 pub async fn key_owner(
@@ -266,6 +268,7 @@ async fn buffer(
             }
         })?;
     strip_hop_by_hop(&mut parts.headers);
+    strip_internal_headers(&mut parts.headers);
     let path_and_query = parts
         .uri
         .path_and_query()

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use http_body_util::Limited;
 use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -67,21 +68,24 @@ const MAX_STATUS_BYTES: usize = 1 << 20;
 /// The pooled client to the nodes. Cheap to clone (the pool is shared).
 #[derive(Clone, Debug)]
 pub struct Upstream {
-    client: Client<HttpConnector, Full<Bytes>>,
-}
-
-impl Default for Upstream {
-    fn default() -> Self {
-        Self::new()
-    }
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
 }
 
 impl Upstream {
     /// Builds the client: HTTP/1.1, keep-alive pool, TCP_NODELAY, short connect timeout.
-    pub fn new() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        connector.set_nodelay(true);
+    /// `tls` is used for `https://` nodes: it decides which certificates are trusted (the
+    /// handshake counts as part of connecting, so a refused node is failed over like a
+    /// refused connection).
+    pub fn new(tls: rustls::ClientConfig) -> Self {
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_max_idle_per_host(POOL_MAX_IDLE_PER_NODE)
@@ -170,6 +174,29 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::EXPECT);
 }
 
+/// Removes every node-to-node header a client may have sent (`x-kv-forwarded`, `x-kv-secret`,
+/// `x-kv-request-ids` and anything else starting with `x-kv-`): only nodes may set them, so a
+/// client cannot pass for one through the LB. `x-kv-version`, a documented client feature
+/// (a write's own version), is kept.
+pub fn strip_internal_headers(headers: &mut HeaderMap) {
+    let internal: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| is_internal_header(name.as_str()))
+        .cloned()
+        .collect();
+    for name in internal {
+        headers.remove(name);
+    }
+}
+
+/// True for the node-to-node headers ([`strip_internal_headers`]); names are lower-case here.
+fn is_internal_header(name: &str) -> bool {
+    name.starts_with(INTERNAL_HEADER_PREFIX) && name != crate::stamp::VERSION_HEADER
+}
+
+/// Prefix of every kv header; all but `x-kv-version` are node-to-node only.
+const INTERNAL_HEADER_PREFIX: &str = "x-kv-";
+
 /// Turns a node's response into ours: status, headers (minus hop-by-hop) and streamed body.
 pub fn into_client_response(response: Response<Incoming>) -> axum::response::Response {
     let (mut parts, body) = response.into_parts();
@@ -204,4 +231,36 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn internal_headers_are_stripped_and_the_version_is_kept() {
+        let mut headers = HeaderMap::new();
+        for name in [
+            "x-kv-forwarded",
+            "x-kv-secret",
+            "x-kv-request-ids",
+            "X-KV-Anything",
+        ] {
+            headers.insert(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_static("1"),
+            );
+        }
+        headers.insert(
+            "x-kv-version",
+            HeaderValue::from_static("0000000000000001-00000001"),
+        );
+        headers.insert("x-request-id", HeaderValue::from_static("abc"));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+        strip_internal_headers(&mut headers);
+        let mut left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["authorization", "x-kv-version", "x-request-id"]);
+    }
 }

@@ -41,6 +41,10 @@ struct NodeEnv {
     transfer_keys_per_sec: Option<String>,
     max_connections: Option<String>,
     log_format: Option<String>,
+    // TLS (see `TlsFiles`).
+    tls_cert_file: Option<String>,
+    tls_key_file: Option<String>,
+    tls_ca_file: Option<String>,
 }
 
 /// Log output format.
@@ -117,6 +121,52 @@ pub struct NodeConfig {
     pub max_connections: usize,
     /// Log output format.
     pub log_format: LogFormat,
+    /// TLS files (`TLS_CERT_FILE`, `TLS_KEY_FILE`, `TLS_CA_FILE`); all `None`: plain HTTP.
+    pub tls: TlsFiles,
+}
+
+/// TLS files of a node, as paths; `tls.rs` reads them at start-up.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM certificate chain served to clients and peers (`TLS_CERT_FILE`).
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of that certificate (`TLS_KEY_FILE`).
+    pub key_file: Option<PathBuf>,
+    /// PEM CA certificates that peers' certificates must chain to (`TLS_CA_FILE`).
+    pub ca_file: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// `TLS_CERT_FILE` and `TLS_KEY_FILE` come together or not at all.
+    fn from_env(
+        cert: Option<String>,
+        key: Option<String>,
+        ca: Option<String>,
+    ) -> Result<TlsFiles, ConfigError> {
+        let (cert_file, key_file) = (non_empty(cert), non_empty(key));
+        match (&cert_file, &key_file) {
+            (Some(cert), None) => {
+                return Err(bad(
+                    "TLS_KEY_FILE",
+                    "",
+                    format!("expected the key file of TLS_CERT_FILE={cert}"),
+                ))
+            }
+            (None, Some(key)) => {
+                return Err(bad(
+                    "TLS_CERT_FILE",
+                    "",
+                    format!("expected the certificate file of TLS_KEY_FILE={key}"),
+                ))
+            }
+            _ => {}
+        }
+        Ok(TlsFiles {
+            cert_file: cert_file.map(PathBuf::from),
+            key_file: key_file.map(PathBuf::from),
+            ca_file: non_empty(ca).map(PathBuf::from),
+        })
+    }
 }
 
 /// A configuration error: one line naming the variable, its value and what was expected.
@@ -415,6 +465,7 @@ impl NodeEnv {
                 1_000_000,
             )?,
             log_format,
+            tls: TlsFiles::from_env(self.tls_cert_file, self.tls_key_file, self.tls_ca_file)?,
         })
     }
 }

@@ -75,7 +75,7 @@ impl ApiError {
         } else {
             self.to_string()
         };
-        let mut body = json!({"error": code, "message": message});
+        let mut body = kv_http::error_body(code, &message);
         if let ApiError::Cluster(kv_cluster::Error::PreconditionFailed { current }) = self {
             body["current_version"] = json!(current.map(|v| v.to_string()));
         }

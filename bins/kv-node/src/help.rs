@@ -144,6 +144,17 @@ pub const HELP_VARIABLES: &[(&str, &str, &str)] = &[
     ),
     ("RUST_LOG", "info", "tracing filter"),
     ("LOG_FORMAT", "text", "text | json"),
+    (
+        "TLS_CERT_FILE",
+        "unset",
+        "PEM certificate chain; with TLS_KEY_FILE: serve HTTPS",
+    ),
+    ("TLS_KEY_FILE", "unset", "PEM private key of TLS_CERT_FILE"),
+    (
+        "TLS_CA_FILE",
+        "unset",
+        "PEM CA that https:// peers must chain to (no other root)",
+    ),
 ];
 
 /// Prints `kv-node --help`: usage, `restore`, and every variable with its default.
@@ -152,6 +163,7 @@ pub fn print_help() -> ExitCode {
         "kv-node {}: one storage node of kv, a distributed key-value store.\n\n\
          Usage: kv-node            (configured by environment variables)\n       \
          kv-node restore <backup file> [--data-dir DIR] [--force]\n       \
+         kv-node tls-certs <dir> [host...]   (throwaway CA + node certificate)\n       \
          kv-node --help | --version\n\n{}\n\nEnvironment variables (default in brackets):\n",
         env!("CARGO_PKG_VERSION"),
         crate::restore::HELP

@@ -1,6 +1,7 @@
 //! kv-node: one storage node of kv. Wiring only: read the config, open the store (recovery),
 //! start the cluster layer, serve HTTP, and shut down cleanly on SIGTERM or Ctrl-C.
-//! `kv-node restore <file>` rebuilds a data folder from a backup instead (`restore.rs`).
+//! `kv-node restore <file>` rebuilds a data folder from a backup instead (`restore.rs`);
+//! `kv-node tls-certs <dir> [host...]` writes a throwaway CA and node certificate (`tls_certs.rs`).
 
 mod admin;
 mod api;
@@ -14,9 +15,10 @@ mod members;
 mod request;
 mod restore;
 mod routes;
-mod serve;
 mod status;
 mod telemetry;
+mod tls;
+mod tls_certs;
 
 use config::NodeConfig;
 use kv_cluster::{Cluster, ClusterConfig};
@@ -37,6 +39,7 @@ fn main() -> ExitCode {
     match args.first().map(String::as_str) {
         Some("--help" | "-h") => return help::print_help(),
         Some("restore") => return restore::main(&args[1..]),
+        Some("tls-certs") => return tls_certs::main(&args[1..]),
         Some("--version" | "-V") => {
             return help::print_line(&format!("kv-node {}", env!("CARGO_PKG_VERSION")))
         }
@@ -53,6 +56,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let tls = match tls::load(&config.tls) {
+        Ok(tls) => tls,
+        Err(e) => {
+            eprintln!("kv-node: {e}");
+            return ExitCode::from(2);
+        }
+    };
     telemetry::init_tracing(config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -64,7 +74,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    match runtime.block_on(run(config, tls)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e}");
@@ -75,7 +85,7 @@ fn main() -> ExitCode {
 }
 
 /// Recovers the store, serves until a shutdown signal, then drains and checkpoints.
-async fn run(config: NodeConfig) -> Result<(), String> {
+async fn run(config: NodeConfig, tls: tls::NodeTls) -> Result<(), String> {
     let mut store_config = StoreConfig::new(config.data_dir.clone(), kv_core::node_id(&config.url));
     store_config.sync = config.wal_sync;
     store_config.sync_interval = config.wal_sync_interval;
@@ -104,24 +114,25 @@ async fn run(config: NodeConfig) -> Result<(), String> {
         "recovered"
     );
 
-    let cluster =
-        Cluster::start(cluster_config(&config), store.clone()).map_err(|e| e.to_string())?;
+    let cluster = Cluster::start(cluster_config(&config, tls.ca_pem), store.clone())
+        .map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
-    info!(node = %config.name, url = %config.url, listen = %config.listen, nodes = config.nodes.len(), "serving");
+    info!(node = %config.name, url = %config.url, listen = %config.listen, nodes = config.nodes.len(), tls = tls.acceptor.is_some(), "serving");
     let grace = config.shutdown_grace;
-    let limits = serve::ServeLimits {
+    let limits = kv_http::ServeLimits {
         max_connections: config.max_connections,
         // Room for the longest key, percent-encoded, plus ordinary headers.
         max_head_bytes: (3 * config.max_key_bytes + 16 * 1024).max(32 * 1024),
+        ..kv_http::ServeLimits::default()
     };
     let app = routes::app(routes::AppState::new(config, cluster.clone(), metrics));
     let shutdown = async {
-        shutdown_signal().await;
+        kv_http::shutdown_signal().await;
         info!("shutting down: no new connections; finishing requests in flight");
     };
-    if !serve::serve(listener, app, limits, shutdown, grace).await {
+    if !kv_http::serve(listener, app, limits, tls.acceptor, shutdown, grace).await {
         warn!(
             grace_secs = grace.as_secs(),
             "requests still in flight after the grace period; closing"
@@ -140,7 +151,7 @@ async fn run(config: NodeConfig) -> Result<(), String> {
     Ok(())
 }
 
-fn cluster_config(config: &NodeConfig) -> ClusterConfig {
+fn cluster_config(config: &NodeConfig, tls_ca_pem: Option<Vec<u8>>) -> ClusterConfig {
     ClusterConfig {
         me: config.url.clone(),
         nodes: config.nodes.clone(),
@@ -160,29 +171,6 @@ fn cluster_config(config: &NodeConfig) -> ClusterConfig {
         transfer_keys_per_sec: config.transfer_keys_per_sec,
         // A node bound to one address talks to its peers from that address too.
         local_address: Some(config.listen.ip()).filter(|ip| !ip.is_unspecified()),
-    }
-}
-
-/// Resolves on SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
+        tls_ca_pem,
     }
 }

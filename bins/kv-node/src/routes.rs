@@ -134,14 +134,15 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// `AUTH_TOKEN`: when set, the request needs `Authorization: Bearer <token>` (constant-time check).
+/// `AUTH_TOKEN`: when set, the request needs `Authorization: Bearer <token>` (the scheme in any
+/// case, the token compared in constant time: `kv_http::bearer_matches`).
 async fn require_token(
     State(app): State<AppState>,
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
     if let Some(token) = &app.config().auth_token {
-        if !bearer_matches(request.headers(), token) {
+        if !kv_http::bearer_matches(request.headers(), token) {
             return Err(ApiError::Unauthorized(
                 "missing or wrong bearer token (Authorization: Bearer <AUTH_TOKEN>)",
             ));
@@ -163,23 +164,13 @@ async fn require_admin(
     let given = accepted
         .iter()
         .flatten()
-        .any(|secret| bearer_matches(request.headers(), secret));
+        .any(|secret| kv_http::bearer_matches(request.headers(), secret));
     if required && !given {
         return Err(ApiError::Unauthorized(
             "admin calls need Authorization: Bearer <AUTH_TOKEN or CLUSTER_SECRET>",
         ));
     }
     Ok(next.run(request).await)
-}
-
-/// True when `Authorization: Bearer <secret>` is present (constant-time comparison).
-fn bearer_matches(headers: &HeaderMap, secret: &str) -> bool {
-    let given = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
-    bool::from(given.as_bytes().ct_eq(secret.as_bytes()))
 }
 
 /// True when the call carries the cluster secret (always on an open cluster): only such calls

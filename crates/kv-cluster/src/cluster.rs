@@ -54,6 +54,9 @@ pub struct ClusterConfig {
     pub transfer_keys_per_sec: u64,
     /// Source address of connections to peers (`None`: chosen by the OS).
     pub local_address: Option<std::net::IpAddr>,
+    /// PEM CA certificates (`TLS_CA_FILE`): when set, `https://` peers must present a
+    /// certificate that chains to one of them, and no other root is trusted.
+    pub tls_ca_pem: Option<Vec<u8>>,
 }
 
 /// What a node should do with a client request for a key.
@@ -172,6 +175,7 @@ impl Cluster {
             config.connect_timeout,
             config.peer_timeout,
             config.local_address,
+            config.tls_ca_pem.as_deref(),
         )
         .map_err(|reason| Error::PeerProtocol {
             peer: config.me.clone(),

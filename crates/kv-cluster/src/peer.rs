@@ -159,14 +159,24 @@ impl std::fmt::Debug for PeerClient {
 impl PeerClient {
     /// Builds the client; `request_timeout` bounds every call, `connect_timeout` the TCP connect.
     /// `local_address`, when given, is the source address of every connection to a peer (a node
-    /// bound to one address of a multi-homed host talks from that address too).
+    /// bound to one address of a multi-homed host talks from that address too). `ca_pem`, when
+    /// given, holds the only CA certificates (PEM) that `https://` peers may chain to.
     pub fn new(
         secret: Option<&str>,
         connect_timeout: Duration,
         request_timeout: Duration,
         local_address: Option<std::net::IpAddr>,
+        ca_pem: Option<&[u8]>,
     ) -> Result<PeerClient, String> {
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder().tls_built_in_root_certs(false);
+        if let Some(pem) = ca_pem {
+            let roots = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| format!("TLS_CA_FILE holds no usable certificate: {e}"))?;
+            for root in roots {
+                builder = builder.add_root_certificate(root);
+            }
+        }
+        let http = builder
             .local_address(local_address)
             .connect_timeout(connect_timeout)
             .timeout(request_timeout)

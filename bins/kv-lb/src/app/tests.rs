@@ -94,6 +94,12 @@ fn echo_of(name: &str, request: &Request) -> Value {
         "uri": request.uri().to_string(),
         "authorization": header("authorization"),
         "request_id": header("x-request-id"),
+        "kv_headers": request
+            .headers()
+            .iter()
+            .filter(|(name, _)| name.as_str().starts_with("x-kv-"))
+            .map(|(name, value)| format!("{name}={}", value.to_str().unwrap_or("?")))
+            .collect::<Vec<_>>(),
     })
 }
 
@@ -116,11 +122,15 @@ fn config(nodes: &[&str]) -> LbConfig {
         max_value_bytes: 1024,
         log_filter: "info".into(),
         log_format: LogFormat::Text,
+        serve_limits: kv_http::ServeLimits::default(),
+        tls_identity: None,
+        tls_ca_file: None,
     }
 }
 
 fn state(config: &LbConfig) -> SharedState {
-    LbState::new(config, crate::metrics::detached_handle().unwrap())
+    let upstream = crate::upstream::Upstream::new(kv_http::tls::client_config(None).unwrap());
+    LbState::new(config, upstream, crate::metrics::detached_handle().unwrap())
 }
 
 /// A key whose preference list starts with `node`.
@@ -355,6 +365,39 @@ async fn auth_token_guards_data_routes_only() {
         StatusCode::OK
     );
     assert_eq!(node.hits(), 1);
+}
+
+#[tokio::test]
+async fn node_to_node_headers_from_clients_never_reach_a_node() {
+    let node = fake_node(Behaviour::Healthy).await;
+    let state = state(&config(&[&node.url]));
+    let client_version = "0000000000010000-0000abcd";
+    for (method, uri) in [
+        (Method::POST, "/v1/k"),
+        (Method::GET, "/v1/k"),
+        (Method::POST, "/batch"),
+    ] {
+        let mut req = request(method.clone(), uri, "{\"value\":1}");
+        for (name, value) in [
+            ("x-kv-forwarded", "1"),
+            ("x-kv-secret", "guess"),
+            ("x-kv-request-ids", "a,b"),
+            ("X-KV-Future-Marker", "1"),
+            ("x-kv-version", client_version),
+        ] {
+            req.headers_mut().insert(
+                axum::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+        }
+        let (status, body) = send(&state, req).await;
+        assert_eq!(status, StatusCode::OK, "{method} {uri}");
+        assert_eq!(
+            body["kv_headers"],
+            json!([format!("x-kv-version={client_version}")]),
+            "{method} {uri}: only the client's own version passes"
+        );
+    }
 }
 
 #[tokio::test]
