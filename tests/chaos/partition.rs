@@ -57,6 +57,10 @@ fn an_isolated_node_catches_up_after_the_partition_heals_and_the_history_is_line
             .map(|i| everyone[i].clone())
             .collect();
         c.isolate(minority, Link::Blackhole);
+        eprintln!(
+            "partition: cut {cycle} isolates entry {minority}; meanwhile entries 0 and 1 of the \
+             process ids mean {majority:?}"
+        );
         let cut_at = history.ops().len();
         let during = start_load(
             &load,

@@ -122,17 +122,18 @@ fn run_worker(
         if stop.load(Ordering::SeqCst) || Instant::now() > deadline {
             return;
         }
-        let target = &targets[(w + op) % targets.len()];
+        let entry = (w + op) % targets.len();
+        let (target, process) = (&targets[entry], process_id(w, entry));
         let key = format!("{}-{}", load.prefix, rng.below(load.keys));
         let dice = rng.next_u64() % 1000;
         if dice < load.write_permille {
             let value = format!("w{w}-{}", NEXT_VALUE.fetch_add(1, Ordering::Relaxed));
-            history.record(w, &key, Kind::Write(value.clone()), || {
+            history.record(process, &key, Kind::Write(value.clone()), || {
                 let answer = history::write(&client, target, &key, &value, &load.write_query);
                 history::outcome_of(answer, false)
             });
         } else if dice < load.write_permille + load.delete_permille {
-            history.record(w, &key, Kind::Delete, || {
+            history.record(process, &key, Kind::Delete, || {
                 history::outcome_of_delete(history::delete(
                     &client,
                     target,
@@ -141,7 +142,7 @@ fn run_worker(
                 ))
             });
         } else {
-            history.record(w, &key, Kind::Read, || {
+            history.record(process, &key, Kind::Read, || {
                 let answer = history::read(&client, target, &key, &load.read_query);
                 history::outcome_of(answer, true)
             });
@@ -150,8 +151,14 @@ fn run_worker(
     }
 }
 
+/// The process id of worker `w`'s operations through `targets[entry]`: `100 * w + entry`, so a
+/// report line (`p203 write ...`) says which way in the operation took.
+fn process_id(w: usize, entry: usize) -> usize {
+    100 * w + entry
+}
+
 /// Process ids of the final reads: `FINAL_READER + <index of the target>`.
-pub const FINAL_READER: usize = 1000;
+pub const FINAL_READER: usize = 9000;
 
 /// Reads every key of `history` through each of `targets` with `query` (e.g. `""`: the default
 /// quorum) and records the reads in it, so the checker judges them with the rest: once the faults
@@ -176,11 +183,24 @@ pub fn record_final_reads(history: &History, targets: &[String], query: &str, wi
     }
 }
 
+/// What the process ids of a load through `targets` mean, for the report.
+pub fn legend(targets: &[String]) -> String {
+    let entries: Vec<String> = targets
+        .iter()
+        .enumerate()
+        .map(|(i, t)| format!("{i} = {t}"))
+        .collect();
+    format!(
+        "process p<100 * worker + entry> went through entry: {}; p{FINAL_READER}+entry are the final reads",
+        entries.join(", ")
+    )
+}
+
 /// Checks `history` for linearizability and prints the verdict for `scripts/chaos.sh`: a line
-/// `CHAOS-LINEARIZABLE scenario=<scenario> verdict=<yes|no|unknown>`, then the checker's report
-/// (on `no` the first violating key and its operations), each line prefixed with
-/// `CHAOS-LIN-REPORT <scenario> | `.
-pub fn check_linearizable(scenario: &str, history: &History) -> LinVerdict {
+/// `CHAOS-LINEARIZABLE scenario=<scenario> verdict=<yes|no|unknown>`, then `legend` and the
+/// checker's report (on `no` the first violating key and its operations), each line prefixed
+/// with `CHAOS-LIN-REPORT <scenario> | `.
+pub fn check_linearizable(scenario: &str, history: &History, legend: &str) -> LinVerdict {
     let started = Instant::now();
     let verdict = history.check_linearizable();
     let mut text = format!(
@@ -188,7 +208,7 @@ pub fn check_linearizable(scenario: &str, history: &History) -> LinVerdict {
         verdict.answer(),
         started.elapsed().as_millis()
     );
-    for line in verdict.to_string().lines() {
+    for line in std::iter::once(legend).chain(verdict.to_string().lines()) {
         text.push_str(&format!("CHAOS-LIN-REPORT {scenario} | {line}\n"));
     }
     eprint!("{text}");
@@ -220,8 +240,9 @@ pub fn settle_and_check(
     mut figures: Vec<(&str, String)>,
 ) -> LinVerdict {
     c.wait_converged(Duration::from_secs(20));
-    record_final_reads(history, &c.every_entry(), "", Duration::from_secs(15));
-    let verdict = check_linearizable(scenario, history);
+    let entries = c.every_entry();
+    record_final_reads(history, &entries, "", Duration::from_secs(15));
+    let verdict = check_linearizable(scenario, history, &legend(&entries));
     let ops = history.ops();
     let acked = ops
         .iter()
