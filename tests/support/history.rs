@@ -402,4 +402,35 @@ mod tests {
         let missing = HashMap::new();
         assert_eq!(h.check(&missing).lost.len(), 1);
     }
+
+    #[test]
+    fn a_delete_is_a_write_of_absent_for_the_linearizability_checker() {
+        let deleted = |read: Option<&str>| {
+            history(vec![
+                op(0, "k", Kind::Write("a".into()), (0, 10), ok(None)),
+                op(1, "k", Kind::Delete, (20, 30), ok(None)),
+                op(2, "k", Kind::Read, (40, 50), ok(read)),
+            ])
+            .check_linearizable()
+            .answer()
+        };
+        assert_eq!(deleted(None), "yes");
+        assert_eq!(deleted(Some("a")), "no", "a read after an acknowledged delete");
+        let failed_delete = history(vec![
+            op(0, "k", Kind::Write("a".into()), (0, 10), ok(None)),
+            op(1, "k", Kind::Delete, (20, 30), Outcome::Failed("504".into())),
+            op(2, "k", Kind::Read, (40, 50), ok(None)),
+            op(2, "k", Kind::Read, (60, 70), ok(Some("a"))),
+        ]);
+        assert_eq!(
+            failed_delete.check_linearizable().answer(),
+            "no",
+            "a failed delete may take effect, but not be undone"
+        );
+        assert_eq!(
+            outcome_of_delete(Ok((404, Value::Null))),
+            ok(None),
+            "404: the key is absent after the delete"
+        );
+    }
 }

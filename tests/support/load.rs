@@ -183,15 +183,18 @@ pub fn record_final_reads(history: &History, targets: &[String], query: &str, wi
     }
 }
 
-/// What the process ids of a load through `targets` mean, for the report.
-pub fn legend(targets: &[String]) -> String {
+/// What the process ids of a load through `targets` mean, for the report: `names[i]` names
+/// `targets[i]` (e.g. `lb2`, `node3`).
+pub fn legend(targets: &[String], names: &[String]) -> String {
     let entries: Vec<String> = targets
         .iter()
+        .zip(names)
         .enumerate()
-        .map(|(i, t)| format!("{i} = {t}"))
+        .map(|(i, (url, name))| format!("{i} = {name} {url}"))
         .collect();
     format!(
-        "process p<100 * worker + entry> went through entry: {}; p{FINAL_READER}+entry are the final reads",
+        "process p<100 * worker + entry> went through entry {}; p{FINAL_READER}+entry are the \
+         final reads",
         entries.join(", ")
     )
 }
@@ -242,7 +245,11 @@ pub fn settle_and_check(
     c.wait_converged(Duration::from_secs(20));
     let entries = c.every_entry();
     record_final_reads(history, &entries, "", Duration::from_secs(15));
-    let verdict = check_linearizable(scenario, history, &legend(&entries));
+    let names: Vec<String> = (1..=c.lb_urls().len())
+        .map(|i| format!("lb{i}"))
+        .chain(c.nodes.iter().map(|n| n.name.clone()))
+        .collect();
+    let verdict = check_linearizable(scenario, history, &legend(&entries, &names));
     let ops = history.ops();
     let acked = ops
         .iter()
