@@ -415,10 +415,20 @@ mod tests {
             .answer()
         };
         assert_eq!(deleted(None), "yes");
-        assert_eq!(deleted(Some("a")), "no", "a read after an acknowledged delete");
+        assert_eq!(
+            deleted(Some("a")),
+            "no",
+            "a read after an acknowledged delete"
+        );
         let failed_delete = history(vec![
             op(0, "k", Kind::Write("a".into()), (0, 10), ok(None)),
-            op(1, "k", Kind::Delete, (20, 30), Outcome::Failed("504".into())),
+            op(
+                1,
+                "k",
+                Kind::Delete,
+                (20, 30),
+                Outcome::Failed("504".into()),
+            ),
             op(2, "k", Kind::Read, (40, 50), ok(None)),
             op(2, "k", Kind::Read, (60, 70), ok(Some("a"))),
         ]);
