@@ -8,7 +8,7 @@
 //!
 //! Each test checks first that the skew took effect (the `Date` header of the skewed process).
 
-use crate::kill::{assert_enough_load, pace};
+use crate::kill::assert_enough_load;
 use kv_tests::faults::{chaos_duration, report, ChaosCluster, ChaosOptions, Rng};
 use kv_tests::history::{self, History};
 use kv_tests::load::{assert_linearizable, settle_and_check, start_load, Load};
@@ -143,7 +143,6 @@ fn clock_skew_of_an_lb_and_a_node_under_load_stays_linearizable() {
         Instant::now() + run_for,
         rng.next_u64(),
     );
-    pace(run_for);
     load.join();
     let verdict = settle_and_check(
         &c,
