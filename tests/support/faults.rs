@@ -1,19 +1,15 @@
 //! Fault injection for the chaos tests: a cluster whose nodes sit behind [`Proxy`]s on their own
-//! loopback addresses (so links can be cut or slowed per direction), an optional kv-lb, a tmpfs
-//! data folder for disk-full runs, a seeded random source, and the load generator that records a
-//! [`History`].
+//! loopback addresses (so links can be cut or slowed per direction), optional kv-lbs, per-process
+//! environment (e.g. a skewed clock), signals (pauses), a tmpfs data folder for disk-full runs and
+//! a seeded random source. The recorded load lives in `load.rs`.
 
-use crate::history::{self, History, Kind, Outcome};
 use crate::proxy::{Link, Proxy};
 use crate::{bin_dir, send, wait_until, Node, START_DEADLINE};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long a scenario runs: `KV_CHAOS_SECS` when set (the long runs of `scripts/chaos.sh`),
 /// otherwise `short` (the normal `cargo test`).
@@ -57,6 +53,11 @@ impl Rng {
         self.0
     }
 
+    /// A generator seeded with `seed` (for the load's threads: one per thread).
+    pub fn from_seed(seed: u64) -> Rng {
+        Rng(seed | 1)
+    }
+
     /// A number in `0..n`.
     pub fn below(&mut self, n: usize) -> usize {
         (self.next_u64() % n.max(1) as u64) as usize
@@ -82,6 +83,11 @@ pub struct ChaosOptions {
     pub proxied: bool,
     /// Extra environment for every node and the LB.
     pub env: Vec<(String, String)>,
+    /// When `lb` is set: one LB per entry, each with this extra environment on top of `env`
+    /// (e.g. a skewed clock); empty means one LB.
+    pub lb_env: Vec<Vec<(String, String)>>,
+    /// Extra environment of single nodes, by index, on top of `env`.
+    pub node_env: HashMap<usize, Vec<(String, String)>>,
     /// Data folders to use instead of fresh ones, by node index (e.g. a tmpfs).
     pub data_dirs: HashMap<usize, PathBuf>,
 }
@@ -94,6 +100,8 @@ impl Default for ChaosOptions {
             lb: false,
             proxied: false,
             env: Vec::new(),
+            lb_env: Vec::new(),
+            node_env: HashMap::new(),
             data_dirs: HashMap::new(),
         }
     }
@@ -123,8 +131,10 @@ pub struct ChaosCluster {
     pub nodes: Vec<Node>,
     /// `proxies[i]` sits in front of node `i` (empty when not proxied).
     pub proxies: Vec<Proxy>,
-    /// The load balancer, when asked for.
+    /// The load balancer, when asked for (the first one when several are).
     pub lb: Option<Lb>,
+    /// The further load balancers (`ChaosOptions::lb_env` beyond its first entry).
+    pub more_lbs: Vec<Lb>,
     /// Data folders and logs; removed on drop.
     pub dir: tempfile::TempDir,
 }
@@ -190,6 +200,7 @@ impl ChaosCluster {
                     ("HEALTH_CHECK_INTERVAL_MS".to_owned(), "200".to_owned()),
                 ];
                 env.extend(options.env.iter().cloned());
+                env.extend(options.node_env.get(&i).into_iter().flatten().cloned());
                 let log = dir.path().join(format!("{name}.log"));
                 Node::new(&name, &urls[i], data_dir, log, env)
             })
@@ -200,13 +211,49 @@ impl ChaosCluster {
         for node in &mut nodes {
             node.wait_healthy();
         }
-        let lb = options.lb.then(|| start_lb(dir.path(), &urls, options));
+        let lb_envs = match (options.lb, options.lb_env.is_empty()) {
+            (false, _) => Vec::new(),
+            (true, true) => vec![Vec::new()],
+            (true, false) => options.lb_env.clone(),
+        };
+        let mut lbs = lb_envs
+            .iter()
+            .enumerate()
+            .map(|(i, extra)| start_lb(dir.path(), i, &urls, options, extra));
+        let lb = lbs.next();
+        let more_lbs = lbs.collect();
         ChaosCluster {
             nodes,
             proxies,
             lb,
+            more_lbs,
             dir,
         }
+    }
+
+    /// The URLs of every LB, the first one first.
+    pub fn lb_urls(&self) -> Vec<String> {
+        self.lb
+            .iter()
+            .chain(&self.more_lbs)
+            .map(|lb| lb.url.clone())
+            .collect()
+    }
+
+    /// Every LB's URL, then every node's: the targets of a load that uses every way in.
+    pub fn every_entry(&self) -> Vec<String> {
+        let nodes = self.nodes.iter().map(|n| n.url.clone());
+        self.lb_urls().into_iter().chain(nodes).collect()
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, `TERM`...) to node `i`, which must be running.
+    pub fn signal(&self, i: usize, signal: &str) {
+        let pid = self.nodes[i].pid().expect("the node runs");
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} {pid} failed");
     }
 
     /// The URL everyone uses for node `i`.
@@ -277,9 +324,19 @@ fn log_level() -> String {
     std::env::var("KV_TEST_LOG").unwrap_or_else(|_| "info".into())
 }
 
-fn start_lb(dir: &Path, urls: &[String], options: &ChaosOptions) -> Lb {
+fn start_lb(
+    dir: &Path,
+    index: usize,
+    urls: &[String],
+    options: &ChaosOptions,
+    extra: &[(String, String)],
+) -> Lb {
     let port = free_port_on(IpAddr::V4(Ipv4Addr::LOCALHOST));
-    let log = dir.join("lb.log");
+    let log = dir.join(if index == 0 {
+        "lb.log".to_owned()
+    } else {
+        format!("lb{}.log", index + 1)
+    });
     let file = std::fs::File::create(&log).expect("lb log");
     let child = Command::new(bin_dir().join("kv-lb"))
         .env_clear()
@@ -289,6 +346,7 @@ fn start_lb(dir: &Path, urls: &[String], options: &ChaosOptions) -> Lb {
         .env("HEALTH_CHECK_INTERVAL_MS", "200")
         .env("RUST_LOG", log_level())
         .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .envs(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(Stdio::null())
         .stdout(file.try_clone().expect("dup log"))
         .stderr(file)
@@ -350,147 +408,6 @@ impl Drop for Tmpfs {
         // Lazy: the folder is released even if a process of ours still had it open.
         let _ = Command::new("umount").arg("-l").arg(&self.path).status();
     }
-}
-
-/// The shape of a recorded read/write load.
-#[derive(Debug, Clone)]
-pub struct Load {
-    /// Client threads; each writes its own keys only (one writer per key).
-    pub workers: usize,
-    /// Keys per worker.
-    pub keys_per_worker: usize,
-    /// Per mille of operations that are writes.
-    pub write_permille: u64,
-    /// Query string of writes, e.g. `""` or `"?w=quorum"`.
-    pub write_query: String,
-    /// Query string of reads.
-    pub read_query: String,
-    /// Most operations per worker (a bound besides `stop`).
-    pub max_ops_per_worker: usize,
-    /// Pause between two operations of one worker, to leave the two cores to the nodes.
-    pub pace: Duration,
-    /// Prefix of every key, so loads of one test do not share keys.
-    pub prefix: String,
-}
-
-impl Default for Load {
-    fn default() -> Self {
-        Load {
-            workers: 4,
-            keys_per_worker: 8,
-            write_permille: 500,
-            write_query: String::new(),
-            read_query: String::new(),
-            max_ops_per_worker: 100_000,
-            pace: Duration::from_millis(5),
-            prefix: "k".into(),
-        }
-    }
-}
-
-/// Numbers the values of every load of this process, so no two writes ever carry the same value.
-static NEXT_VALUE: AtomicU64 = AtomicU64::new(0);
-
-/// A running load; [`Running::finish`] stops it now, [`Running::join`] lets it run to its end.
-#[derive(Debug)]
-pub struct Running {
-    stop: Arc<AtomicBool>,
-    workers: Vec<JoinHandle<()>>,
-}
-
-impl Running {
-    /// Waits until the workers stop by themselves (deadline or operation budget).
-    pub fn join(self) {
-        for worker in self.workers {
-            worker.join().expect("load worker");
-        }
-    }
-
-    /// Stops the workers (each finishes its current operation) and waits for them.
-    pub fn finish(self) {
-        self.stop.store(true, Ordering::SeqCst);
-        for worker in self.workers {
-            worker.join().expect("load worker");
-        }
-    }
-}
-
-/// Starts `load` against `targets` (worker `w` uses `targets[(w + op) % len]`), recording
-/// into `history`; it stops by itself at `deadline` or after its operation budget.
-pub fn start_load(
-    load: &Load,
-    targets: &[String],
-    history: &History,
-    deadline: Instant,
-    seed: u64,
-) -> Running {
-    let stop = Arc::new(AtomicBool::new(false));
-    let workers = (0..load.workers)
-        .map(|w| {
-            let (load, targets, history, stop) = (
-                load.clone(),
-                targets.to_vec(),
-                history.clone(),
-                Arc::clone(&stop),
-            );
-            let mut rng = Rng(seed.wrapping_add(w as u64 * 7919) | 1);
-            std::thread::spawn(move || {
-                let client = history::load_client();
-                for op in 0..load.max_ops_per_worker {
-                    if stop.load(Ordering::SeqCst) || Instant::now() > deadline {
-                        return;
-                    }
-                    let target = &targets[(w + op) % targets.len()];
-                    if (rng.next_u64() % 1000) < load.write_permille {
-                        let key =
-                            format!("{}-w{w}-{}", load.prefix, rng.below(load.keys_per_worker));
-                        let value = format!("w{w}-{}", NEXT_VALUE.fetch_add(1, Ordering::Relaxed));
-                        history.record(w, &key, Kind::Write(value.clone()), || {
-                            let answer =
-                                history::write(&client, target, &key, &value, &load.write_query);
-                            history::outcome_of(answer, false)
-                        });
-                    } else {
-                        let owner = rng.below(load.workers);
-                        let key = format!(
-                            "{}-w{owner}-{}",
-                            load.prefix,
-                            rng.below(load.keys_per_worker)
-                        );
-                        history.record(w, &key, Kind::Read, || {
-                            let answer = history::read(&client, target, &key, &load.read_query);
-                            history::outcome_of(answer, true)
-                        });
-                    }
-                    std::thread::sleep(load.pace);
-                }
-            })
-        })
-        .collect();
-    Running { stop, workers }
-}
-
-/// Reads every written key from `base` with `query` (e.g. `?r=all`), retrying failures for a
-/// bounded time: the values the history is checked against.
-pub fn final_values(base: &str, keys: &[String], query: &str) -> HashMap<String, Option<String>> {
-    let client = history::load_client();
-    keys.iter()
-        .map(|key| {
-            let mut value = None;
-            wait_until(
-                Duration::from_secs(10),
-                &format!("a final read of {key}"),
-                || match history::outcome_of(history::read(&client, base, key, query), true) {
-                    Outcome::Ok(v) => {
-                        value = v;
-                        true
-                    }
-                    Outcome::Failed(_) => false,
-                },
-            );
-            (key.clone(), value)
-        })
-        .collect()
 }
 
 /// Milliseconds of the `p`-th percentile (0..=100) of `samples`.

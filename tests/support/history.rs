@@ -29,6 +29,9 @@ use std::time::{Duration, Instant};
 pub enum Kind {
     /// A write of this unique value.
     Write(String),
+    /// A delete (200 and 404 both succeed: afterwards the key is absent). `check` ignores
+    /// deletes; `check_linearizable` treats them as writes of "absent".
+    Delete,
     /// A read.
     Read,
 }
@@ -134,7 +137,7 @@ impl History {
         let mut keys: Vec<String> = self
             .ops()
             .into_iter()
-            .filter(|op| matches!(op.kind, Kind::Write(_)))
+            .filter(|op| matches!(op.kind, Kind::Write(_) | Kind::Delete))
             .map(|op| op.key)
             .collect();
         keys.sort();
@@ -157,11 +160,11 @@ impl History {
         let writes = writes_by_key(&ops);
         for op in &ops {
             match (&op.kind, &op.outcome) {
-                (Kind::Write(_), Outcome::Ok(_)) => {
+                (Kind::Write(_) | Kind::Delete, Outcome::Ok(_)) => {
                     verdict.writes += 1;
                     verdict.acked += 1;
                 }
-                (Kind::Write(_), Outcome::Failed(_)) => {
+                (Kind::Write(_) | Kind::Delete, Outcome::Failed(_)) => {
                     verdict.writes += 1;
                     verdict.failed += 1;
                 }
@@ -274,6 +277,15 @@ pub fn outcome_of(answer: Result<(u16, Value), String>, is_read: bool) -> Outcom
     }
 }
 
+/// Turns a delete's answer into an outcome: 200 and 404 both leave the key absent.
+pub fn outcome_of_delete(answer: Result<(u16, Value), String>) -> Outcome {
+    match answer {
+        Ok((200 | 404, _)) => Outcome::Ok(None),
+        Ok((status, body)) => Outcome::Failed(format!("{status} {}", body["error"])),
+        Err(e) => Outcome::Failed(e),
+    }
+}
+
 /// A client with pooled connections and short deadlines, one per load thread.
 pub fn load_client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()
@@ -294,6 +306,22 @@ pub fn write(
     let response = client
         .post(format!("{base}/v1/{key}{query}"))
         .body(json!({ "value": value }).to_string())
+        .send()
+        .map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let body = response.json().unwrap_or(Value::Null);
+    Ok((status, body))
+}
+
+/// `DELETE {base}/v1/{key}{query}`; status and JSON body.
+pub fn delete(
+    client: &reqwest::blocking::Client,
+    base: &str,
+    key: &str,
+    query: &str,
+) -> Result<(u16, Value), String> {
+    let response = client
+        .delete(format!("{base}/v1/{key}{query}"))
         .send()
         .map_err(|e| e.to_string())?;
     let status = response.status().as_u16();
@@ -373,5 +401,46 @@ mod tests {
         );
         let missing = HashMap::new();
         assert_eq!(h.check(&missing).lost.len(), 1);
+    }
+
+    #[test]
+    fn a_delete_is_a_write_of_absent_for_the_linearizability_checker() {
+        let deleted = |read: Option<&str>| {
+            history(vec![
+                op(0, "k", Kind::Write("a".into()), (0, 10), ok(None)),
+                op(1, "k", Kind::Delete, (20, 30), ok(None)),
+                op(2, "k", Kind::Read, (40, 50), ok(read)),
+            ])
+            .check_linearizable()
+            .answer()
+        };
+        assert_eq!(deleted(None), "yes");
+        assert_eq!(
+            deleted(Some("a")),
+            "no",
+            "a read after an acknowledged delete"
+        );
+        let failed_delete = history(vec![
+            op(0, "k", Kind::Write("a".into()), (0, 10), ok(None)),
+            op(
+                1,
+                "k",
+                Kind::Delete,
+                (20, 30),
+                Outcome::Failed("504".into()),
+            ),
+            op(2, "k", Kind::Read, (40, 50), ok(None)),
+            op(2, "k", Kind::Read, (60, 70), ok(Some("a"))),
+        ]);
+        assert_eq!(
+            failed_delete.check_linearizable().answer(),
+            "no",
+            "a failed delete may take effect, but not be undone"
+        );
+        assert_eq!(
+            outcome_of_delete(Ok((404, Value::Null))),
+            ok(None),
+            "404: the key is absent after the delete"
+        );
     }
 }

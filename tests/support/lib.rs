@@ -6,7 +6,9 @@
 pub mod faults;
 pub mod history;
 pub mod linearizability;
+pub mod load;
 pub mod proxy;
+pub mod skew;
 
 use serde_json::Value;
 use std::net::TcpListener;

@@ -195,8 +195,8 @@ pub fn check(ops: &[Op]) -> LinVerdict {
     check_register_ops(&register_ops(ops), &Limits::default())
 }
 
-/// The checker's view of recorded operations: a write is a write of `Some(value)`, a read that
-/// failed is dropped, a write that failed is indeterminate.
+/// The checker's view of recorded operations: a write is a write of `Some(value)`, a delete one of
+/// `None`, a read that failed is dropped, a write or delete that failed is indeterminate.
 pub fn register_ops(ops: &[Op]) -> Vec<RegisterOp> {
     ops.iter()
         .filter_map(|op| {
@@ -210,6 +210,14 @@ pub fn register_ops(ops: &[Op]) -> Vec<RegisterOp> {
                 }
                 (Kind::Write(value), Outcome::Failed(reason)) => (
                     Action::Write(Some(value.clone())),
+                    Ending::Indeterminate {
+                        answered: op.end,
+                        reason: reason.clone(),
+                    },
+                ),
+                (Kind::Delete, Outcome::Ok(_)) => (Action::Write(None), Ending::Returned(op.end)),
+                (Kind::Delete, Outcome::Failed(reason)) => (
+                    Action::Write(None),
                     Ending::Indeterminate {
                         answered: op.end,
                         reason: reason.clone(),
