@@ -143,3 +143,67 @@ fn now_ms() -> u64 {
         .unwrap();
     u64::try_from(since.as_millis()).unwrap()
 }
+
+/// Puts `value` under `version` on node `node` only, as a replica would get it.
+fn inject(node: &str, key: &str, version: Version, value: &str) {
+    let record = Record::put(key.to_owned(), version, format!("\"{value}\"").into());
+    let sent = kv_tests::client()
+        .post(format!("{node}/internal/replicate"))
+        .body(encode_batch(&[record]).to_vec())
+        .send()
+        .unwrap();
+    assert_eq!(sent.status(), 200, "{}", sent.text().unwrap());
+}
+
+#[test]
+fn a_replica_holding_a_newer_version_is_no_ack_and_the_write_goes_above_it() {
+    let c = TestCluster::start(3);
+    c.wait_converged();
+    for i in 0..5 {
+        let key = format!("stale-ack-{i}");
+        // Two replicas hold a version from a clock 800 ms ahead of node1's (within what peers
+        // may send): as if a write coordinated elsewhere had been acknowledged just before.
+        let ahead = Version {
+            hlc: (now_ms() + 800) << 16,
+            node: 9,
+        };
+        inject(c.url(1), &key, ahead, "earlier");
+        inject(c.url(2), &key, ahead, "earlier");
+        // A write that starts after it must win, whatever node1's clock says.
+        let later = put(c.url(0), &key, json!("later"), "");
+        assert_eq!(later.status, 200, "{}", later.text);
+        let version: Version = later.json["version"].as_str().unwrap().parse().unwrap();
+        assert!(version > ahead, "{version} is not above {ahead}");
+        for n in 0..3 {
+            let read = send("GET", &format!("{}/v1/{key}", c.url(n)), None).unwrap();
+            assert_eq!(read.json["value"], "later", "through node{}", n + 1);
+        }
+    }
+}
+
+#[test]
+fn a_write_with_an_older_version_of_its_own_is_refused_and_changes_nothing() {
+    let c = TestCluster::start(3);
+    c.wait_converged();
+    let node = c.url(0);
+    let first = put(node, "own", json!("first"), "");
+    assert_eq!(first.status, 200);
+    let old = Version {
+        hlc: (now_ms() - 60_000) << 16,
+        node: 9,
+    };
+    let answer = kv_tests::send_with(
+        "POST",
+        &format!("{node}/v1/own"),
+        Some(r#"{"value": "older"}"#),
+        &[("x-kv-version", &old.to_string())],
+    )
+    .unwrap();
+    assert_eq!(answer.status, 409, "{}", answer.text);
+    assert_eq!(answer.json["error"], "version_conflict");
+    assert_eq!(answer.json["current_version"], first.json["version"]);
+    for n in 0..3 {
+        let read = send("GET", &format!("{}/v1/own", c.url(n)), None).unwrap();
+        assert_eq!(read.json["value"], "first");
+    }
+}

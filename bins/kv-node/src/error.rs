@@ -76,8 +76,14 @@ impl ApiError {
             self.to_string()
         };
         let mut body = kv_http::error_body(code, &message);
-        if let ApiError::Cluster(kv_cluster::Error::PreconditionFailed { current }) = self {
-            body["current_version"] = json!(current.map(|v| v.to_string()));
+        match self {
+            ApiError::Cluster(kv_cluster::Error::PreconditionFailed { current }) => {
+                body["current_version"] = json!(current.map(|v| v.to_string()));
+            }
+            ApiError::Cluster(kv_cluster::Error::Superseded { newest, .. }) => {
+                body["current_version"] = json!(newest.to_string());
+            }
+            _ => {}
         }
         (status, body)
     }
@@ -114,6 +120,7 @@ impl ApiError {
                 | C::NoReplicaReachable { .. }
                 | C::PeerProtocol { .. },
             ) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Cluster(C::Superseded { .. }) => (StatusCode::CONFLICT, "version_conflict"),
             ApiError::Cluster(C::OutcomeUnknown { .. }) => {
                 (StatusCode::GATEWAY_TIMEOUT, "outcome_unknown")
             }
@@ -143,7 +150,9 @@ impl IntoResponse for ApiError {
                     .headers_mut()
                     .insert(crate::api::ACKS_HEADER, HeaderValue::from(acked));
             }
-            ApiError::Cluster(kv_cluster::Error::TooFewReplicasUp { .. }) => {
+            ApiError::Cluster(
+                kv_cluster::Error::TooFewReplicasUp { .. } | kv_cluster::Error::Superseded { .. },
+            ) => {
                 response
                     .headers_mut()
                     .insert(crate::api::ACKS_HEADER, HeaderValue::from(0));

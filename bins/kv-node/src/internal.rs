@@ -36,7 +36,8 @@ fn octets(body: impl Into<axum::body::Body>) -> Response {
     response
 }
 
-/// `POST /internal/replicate`: applies a batch of records durably, then answers.
+/// `POST /internal/replicate`: applies a batch of records durably, then answers with the version
+/// held for each record's key (`ReplicateAnswer`).
 pub async fn replicate(
     State(app): State<AppState>,
     request: Request,
@@ -52,8 +53,8 @@ pub async fn replicate(
             "replication batch"
         );
     }
-    let applied = app.cluster().apply_replicated(records).await?;
-    Ok(axum::Json(serde_json::json!({ "applied": applied })).into_response())
+    let answer = app.cluster().apply_replicated(records).await?;
+    Ok(axum::Json(answer).into_response())
 }
 
 /// Refuses a batch holding a version further ahead of this node's clock than `max_ahead`: it

@@ -7,8 +7,8 @@ use crate::detector::{FailureDetector, PeerStatus};
 use crate::error::{Error, Result};
 use crate::hints::HintStore;
 use crate::membership::{self, Topology, View};
-use crate::peer::{ForwardRequest, ForwardResponse, PeerClient};
-use kv_core::{Record, Store};
+use crate::peer::{ForwardRequest, ForwardResponse, PeerClient, ReplicateAnswer};
+use kv_core::{Record, Store, Version};
 use parking_lot::RwLock;
 use serde::Serialize;
 use std::path::PathBuf;
@@ -395,10 +395,34 @@ impl Cluster {
         })
     }
 
-    /// Applies records sent by a coordinator (replication, read repair, hints), durably.
-    pub async fn apply_replicated(&self, records: Vec<Record>) -> Result<usize> {
+    /// Applies records sent by a coordinator (replication, read repair, hints), durably; answers
+    /// how many changed this node and, per record, the version this node now holds for its key.
+    /// A record older than what is here is not applied, and the answer says so: the coordinator
+    /// counts an ack only for a replica that holds its very record.
+    pub async fn apply_replicated(&self, records: Vec<Record>) -> Result<ReplicateAnswer> {
+        let versions: Vec<(String, Version)> =
+            records.iter().map(|r| (r.key.clone(), r.version)).collect();
         let applied = self.inner.store.apply(records).await?;
-        Ok(applied.into_iter().filter(|a| *a).count())
+        let held = versions
+            .into_iter()
+            .zip(&applied)
+            .map(|((key, version), applied)| self.held_after(&key, version, *applied).to_string())
+            .collect();
+        Ok(ReplicateAnswer {
+            applied: applied.into_iter().filter(|a| *a).count(),
+            held,
+        })
+    }
+
+    /// The version this node holds for `key` after applying a record of `version`.
+    pub(crate) fn held_after(&self, key: &str, version: Version, applied: bool) -> Version {
+        if applied {
+            return version;
+        }
+        match self.inner.store.get(key) {
+            Some(entry) if entry.version > version => entry.version,
+            _ => version,
+        }
     }
 
     /// What this node believes about the cluster.

@@ -32,6 +32,16 @@ pub enum Error {
         /// What was missing.
         detail: String,
     },
+    /// Replicas hold a newer version of the key than this write's, and too few stored it: for a
+    /// write with its own version (`x-kv-version`), or one that kept being overtaken by concurrent
+    /// writes. Nothing was stored anywhere.
+    #[error("the key already holds a newer version ({newest}) than this write's ({version}) on the replicas that answered; nothing was written")]
+    Superseded {
+        /// The write's version.
+        version: kv_core::Version,
+        /// The newest version a replica reported.
+        newest: kv_core::Version,
+    },
     /// The request ran past its deadline.
     #[error("no answer within {ms} ms")]
     Timeout {

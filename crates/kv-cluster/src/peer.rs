@@ -5,7 +5,7 @@
 
 use crate::coalesce::{Coalescer, SendBatch};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use kv_core::Record;
+use kv_core::{Record, Version};
 use reqwest::header::{HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode};
 use std::sync::Arc;
@@ -144,7 +144,7 @@ struct Transport {
 #[derive(Clone)]
 pub struct PeerClient {
     transport: Transport,
-    replicate_one: Arc<Coalescer<Record, ()>>,
+    replicate_one: Arc<Coalescer<Record, Version>>,
     fetch_one: Arc<Coalescer<String, Option<Record>>>,
 }
 
@@ -195,13 +195,9 @@ impl PeerClient {
         };
         let transport = Transport { http, secret };
         let sender = transport.clone();
-        let replicate: SendBatch<Record, ()> = Arc::new(move |peer, records, ids| {
+        let replicate: SendBatch<Record, Version> = Arc::new(move |peer, records, ids| {
             let sender = sender.clone();
-            Box::pin(async move {
-                let count = records.len();
-                sender.replicate(&peer, &records, &ids).await?;
-                Ok(vec![(); count])
-            })
+            Box::pin(async move { sender.replicate(&peer, &records, &ids).await })
         });
         let sender = transport.clone();
         let fetch: SendBatch<String, Option<Record>> = Arc::new(move |peer, keys, ids| {
@@ -230,17 +226,21 @@ impl PeerClient {
         request_id: &str,
     ) -> Result<(), CallError> {
         let ids = [Arc::from(request_id)];
-        self.transport.replicate(peer, records, &ids).await
+        self.transport
+            .replicate(peer, records, &ids)
+            .await
+            .map(drop)
     }
 
-    /// Sends one record to `peer`, merged with concurrent ones into a batch; answers once the
-    /// peer holds it durably.
+    /// Sends one record to `peer`, merged with concurrent ones into a batch; answers, once the
+    /// peer holds it durably, with the version the peer holds for the key: the record's own when
+    /// it stored it (or already held it), a newer one when it holds a newer write.
     pub async fn replicate_record(
         &self,
         peer: &Arc<str>,
         record: Record,
         request_id: Arc<str>,
-    ) -> Result<(), CallError> {
+    ) -> Result<Version, CallError> {
         self.replicate_one.call(peer, record, request_id).await
     }
 
@@ -458,20 +458,22 @@ impl Transport {
     }
 
     /// Sends `records` in consecutive batches of at most [`SEND_BATCH_BYTES`] (see
-    /// [`byte_capped`]); stops at the first that fails.
+    /// [`byte_capped`]); stops at the first that fails. Returns the version the peer holds for
+    /// each record's key, in order.
     async fn replicate(
         &self,
         peer: &str,
         records: &[Record],
         ids: &[Arc<str>],
-    ) -> Result<(), CallError> {
+    ) -> Result<Vec<Version>, CallError> {
         if records.is_empty() {
             return self.replicate_batch(peer, records, ids).await;
         }
+        let mut held = Vec::with_capacity(records.len());
         for batch in byte_capped(records, SEND_BATCH_BYTES) {
-            self.replicate_batch(peer, batch, ids).await?;
+            held.extend(self.replicate_batch(peer, batch, ids).await?);
         }
-        Ok(())
+        Ok(held)
     }
 
     async fn replicate_batch(
@@ -479,20 +481,27 @@ impl Transport {
         peer: &str,
         records: &[Record],
         ids: &[Arc<str>],
-    ) -> Result<(), CallError> {
-        let response = self
+    ) -> Result<Vec<Version>, CallError> {
+        let request = self
             .batch_request(Method::POST, format!("{peer}{REPLICATE_PATH}"), ids)
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-            .body(encode_batch(records))
+            .body(encode_batch(records));
+        let response = request
             .send()
             .await
             .map_err(|e| CallError::from_reqwest(peer, &e))?;
         let status = response.status();
-        if status.is_success() {
-            return Ok(());
+        if !status.is_success() {
+            let text = response.text().await.unwrap_or_default();
+            return Err(CallError::failed(peer, format!("status {status}: {text}")));
         }
-        let text = response.text().await.unwrap_or_default();
-        Err(CallError::failed(peer, format!("status {status}: {text}")))
+        let answer: ReplicateAnswer = response
+            .json()
+            .await
+            .map_err(|e| CallError::failed(peer, format!("bad replication answer: {e}")))?;
+        answer
+            .held_versions(records)
+            .map_err(|reason| CallError::failed(peer, reason))
     }
 
     async fn fetch_many(
@@ -610,6 +619,35 @@ pub fn byte_capped(records: &[Record], max_bytes: usize) -> impl Iterator<Item =
         rest = tail;
         Some(batch)
     })
+}
+
+/// The answer of `POST /internal/replicate`: how many records were applied, and for each record,
+/// in order, the version the replica now holds for its key (the record's own when it stored it
+/// or already held it; a newer one when a newer write was there first).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplicateAnswer {
+    /// Records that changed the replica's state.
+    pub applied: usize,
+    /// The version held for each record's key, as text.
+    pub held: Vec<String>,
+}
+
+impl ReplicateAnswer {
+    /// The held versions, one per record sent; an answer that does not match the batch is an
+    /// error (the replica cannot be counted for any of it).
+    pub fn held_versions(&self, records: &[Record]) -> Result<Vec<Version>, String> {
+        if self.held.len() != records.len() {
+            return Err(format!(
+                "{} held versions for {} records",
+                self.held.len(),
+                records.len()
+            ));
+        }
+        self.held
+            .iter()
+            .map(|v| v.parse().map_err(|e| format!("bad held version: {e}")))
+            .collect()
+    }
 }
 
 /// Encodes a batch of records for `/internal/replicate`: the list frame of

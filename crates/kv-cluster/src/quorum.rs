@@ -14,6 +14,36 @@ use tracing::{debug, instrument, warn};
 
 /// How long a read waits for its first R replicas before asking the others too (speculative read).
 const SPECULATIVE_READ_DELAY: Duration = Duration::from_millis(50);
+/// How many versions a write without its own version tries when replicas report newer ones
+/// (each try moves the clock past what they reported).
+const MAX_WRITE_TRIES: usize = 4;
+
+/// What one replica said about one record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReplicaAnswer {
+    /// It holds this very record, durably.
+    Stored,
+    /// It holds a newer version of the key; this record was not stored there.
+    Newer(Version),
+    /// No usable answer (a hint keeps the record for it).
+    Failed,
+}
+
+/// Where a quorum write stands once it stopped waiting.
+#[derive(Debug)]
+enum QuorumOutcome {
+    /// W replicas stored it.
+    Acked(usize),
+    /// Fewer than W stored it and some hold a newer version.
+    Superseded {
+        /// Replicas that stored it.
+        stored: usize,
+        /// The newest version reported.
+        newest: Version,
+    },
+    /// Fewer than W confirmed it in time.
+    Unconfirmed(usize),
+}
 
 /// The condition a write applies under (`If-Match` / `If-None-Match`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,6 +97,15 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// A replica's answer from the version it holds after being sent `version`.
+fn held_answer(version: Version, held: Version) -> ReplicaAnswer {
+    if held > version {
+        ReplicaAnswer::Newer(held)
+    } else {
+        ReplicaAnswer::Stored
+    }
+}
+
 impl Cluster {
     /// Stores `write` under its version (a new one from this node's clock when it has none) and
     /// returns once W replicas hold it durably; the other replicas get it in the background, or
@@ -86,17 +125,49 @@ impl Cluster {
         if let Some(reason) = self.inner.store.write_refused() {
             return Err(Error::Store(kv_core::Error::WalFailed { reason }));
         }
-        let version = write
-            .version
-            .unwrap_or_else(|| self.inner.store.clock().tick());
-        let record = Record {
-            key: key.to_owned(),
-            version,
-            value: write.value,
-            expires_at_ms: write.expires_at_ms,
-        };
-        let acks = self.replicate_quorum(record, w, request_id).await?;
-        Ok(Written { version, acks })
+        let clock = self.inner.store.clock();
+        let mut stored_any = false;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let version = write.version.unwrap_or_else(|| clock.tick());
+            let record = Record {
+                key: key.to_owned(),
+                version,
+                value: write.value.clone(),
+                expires_at_ms: write.expires_at_ms,
+            };
+            let (stored, newest) = match self.replicate_quorum(record, w, request_id).await? {
+                QuorumOutcome::Acked(acks) => return Ok(Written { version, acks }),
+                QuorumOutcome::Unconfirmed(acked) => {
+                    let needed = w.required(self.replicas(key).len());
+                    return Err(Error::OutcomeUnknown {
+                        acked,
+                        detail: format!(
+                            "only {acked} of the {needed} required replicas confirmed it in time"
+                        ),
+                    });
+                }
+                QuorumOutcome::Superseded { stored, newest } => (stored, newest),
+            };
+            stored_any |= stored > 0;
+            // A newer version exists (a write acknowledged elsewhere, or one in flight): a write
+            // that starts after an acknowledged one must win, so the next try goes above it.
+            clock.observe(newest);
+            debug!(attempt, %version, %newest, "replicas hold a newer version");
+            if write.version.is_some() || attempt >= MAX_WRITE_TRIES {
+                return Err(if stored_any {
+                    Error::OutcomeUnknown {
+                        acked: stored,
+                        detail: format!(
+                            "replicas kept reporting newer versions (the last {newest})"
+                        ),
+                    }
+                } else {
+                    Error::Superseded { version, newest }
+                });
+            }
+        }
     }
 
     /// Sends `record` to every replica of its key in parallel and waits for `w` durable acks;
@@ -108,7 +179,7 @@ impl Cluster {
         record: Record,
         w: Consistency,
         request_id: &str,
-    ) -> Result<usize> {
+    ) -> Result<QuorumOutcome> {
         let topology = self.topology();
         let replicas = topology.owners(&record.key);
         let needed = w.required(replicas.len());
@@ -134,8 +205,8 @@ impl Cluster {
                 tx.clone(),
             );
             tokio::spawn(async move {
-                let ok = cluster.send_to_replica(&replica, &record, &rid).await;
-                let _ = tx.send(ok).await;
+                let answer = cluster.send_to_replica(&replica, &record, &rid).await;
+                let _ = tx.send(answer).await;
             });
             outstanding += 1;
         }
@@ -146,39 +217,51 @@ impl Cluster {
             let (cluster, record, rid) = (self.clone(), record.clone(), rid.clone());
             tokio::spawn(async move { cluster.send_to_replica(&future, &record, &rid).await });
         }
-        let mut acked = 0;
+        let (mut acked, mut newest) = (0, None::<Version>);
         let deadline = tokio::time::Instant::now() + self.inner.config.peer_timeout;
-        while acked < needed && outstanding > 0 {
+        // Stop as soon as W stored it, or W is out of reach.
+        while acked < needed && acked + outstanding >= needed {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(ok)) => {
+                Ok(Some(answer)) => {
                     outstanding -= 1;
-                    acked += usize::from(ok);
+                    match answer {
+                        ReplicaAnswer::Stored => acked += 1,
+                        ReplicaAnswer::Newer(v) => newest = newest.max(Some(v)),
+                        ReplicaAnswer::Failed => {}
+                    }
                 }
                 Ok(None) | Err(_) => break,
             }
         }
-        if acked >= needed {
-            Ok(acked)
-        } else {
-            Err(Error::OutcomeUnknown {
-                acked,
-                detail: format!(
-                    "only {acked} of the {needed} required replicas confirmed it in time"
-                ),
-            })
-        }
+        Ok(match newest {
+            _ if acked >= needed => QuorumOutcome::Acked(acked),
+            Some(newest) => QuorumOutcome::Superseded {
+                stored: acked,
+                newest,
+            },
+            None => QuorumOutcome::Unconfirmed(acked),
+        })
     }
 
     /// Applies `record` on one replica (locally or over the network); a failed remote replica gets
-    /// a hint. Returns whether the replica acknowledged.
-    async fn send_to_replica(&self, replica: &Arc<str>, record: &Record, rid: &str) -> bool {
+    /// a hint. Says whether the replica holds this very record, or a newer version.
+    async fn send_to_replica(
+        &self,
+        replica: &Arc<str>,
+        record: &Record,
+        rid: &str,
+    ) -> ReplicaAnswer {
         let inner = &self.inner;
         if *replica == inner.me {
             return match inner.store.apply(vec![record.clone()]).await {
-                Ok(_) => true,
+                Ok(applied) => {
+                    let applied = applied.first().copied().unwrap_or(false);
+                    let held = self.held_after(&record.key, record.version, applied);
+                    held_answer(record.version, held)
+                }
                 Err(e) => {
                     warn!(error = %e, "local write failed");
-                    false
+                    ReplicaAnswer::Failed
                 }
             };
         }
@@ -187,10 +270,15 @@ impl Cluster {
             .replicate_record(replica, record.clone(), Arc::from(rid))
             .await
         {
-            Ok(()) => {
+            Ok(held) if held < record.version => {
+                warn!(peer = %replica, %held, version = %record.version, "replica answered an older version than it was sent; keeping a hint");
+                inner.hints.add(replica, record.clone());
+                ReplicaAnswer::Failed
+            }
+            Ok(held) => {
                 metrics::counter!("kv_replication_acks_total", "peer" => replica.to_string())
                     .increment(1);
-                true
+                held_answer(record.version, held)
             }
             Err(e) => {
                 metrics::counter!("kv_replication_failures_total", "peer" => replica.to_string())
@@ -198,7 +286,7 @@ impl Cluster {
                 debug!(peer = %replica, error = %e, "replication failed; keeping a hint");
                 inner.detector.record_failure(replica, e.is_connect());
                 inner.hints.add(replica, record.clone());
-                false
+                ReplicaAnswer::Failed
             }
         }
     }
@@ -393,8 +481,9 @@ impl Cluster {
                 cluster.inner.read_repairs.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("kv_read_repairs_total").increment(1);
                 debug!(peer = %node, key = %newest.key, "read write-back");
-                let ok = cluster.send_to_replica(&node, &newest, &rid).await;
-                let _ = tx.send(ok).await;
+                let answer = cluster.send_to_replica(&node, &newest, &rid).await;
+                // A replica holding something newer also holds at least what the read returns.
+                let _ = tx.send(answer != ReplicaAnswer::Failed).await;
             });
         }
         drop(tx);
