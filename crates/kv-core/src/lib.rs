@@ -40,6 +40,7 @@ mod lock;
 pub mod map;
 mod record;
 mod recovery;
+mod reservation;
 mod segment;
 mod snapshot;
 mod store;

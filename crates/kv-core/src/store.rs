@@ -131,7 +131,9 @@ impl Store {
         crate::files::create_private_dir(&dir).map_err(Error::io("create data folder", &dir))?;
         let lock = DirLock::acquire(&dir)?;
         let map = Arc::new(ShardedMap::default());
-        let clock = Arc::new(Clock::new(config.node_id));
+        let reservation = Arc::new(crate::reservation::Reservation::load(&dir)?);
+        reservation.wait_for_wall_clock(2 * crate::reservation::RESERVATION_WINDOW);
+        let clock = Arc::new(Clock::reserved(config.node_id, reservation));
         let recovered = recovery::recover(&dir, &map, &clock)?;
         let file = segment::create(&dir, recovered.next_segment)?;
         let wal = Arc::new(WalState::default());
@@ -157,6 +159,7 @@ impl Store {
             segment: recovered.next_segment,
             file,
             map: Arc::clone(&map),
+            clock: Arc::clone(&clock),
             state: Arc::clone(&wal),
             checkpoint: Arc::clone(&signal),
             unsynced: false,

@@ -6,7 +6,9 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::reservation::{Reservation, RESERVATION_WINDOW_HLC};
 use crate::Error;
+use std::sync::Arc;
 
 /// Bits of [`Version::hlc`] that hold the logical counter; the rest is unix milliseconds.
 const LOGICAL_BITS: u32 = 16;
@@ -64,11 +66,14 @@ fn parse_lower_hex(s: &str, digits: usize) -> Option<u64> {
 }
 
 /// HLC generator, thread-safe and lock-free, monotonic even if the wall clock goes backwards.
+/// With a [`Reservation`], it never issues a version beyond the persisted bound without first
+/// moving the bound, so a restart (which starts above the bound) never reissues one.
 #[derive(Debug)]
 pub struct Clock {
     node: u32,
     /// The greatest hlc issued or observed so far.
     last: AtomicU64,
+    reservation: Option<Arc<Reservation>>,
 }
 
 impl Clock {
@@ -77,6 +82,28 @@ impl Clock {
         Clock {
             node,
             last: AtomicU64::new(0),
+            reservation: None,
+        }
+    }
+
+    /// A clock for `node` bound by `reservation`, starting above its stored bound.
+    pub(crate) fn reserved(node: u32, reservation: Arc<Reservation>) -> Clock {
+        Clock {
+            node,
+            last: AtomicU64::new(reservation.reserved()),
+            reservation: Some(reservation),
+        }
+    }
+
+    /// Moves the reservation ahead while the clock is within half a window of it, so that ticks
+    /// on the request path seldom wait for the file (called from the WAL writer's thread).
+    pub(crate) fn reserve_ahead(&self) {
+        if let Some(reservation) = &self.reservation {
+            let last = self.last.load(Ordering::Acquire);
+            let want = last.saturating_add(RESERVATION_WINDOW_HLC / 2);
+            if want > reservation.reserved() {
+                reservation.cover(want);
+            }
         }
     }
 
@@ -98,10 +125,13 @@ impl Clock {
                 .compare_exchange_weak(last, next, Ordering::AcqRel, Ordering::Acquire)
             {
                 Ok(_) => {
+                    if let Some(reservation) = &self.reservation {
+                        reservation.cover(next);
+                    }
                     return Version {
                         hlc: next,
                         node: self.node,
-                    }
+                    };
                 }
                 Err(current) => last = current,
             }

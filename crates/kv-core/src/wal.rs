@@ -86,6 +86,8 @@ pub(crate) struct WalWriter {
     pub segment: u64,
     pub file: File,
     pub map: Arc<ShardedMap>,
+    /// The clock, whose reservation this thread moves ahead after commits.
+    pub clock: Arc<crate::Clock>,
     pub state: Arc<WalState>,
     pub checkpoint: Arc<CheckpointSignal>,
     pub unsynced: bool,
@@ -164,6 +166,7 @@ impl WalWriter {
         if self.state.wal_bytes.load(Ordering::Relaxed) > self.wal_max_bytes {
             self.checkpoint.request_wal_full();
         }
+        self.clock.reserve_ahead();
     }
 
     /// Frames every record that is newer than the map's into the write buffer. Older ones are
