@@ -3,7 +3,6 @@
 //! to coordinate writes (CockroachDB's maximum clock offset is the model).
 
 use crate::cluster::Cluster;
-use crate::detector::PeerState;
 use crate::error::{Error, Result};
 use serde::Serialize;
 use std::time::Duration;
@@ -109,14 +108,7 @@ pub(crate) fn unix_us() -> u64 {
 impl Cluster {
     /// This node's clock against its up peers' (peers not measured yet, or down, do not count).
     pub fn clock_state(&self) -> ClockState {
-        let samples: Vec<ClockSample> = self
-            .inner
-            .detector
-            .snapshot()
-            .into_iter()
-            .filter(|p| p.state == PeerState::Up)
-            .filter_map(|p| p.clock)
-            .collect();
+        let samples = self.inner.detector.up_clock_samples();
         judge(&samples, self.inner.config.max_clock_offset)
     }
 

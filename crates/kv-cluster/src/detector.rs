@@ -141,6 +141,17 @@ impl FailureDetector {
         }
     }
 
+    /// The clock measurements of the peers believed up (unknown and down peers do not count);
+    /// cheap enough for every write.
+    pub fn up_clock_samples(&self) -> Vec<ClockSample> {
+        self.peers
+            .read()
+            .values()
+            .filter(|h| h.state.lock().0 == PeerState::Up)
+            .filter_map(|h| *h.clock.lock())
+            .collect()
+    }
+
     /// Records a failed check or call; `refused` marks the peer down at once.
     pub fn record_failure(&self, peer: &str, refused: bool) {
         let Some(health) = self.get(peer) else {
@@ -255,6 +266,15 @@ mod tests {
         fd.record_clock("http://127.0.0.1:9", Some(sample));
         assert_eq!(fd.snapshot()[0].clock, Some(sample));
         assert_eq!(fd.snapshot().len(), 1, "strangers are not recorded");
+        assert_eq!(
+            fd.up_clock_samples(),
+            vec![],
+            "an unknown peer does not count"
+        );
+        fd.record_success(PEER, Duration::from_millis(1));
+        assert_eq!(fd.up_clock_samples(), vec![sample]);
+        fd.record_failure(PEER, true);
+        assert_eq!(fd.up_clock_samples(), vec![], "a down peer does not count");
         fd.record_clock(PEER, None);
         assert_eq!(fd.snapshot()[0].clock, None);
     }
