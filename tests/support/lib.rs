@@ -62,6 +62,30 @@ pub fn wait_until(within: Duration, what: &str, mut check: impl FnMut() -> bool)
     }
 }
 
+/// The path of `libfaketime.so.1` (for `LD_PRELOAD` with `FAKETIME`), from `KV_LIBFAKETIME` or
+/// the usual install folders; panics when it is not installed.
+pub fn libfaketime() -> PathBuf {
+    let mut candidates: Vec<PathBuf> = std::env::var_os("KV_LIBFAKETIME")
+        .map(PathBuf::from)
+        .into_iter()
+        .collect();
+    for lib in ["/usr/lib", "/usr/local/lib", "/usr/lib64"] {
+        candidates.push(Path::new(lib).join("faketime/libfaketime.so.1"));
+        // Debian and Ubuntu: /usr/lib/<multiarch triple>/faketime/.
+        if let Ok(entries) = std::fs::read_dir(lib) {
+            candidates.extend(
+                entries
+                    .flatten()
+                    .map(|e| e.path().join("faketime/libfaketime.so.1")),
+            );
+        }
+    }
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .expect("libfaketime not installed: apt-get install faketime")
+}
+
 /// A blocking HTTP client with short deadlines, for tests.
 pub fn client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()

@@ -103,7 +103,8 @@ pub struct NodeConfig {
     /// `MAX_CLOCK_OFFSET_MS`: the largest clock difference between nodes that kv tolerates.
     /// Versions from clients further ahead of this node's clock than this are refused, and from
     /// peers further ahead than twice this (their clock may be this far ahead, and their clock may
-    /// have observed a client's version this far ahead of theirs).
+    /// have observed a client's version this far ahead of theirs). A node whose clock is further
+    /// than this from a majority of the nodes (measured on health checks) coordinates no writes.
     pub max_clock_offset: Duration,
     /// Time between health checks of each peer.
     pub health_interval: Duration,

@@ -121,6 +121,9 @@ impl ApiError {
                 | C::PeerProtocol { .. },
             ) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Cluster(C::Superseded { .. }) => (StatusCode::CONFLICT, "version_conflict"),
+            ApiError::Cluster(C::ClockOffset { .. }) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "clock_offset")
+            }
             ApiError::Cluster(C::OutcomeUnknown { .. }) => {
                 (StatusCode::GATEWAY_TIMEOUT, "outcome_unknown")
             }
@@ -178,6 +181,22 @@ mod tests {
             (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
         );
         assert_eq!(err.to_string(), "1 of 2 required replicas answered in time");
+    }
+
+    #[test]
+    fn a_skewed_clock_is_503_clock_offset_with_the_offset_and_limit() {
+        let err = ApiError::from(kv_cluster::Error::ClockOffset {
+            offset_ms: -30_012,
+            max_ms: 500,
+            agreeing: 1,
+            judged: 3,
+        });
+        let (status, body) = err.status_and_body();
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["error"], "clock_offset");
+        let message = body["message"].as_str().unwrap();
+        assert!(message.contains("-30012 ms"), "{message}");
+        assert!(message.contains("MAX_CLOCK_OFFSET_MS=500"), "{message}");
     }
 
     #[test]

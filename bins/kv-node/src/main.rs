@@ -172,5 +172,6 @@ fn cluster_config(config: &NodeConfig, tls_ca_pem: Option<Vec<u8>>) -> ClusterCo
         // A node bound to one address talks to its peers from that address too.
         local_address: Some(config.listen.ip()).filter(|ip| !ip.is_unspecified()),
         tls_ca_pem,
+        max_clock_offset: config.max_clock_offset,
     }
 }

@@ -43,19 +43,30 @@ pub async fn status(State(app): State<AppState>) -> Json<Value> {
         "hints_delivered": cluster.hints_delivered,
         "forwarded_requests": cluster.forwarded_requests,
         "read_repairs": cluster.read_repairs,
+        "clock": app.cluster().clock_state(),
     }))
 }
 
 /// `GET /health`: `200 {"status": "ok"}`; the node only listens once recovery has finished.
-/// A node whose WAL failed says so, but stays 200: it still serves reads.
+/// A node whose WAL failed says so, but stays 200: it still serves reads. It also carries this
+/// node's wall clock (`now_ms`, for peers' offset estimates) and whether that clock is within
+/// `MAX_CLOCK_OFFSET_MS` of the others: reported, never a reason for another status.
 pub async fn health(State(app): State<AppState>) -> Json<Value> {
     let (epoch, digest) = app.cluster().topology().view.rank();
-    match app.cluster().store().write_refused() {
-        None => Json(json!({"status": "ok", "epoch": epoch, "digest": digest})),
-        Some(reason) => Json(
-            json!({"status": "degraded", "writes_refused": reason, "epoch": epoch, "digest": digest}),
-        ),
+    let clock = app.cluster().clock_state();
+    let mut body = json!({
+        "status": "ok",
+        "epoch": epoch,
+        "digest": digest,
+        "now_ms": kv_cluster::now_ms(),
+        "clock_ok": clock.ok,
+        "clock_offset_ms": clock.offset_ms,
+    });
+    if let Some(reason) = app.cluster().store().write_refused() {
+        body["status"] = json!("degraded");
+        body["writes_refused"] = json!(reason);
     }
+    Json(body)
 }
 
 /// `GET /metrics`: Prometheus text format.

@@ -154,6 +154,22 @@ fn describe_metrics() {
         "hinted writes waiting for a peer that was down"
     );
     describe_gauge!("kv_peer_up", "1 when this node believes the peer is up");
+    describe_gauge!(
+        "kv_peer_clock_offset_ms",
+        "the peer's wall clock minus this node's, from the last health check (Cristian's estimate)"
+    );
+    describe_gauge!(
+        "kv_clock_offset_ms",
+        "this node's wall clock minus the median of the nodes' (itself and its up peers)"
+    );
+    describe_gauge!(
+        "kv_clock_ok",
+        "1 while this node's clock is within MAX_CLOCK_OFFSET_MS of a majority of the nodes"
+    );
+    describe_counter!(
+        "kv_clock_offset_refusals_total",
+        "writes this node refused to coordinate because its clock was too far from the others'"
+    );
 }
 
 /// Folds histogram samples every [`UPKEEP_INTERVAL`] for the life of the runtime.
@@ -239,6 +255,13 @@ pub fn record_store_gauges(cluster: &Cluster) {
         } else {
             1.0
         };
+        if let Some(clock) = peer.health.clock {
+            metrics::gauge!("kv_peer_clock_offset_ms", "peer" => peer.health.url.clone())
+                .set(clock.offset_ms as f64);
+        }
         metrics::gauge!("kv_peer_up", "peer" => peer.health.url).set(up);
     }
+    let clock = cluster.clock_state();
+    metrics::gauge!("kv_clock_offset_ms").set(clock.offset_ms as f64);
+    metrics::gauge!("kv_clock_ok").set(if clock.ok { 1.0 } else { 0.0 });
 }

@@ -17,6 +17,8 @@ impl Cluster {
     /// Health-checks every peer each interval and replays hints to peers that are up.
     pub(crate) async fn health_loop(self) {
         let mut stop = self.inner.stop.subscribe();
+        // Present in /metrics from the start, so a scrape sees 0 rather than nothing.
+        metrics::counter!("kv_clock_offset_refusals_total").increment(0);
         let mut tick = tokio::time::interval(self.inner.config.health_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -34,11 +36,12 @@ impl Cluster {
         let inner = &self.inner;
         let result = inner.peers.health(peer, inner.config.health_timeout).await;
         let up = match result {
-            Ok((latency, rank)) => {
-                if inner.detector.record_success(peer, latency) {
+            Ok(probe) => {
+                inner.detector.record_clock(peer, probe.clock);
+                if inner.detector.record_success(peer, probe.latency) {
                     info!(peer, "peer is up");
                 }
-                if rank.is_some_and(|r| r > self.topology().view.rank()) {
+                if probe.rank.is_some_and(|r| r > self.topology().view.rank()) {
                     self.pull_view(peer).await;
                 }
                 true

@@ -57,6 +57,9 @@ pub struct ClusterConfig {
     /// PEM CA certificates (`TLS_CA_FILE`): when set, `https://` peers must present a
     /// certificate that chains to one of them, and no other root is trusted.
     pub tls_ca_pem: Option<Vec<u8>>,
+    /// `MAX_CLOCK_OFFSET_MS`: a node whose clock is further than this from a majority of the
+    /// nodes refuses to coordinate writes.
+    pub max_clock_offset: Duration,
 }
 
 /// What a node should do with a client request for a key.

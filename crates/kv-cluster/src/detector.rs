@@ -1,6 +1,7 @@
 //! Failure detector: what this node believes about each peer's health, fed by periodic health
 //! checks and by connection errors seen on real calls.
 
+use crate::clock::ClockSample;
 use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 use std::collections::HashMap;
@@ -39,6 +40,8 @@ pub struct PeerStatus {
     pub since_secs: u64,
     /// Wall-clock time of the last successful check, in Unix milliseconds.
     pub last_seen_unix_ms: Option<u64>,
+    /// The peer's clock against this node's, from its last health check that carried one.
+    pub clock: Option<ClockSample>,
 }
 
 #[derive(Debug)]
@@ -47,6 +50,7 @@ struct Health {
     failures: AtomicU32,
     latency_us: AtomicU64,
     last_seen_unix_ms: AtomicU64,
+    clock: Mutex<Option<ClockSample>>,
 }
 
 /// Health of every peer, shared by the request path (is it up?) and the check loop (record results).
@@ -61,6 +65,7 @@ fn fresh_health() -> Arc<Health> {
         failures: AtomicU32::new(0),
         latency_us: AtomicU64::new(u64::MAX),
         last_seen_unix_ms: AtomicU64::new(0),
+        clock: Mutex::new(None),
     })
 }
 
@@ -128,6 +133,25 @@ impl FailureDetector {
         self.transition(&health, PeerState::Up)
     }
 
+    /// Records the peer's clock as measured by a health check; a check whose answer carried no
+    /// clock (an older node) forgets the previous measurement rather than keep a stale one.
+    pub fn record_clock(&self, peer: &str, sample: Option<ClockSample>) {
+        if let Some(health) = self.get(peer) {
+            *health.clock.lock() = sample;
+        }
+    }
+
+    /// The clock measurements of the peers believed up (unknown and down peers do not count);
+    /// cheap enough for every write.
+    pub fn up_clock_samples(&self) -> Vec<ClockSample> {
+        self.peers
+            .read()
+            .values()
+            .filter(|h| h.state.lock().0 == PeerState::Up)
+            .filter_map(|h| *h.clock.lock())
+            .collect()
+    }
+
     /// Records a failed check or call; `refused` marks the peer down at once.
     pub fn record_failure(&self, peer: &str, refused: bool) {
         let Some(health) = self.get(peer) else {
@@ -165,6 +189,7 @@ impl FailureDetector {
                     consecutive_failures: h.failures.load(Ordering::Relaxed),
                     since_secs: since.elapsed().as_secs(),
                     last_seen_unix_ms: (seen != 0).then_some(seen),
+                    clock: *h.clock.lock(),
                 }
             })
             .collect()
@@ -227,6 +252,31 @@ mod tests {
         assert_eq!(fd.state("http://127.0.0.1:3"), PeerState::Unknown);
         fd.set_peers(["http://127.0.0.1:3".to_owned()]);
         assert_eq!(fd.peers(), vec!["http://127.0.0.1:3".to_owned()]);
+    }
+
+    #[test]
+    fn clock_samples_are_kept_per_peer_and_shown() {
+        let fd = FailureDetector::new([PEER.to_owned()]);
+        assert_eq!(fd.snapshot()[0].clock, None);
+        let sample = ClockSample {
+            offset_ms: -30_000,
+            uncertainty_ms: 2,
+        };
+        fd.record_clock(PEER, Some(sample));
+        fd.record_clock("http://127.0.0.1:9", Some(sample));
+        assert_eq!(fd.snapshot()[0].clock, Some(sample));
+        assert_eq!(fd.snapshot().len(), 1, "strangers are not recorded");
+        assert_eq!(
+            fd.up_clock_samples(),
+            vec![],
+            "an unknown peer does not count"
+        );
+        fd.record_success(PEER, Duration::from_millis(1));
+        assert_eq!(fd.up_clock_samples(), vec![sample]);
+        fd.record_failure(PEER, true);
+        assert_eq!(fd.up_clock_samples(), vec![], "a down peer does not count");
+        fd.record_clock(PEER, None);
+        assert_eq!(fd.snapshot()[0].clock, None);
     }
 
     #[test]

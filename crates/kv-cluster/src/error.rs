@@ -42,6 +42,19 @@ pub enum Error {
         /// The newest version a replica reported.
         newest: kv_core::Version,
     },
+    /// This node's wall clock is further than `MAX_CLOCK_OFFSET_MS` from a majority of the
+    /// nodes, so it refuses to coordinate writes: its versions could not be trusted.
+    #[error("this node's clock is {offset_ms} ms off the other nodes' (only {agreeing} of {judged} nodes, this one included, are within the limit of MAX_CLOCK_OFFSET_MS={max_ms} ms); it coordinates no writes until its clock is synchronised (check NTP), send writes to another node")]
+    ClockOffset {
+        /// This node's measured offset from the cluster's median clock.
+        offset_ms: i64,
+        /// `MAX_CLOCK_OFFSET_MS`.
+        max_ms: u64,
+        /// Nodes within the limit of this one, itself included.
+        agreeing: usize,
+        /// Nodes judged: this one and its measured up peers.
+        judged: usize,
+    },
     /// The request ran past its deadline.
     #[error("no answer within {ms} ms")]
     Timeout {

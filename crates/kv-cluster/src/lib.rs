@@ -9,6 +9,8 @@
 //! - [`rebalance`]: carrying out a change: estimates, streaming keys, commit.
 //! - `cleanup`: dropping keys this node no longer owns, once their new owners confirm them.
 //! - `background`: the health-check loop and hint replay.
+//! - [`clock`]: clock offsets to peers measured on health checks, and the majority rule that
+//!   stops a node whose clock is off from coordinating writes.
 //! - `coalesce`: merging concurrent small calls to one peer into batches.
 //! - [`consistency`]: `w` / `r` levels and how many replicas each needs.
 //! - [`detector`]: the failure detector, what this node believes about each peer.
@@ -20,6 +22,7 @@
 pub mod admission;
 mod background;
 mod cleanup;
+pub mod clock;
 pub mod cluster;
 mod coalesce;
 pub mod consistency;
@@ -33,6 +36,7 @@ pub mod peer;
 mod quorum;
 pub mod rebalance;
 
+pub use clock::{ClockSample, ClockState};
 pub use cluster::{Cluster, ClusterConfig, ClusterStatus, PeerView, Route};
 pub use consistency::Consistency;
 pub use detector::{PeerState, PeerStatus};

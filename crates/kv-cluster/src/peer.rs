@@ -3,6 +3,7 @@
 //! of the quorum paths (one record, one key) go through a [`Coalescer`] per kind, which merges
 //! concurrent calls to one peer into batches.
 
+use crate::clock::ClockSample;
 use crate::coalesce::{Coalescer, SendBatch};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kv_core::{Record, Version};
@@ -58,6 +59,17 @@ const BATCH_FRAMING_BYTES: usize = 4096;
 pub const PAGE_FULL_HEADER: &str = "x-kv-page-full";
 /// Most keys one `/internal/entries` call may ask for.
 pub const MAX_ENTRIES_KEYS: usize = 1024;
+
+/// What one health check of a peer learned.
+#[derive(Debug, Clone, Copy)]
+pub struct HealthProbe {
+    /// Round trip of the check.
+    pub latency: Duration,
+    /// Rank (epoch, digest) of the peer's membership view, when it sent one.
+    pub rank: Option<(u64, u32)>,
+    /// The peer's clock against this node's, when it sent its `now_ms`.
+    pub clock: Option<ClockSample>,
+}
 
 /// Why a call to a peer failed; decides whether a retry elsewhere is safe.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -289,24 +301,29 @@ impl PeerClient {
         Ok((records, full))
     }
 
-    /// Probes `GET /health` with its own deadline; returns the round-trip time when healthy,
-    /// and the rank (epoch, digest) of the peer's membership view when it sent one.
-    pub async fn health(
-        &self,
-        peer: &str,
-        timeout: Duration,
-    ) -> Result<(Duration, Option<(u64, u32)>), CallError> {
+    /// Probes `GET /health` with its own deadline: the round trip, the rank of the peer's
+    /// membership view and its clock against ours, when its answer carried them.
+    pub async fn health(&self, peer: &str, timeout: Duration) -> Result<HealthProbe, CallError> {
         let started = Instant::now();
+        let sent_unix_us = crate::clock::unix_us();
         let request = self
             .request(Method::GET, format!("{peer}/health"), "health-check")
             .timeout(timeout);
         let response = send_expecting_ok(peer, request, "/health").await?;
-        let latency = started.elapsed();
         let body: serde_json::Value = response.json().await.unwrap_or_default();
+        // The peer read its clock somewhere between sending and the end of its answer.
+        let latency = started.elapsed();
         let rank = body["epoch"]
             .as_u64()
             .zip(body["digest"].as_u64().and_then(|d| u32::try_from(d).ok()));
-        Ok((latency, rank))
+        let clock = body["now_ms"]
+            .as_u64()
+            .map(|now| ClockSample::estimate(now, sent_unix_us, latency));
+        Ok(HealthProbe {
+            latency,
+            rank,
+            clock,
+        })
     }
 
     async fn get_json<T: serde::de::DeserializeOwned>(

@@ -122,6 +122,7 @@ impl Cluster {
         w: Consistency,
         request_id: &str,
     ) -> Result<Written> {
+        self.check_clock()?;
         if let Some(reason) = self.inner.store.write_refused() {
             return Err(Error::Store(kv_core::Error::WalFailed { reason }));
         }
