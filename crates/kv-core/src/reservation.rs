@@ -16,8 +16,6 @@ use tracing::error;
 /// (twice `MAX_CLOCK_OFFSET_MS`). The WAL writer moves the bound ahead after its commits, so
 /// under load the file is written a few times a second off the request path.
 pub const RESERVATION_WINDOW_HLC: u64 = 250 << 16;
-/// [`RESERVATION_WINDOW_HLC`] as a duration.
-pub const RESERVATION_WINDOW: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// File name of the reservation inside `DATA_DIR`.
 const FILE_NAME: &str = "clock";
@@ -54,19 +52,6 @@ impl Reservation {
             reserved: AtomicU64::new(reserved),
             extending: Mutex::new(()),
         })
-    }
-
-    /// Waits until the wall clock has passed the stored bound when it is at most `limit` ahead
-    /// (a restart within one window): the clock then starts at the wall clock instead of ahead
-    /// of it. Further ahead means the wall clock went back; the clock then starts above the
-    /// bound at once.
-    pub fn wait_for_wall_clock(&self, limit: std::time::Duration) {
-        let bound_ms = self.reserved() >> 16;
-        let now_ms = crate::version::now_ms();
-        let ahead = std::time::Duration::from_millis(bound_ms.saturating_sub(now_ms));
-        if !ahead.is_zero() && ahead <= limit {
-            std::thread::sleep(ahead + std::time::Duration::from_millis(1));
-        }
     }
 
     /// The hlc up to which versions may be issued.

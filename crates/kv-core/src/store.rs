@@ -132,7 +132,6 @@ impl Store {
         let lock = DirLock::acquire(&dir)?;
         let map = Arc::new(ShardedMap::default());
         let reservation = Arc::new(crate::reservation::Reservation::load(&dir)?);
-        reservation.wait_for_wall_clock(2 * crate::reservation::RESERVATION_WINDOW);
         let clock = Arc::new(Clock::reserved(config.node_id, reservation));
         let recovered = recovery::recover(&dir, &map, &clock)?;
         let file = segment::create(&dir, recovered.next_segment)?;

@@ -533,7 +533,8 @@ fn a_restart_never_reissues_a_version_the_clock_handed_out() {
     sorted.sort();
     sorted.dedup();
     assert_eq!(sorted.len(), issued.len(), "a version was issued twice");
-    // The reservation keeps the clock near the wall clock: at most one window ahead.
+    // Each restart starts above the reservation (at most one 250 ms window ahead of what it
+    // handed out), so even three restarts within one millisecond stay within what peers accept.
     let ahead_ms = next.physical_ms().saturating_sub(crate::version::now_ms());
-    assert!(ahead_ms <= 300, "{ahead_ms} ms ahead of the wall clock");
+    assert!(ahead_ms <= 4 * 250, "{ahead_ms} ms ahead of the wall clock");
 }
