@@ -207,3 +207,65 @@ fn a_write_with_an_older_version_of_its_own_is_refused_and_changes_nothing() {
         assert_eq!(read.json["value"], "first");
     }
 }
+
+#[test]
+fn racing_conditional_writes_have_one_winner_also_after_a_first_replica_died() {
+    let mut c = TestCluster::start(3);
+    c.wait_converged();
+    let survivors = [c.url(1).to_owned(), c.url(2).to_owned()];
+    let race = |key: &str| {
+        let created = put(&survivors[0], key, json!(0), "");
+        assert_eq!(created.status, 200, "{}", created.text);
+        let version = created.json["version"].as_str().unwrap().to_owned();
+        let winners: Vec<u16> = std::thread::scope(|scope| {
+            let racers: Vec<_> = (0..6)
+                .map(|i| {
+                    let (node, version) = (&survivors[i % 2], &version);
+                    scope.spawn(move || {
+                        let if_match = format!("\"{version}\"");
+                        kv_tests::send_with(
+                            "PUT",
+                            &format!("{node}/v1/{key}"),
+                            Some(&json!({ "value": i + 1 }).to_string()),
+                            &[("if-match", &if_match)],
+                        )
+                        .unwrap()
+                        .status
+                    })
+                })
+                .collect();
+            racers.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        assert_eq!(
+            winners.iter().filter(|s| **s == 200).count(),
+            1,
+            "{key}: {winners:?}"
+        );
+        assert!(
+            winners.iter().all(|s| [200, 412].contains(s)),
+            "{winners:?}"
+        );
+    };
+    for k in 0..6 {
+        race(&format!("before-{k}"));
+    }
+    // The first replica of about a third of the keys dies: the next live replica serialises.
+    c.nodes[0].kill9();
+    wait_until(Duration::from_secs(5), "node2 sees node1 down", || {
+        c.nodes[1].status()["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["url"] == c.url(0) && p["state"] == "down")
+    });
+    wait_until(Duration::from_secs(5), "node3 sees node1 down", || {
+        c.nodes[2].status()["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["url"] == c.url(0) && p["state"] == "down")
+    });
+    for k in 0..12 {
+        race(&format!("after-{k}"));
+    }
+}
