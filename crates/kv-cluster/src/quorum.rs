@@ -38,6 +38,8 @@ enum QuorumOutcome {
     Superseded {
         /// Replicas that stored it.
         stored: usize,
+        /// Replicas that hold a newer version.
+        newer: usize,
         /// The newest version reported.
         newest: Version,
     },
@@ -86,7 +88,8 @@ pub struct Write {
 pub struct Written {
     /// The version it was stored under.
     pub version: Version,
-    /// Durable copies confirmed when the answer was given (at least W).
+    /// Replicas that confirmed, durably, that they hold this write (or, for a write overtaken by
+    /// a concurrent one, a newer write) when the answer was given: at least W.
     pub acks: usize,
 }
 
@@ -127,7 +130,13 @@ impl Cluster {
             return Err(Error::Store(kv_core::Error::WalFailed { reason }));
         }
         let clock = self.inner.store.clock();
+        let n = self.replicas(key).len();
+        let (needed, quorum) = (w.required(n), Consistency::Quorum.required(n));
         let mut stored_any = false;
+        // Set once a quorum answered an earlier try and this try's version is above everything
+        // it reported: then every write acknowledged before this one started is below it, and a
+        // newer version can only be a concurrent write's.
+        let mut above_acknowledged = false;
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -141,7 +150,6 @@ impl Cluster {
             let (stored, newest) = match self.replicate_quorum(record, w, request_id).await? {
                 QuorumOutcome::Acked(acks) => return Ok(Written { version, acks }),
                 QuorumOutcome::Unconfirmed(acked) => {
-                    let needed = w.required(self.replicas(key).len());
                     return Err(Error::OutcomeUnknown {
                         acked,
                         detail: format!(
@@ -149,7 +157,24 @@ impl Cluster {
                         ),
                     });
                 }
-                QuorumOutcome::Superseded { stored, newest } => (stored, newest),
+                QuorumOutcome::Superseded {
+                    stored,
+                    newer,
+                    newest,
+                } => {
+                    if above_acknowledged && stored + newer >= needed {
+                        // Overtaken by concurrent writes only, and W replicas hold this write or
+                        // a newer one: it takes effect just before the write that overtook it
+                        // (no later quorum read can return anything older).
+                        debug!(attempt, %version, %newest, "overtaken by a concurrent write");
+                        return Ok(Written {
+                            version,
+                            acks: stored + newer,
+                        });
+                    }
+                    above_acknowledged |= stored + newer >= quorum;
+                    (stored, newest)
+                }
             };
             stored_any |= stored > 0;
             // A newer version exists (a write acknowledged elsewhere, or one in flight): a write
@@ -218,7 +243,7 @@ impl Cluster {
             let (cluster, record, rid) = (self.clone(), record.clone(), rid.clone());
             tokio::spawn(async move { cluster.send_to_replica(&future, &record, &rid).await });
         }
-        let (mut acked, mut newest) = (0, None::<Version>);
+        let (mut acked, mut newer, mut newest) = (0, 0, None::<Version>);
         let deadline = tokio::time::Instant::now() + self.inner.config.peer_timeout;
         // Stop as soon as W stored it, or W is out of reach.
         while acked < needed && acked + outstanding >= needed {
@@ -227,7 +252,10 @@ impl Cluster {
                     outstanding -= 1;
                     match answer {
                         ReplicaAnswer::Stored => acked += 1,
-                        ReplicaAnswer::Newer(v) => newest = newest.max(Some(v)),
+                        ReplicaAnswer::Newer(v) => {
+                            newer += 1;
+                            newest = newest.max(Some(v));
+                        }
                         ReplicaAnswer::Failed => {}
                     }
                 }
@@ -238,6 +266,7 @@ impl Cluster {
             _ if acked >= needed => QuorumOutcome::Acked(acked),
             Some(newest) => QuorumOutcome::Superseded {
                 stored: acked,
+                newer,
                 newest,
             },
             None => QuorumOutcome::Unconfirmed(acked),
