@@ -413,7 +413,7 @@ impl Cluster {
             .collect();
         Ok(ReplicateAnswer {
             applied: applied.into_iter().filter(|a| *a).count(),
-            held,
+            held: Some(held),
         })
     }
 

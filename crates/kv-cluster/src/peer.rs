@@ -645,23 +645,28 @@ pub fn byte_capped(records: &[Record], max_bytes: usize) -> impl Iterator<Item =
 pub struct ReplicateAnswer {
     /// Records that changed the replica's state.
     pub applied: usize,
-    /// The version held for each record's key, as text.
-    pub held: Vec<String>,
+    /// The version held for each record's key, as text. Absent in answers of nodes from before
+    /// versions were reported (a mixed-version cluster during an upgrade): each record then
+    /// counts as stored, as it did then.
+    #[serde(default)]
+    pub held: Option<Vec<String>>,
 }
 
 impl ReplicateAnswer {
     /// The held versions, one per record sent; an answer that does not match the batch is an
     /// error (the replica cannot be counted for any of it).
     pub fn held_versions(&self, records: &[Record]) -> Result<Vec<Version>, String> {
-        if self.held.len() != records.len() {
+        let Some(held) = &self.held else {
+            return Ok(records.iter().map(|r| r.version).collect());
+        };
+        if held.len() != records.len() {
             return Err(format!(
                 "{} held versions for {} records",
-                self.held.len(),
+                held.len(),
                 records.len()
             ));
         }
-        self.held
-            .iter()
+        held.iter()
             .map(|v| v.parse().map_err(|e| format!("bad held version: {e}")))
             .collect()
     }
