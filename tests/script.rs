@@ -231,3 +231,71 @@ fn assert_cluster_is_closed(root: &Path, base: u16) {
     let backup = send("GET", &format!("{node1}/admin/backup"), None).unwrap();
     assert_eq!(backup.status, 401, "{}", backup.text);
 }
+
+#[test]
+fn cluster_sh_up_tls_serves_https_trusting_only_its_own_ca() {
+    let root = tempfile::tempdir().unwrap();
+    let _cleanup = StopOnDrop(root.path());
+    let (base, lb) = free_port_run(3);
+    let up = script(
+        root.path(),
+        &[
+            "up",
+            "--tls",
+            "--no-build",
+            "--base-port",
+            &base.to_string(),
+            "--lb-port",
+            &lb.to_string(),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&up.stdout);
+    assert!(
+        up.status.success(),
+        "up --tls failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    assert!(
+        stdout.contains("--cacert"),
+        "curl examples with --cacert:\n{stdout}"
+    );
+    let pem = std::fs::read(root.path().join("run/tls/ca.pem")).unwrap();
+    let client = reqwest::blocking::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let lb_url = format!("https://127.0.0.1:{lb}");
+    let put = client
+        .post(format!("{lb_url}/v1/tls-key"))
+        .body(r#"{"value": "sealed"}"#)
+        .send()
+        .unwrap();
+    assert_eq!(put.status(), 200);
+    for i in 0..3 {
+        let node = format!("https://127.0.0.1:{}/v1/tls-key?r=one", base + i);
+        let read: serde_json::Value = client.get(node).send().unwrap().json().unwrap();
+        assert_eq!(read["value"], "sealed");
+    }
+    assert!(
+        send("GET", &format!("http://127.0.0.1:{lb}/health"), None)
+            .map_or(true, |a| a.status != 200),
+        "plain HTTP is not served"
+    );
+    assert_cluster_is_closed_over_tls(&client, root.path(), base);
+    let down = script(root.path(), &["down"]);
+    assert!(down.status.success());
+}
+
+/// Over TLS too, `/internal` refuses a caller without the cluster's secret.
+fn assert_cluster_is_closed_over_tls(client: &reqwest::blocking::Client, root: &Path, base: u16) {
+    let refused = client
+        .get(format!("https://127.0.0.1:{base}/internal/keys"))
+        .send()
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    assert!(std::fs::read_to_string(root.join("run/cluster.env"))
+        .unwrap()
+        .contains("TLS=1"));
+}
