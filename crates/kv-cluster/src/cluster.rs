@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::hints::HintStore;
 use crate::membership::{self, Topology, View};
 use crate::peer::{ForwardRequest, ForwardResponse, PeerClient, ReplicateAnswer};
+use crate::recent_writes::WriteId;
 use kv_core::{Record, Store, Version};
 use parking_lot::RwLock;
 use serde::Serialize;
@@ -122,6 +123,7 @@ pub(crate) struct Inner {
     pub(crate) replaying: parking_lot::Mutex<std::collections::HashSet<Arc<str>>>,
     pub(crate) stop: watch::Sender<bool>,
     pub(crate) transfer: parking_lot::Mutex<crate::rebalance::TransferState>,
+    pub(crate) recent_writes: crate::recent_writes::RecentWrites,
     key_locks: Vec<tokio::sync::Mutex<()>>,
 }
 
@@ -198,6 +200,7 @@ impl Cluster {
             replaying: parking_lot::Mutex::new(Default::default()),
             stop,
             transfer: parking_lot::Mutex::new(transfer),
+            recent_writes: crate::recent_writes::RecentWrites::new(),
             key_locks: (0..KEY_LOCK_STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
@@ -398,15 +401,28 @@ impl Cluster {
     /// Applies records sent by a coordinator (replication, read repair, hints), durably; answers
     /// how many changed this node and, per record, the version this node now holds for its key.
     /// A record older than what is here is not applied, and the answer says so: the coordinator
-    /// counts an ack only for a replica that holds its very record.
-    pub async fn apply_replicated(&self, records: Vec<Record>) -> Result<ReplicateAnswer> {
+    /// counts an ack only for a replica that holds its very record. `write_ids` (empty, or one
+    /// per record) are remembered for the records this node now holds.
+    pub async fn apply_replicated(
+        &self,
+        records: Vec<Record>,
+        write_ids: Vec<Option<WriteId>>,
+    ) -> Result<ReplicateAnswer> {
         let versions: Vec<(String, Version)> =
             records.iter().map(|r| (r.key.clone(), r.version)).collect();
         let applied = self.inner.store.apply(records).await?;
+        let ids = write_ids.into_iter().chain(std::iter::repeat(None));
         let held = versions
             .into_iter()
             .zip(&applied)
-            .map(|((key, version), applied)| self.held_after(&key, version, *applied).to_string())
+            .zip(ids)
+            .map(|(((key, version), applied), id)| {
+                let held = self.held_after(&key, version, *applied);
+                if let (Some(id), true) = (id, held == version) {
+                    self.inner.recent_writes.remember(&key, id, held);
+                }
+                held.to_string()
+            })
             .collect();
         Ok(ReplicateAnswer {
             applied: applied.into_iter().filter(|a| *a).count(),

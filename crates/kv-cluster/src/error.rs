@@ -136,5 +136,21 @@ pub enum Error {
     Store(#[from] kv_core::Error),
 }
 
+impl Error {
+    /// This error as the answer to a write whose earlier send may have been applied (a resend):
+    /// the refusals that claim "nothing was written" become [`Error::OutcomeUnknown`].
+    pub fn possibly_written(self) -> Error {
+        let detail = match &self {
+            Error::TooFewReplicasUp { .. }
+            | Error::Superseded { .. }
+            | Error::Unavailable { .. } => {
+                format!("it was sent before and may be applied; this resend failed: {self}")
+            }
+            _ => return self,
+        };
+        Error::OutcomeUnknown { acked: 0, detail }
+    }
+}
+
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -4,6 +4,7 @@
 use crate::cluster::Cluster;
 use crate::consistency::Consistency;
 use crate::error::{Error, Result};
+use crate::recent_writes::WriteId;
 use bytes::Bytes;
 use kv_core::{Entry, Record, Version};
 use std::sync::atomic::Ordering;
@@ -31,7 +32,7 @@ enum ReplicaAnswer {
 
 /// Where a quorum write stands once it stopped waiting.
 #[derive(Debug)]
-enum QuorumOutcome {
+pub(crate) enum QuorumOutcome {
     /// W replicas stored it.
     Acked(usize),
     /// Fewer than W stored it and some hold a newer version.
@@ -77,8 +78,22 @@ pub struct Write {
     pub value: Option<Bytes>,
     /// When the value expires, in Unix milliseconds (`None`: never).
     pub expires_at_ms: Option<u64>,
-    /// The version the write brings (a retried write's own); `None`: this node's clock picks one.
+    /// The version the write brings (a client's own); `None`: this node's clock picks one.
     pub version: Option<Version>,
+    /// The write's id (`x-kv-write-id`), remembered by every replica that stores it.
+    pub id: Option<WriteId>,
+    /// Sent before and maybe applied (`x-kv-resend`): applied only if no replica has it yet.
+    pub resend: bool,
+}
+
+/// Which replica answers count as confirming a write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AckRule {
+    /// Only a replica holding this very record.
+    ThisRecord,
+    /// Also a replica holding a newer version: the record took effect there and was overwritten
+    /// (a resend confirming a write applied before).
+    ThisOrNewer,
 }
 
 /// A write that W replicas confirmed.
@@ -137,7 +152,9 @@ impl Cluster {
                 value: write.value.clone(),
                 expires_at_ms: write.expires_at_ms,
             };
-            let (stored, newest) = match self.replicate_quorum(record, w, request_id).await? {
+            let replicated =
+                self.replicate_quorum(record, write.id, w, AckRule::ThisRecord, request_id);
+            let (stored, newest) = match replicated.await? {
                 QuorumOutcome::Acked(acks) => return Ok(Written { version, acks }),
                 QuorumOutcome::Unconfirmed(acked) => {
                     let needed = w.required(self.replicas(key).len());
@@ -170,14 +187,17 @@ impl Cluster {
         }
     }
 
-    /// Sends `record` to every replica of its key in parallel and waits for `w` durable acks;
-    /// returns how many confirmed. The fan-out runs in spawned tasks, so it completes even when
-    /// the client hangs up. Replicas believed down get a hint without a call. When fewer than `w`
-    /// replicas are believed up, nothing is sent and nothing is hinted: the write is refused.
-    async fn replicate_quorum(
+    /// Sends `record` (and its write id) to every replica of its key in parallel and waits for
+    /// `w` acks by `rule`; returns how many confirmed. The fan-out runs in spawned tasks, so it
+    /// completes even when the client hangs up. Replicas believed down get a hint without a call.
+    /// When fewer than `w` replicas are believed up, nothing is sent and nothing is hinted: the
+    /// write is refused.
+    pub(crate) async fn replicate_quorum(
         &self,
         record: Record,
+        id: Option<WriteId>,
         w: Consistency,
+        rule: AckRule,
         request_id: &str,
     ) -> Result<QuorumOutcome> {
         let topology = self.topology();
@@ -205,7 +225,7 @@ impl Cluster {
                 tx.clone(),
             );
             tokio::spawn(async move {
-                let answer = cluster.send_to_replica(&replica, &record, &rid).await;
+                let answer = cluster.send_to_replica(&replica, &record, id, &rid).await;
                 let _ = tx.send(answer).await;
             });
             outstanding += 1;
@@ -215,7 +235,7 @@ impl Cluster {
         // count towards W (they own nothing yet), and a failure becomes a hint.
         for future in topology.pending(&record.key) {
             let (cluster, record, rid) = (self.clone(), record.clone(), rid.clone());
-            tokio::spawn(async move { cluster.send_to_replica(&future, &record, &rid).await });
+            tokio::spawn(async move { cluster.send_to_replica(&future, &record, id, &rid).await });
         }
         let (mut acked, mut newest) = (0, None::<Version>);
         let deadline = tokio::time::Instant::now() + self.inner.config.peer_timeout;
@@ -226,6 +246,7 @@ impl Cluster {
                     outstanding -= 1;
                     match answer {
                         ReplicaAnswer::Stored => acked += 1,
+                        ReplicaAnswer::Newer(_) if rule == AckRule::ThisOrNewer => acked += 1,
                         ReplicaAnswer::Newer(v) => newest = newest.max(Some(v)),
                         ReplicaAnswer::Failed => {}
                     }
@@ -244,11 +265,13 @@ impl Cluster {
     }
 
     /// Applies `record` on one replica (locally or over the network); a failed remote replica gets
-    /// a hint. Says whether the replica holds this very record, or a newer version.
+    /// a hint (without the write id). Says whether the replica holds this very record, or a newer
+    /// version. A replica that stores a record with an `id` remembers the id.
     async fn send_to_replica(
         &self,
         replica: &Arc<str>,
         record: &Record,
+        id: Option<WriteId>,
         rid: &str,
     ) -> ReplicaAnswer {
         let inner = &self.inner;
@@ -257,6 +280,9 @@ impl Cluster {
                 Ok(applied) => {
                     let applied = applied.first().copied().unwrap_or(false);
                     let held = self.held_after(&record.key, record.version, applied);
+                    if let (Some(id), true) = (id, held == record.version) {
+                        inner.recent_writes.remember(&record.key, id, held);
+                    }
                     held_answer(record.version, held)
                 }
                 Err(e) => {
@@ -267,7 +293,7 @@ impl Cluster {
         }
         match inner
             .peers
-            .replicate_record(replica, record.clone(), Arc::from(rid))
+            .replicate_record(replica, (record.clone(), id), Arc::from(rid))
             .await
         {
             Ok(held) if held < record.version => {
@@ -481,7 +507,7 @@ impl Cluster {
                 cluster.inner.read_repairs.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("kv_read_repairs_total").increment(1);
                 debug!(peer = %node, key = %newest.key, "read write-back");
-                let answer = cluster.send_to_replica(&node, &newest, &rid).await;
+                let answer = cluster.send_to_replica(&node, &newest, None, &rid).await;
                 // A replica holding something newer also holds at least what the read returns.
                 let _ = tx.send(answer != ReplicaAnswer::Failed).await;
             });
@@ -516,7 +542,7 @@ impl Cluster {
                 cluster.inner.read_repairs.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("kv_read_repairs_total").increment(1);
                 debug!(peer = %node, key = %newest.key, "read repair");
-                cluster.send_to_replica(&node, &newest, &rid).await;
+                cluster.send_to_replica(&node, &newest, None, &rid).await;
             }
         });
     }
@@ -530,8 +556,34 @@ impl Cluster {
     ///
     /// A write that carries its own `version` is idempotent: sent twice (a retry after a lost
     /// answer), it is the same record, and a delete that finds its own tombstone succeeds again.
+    /// A plain write marked as a resend of a write id is applied only if no replica stored that
+    /// id yet (see `resend.rs`).
     /// Returns the write, or `None` for a delete of a key that does not exist.
     pub async fn write_if(
+        &self,
+        key: &str,
+        write: Write,
+        precondition: Precondition,
+        (w, r): (Consistency, Consistency),
+        request_id: &str,
+    ) -> Result<Option<Written>> {
+        if write.resend && precondition == Precondition::Always {
+            if let Some(written) = self.check_resend(key, &write, w, request_id).await? {
+                return Ok(Some(written));
+            }
+            // The first send may be stranded on a replica believed down (and come back with
+            // it): saying that nothing was written would not be sure.
+            return self
+                .write_fresh(key, write, precondition, (w, r), request_id)
+                .await
+                .map_err(Error::possibly_written);
+        }
+        self.write_fresh(key, write, precondition, (w, r), request_id)
+            .await
+    }
+
+    /// [`Cluster::write_if`] for a write that is not a resend, or a resend no replica stored.
+    async fn write_fresh(
         &self,
         key: &str,
         write: Write,

@@ -1,0 +1,358 @@
+//! Write ids this node applied recently, so that a write resent after a lost answer (the load
+//! balancer's `x-kv-resend`) is applied at most once. Owns the in-memory `(key, id) -> version`
+//! table and the decision a resend's coordinator takes from the replicas' answers.
+
+use kv_core::Version;
+use parking_lot::Mutex;
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+/// Header of a plain write carrying its write id (16 lowercase hex digits), set by the LB.
+pub const WRITE_ID_HEADER: &str = "x-kv-write-id";
+/// Header (`1`) of a write that was sent before and may have been applied: a resend.
+pub const RESEND_HEADER: &str = "x-kv-resend";
+/// Header of a replication batch: per record, in order, its write id or `-`.
+pub const BATCH_WRITE_IDS_HEADER: &str = "x-kv-write-ids";
+/// How long a node remembers a write id: longer than any resend of the LB, which happens
+/// within its `REQUEST_TIMEOUT_MS` (10 s) of the first send.
+pub const WRITE_ID_WINDOW: Duration = Duration::from_secs(60);
+/// Most write ids remembered; beyond this the oldest are forgotten first.
+pub const MAX_RECENT_WRITES: usize = 100_000;
+
+/// A random 64-bit id naming one client write across its resends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct WriteId(pub u64);
+
+impl fmt::Display for WriteId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl FromStr for WriteId {
+    type Err = String;
+
+    /// Exactly 16 hex digits (lower or upper case).
+    fn from_str(text: &str) -> Result<WriteId, String> {
+        if text.len() != 16 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("{text:?} is not 16 hex digits"));
+        }
+        u64::from_str_radix(text, 16)
+            .map(WriteId)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Encodes the ids of a replication batch for [`BATCH_WRITE_IDS_HEADER`]; `None` when no record
+/// carries one (the header is then left out, as older nodes send it).
+pub fn encode_write_ids(ids: &[Option<WriteId>]) -> Option<String> {
+    if ids.iter().all(Option::is_none) {
+        return None;
+    }
+    let parts: Vec<String> = ids
+        .iter()
+        .map(|id| id.map_or_else(|| "-".to_owned(), |id| id.to_string()))
+        .collect();
+    Some(parts.join(","))
+}
+
+/// Decodes [`encode_write_ids`] for a batch of `count` records.
+pub fn decode_write_ids(text: &str, count: usize) -> Result<Vec<Option<WriteId>>, String> {
+    let ids: Vec<Option<WriteId>> = text
+        .split(',')
+        .map(|part| match part.trim() {
+            "-" => Ok(None),
+            id => id.parse().map(Some),
+        })
+        .collect::<Result<_, _>>()?;
+    if ids.len() != count {
+        return Err(format!("{} write ids for {count} records", ids.len()));
+    }
+    Ok(ids)
+}
+
+/// What a node knows of one `(key, write id)`: the answer of `POST /internal/seen`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Seen {
+    /// The version it stored the write under, as text; `None` when it has not seen it.
+    pub seen: Option<String>,
+    /// True when "not seen" is reliable: the node has remembered every id it applied for at
+    /// least [`WRITE_ID_WINDOW`] (it has run that long and has forgotten nothing younger).
+    pub complete: bool,
+}
+
+/// Bounded memory of `(key, write id) -> version` for writes this node stored, as coordinator
+/// or replica.
+///
+/// Entries live [`WRITE_ID_WINDOW`]; at most [`MAX_RECENT_WRITES`] are kept, the oldest dropped
+/// first. The table is complete (a miss means "never applied here") only once the node has run
+/// for a whole window, and not for a window after it had to drop an entry younger than that.
+#[derive(Debug)]
+pub struct RecentWrites {
+    started: Instant,
+    capacity: usize,
+    state: Mutex<Table>,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    versions: HashMap<(String, WriteId), Version>,
+    /// Insertion order, for expiry and the cap: `(when, key, id)`.
+    order: VecDeque<(Instant, String, WriteId)>,
+    /// A young entry was dropped: misses are unreliable until then.
+    incomplete_until: Option<Instant>,
+}
+
+impl RecentWrites {
+    /// An empty table, incomplete for its first [`WRITE_ID_WINDOW`].
+    pub fn new() -> RecentWrites {
+        RecentWrites::with_capacity(Instant::now(), MAX_RECENT_WRITES)
+    }
+
+    fn with_capacity(started: Instant, capacity: usize) -> RecentWrites {
+        RecentWrites {
+            started,
+            capacity,
+            state: Mutex::new(Table::default()),
+        }
+    }
+
+    /// Remembers that this node stored the write `id` of `key` at `version` (a later try of the
+    /// same write, at a greater version, replaces it).
+    pub fn remember(&self, key: &str, id: WriteId, version: Version) {
+        self.remember_at(Instant::now(), key, id, version);
+    }
+
+    /// What this node knows of `id` for `key`.
+    pub fn seen(&self, key: &str, id: WriteId) -> Seen {
+        self.seen_at(Instant::now(), key, id)
+    }
+
+    fn remember_at(&self, now: Instant, key: &str, id: WriteId, version: Version) {
+        let mut table = self.state.lock();
+        table.expire(now);
+        let slot = (key.to_owned(), id);
+        if let Some(held) = table.versions.get_mut(&slot) {
+            *held = (*held).max(version);
+            return;
+        }
+        while table.versions.len() >= self.capacity {
+            let Some((when, key, id)) = table.order.pop_front() else {
+                break;
+            };
+            table.versions.remove(&(key, id));
+            // Forgetting an id younger than the window makes misses unreliable for a window.
+            table.incomplete_until = Some(when + WRITE_ID_WINDOW);
+            metrics::counter!("kv_write_ids_dropped_total").increment(1);
+        }
+        table.versions.insert(slot, version);
+        table.order.push_back((now, key.to_owned(), id));
+    }
+
+    fn seen_at(&self, now: Instant, key: &str, id: WriteId) -> Seen {
+        let mut table = self.state.lock();
+        table.expire(now);
+        let complete = now.saturating_duration_since(self.started) >= WRITE_ID_WINDOW
+            && table.incomplete_until.is_none_or(|until| now >= until);
+        Seen {
+            seen: table
+                .versions
+                .get(&(key.to_owned(), id))
+                .map(|v| v.to_string()),
+            complete,
+        }
+    }
+
+    /// Entries remembered now.
+    pub fn len(&self) -> usize {
+        self.state.lock().versions.len()
+    }
+
+    /// True when nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Default for RecentWrites {
+    fn default() -> Self {
+        RecentWrites::new()
+    }
+}
+
+impl Table {
+    /// Drops entries older than the window (bounded by what is there).
+    fn expire(&mut self, now: Instant) {
+        while let Some((when, _, _)) = self.order.front() {
+            if now.saturating_duration_since(*when) < WRITE_ID_WINDOW {
+                break;
+            }
+            if let Some((_, key, id)) = self.order.pop_front() {
+                self.versions.remove(&(key, id));
+            }
+        }
+    }
+}
+
+/// What the coordinator of a resend does, from the replicas' [`Seen`] answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResendDecision {
+    /// A replica stored it at this version: confirm that record, do not write a new one.
+    Applied(Version),
+    /// No replica that could hold it did: apply it as a new write.
+    New,
+    /// Cannot tell whether it was applied: answer `504 outcome_unknown`.
+    Unknown,
+}
+
+/// Decides a resend from each replica's answer (`None`: it did not answer in time) and whether
+/// the failure detector believes that replica down.
+///
+/// "Not seen" is trusted only when every replica that answered is complete, and every one that
+/// did not answer is believed down. A copy stranded on such a down node (the original
+/// coordinator, typically, killed after storing it locally) was never acknowledged by a quorum,
+/// carries a lower version than the new write, and holds the same value: when it comes back
+/// (hint, repair) it loses to the new write, so the write takes effect once as clients see it.
+pub fn decide_resend(answers: &[(Option<Seen>, bool)]) -> ResendDecision {
+    let applied = answers
+        .iter()
+        .filter_map(|(seen, _)| seen.as_ref()?.seen.as_deref()?.parse::<Version>().ok())
+        .max();
+    if let Some(version) = applied {
+        return ResendDecision::Applied(version);
+    }
+    let reliable = answers.iter().all(|(seen, down)| match seen {
+        Some(seen) => seen.complete && seen.seen.is_none(),
+        None => *down,
+    });
+    if reliable {
+        ResendDecision::New
+    } else {
+        ResendDecision::Unknown
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(hlc: u64) -> Version {
+        Version { hlc, node: 1 }
+    }
+
+    const ID: WriteId = WriteId(0xfeed);
+
+    #[test]
+    fn write_ids_round_trip_as_16_hex_digits() {
+        assert_eq!(WriteId(0xab).to_string(), "00000000000000ab");
+        assert_eq!("00000000000000ab".parse(), Ok(WriteId(0xab)));
+        assert_eq!("FFFFFFFFFFFFFFFF".parse(), Ok(WriteId(u64::MAX)));
+        for bad in [
+            "",
+            "ab",
+            "00000000000000abc",
+            "+000000000000000",
+            "000000000000000g",
+        ] {
+            assert!(bad.parse::<WriteId>().is_err(), "{bad:?}");
+        }
+        let ids = [Some(WriteId(1)), None, Some(WriteId(u64::MAX))];
+        let text = encode_write_ids(&ids).unwrap();
+        assert_eq!(text, "0000000000000001,-,ffffffffffffffff");
+        assert_eq!(decode_write_ids(&text, 3).unwrap(), ids);
+        assert!(decode_write_ids(&text, 2).is_err(), "count mismatch");
+        assert!(decode_write_ids("1,-", 2).is_err());
+        assert_eq!(encode_write_ids(&[None, None]), None);
+    }
+
+    #[test]
+    fn remembered_ids_are_seen_until_the_window_ends() {
+        let start = Instant::now();
+        let recent = RecentWrites::with_capacity(start, 10);
+        recent.remember_at(start, "k", ID, v(5));
+        let at = |s: u64| start + Duration::from_secs(s);
+        assert_eq!(recent.seen_at(at(1), "k", ID).seen, Some(v(5).to_string()));
+        assert_eq!(recent.seen_at(at(1), "other", ID).seen, None);
+        assert_eq!(recent.seen_at(at(1), "k", WriteId(1)).seen, None);
+        // A later try of the same write at a greater version replaces it; an older does not.
+        recent.remember_at(at(2), "k", ID, v(9));
+        recent.remember_at(at(2), "k", ID, v(7));
+        assert_eq!(recent.seen_at(at(3), "k", ID).seen, Some(v(9).to_string()));
+        assert_eq!(recent.seen_at(at(61), "k", ID).seen, None, "expired");
+        assert!(recent.is_empty());
+    }
+
+    #[test]
+    fn a_young_table_is_incomplete_for_one_window() {
+        let start = Instant::now();
+        let recent = RecentWrites::with_capacity(start, 10);
+        assert!(!recent.seen_at(start, "k", ID).complete);
+        assert!(
+            !recent
+                .seen_at(start + Duration::from_secs(59), "k", ID)
+                .complete
+        );
+        assert!(recent.seen_at(start + WRITE_ID_WINDOW, "k", ID).complete);
+    }
+
+    #[test]
+    fn the_cap_drops_the_oldest_and_a_young_drop_makes_misses_unreliable() {
+        let start = Instant::now();
+        let at = |s: u64| start + WRITE_ID_WINDOW + Duration::from_secs(s);
+        let recent = RecentWrites::with_capacity(start, 2);
+        recent.remember_at(at(0), "a", ID, v(1));
+        recent.remember_at(at(1), "b", ID, v(2));
+        assert!(recent.seen_at(at(1), "z", ID).complete);
+        recent.remember_at(at(2), "c", ID, v(3));
+        assert_eq!(recent.len(), 2);
+        assert_eq!(recent.seen_at(at(2), "a", ID).seen, None, "oldest dropped");
+        assert_eq!(recent.seen_at(at(2), "b", ID).seen, Some(v(2).to_string()));
+        assert!(!recent.seen_at(at(2), "a", ID).complete);
+        // Complete again once the dropped entry would have expired anyway.
+        assert!(recent.seen_at(at(60), "a", ID).complete);
+    }
+
+    fn answer(seen: Option<u64>, complete: bool) -> Option<Seen> {
+        Some(Seen {
+            seen: seen.map(|hlc| v(hlc).to_string()),
+            complete,
+        })
+    }
+
+    #[test]
+    fn a_resend_seen_anywhere_confirms_the_newest_seen_version() {
+        let answers = [
+            (answer(None, true), false),
+            (answer(Some(4), false), false),
+            (answer(Some(7), true), false),
+            (None, false),
+        ];
+        assert_eq!(decide_resend(&answers), ResendDecision::Applied(v(7)));
+    }
+
+    #[test]
+    fn a_resend_is_new_only_when_every_replica_that_could_hold_it_says_no() {
+        let no = || answer(None, true);
+        assert_eq!(
+            decide_resend(&[(no(), false), (no(), false), (None, true)]),
+            ResendDecision::New,
+            "the silent replica is believed down"
+        );
+        assert_eq!(
+            decide_resend(&[(no(), false), (no(), false), (None, false)]),
+            ResendDecision::Unknown,
+            "a silent replica believed up may hold it"
+        );
+        assert_eq!(
+            decide_resend(&[(no(), false), (answer(None, false), false), (None, true)]),
+            ResendDecision::Unknown,
+            "a replica restarted within the window may have forgotten it"
+        );
+        assert_eq!(
+            decide_resend(&[(no(), false), (no(), false), (no(), false)]),
+            ResendDecision::New
+        );
+    }
+}
