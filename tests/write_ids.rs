@@ -1,11 +1,13 @@
 //! Black-box tests of write ids (`x-kv-write-id`, `x-kv-resend`): a resent write applies at most
 //! once, even when another client wrote the key in between, and a resend no replica can vouch
-//! for answers `504 outcome_unknown` and changes nothing.
+//! for (a replica restarted since the first send may have forgotten it) answers
+//! `504 outcome_unknown` and changes nothing.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use kv_tests::{send, send_with, Answer, TestCluster};
+use kv_tests::{send, send_with, wait_until, Answer, TestCluster};
 use serde_json::json;
+use std::time::Duration;
 
 const ID: &str = "1234abcd5678ef90";
 
@@ -20,7 +22,16 @@ fn first(node: &str, method: &str, key: &str) -> Answer {
 }
 
 fn resend(node: &str, method: &str, key: &str) -> Answer {
-    let headers = [("x-kv-write-id", ID), ("x-kv-resend", "1")];
+    resend_aged(node, method, key, "500")
+}
+
+/// A resend whose first send left `age_ms` ago, as the LB says.
+fn resend_aged(node: &str, method: &str, key: &str, age_ms: &str) -> Answer {
+    let headers = [
+        ("x-kv-write-id", ID),
+        ("x-kv-resend", "1"),
+        ("x-kv-resend-age-ms", age_ms),
+    ];
     write(node, method, key, "first", &headers)
 }
 
@@ -90,18 +101,45 @@ fn a_resend_confirms_the_first_write_and_never_overwrites_a_later_one() {
 }
 
 #[test]
-fn a_resend_no_replica_can_vouch_for_is_504_and_changes_nothing() {
-    // Nodes that started less than WRITE_ID_WINDOW ago cannot say "never seen" for sure.
-    let c = TestCluster::start(3);
+fn a_resend_is_applied_anew_only_when_every_replica_can_vouch_it_never_saw_it() {
+    let mut c = TestCluster::start(3);
     c.wait_converged();
-    let answer = resend(c.url(0), "POST", "fresh");
+    // Nodes that started with no data forgot nothing: an id none of them saw is a new write.
+    let answer = resend_aged(c.url(0), "POST", "fresh", "30000");
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    for (status, value) in read_all(&c, "fresh") {
+        assert_eq!((status, value), (200, json!("first")));
+    }
+
+    // A node restarted with data may have applied the first send before and forgotten it.
+    c.nodes[2].kill9();
+    c.nodes[2].restart();
+    c.wait_converged();
+    let answer = resend_aged(c.url(0), "POST", "unknown", "30000");
     assert_eq!(answer.status, 504, "{}", answer.text);
     assert_eq!(answer.json["error"], "outcome_unknown");
-    for (status, _) in read_all(&c, "fresh") {
+    for (status, _) in read_all(&c, "unknown") {
         assert_eq!(status, 404, "a resend answered 504 wrote something");
     }
-    // A first send with an id is an ordinary write.
-    assert_eq!(first(c.url(1), "POST", "fresh").status, 200);
+
+    // Without an age a resend may be as old as the window: no node vouches for that.
+    let headers = [("x-kv-write-id", ID), ("x-kv-resend", "1")];
+    let answer = write(c.url(0), "POST", "unknown", "first", &headers);
+    assert_eq!(answer.status, 504, "{}", answer.text);
+
+    // It can vouch for a resend whose first send is younger than its own run.
+    wait_until(
+        Duration::from_secs(15),
+        "a fresh resend is applied once the restarted node has run longer than its age",
+        || {
+            let answer = resend_aged(c.url(1), "POST", "aged", "0");
+            assert!([200, 504].contains(&answer.status), "{}", answer.text);
+            answer.status == 200
+        },
+    );
+    for (status, value) in read_all(&c, "aged") {
+        assert_eq!((status, value), (200, json!("first")));
+    }
 }
 
 #[test]

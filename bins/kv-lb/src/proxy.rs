@@ -7,7 +7,7 @@
 //!   retried on the next candidate, and the node is marked down at once;
 //! - timeout or a connection lost mid-request: `GET`/`HEAD` are retried, and so are plain writes
 //!   to `/v1/{key}`: the proxy gives each a random write id (`x-kv-write-id`), and sends it again
-//!   with the same id and `x-kv-resend: 1`; the node that gets the resend applies it only if no
+//!   with the same id, `x-kv-resend: 1` and its age (`x-kv-resend-age-ms`); the node that gets the resend applies it only if no
 //!   replica stored that id yet, so it applies at most once. The proxy never picks versions:
 //!   the coordinating node does, from its own clock. A write with the client's own
 //!   `x-kv-version` is retried too (it is the same record). Conditional writes (`If-Match`,
@@ -30,7 +30,7 @@ use crate::metrics;
 use crate::routing::Routing;
 use crate::upstream::{
     into_client_response, strip_hop_by_hop, strip_internal_headers, BufferedRequest, Outcome,
-    RESEND_HEADER, VERSION_HEADER, WRITE_ID_HEADER,
+    RESEND_AGE_HEADER, RESEND_HEADER, VERSION_HEADER, WRITE_ID_HEADER,
 };
 
 /// `/v1/{*key}`, any method: to the key's first healthy replica.
@@ -78,6 +78,7 @@ async fn forward(
     let deadline = Instant::now() + state.request_timeout;
     let order = routing.health.healthy_first(preference);
     let mut failures = Failures::default();
+    let (first_sent, mut resend) = (Instant::now(), false);
     for (position, &node) in order.iter().enumerate() {
         let Some(url) = routing.health.url(node) else {
             continue;
@@ -97,14 +98,13 @@ async fn forward(
             is_last: position + 1 == order.len(),
             budget: attempt_budget(remaining, retryable, order.len() - position),
         };
-        let outcome = state.upstream.send(url, &request, attempt.budget).await?;
-        // The node may have applied it: from now on, each send is a resend.
-        let maybe_applied = matches!(outcome, Outcome::TimedOut | Outcome::Failed(_));
-        if maybe_applied && request.headers.contains_key(WRITE_ID_HEADER) {
-            request
-                .headers
-                .insert(RESEND_HEADER, HeaderValue::from_static("1"));
+        if resend {
+            mark_resend(&mut request, first_sent);
         }
+        let outcome = state.upstream.send(url, &request, attempt.budget).await?;
+        // The node may have applied it: from now on, each send of a named write is a resend.
+        resend |= matches!(outcome, Outcome::TimedOut | Outcome::Failed(_))
+            && request.headers.contains_key(WRITE_ID_HEADER);
         match attempt.judge(state, routing, outcome, &mut failures) {
             Step::Answer(response) => {
                 if preference.first() != Some(&node) {
@@ -233,6 +233,20 @@ fn name_write(request: &mut BufferedRequest) -> bool {
         headers.insert(WRITE_ID_HEADER, new_write_id());
     }
     true
+}
+
+/// Marks a named write as a resend (`x-kv-resend: 1`), with the milliseconds since its first
+/// send (`x-kv-resend-age-ms`, from this process's monotonic clock): the nodes trust a replica's
+/// "never seen" only if it has remembered write ids for at least that long.
+fn mark_resend(request: &mut BufferedRequest, first_sent: Instant) {
+    let age_ms = first_sent.elapsed().as_millis();
+    request
+        .headers
+        .insert(RESEND_HEADER, HeaderValue::from_static("1"));
+    request.headers.insert(
+        RESEND_AGE_HEADER,
+        HeaderValue::from(u64::try_from(age_ms).unwrap_or(u64::MAX)),
+    );
 }
 
 /// A random 64-bit write id as 16 lowercase hex digits.

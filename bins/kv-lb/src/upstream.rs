@@ -200,6 +200,8 @@ pub const VERSION_HEADER: &str = "x-kv-version";
 pub const WRITE_ID_HEADER: &str = "x-kv-write-id";
 /// Marks a write sent again after an attempt whose answer was lost (`1`).
 pub const RESEND_HEADER: &str = "x-kv-resend";
+/// Milliseconds between a resent write's first send and this send.
+pub const RESEND_AGE_HEADER: &str = "x-kv-resend-age-ms";
 
 /// Prefix of every kv header; all but `x-kv-version` are node-to-node only.
 const INTERNAL_HEADER_PREFIX: &str = "x-kv-";

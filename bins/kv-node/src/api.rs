@@ -12,8 +12,8 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use kv_cluster::{
-    now_ms, Consistency, ForwardRequest, ForwardResponse, Precondition, Route, Write, WriteId,
-    FORWARDED_HEADER, RESEND_HEADER, VERSION_HEADER, WRITE_ID_HEADER,
+    now_ms, Consistency, ForwardRequest, ForwardResponse, Precondition, Resend, Route, Write,
+    WriteId, FORWARDED_HEADER, RESEND_AGE_HEADER, RESEND_HEADER, VERSION_HEADER, WRITE_ID_HEADER,
 };
 use kv_core::Version;
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
@@ -52,8 +52,8 @@ pub struct KeyOp {
     pub version: Option<Version>,
     /// The id of a plain write (`x-kv-write-id`), remembered by the replicas that store it.
     pub write_id: Option<WriteId>,
-    /// The write was sent before and may be applied (`x-kv-resend`).
-    pub resend: bool,
+    /// The write was sent before and may be applied (`x-kv-resend`), and how long ago.
+    pub resend: Option<Resend>,
 }
 
 /// The kinds of key operation.
@@ -257,11 +257,16 @@ fn forward_request(op: &KeyOp, auth: Option<&HeaderValue>) -> ForwardRequest {
             id.to_string(),
         )
     });
-    let resend = op.resend.then(|| {
-        (
-            header::HeaderName::from_static(RESEND_HEADER),
-            "1".to_owned(),
-        )
+    // The resend's age grows by the time it spent here.
+    let resend = op.resend.into_iter().flat_map(|resend| {
+        let age_ms = resend.first_sent_ago().as_millis().to_string();
+        [
+            (
+                header::HeaderName::from_static(RESEND_HEADER),
+                "1".to_owned(),
+            ),
+            (header::HeaderName::from_static(RESEND_AGE_HEADER), age_ms),
+        ]
     });
     for (name, value) in precondition
         .into_iter()
@@ -366,7 +371,7 @@ pub async fn data(State(app): State<AppState>, request: Request) -> Result<Respo
     };
     let key = parse_key(parts.uri.path(), "/v1/", config.max_key_bytes)?;
     let (precondition, version, (write_id, resend)) = if kind == OpKind::Get {
-        (Precondition::Always, None, (None, false))
+        (Precondition::Always, None, (None, None))
     } else {
         (
             parse_precondition(&parts.headers)?,

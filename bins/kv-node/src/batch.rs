@@ -113,7 +113,7 @@ fn parse_ops(app: &AppState, body: &[u8], query: Option<&str>) -> Result<Vec<Key
                 precondition: Precondition::Always,
                 version: None,
                 write_id: None,
-                resend: false,
+                resend: None,
             })
         })
         .collect()

@@ -13,7 +13,7 @@ use kv_cluster::peer::{
     ENTRY_PATH, MAX_BATCH_BYTES, PAGE_FULL_HEADER,
 };
 use kv_cluster::recent_writes::{decode_write_ids, BATCH_WRITE_IDS_HEADER};
-use kv_cluster::WriteId;
+use kv_cluster::{WriteId, WRITE_ID_WINDOW};
 use kv_core::Record;
 use std::time::Duration;
 use tracing::{debug, warn};
@@ -76,10 +76,13 @@ pub async fn replicate(
 struct SeenQuery {
     key: String,
     id: String,
+    /// How far back the answer's "complete" must reach (default: the whole window).
+    horizon_ms: Option<u64>,
 }
 
-/// `POST /internal/seen` `{"key": K, "id": "<write id>"}`: whether this node stored that write
-/// (`{"seen": "<version>"|null, "complete": bool}`), for a resend's coordinator.
+/// `POST /internal/seen` `{"key": K, "id": "<write id>", "horizon_ms": H}`: whether this node
+/// stored that write (`{"seen": "<version>"|null, "complete": bool}`, complete when its memory
+/// reaches `H` ms back), for a resend's coordinator.
 pub async fn seen(State(app): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
     let query: SeenQuery = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(
@@ -97,7 +100,11 @@ pub async fn seen(State(app): State<AppState>, body: Bytes) -> Result<Response, 
         .id
         .parse()
         .map_err(|e| ApiError::bad_request("invalid_write_id", e))?;
-    Ok(axum::Json(app.cluster().write_id_seen(&query.key, id)).into_response())
+    let horizon = query
+        .horizon_ms
+        .map_or(WRITE_ID_WINDOW, Duration::from_millis);
+    let seen = app.cluster().write_id_seen(&query.key, id, horizon);
+    Ok(axum::Json(seen).into_response())
 }
 
 /// Refuses a batch holding a version further ahead of this node's clock than `max_ahead`: it

@@ -7,7 +7,8 @@ use axum::body::Body;
 use axum::http::{header, HeaderMap};
 use bytes::Bytes;
 use kv_cluster::{
-    Consistency, Precondition, WriteId, RESEND_HEADER, VERSION_HEADER, WRITE_ID_HEADER,
+    Consistency, Precondition, Resend, WriteId, RESEND_AGE_HEADER, RESEND_HEADER, VERSION_HEADER,
+    WRITE_ID_HEADER,
 };
 use kv_core::Version;
 use percent_encoding::percent_decode_str;
@@ -277,10 +278,11 @@ pub fn parse_supplied_version(
     Ok(Some(version))
 }
 
-/// The write id of a plain write (`x-kv-write-id`, 16 hex digits) and whether it is a resend
-/// (`x-kv-resend: 1`). Honoured from anyone: an id can only make a write idempotent, and a
-/// forged one would have to guess a random 64-bit id to touch another client's write.
-pub fn parse_write_id(headers: &HeaderMap) -> Result<(Option<WriteId>, bool), ApiError> {
+/// The write id of a plain write (`x-kv-write-id`, 16 hex digits) and, for a resend
+/// (`x-kv-resend: 1`), how long ago its first send left (`x-kv-resend-age-ms`). Honoured from
+/// anyone: an id can only make a write idempotent, and a forged one would have to guess a random
+/// 64-bit id to touch another client's write.
+pub fn parse_write_id(headers: &HeaderMap) -> Result<(Option<WriteId>, Option<Resend>), ApiError> {
     let id = match headers.get(WRITE_ID_HEADER) {
         None => None,
         Some(raw) => Some(
@@ -311,7 +313,22 @@ pub fn parse_write_id(headers: &HeaderMap) -> Result<(Option<WriteId>, bool), Ap
             format!("{RESEND_HEADER} needs {WRITE_ID_HEADER}: a resend names the write it repeats"),
         ));
     }
-    Ok((id, resend))
+    let age = match headers.get(RESEND_AGE_HEADER) {
+        None => None,
+        Some(raw) => Some(
+            raw.to_str()
+                .ok()
+                .and_then(|text| text.trim().parse::<u64>().ok())
+                .map(Duration::from_millis)
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "invalid_write_id",
+                        format!("{RESEND_AGE_HEADER}: expected whole milliseconds"),
+                    )
+                })?,
+        ),
+    };
+    Ok((id, resend.then(|| Resend::new(age))))
 }
 
 /// `Err(ms ahead)` when `version` is further than `max_ahead` ahead of this node's clock.
@@ -331,11 +348,23 @@ mod tests {
     #[test]
     fn write_ids_and_resend_flags_are_checked() {
         let mut h = HeaderMap::new();
-        assert_eq!(parse_write_id(&h).unwrap(), (None, false));
+        assert_eq!(parse_write_id(&h).unwrap(), (None, None));
         h.insert(WRITE_ID_HEADER, "00000000000000ff".parse().unwrap());
-        assert_eq!(parse_write_id(&h).unwrap(), (Some(WriteId(255)), false));
+        assert_eq!(parse_write_id(&h).unwrap(), (Some(WriteId(255)), None));
         h.insert(RESEND_HEADER, "1".parse().unwrap());
-        assert_eq!(parse_write_id(&h).unwrap(), (Some(WriteId(255)), true));
+        let (id, resend) = parse_write_id(&h).unwrap();
+        assert_eq!(id, Some(WriteId(255)));
+        assert!(
+            resend.unwrap().horizon() > kv_cluster::WRITE_ID_WINDOW,
+            "age unknown"
+        );
+        h.insert(RESEND_AGE_HEADER, "250".parse().unwrap());
+        let resend = parse_write_id(&h).unwrap().1.unwrap();
+        assert!(resend.first_sent_ago() >= Duration::from_millis(250));
+        assert!(resend.horizon() < Duration::from_secs(10));
+        h.insert(RESEND_AGE_HEADER, "soon".parse().unwrap());
+        assert!(parse_write_id(&h).is_err(), "an age is whole milliseconds");
+        h.remove(RESEND_AGE_HEADER);
         h.insert(RESEND_HEADER, "yes".parse().unwrap());
         assert!(parse_write_id(&h).is_err(), "a resend flag is 1 or 0");
         h.insert(RESEND_HEADER, "1".parse().unwrap());

@@ -150,6 +150,14 @@ fn initial_view(config: &ClusterConfig) -> Result<View> {
     }
 }
 
+/// True when the store holds nothing from an earlier run (no key, no tombstone, no snapshot):
+/// this node then never applied a write id it does not remember (every applied record is in
+/// the WAL, and replay brings it back as a key or a tombstone).
+fn starts_empty(store: &Store) -> bool {
+    let status = store.status();
+    status.keys == 0 && status.tombstones == 0 && status.last_snapshot.is_none()
+}
+
 /// Stripes of the per-key lock that serialises conditional writes on their coordinator.
 const KEY_LOCK_STRIPES: usize = 1024;
 
@@ -187,6 +195,17 @@ impl Cluster {
         let hints = HintStore::open(config.hints_dir.clone())?;
         let (stop, _) = watch::channel(false);
         let transfer = crate::rebalance::TransferState::load(&config.members_file);
+        let fresh = starts_empty(&store);
+        info!(
+            fresh,
+            "write ids: a resend's \"never seen\" is vouched for {}",
+            if fresh {
+                "at once (no data from an earlier run)"
+            } else {
+                "once this run is older than the resend"
+            }
+        );
+        let recent_writes = crate::recent_writes::RecentWrites::new(fresh);
         let inner = Arc::new(Inner {
             me: Arc::from(config.me.as_str()),
             topology: RwLock::new(Arc::new(topology)),
@@ -200,7 +219,7 @@ impl Cluster {
             replaying: parking_lot::Mutex::new(Default::default()),
             stop,
             transfer: parking_lot::Mutex::new(transfer),
-            recent_writes: crate::recent_writes::RecentWrites::new(),
+            recent_writes,
             key_locks: (0..KEY_LOCK_STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),

@@ -50,4 +50,6 @@ pub use peer::{
 };
 pub use quorum::{now_ms, Precondition, Write, Written};
 pub use rebalance::{PlanReport, TransferState};
-pub use recent_writes::{Seen, WriteId, RESEND_HEADER, WRITE_ID_HEADER};
+pub use recent_writes::{
+    Resend, Seen, WriteId, RESEND_AGE_HEADER, RESEND_HEADER, WRITE_ID_HEADER, WRITE_ID_WINDOW,
+};

@@ -254,16 +254,18 @@ impl PeerClient {
         self.replicate_one.call(peer, item, request_id).await
     }
 
-    /// Asks `peer` whether it stored write `id` of `key` (`POST /internal/seen`), within the
-    /// peer-call deadline.
+    /// Asks `peer` whether it stored write `id` of `key`, and whether its memory reaches
+    /// `horizon` back (`POST /internal/seen`), within the peer-call deadline.
     pub async fn seen(
         &self,
         peer: &str,
         key: &str,
         id: WriteId,
+        horizon: Duration,
         request_id: &str,
     ) -> Result<Seen, CallError> {
-        let body = serde_json::json!({"key": key, "id": id.to_string()});
+        let horizon_ms = u64::try_from(horizon.as_millis()).unwrap_or(u64::MAX);
+        let body = serde_json::json!({"key": key, "id": id.to_string(), "horizon_ms": horizon_ms});
         let request = self
             .request(Method::POST, format!("{peer}{SEEN_PATH}"), request_id)
             .json(&body);

@@ -4,7 +4,7 @@
 use crate::cluster::Cluster;
 use crate::consistency::Consistency;
 use crate::error::{Error, Result};
-use crate::recent_writes::WriteId;
+use crate::recent_writes::{Resend, WriteId};
 use bytes::Bytes;
 use kv_core::{Entry, Record, Version};
 use std::sync::atomic::Ordering;
@@ -83,7 +83,7 @@ pub struct Write {
     /// The write's id (`x-kv-write-id`), remembered by every replica that stores it.
     pub id: Option<WriteId>,
     /// Sent before and maybe applied (`x-kv-resend`): applied only if no replica has it yet.
-    pub resend: bool,
+    pub resend: Option<Resend>,
 }
 
 /// Which replica answers count as confirming a write.
@@ -567,7 +567,7 @@ impl Cluster {
         (w, r): (Consistency, Consistency),
         request_id: &str,
     ) -> Result<Option<Written>> {
-        if write.resend && precondition == Precondition::Always {
+        if write.resend.is_some() && precondition == Precondition::Always {
             if let Some(written) = self.check_resend(key, &write, w, request_id).await? {
                 return Ok(Some(written));
             }

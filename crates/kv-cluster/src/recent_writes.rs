@@ -13,6 +13,13 @@ use std::time::{Duration, Instant};
 pub const WRITE_ID_HEADER: &str = "x-kv-write-id";
 /// Header (`1`) of a write that was sent before and may have been applied: a resend.
 pub const RESEND_HEADER: &str = "x-kv-resend";
+/// Header of a resend: milliseconds since the first send of the write left its sender (the LB's
+/// monotonic clock, so no wall clock is trusted). Without it a resend is taken as up to
+/// [`WRITE_ID_WINDOW`] old.
+pub const RESEND_AGE_HEADER: &str = "x-kv-resend-age-ms";
+/// Added to a resend's age for what no one measures: the time the resend and the coordinator's
+/// questions spend in flight between processes.
+pub const RESEND_SLACK: Duration = Duration::from_secs(1);
 /// Header of a replication batch: per record, in order, its write id or `-`.
 pub const BATCH_WRITE_IDS_HEADER: &str = "x-kv-write-ids";
 /// How long a node remembers a write id: longer than any resend of the LB, which happens
@@ -73,13 +80,43 @@ pub fn decode_write_ids(text: &str, count: usize) -> Result<Vec<Option<WriteId>>
     Ok(ids)
 }
 
+/// A write sent before that may have been applied: how long ago its first send left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resend {
+    received: Instant,
+    first_sent_ago: Duration,
+}
+
+impl Resend {
+    /// A resend received now whose first send left `first_sent_ago` ago (`None`: unknown, taken
+    /// as a whole [`WRITE_ID_WINDOW`]).
+    pub fn new(first_sent_ago: Option<Duration>) -> Resend {
+        Resend {
+            received: Instant::now(),
+            first_sent_ago: first_sent_ago.unwrap_or(WRITE_ID_WINDOW),
+        }
+    }
+
+    /// How long ago the first send left, as of now (for passing the resend on to another node).
+    pub fn first_sent_ago(&self) -> Duration {
+        self.first_sent_ago + self.received.elapsed()
+    }
+
+    /// How far back a replica's memory must reach to vouch that it never applied the write:
+    /// since before the first send could have reached it, with [`RESEND_SLACK`] for transit.
+    pub fn horizon(&self) -> Duration {
+        self.first_sent_ago() + RESEND_SLACK
+    }
+}
+
 /// What a node knows of one `(key, write id)`: the answer of `POST /internal/seen`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Seen {
     /// The version it stored the write under, as text; `None` when it has not seen it.
     pub seen: Option<String>,
-    /// True when "not seen" is reliable: the node has remembered every id it applied for at
-    /// least [`WRITE_ID_WINDOW`] (it has run that long and has forgotten nothing younger).
+    /// True when "not seen" is reliable: the node has remembered every id it applied for as
+    /// far back as the question asked (at most [`WRITE_ID_WINDOW`]): it has run that long, or it
+    /// started with no data at all, and it has forgotten nothing younger.
     pub complete: bool,
 }
 
@@ -87,11 +124,14 @@ pub struct Seen {
 /// or replica.
 ///
 /// Entries live [`WRITE_ID_WINDOW`]; at most [`MAX_RECENT_WRITES`] are kept, the oldest dropped
-/// first. The table is complete (a miss means "never applied here") only once the node has run
-/// for a whole window, and not for a window after it had to drop an entry younger than that.
+/// first. A miss means "never applied here" only as far back as the table reaches: the node's
+/// start (a node that started with data may have applied ids before, and forgot them; one that
+/// started with none did not), and never for a window after it had to drop a younger entry.
 #[derive(Debug)]
 pub struct RecentWrites {
-    started: Instant,
+    /// When this process started remembering; `None` when it started with no data, so it has
+    /// applied nothing it does not remember.
+    started: Option<Instant>,
     capacity: usize,
     state: Mutex<Table>,
 }
@@ -106,12 +146,14 @@ struct Table {
 }
 
 impl RecentWrites {
-    /// An empty table, incomplete for its first [`WRITE_ID_WINDOW`].
-    pub fn new() -> RecentWrites {
-        RecentWrites::with_capacity(Instant::now(), MAX_RECENT_WRITES)
+    /// An empty table. `fresh`: the node started with no data (no keys, no tombstones, no WAL,
+    /// no snapshot), so no earlier run of it applied an id it forgot.
+    pub fn new(fresh: bool) -> RecentWrites {
+        let started = (!fresh).then(Instant::now);
+        RecentWrites::with_capacity(started, MAX_RECENT_WRITES)
     }
 
-    fn with_capacity(started: Instant, capacity: usize) -> RecentWrites {
+    fn with_capacity(started: Option<Instant>, capacity: usize) -> RecentWrites {
         RecentWrites {
             started,
             capacity,
@@ -125,9 +167,10 @@ impl RecentWrites {
         self.remember_at(Instant::now(), key, id, version);
     }
 
-    /// What this node knows of `id` for `key`.
-    pub fn seen(&self, key: &str, id: WriteId) -> Seen {
-        self.seen_at(Instant::now(), key, id)
+    /// What this node knows of `id` for `key`; a miss is reliable ("complete") if the table
+    /// reaches `horizon` back.
+    pub fn seen(&self, key: &str, id: WriteId, horizon: Duration) -> Seen {
+        self.seen_at(Instant::now(), key, id, horizon)
     }
 
     fn remember_at(&self, now: Instant, key: &str, id: WriteId, version: Version) {
@@ -151,10 +194,13 @@ impl RecentWrites {
         table.order.push_back((now, key.to_owned(), id));
     }
 
-    fn seen_at(&self, now: Instant, key: &str, id: WriteId) -> Seen {
+    fn seen_at(&self, now: Instant, key: &str, id: WriteId, horizon: Duration) -> Seen {
         let mut table = self.state.lock();
         table.expire(now);
-        let complete = now.saturating_duration_since(self.started) >= WRITE_ID_WINDOW
+        let complete = horizon <= WRITE_ID_WINDOW
+            && self
+                .started
+                .is_none_or(|started| now.saturating_duration_since(started) >= horizon)
             && table.incomplete_until.is_none_or(|until| now >= until);
         Seen {
             seen: table
@@ -173,12 +219,6 @@ impl RecentWrites {
     /// True when nothing is remembered.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-}
-
-impl Default for RecentWrites {
-    fn default() -> Self {
-        RecentWrites::new()
     }
 }
 
@@ -267,51 +307,85 @@ mod tests {
         assert_eq!(encode_write_ids(&[None, None]), None);
     }
 
+    const W: Duration = WRITE_ID_WINDOW;
+
     #[test]
     fn remembered_ids_are_seen_until_the_window_ends() {
         let start = Instant::now();
-        let recent = RecentWrites::with_capacity(start, 10);
+        let recent = RecentWrites::with_capacity(Some(start), 10);
         recent.remember_at(start, "k", ID, v(5));
         let at = |s: u64| start + Duration::from_secs(s);
-        assert_eq!(recent.seen_at(at(1), "k", ID).seen, Some(v(5).to_string()));
-        assert_eq!(recent.seen_at(at(1), "other", ID).seen, None);
-        assert_eq!(recent.seen_at(at(1), "k", WriteId(1)).seen, None);
+        let seen = |s, key, id| recent.seen_at(at(s), key, id, W).seen;
+        assert_eq!(seen(1, "k", ID), Some(v(5).to_string()));
+        assert_eq!(seen(1, "other", ID), None);
+        assert_eq!(seen(1, "k", WriteId(1)), None);
         // A later try of the same write at a greater version replaces it; an older does not.
         recent.remember_at(at(2), "k", ID, v(9));
         recent.remember_at(at(2), "k", ID, v(7));
-        assert_eq!(recent.seen_at(at(3), "k", ID).seen, Some(v(9).to_string()));
-        assert_eq!(recent.seen_at(at(61), "k", ID).seen, None, "expired");
+        assert_eq!(seen(3, "k", ID), Some(v(9).to_string()));
+        assert_eq!(seen(61, "k", ID), None, "expired");
         assert!(recent.is_empty());
     }
 
     #[test]
-    fn a_young_table_is_incomplete_for_one_window() {
+    fn a_restarted_node_vouches_only_as_far_back_as_it_has_run() {
         let start = Instant::now();
-        let recent = RecentWrites::with_capacity(start, 10);
-        assert!(!recent.seen_at(start, "k", ID).complete);
+        let recent = RecentWrites::with_capacity(Some(start), 10);
+        let complete = |after: u64, horizon: u64| {
+            let now = start + Duration::from_secs(after);
+            let horizon = Duration::from_secs(horizon);
+            recent.seen_at(now, "k", ID, horizon).complete
+        };
+        assert!(!complete(0, 1));
+        assert!(!complete(5, 6), "the first send may predate this run");
+        assert!(complete(5, 5));
+        assert!(!complete(59, 60));
+        assert!(complete(60, 60));
         assert!(
-            !recent
-                .seen_at(start + Duration::from_secs(59), "k", ID)
-                .complete
+            !complete(600, 61),
+            "nothing is remembered longer than the window"
         );
-        assert!(recent.seen_at(start + WRITE_ID_WINDOW, "k", ID).complete);
+        let fresh = RecentWrites::with_capacity(None, 10);
+        assert!(
+            fresh.seen_at(start, "k", ID, W).complete,
+            "no data: nothing forgotten"
+        );
+    }
+
+    #[test]
+    fn a_resend_s_horizon_is_its_age_plus_the_slack_and_grows() {
+        let resend = Resend::new(Some(Duration::from_millis(300)));
+        assert!(resend.horizon() >= Duration::from_millis(300) + RESEND_SLACK);
+        assert!(resend.horizon() < Duration::from_secs(30));
+        assert!(resend.first_sent_ago() >= Duration::from_millis(300));
+        assert!(
+            Resend::new(None).horizon() > W,
+            "an unknown age reaches past the window"
+        );
     }
 
     #[test]
     fn the_cap_drops_the_oldest_and_a_young_drop_makes_misses_unreliable() {
         let start = Instant::now();
-        let at = |s: u64| start + WRITE_ID_WINDOW + Duration::from_secs(s);
-        let recent = RecentWrites::with_capacity(start, 2);
+        let at = |s: u64| start + W + Duration::from_secs(s);
+        let recent = RecentWrites::with_capacity(Some(start), 2);
         recent.remember_at(at(0), "a", ID, v(1));
         recent.remember_at(at(1), "b", ID, v(2));
-        assert!(recent.seen_at(at(1), "z", ID).complete);
+        assert!(recent.seen_at(at(1), "z", ID, W).complete);
         recent.remember_at(at(2), "c", ID, v(3));
         assert_eq!(recent.len(), 2);
-        assert_eq!(recent.seen_at(at(2), "a", ID).seen, None, "oldest dropped");
-        assert_eq!(recent.seen_at(at(2), "b", ID).seen, Some(v(2).to_string()));
-        assert!(!recent.seen_at(at(2), "a", ID).complete);
+        assert_eq!(
+            recent.seen_at(at(2), "a", ID, W).seen,
+            None,
+            "oldest dropped"
+        );
+        assert_eq!(
+            recent.seen_at(at(2), "b", ID, W).seen,
+            Some(v(2).to_string())
+        );
+        assert!(!recent.seen_at(at(2), "a", ID, W).complete);
         // Complete again once the dropped entry would have expired anyway.
-        assert!(recent.seen_at(at(60), "a", ID).complete);
+        assert!(recent.seen_at(at(60), "a", ID, W).complete);
     }
 
     fn answer(seen: Option<u64>, complete: bool) -> Option<Seen> {

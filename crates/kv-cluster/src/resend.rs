@@ -6,8 +6,9 @@ use crate::cluster::Cluster;
 use crate::consistency::Consistency;
 use crate::error::{Error, Result};
 use crate::quorum::{AckRule, QuorumOutcome, Write, Written};
-use crate::recent_writes::{decide_resend, ResendDecision, Seen, WriteId};
+use crate::recent_writes::{decide_resend, Resend, ResendDecision, Seen, WriteId};
 use kv_core::{Record, Version};
+use std::time::Duration;
 use tracing::{debug, warn};
 
 impl Cluster {
@@ -21,10 +22,10 @@ impl Cluster {
         w: Consistency,
         request_id: &str,
     ) -> Result<Option<Written>> {
-        let Some(id) = write.id else {
+        let (Some(id), Some(resend)) = (write.id, write.resend) else {
             return Ok(None);
         };
-        let answers = self.ask_seen(key, id, request_id).await;
+        let answers = self.ask_seen(key, id, resend, request_id).await;
         match decide_resend(&answers) {
             ResendDecision::New => {
                 debug!(%id, "resend not seen by any replica; applying it");
@@ -50,25 +51,33 @@ impl Cluster {
         }
     }
 
-    /// This node's own knowledge of write `id` for `key` (`POST /internal/seen`).
-    pub fn write_id_seen(&self, key: &str, id: WriteId) -> Seen {
-        self.inner.recent_writes.seen(key, id)
+    /// This node's own knowledge of write `id` for `key`, vouching for misses `horizon` back
+    /// (`POST /internal/seen`).
+    pub fn write_id_seen(&self, key: &str, id: WriteId, horizon: Duration) -> Seen {
+        self.inner.recent_writes.seen(key, id, horizon)
     }
 
     /// Asks every replica of `key` (this node included) in parallel whether it stored write
-    /// `id`; per replica, its answer (`None`: none in time) and whether it is believed down.
+    /// `id` since before the resend's horizon; per replica, its answer (`None`: none in time) and
+    /// whether it is believed down.
     async fn ask_seen(
         &self,
         key: &str,
         id: WriteId,
+        resend: Resend,
         request_id: &str,
     ) -> Vec<(Option<Seen>, bool)> {
         let inner = &self.inner;
+        let horizon = resend.horizon();
         let asks = self.replicas(key).into_iter().map(|replica| async move {
             if replica == inner.me {
-                return (Some(inner.recent_writes.seen(key, id)), false);
+                return (Some(inner.recent_writes.seen(key, id, horizon)), false);
             }
-            match inner.peers.seen(&replica, key, id, request_id).await {
+            match inner
+                .peers
+                .seen(&replica, key, id, horizon, request_id)
+                .await
+            {
                 Ok(seen) => (Some(seen), false),
                 Err(e) => {
                     debug!(peer = %replica, error = %e, "write-id query failed");

@@ -254,8 +254,18 @@ async fn a_timeout_is_retried_for_reads_and_plain_writes_and_is_504_for_conditio
         .iter()
         .map(|h| h.as_str().unwrap())
         .collect();
-    assert_eq!(headers.len(), 2, "{headers:?}");
+    assert_eq!(headers.len(), 3, "{headers:?}");
     assert!(headers.contains(&"x-kv-resend=1"), "{headers:?}");
+    let age: u64 = headers
+        .iter()
+        .find_map(|h| h.strip_prefix("x-kv-resend-age-ms="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (100..2000).contains(&age),
+        "sent after the first attempt timed out: {age} ms"
+    );
     let id = headers
         .iter()
         .find_map(|h| h.strip_prefix("x-kv-write-id="))
