@@ -144,7 +144,7 @@ impl Error {
             Error::TooFewReplicasUp { .. }
             | Error::Superseded { .. }
             | Error::Unavailable { .. } => {
-                format!("it was sent before and may be applied; this resend failed: {self}")
+                format!("an earlier send of it may be applied, and this resend failed: {self}")
             }
             _ => return self,
         };
@@ -154,3 +154,25 @@ impl Error {
 
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resend_never_claims_that_nothing_was_written() {
+        let refused = Error::TooFewReplicasUp { needed: 2, up: 1 }.possibly_written();
+        assert!(
+            matches!(&refused, Error::OutcomeUnknown { acked: 0, detail } if detail.contains("1 of the key's replicas")),
+            "{refused}"
+        );
+        let unavailable = Error::Unavailable {
+            needed: 2,
+            answered: 1,
+        }
+        .possibly_written();
+        assert!(matches!(unavailable, Error::OutcomeUnknown { .. }));
+        let other = Error::PreconditionFailed { current: None }.possibly_written();
+        assert!(matches!(other, Error::PreconditionFailed { .. }));
+    }
+}

@@ -36,8 +36,8 @@ impl Cluster {
                 warn!(%id, "resend: a replica that may hold the write cannot tell");
                 Err(Error::OutcomeUnknown {
                     acked: 0,
-                    detail: "it was sent before, and a replica that may hold it cannot tell \
-                             whether it did (it is unreachable, or restarted less than 60 s ago)"
+                    detail: "a replica that may hold an earlier send of it cannot tell whether \
+                             it does (it is unreachable, or restarted since that send)"
                         .to_owned(),
                 })
             }
@@ -117,16 +117,16 @@ impl Cluster {
             ) => Err(Error::OutcomeUnknown {
                 acked,
                 detail: format!(
-                    "it was applied before at version {version}, but only {acked} replicas \
-                         confirmed it in time"
+                    "an earlier send was applied at version {version} and only {acked} \
+                     replicas confirmed it again in time"
                 ),
             }),
             // The write was applied before: "nothing was written" would not be true.
             Err(Error::TooFewReplicasUp { needed, up }) => Err(Error::OutcomeUnknown {
                 acked: 0,
                 detail: format!(
-                    "it was applied before at version {version}, and only {up} of the {needed} \
-                     required replicas are up to confirm it"
+                    "an earlier send was applied at version {version} and only {up} of the \
+                     {needed} required replicas are up to confirm it again"
                 ),
             }),
             Err(e) => Err(e),
