@@ -5,6 +5,7 @@ use crate::cluster::Cluster;
 use crate::consistency::Consistency;
 use crate::error::{Error, Result};
 use crate::recent_writes::{Resend, WriteId};
+use crate::resend::ResendCheck;
 use bytes::Bytes;
 use kv_core::{Entry, Record, Version};
 use std::sync::atomic::Ordering;
@@ -568,9 +569,10 @@ impl Cluster {
         request_id: &str,
     ) -> Result<Option<Written>> {
         if write.resend.is_some() && precondition == Precondition::Always {
-            if let Some(written) = self.check_resend(key, &write, w, request_id).await? {
-                return Ok(Some(written));
-            }
+            let _mark = match self.check_resend(key, &write, w, request_id).await? {
+                ResendCheck::Confirmed(written) => return Ok(Some(written)),
+                ResendCheck::ApplyAnew(mark) => mark,
+            };
             // The first send may be stranded on a replica believed down (and come back with
             // it): saying that nothing was written would not be sure.
             return self

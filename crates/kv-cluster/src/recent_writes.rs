@@ -118,6 +118,10 @@ pub struct Seen {
     /// far back as the question asked (at most [`WRITE_ID_WINDOW`]): it has run that long, or it
     /// started with no data at all, and it has forgotten nothing younger.
     pub complete: bool,
+    /// True while a resend of this write is being decided or applied on that node: another
+    /// resend must not apply it a second time.
+    #[serde(default)]
+    pub pending: bool,
 }
 
 /// Bounded memory of `(key, write id) -> version` for writes this node stored, as coordinator
@@ -143,6 +147,9 @@ struct Table {
     order: VecDeque<(Instant, String, WriteId)>,
     /// A young entry was dropped: misses are unreliable until then.
     incomplete_until: Option<Instant>,
+    /// Resends being decided or applied on this node, per write (bounded by the requests in
+    /// flight: each holds one mark and gives it back when it ends).
+    pending: HashMap<(String, WriteId), usize>,
 }
 
 impl RecentWrites {
@@ -196,18 +203,51 @@ impl RecentWrites {
 
     fn seen_at(&self, now: Instant, key: &str, id: WriteId, horizon: Duration) -> Seen {
         let mut table = self.state.lock();
+        self.answer(&mut table, now, key, id, horizon)
+    }
+
+    /// [`RecentWrites::seen`] under the lock already held.
+    fn answer(
+        &self,
+        table: &mut Table,
+        now: Instant,
+        key: &str,
+        id: WriteId,
+        horizon: Duration,
+    ) -> Seen {
         table.expire(now);
         let complete = horizon <= WRITE_ID_WINDOW
             && self
                 .started
                 .is_none_or(|started| now.saturating_duration_since(started) >= horizon)
             && table.incomplete_until.is_none_or(|until| now >= until);
+        let slot = (key.to_owned(), id);
         Seen {
-            seen: table
-                .versions
-                .get(&(key.to_owned(), id))
-                .map(|v| v.to_string()),
+            seen: table.versions.get(&slot).map(|v| v.to_string()),
             complete,
+            pending: table.pending.contains_key(&slot),
+        }
+    }
+
+    /// Marks a resend of `id` for `key` as being decided here, until [`RecentWrites::unmark`]:
+    /// a concurrent resend's coordinator then hears `pending` from this node. Returns what this
+    /// node knew just before (`pending` when another resend of it is under way here).
+    pub fn mark_pending(&self, key: &str, id: WriteId, horizon: Duration) -> Seen {
+        let mut table = self.state.lock();
+        let seen = self.answer(&mut table, Instant::now(), key, id, horizon);
+        *table.pending.entry((key.to_owned(), id)).or_insert(0) += 1;
+        seen
+    }
+
+    /// Gives back one mark of [`RecentWrites::mark_pending`].
+    pub fn unmark(&self, key: &str, id: WriteId) {
+        let mut table = self.state.lock();
+        let slot = (key.to_owned(), id);
+        if let Some(count) = table.pending.get_mut(&slot) {
+            *count -= 1;
+            if *count == 0 {
+                table.pending.remove(&slot);
+            }
         }
     }
 
@@ -250,8 +290,8 @@ pub enum ResendDecision {
 /// Decides a resend from each replica's answer (`None`: it did not answer in time) and whether
 /// the failure detector believes that replica down.
 ///
-/// "Not seen" is trusted only when every replica that answered is complete, and every one that
-/// did not answer is believed down. A copy stranded on such a down node (the original
+/// "Not seen" is trusted only when every replica that answered is complete and is not deciding
+/// another resend of the same write, and every one that did not answer is believed down. A copy stranded on such a down node (the original
 /// coordinator, typically, killed after storing it locally) was never acknowledged by a quorum,
 /// carries a lower version than the new write, and holds the same value: when it comes back
 /// (hint, repair) it loses to the new write, so the write takes effect once as clients see it.
@@ -264,7 +304,7 @@ pub fn decide_resend(answers: &[(Option<Seen>, bool)]) -> ResendDecision {
         return ResendDecision::Applied(version);
     }
     let reliable = answers.iter().all(|(seen, down)| match seen {
-        Some(seen) => seen.complete && seen.seen.is_none(),
+        Some(seen) => seen.complete && seen.seen.is_none() && !seen.pending,
         None => *down,
     });
     if reliable {
@@ -392,7 +432,33 @@ mod tests {
         Some(Seen {
             seen: seen.map(|hlc| v(hlc).to_string()),
             complete,
+            pending: false,
         })
+    }
+
+    #[test]
+    fn a_resend_under_way_elsewhere_makes_another_unknown() {
+        let recent = RecentWrites::with_capacity(None, 10);
+        let before = recent.mark_pending("k", ID, W);
+        assert!(!before.pending && before.complete && before.seen.is_none());
+        let again = recent.mark_pending("k", ID, W);
+        assert!(again.pending, "a second resend here sees the first");
+        let elsewhere = Some(recent.seen("k", ID, W));
+        let no = answer(None, true);
+        assert_eq!(
+            decide_resend(&[(no.clone(), false), (elsewhere, false)]),
+            ResendDecision::Unknown
+        );
+        recent.unmark("k", ID);
+        assert!(recent.seen("k", ID, W).pending, "one mark left");
+        recent.unmark("k", ID);
+        recent.unmark("k", ID);
+        assert!(!recent.seen("k", ID, W).pending);
+        assert!(!recent.seen("other", ID, W).pending);
+        assert_eq!(
+            decide_resend(&[(no.clone(), false), (no, false)]),
+            ResendDecision::New
+        );
     }
 
     #[test]

@@ -6,30 +6,63 @@ use crate::cluster::Cluster;
 use crate::consistency::Consistency;
 use crate::error::{Error, Result};
 use crate::quorum::{AckRule, QuorumOutcome, Write, Written};
-use crate::recent_writes::{decide_resend, Resend, ResendDecision, Seen, WriteId};
+use crate::recent_writes::{decide_resend, ResendDecision, Seen, WriteId};
 use kv_core::{Record, Version};
 use std::time::Duration;
 use tracing::{debug, warn};
 
+/// What a resend's check found.
+pub(crate) enum ResendCheck {
+    /// It was applied before; this is its record, confirmed again.
+    Confirmed(Written),
+    /// No replica has it: apply it as a new write while holding this mark.
+    ApplyAnew(Option<PendingResend>),
+}
+
+/// This node's mark that a resend of a write is under way here (see
+/// [`crate::recent_writes::RecentWrites::mark_pending`]); given back when dropped, so also when
+/// the request is abandoned.
+pub(crate) struct PendingResend {
+    cluster: Cluster,
+    key: String,
+    id: WriteId,
+}
+
+impl Drop for PendingResend {
+    fn drop(&mut self) {
+        self.cluster.inner.recent_writes.unmark(&self.key, self.id);
+    }
+}
+
 impl Cluster {
-    /// Handles the resend of `write` (which has an id): `Some` when it was applied before and
-    /// is now confirmed again at its version; `None` when no replica has it, so the caller
-    /// applies it as a new write; [`Error::OutcomeUnknown`] when that cannot be told.
+    /// Handles the resend of `write` (which has an id): confirmed when it was applied before
+    /// (its record is sent again at its version); to apply anew when no replica has it;
+    /// [`Error::OutcomeUnknown`] when that cannot be told.
     pub(crate) async fn check_resend(
         &self,
         key: &str,
         write: &Write,
         w: Consistency,
         request_id: &str,
-    ) -> Result<Option<Written>> {
+    ) -> Result<ResendCheck> {
         let (Some(id), Some(resend)) = (write.id, write.resend) else {
-            return Ok(None);
+            return Ok(ResendCheck::ApplyAnew(None));
         };
-        let answers = self.ask_seen(key, id, resend, request_id).await;
+        let horizon = resend.horizon();
+        // Marked before the replicas are asked: of two resends racing on two replicas, at least
+        // one hears of the other and does not apply it a second time.
+        let here = self.inner.recent_writes.mark_pending(key, id, horizon);
+        let mark = PendingResend {
+            cluster: self.clone(),
+            key: key.to_owned(),
+            id,
+        };
+        let answers = self.ask_seen(key, id, here, horizon, request_id).await;
         match decide_resend(&answers) {
             ResendDecision::New => {
+                metrics::counter!("kv_resends_total", "decision" => "new").increment(1);
                 debug!(%id, "resend not seen by any replica; applying it");
-                Ok(None)
+                Ok(ResendCheck::ApplyAnew(Some(mark)))
             }
             ResendDecision::Unknown => {
                 metrics::counter!("kv_resends_total", "decision" => "unknown").increment(1);
@@ -46,7 +79,7 @@ impl Cluster {
                 debug!(%id, %version, "resend already applied; confirming that record");
                 self.confirm_applied(key, write, id, version, w, request_id)
                     .await
-                    .map(Some)
+                    .map(ResendCheck::Confirmed)
             }
         }
     }
@@ -57,21 +90,22 @@ impl Cluster {
         self.inner.recent_writes.seen(key, id, horizon)
     }
 
-    /// Asks every replica of `key` (this node included) in parallel whether it stored write
-    /// `id` since before the resend's horizon; per replica, its answer (`None`: none in time) and
-    /// whether it is believed down.
+    /// Asks every other replica of `key` in parallel whether it stored write `id`, vouching for
+    /// `horizon` back; per replica, its answer (`None`: none in time) and whether it is believed
+    /// down. `here` is this node's own answer.
     async fn ask_seen(
         &self,
         key: &str,
         id: WriteId,
-        resend: Resend,
+        here: Seen,
+        horizon: Duration,
         request_id: &str,
     ) -> Vec<(Option<Seen>, bool)> {
         let inner = &self.inner;
-        let horizon = resend.horizon();
+        let here = &here;
         let asks = self.replicas(key).into_iter().map(|replica| async move {
             if replica == inner.me {
-                return (Some(inner.recent_writes.seen(key, id, horizon)), false);
+                return (Some(here.clone()), false);
             }
             match inner
                 .peers
