@@ -50,8 +50,6 @@ pub struct LbState {
     pub metrics: PrometheusHandle,
     /// When the process started, for the uptime.
     pub started: Instant,
-    /// Versions for plain writes, so they can be retried safely.
-    pub stamper: crate::stamp::Stamper,
     round_robin: AtomicUsize,
 }
 
@@ -76,7 +74,6 @@ impl LbState {
             request_timeout: config.request_timeout,
             metrics,
             started: Instant::now(),
-            stamper: crate::stamp::Stamper::new(),
             round_robin: AtomicUsize::new(0),
         })
     }

@@ -18,7 +18,6 @@ mod metrics;
 mod proxy;
 mod request_context;
 mod routing;
-mod stamp;
 mod status;
 mod upstream;
 

@@ -6,16 +6,19 @@
 //! - connection refused / connect timeout: the node never saw the request, so every method is
 //!   retried on the next candidate, and the node is marked down at once;
 //! - timeout or a connection lost mid-request: `GET`/`HEAD` are retried, and so are plain writes
-//!   to `/v1/{key}`: the proxy stamps each with its own version (`x-kv-version`, see
-//!   `stamp.rs`), so a retry is the same write and applies at most once. Conditional writes
-//!   (`If-Match`, `If-None-Match`) and other routes are not retried: they get 504 / 502;
+//!   to `/v1/{key}`: the proxy gives each a random write id (`x-kv-write-id`), and sends it again
+//!   with the same id, `x-kv-resend: 1` and its age (`x-kv-resend-age-ms`); the node that gets the resend applies it only if no
+//!   replica stored that id yet, so it applies at most once. The proxy never picks versions:
+//!   the coordinating node does, from its own clock. A write with the client's own
+//!   `x-kv-version` is retried too (it is the same record). Conditional writes (`If-Match`,
+//!   `If-None-Match`) and other routes are not retried: they get 504 / 502;
 //! - a 5xx answer: reads move on to the next replica; writes return the node's answer.
 
 use std::time::{Duration, Instant};
 
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Request, State};
-use axum::http::{header, Method};
+use axum::http::{header, HeaderValue, Method};
 use axum::response::Response;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
@@ -25,9 +28,9 @@ use crate::app::{LbState, SharedState};
 use crate::error::ApiError;
 use crate::metrics;
 use crate::routing::Routing;
-use crate::stamp::VERSION_HEADER;
 use crate::upstream::{
     into_client_response, strip_hop_by_hop, strip_internal_headers, BufferedRequest, Outcome,
+    RESEND_AGE_HEADER, RESEND_HEADER, VERSION_HEADER, WRITE_ID_HEADER,
 };
 
 /// `/v1/{*key}`, any method: to the key's first healthy replica.
@@ -60,21 +63,22 @@ pub async fn any_node(
 }
 
 /// Sends the request to `preference` (healthy nodes first) until one answers or retrying is
-/// no longer safe, all within `REQUEST_TIMEOUT_MS`. With `stamp_writes`, plain writes get a
-/// version of their own so that they may be retried too.
+/// no longer safe, all within `REQUEST_TIMEOUT_MS`. With `name_writes`, plain writes get a
+/// write id so that they may be resent too.
 async fn forward(
     state: &LbState,
     routing: &Routing,
     preference: &[usize],
     request: Request,
-    stamp_writes: bool,
+    name_writes: bool,
 ) -> Result<Response, ApiError> {
     state.counters.request();
     let mut request = buffer(request, state.body_limit, state.request_timeout).await?;
-    let retryable = is_read(&request.method) || (stamp_writes && stamp(state, &mut request));
+    let retryable = is_read(&request.method) || (name_writes && name_write(&mut request));
     let deadline = Instant::now() + state.request_timeout;
     let order = routing.health.healthy_first(preference);
     let mut failures = Failures::default();
+    let (first_sent, mut resend) = (Instant::now(), false);
     for (position, &node) in order.iter().enumerate() {
         let Some(url) = routing.health.url(node) else {
             continue;
@@ -94,12 +98,15 @@ async fn forward(
             is_last: position + 1 == order.len(),
             budget: attempt_budget(remaining, retryable, order.len() - position),
         };
+        if resend {
+            mark_resend(&mut request, first_sent);
+        }
         let outcome = state.upstream.send(url, &request, attempt.budget).await?;
+        // The node may have applied it: from now on, each send of a named write is a resend.
+        resend |= matches!(outcome, Outcome::TimedOut | Outcome::Failed(_))
+            && request.headers.contains_key(WRITE_ID_HEADER);
         match attempt.judge(state, routing, outcome, &mut failures) {
             Step::Answer(response) => {
-                if let Some(etag) = response.headers().get(header::ETAG) {
-                    state.stamper.observe(etag);
-                }
                 if preference.first() != Some(&node) {
                     state.counters.failover();
                 }
@@ -211,8 +218,9 @@ impl Failures {
 }
 
 /// Gives a plain write (`POST`, `PUT`, `DELETE` without preconditions or a version of its own)
-/// this proxy's stamp; returns whether the request may be retried after a lost answer.
-fn stamp(state: &LbState, request: &mut BufferedRequest) -> bool {
+/// a random write id; returns whether the request may be resent after a lost answer (a write
+/// with the client's own version may be too: it is the same record).
+fn name_write(request: &mut BufferedRequest) -> bool {
     let is_write = matches!(request.method, Method::POST | Method::PUT | Method::DELETE);
     let headers = &mut request.headers;
     if !is_write
@@ -222,9 +230,29 @@ fn stamp(state: &LbState, request: &mut BufferedRequest) -> bool {
         return false;
     }
     if !headers.contains_key(VERSION_HEADER) {
-        headers.insert(VERSION_HEADER, state.stamper.stamp());
+        headers.insert(WRITE_ID_HEADER, new_write_id());
     }
     true
+}
+
+/// Marks a named write as a resend (`x-kv-resend: 1`), with the milliseconds since its first
+/// send (`x-kv-resend-age-ms`, from this process's monotonic clock): the nodes trust a replica's
+/// "never seen" only if it has remembered write ids for at least that long.
+fn mark_resend(request: &mut BufferedRequest, first_sent: Instant) {
+    let age_ms = first_sent.elapsed().as_millis();
+    request
+        .headers
+        .insert(RESEND_HEADER, HeaderValue::from_static("1"));
+    request.headers.insert(
+        RESEND_AGE_HEADER,
+        HeaderValue::from(u64::try_from(age_ms).unwrap_or(u64::MAX)),
+    );
+}
+
+/// A random 64-bit write id as 16 lowercase hex digits.
+fn new_write_id() -> HeaderValue {
+    HeaderValue::from_str(&format!("{:016x}", rand::random::<u64>()))
+        .unwrap_or_else(|_| HeaderValue::from_static("0000000000000000"))
 }
 
 /// `GET` and `HEAD` change nothing, so they may be retried after any failure.

@@ -175,8 +175,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Removes every node-to-node header a client may have sent (`x-kv-forwarded`, `x-kv-secret`,
-/// `x-kv-request-ids` and anything else starting with `x-kv-`): only nodes may set them, so a
-/// client cannot pass for one through the LB. `x-kv-version`, a documented client feature
+/// `x-kv-request-ids`, `x-kv-write-id`, `x-kv-resend` and anything else starting with `x-kv-`):
+/// only nodes and this proxy may set them, so a client cannot pass for one through the LB. `x-kv-version`, a documented client feature
 /// (a write's own version), is kept.
 pub fn strip_internal_headers(headers: &mut HeaderMap) {
     let internal: Vec<HeaderName> = headers
@@ -191,8 +191,17 @@ pub fn strip_internal_headers(headers: &mut HeaderMap) {
 
 /// True for the node-to-node headers ([`strip_internal_headers`]); names are lower-case here.
 fn is_internal_header(name: &str) -> bool {
-    name.starts_with(INTERNAL_HEADER_PREFIX) && name != crate::stamp::VERSION_HEADER
+    name.starts_with(INTERNAL_HEADER_PREFIX) && name != VERSION_HEADER
 }
+
+/// A write's own version, set by a client (the nodes read the same name); passed through.
+pub const VERSION_HEADER: &str = "x-kv-version";
+/// The id this proxy gives each plain write (16 lowercase hex digits), the same on every resend.
+pub const WRITE_ID_HEADER: &str = "x-kv-write-id";
+/// Marks a write sent again after an attempt whose answer was lost (`1`).
+pub const RESEND_HEADER: &str = "x-kv-resend";
+/// Milliseconds between a resent write's first send and this send.
+pub const RESEND_AGE_HEADER: &str = "x-kv-resend-age-ms";
 
 /// Prefix of every kv header; all but `x-kv-version` are node-to-node only.
 const INTERNAL_HEADER_PREFIX: &str = "x-kv-";

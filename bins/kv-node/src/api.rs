@@ -3,7 +3,8 @@
 
 use crate::error::ApiError;
 use crate::request::{
-    parse_key, parse_precondition, parse_query, parse_supplied_version, parse_write_body, read_body,
+    parse_key, parse_precondition, parse_query, parse_supplied_version, parse_write_body,
+    parse_write_id, read_body,
 };
 use crate::routes::{is_peer_call, request_id, AppState};
 use axum::extract::{Request, State};
@@ -11,8 +12,8 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use kv_cluster::{
-    now_ms, Consistency, ForwardRequest, ForwardResponse, Precondition, Route, Write,
-    FORWARDED_HEADER, VERSION_HEADER,
+    now_ms, Consistency, ForwardRequest, ForwardResponse, Precondition, Resend, Route, Write,
+    WriteId, FORWARDED_HEADER, RESEND_AGE_HEADER, RESEND_HEADER, VERSION_HEADER, WRITE_ID_HEADER,
 };
 use kv_core::Version;
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
@@ -49,6 +50,10 @@ pub struct KeyOp {
     pub precondition: Precondition,
     /// The version a write carries itself (`x-kv-version`), making a retry of it idempotent.
     pub version: Option<Version>,
+    /// The id of a plain write (`x-kv-write-id`), remembered by the replicas that store it.
+    pub write_id: Option<WriteId>,
+    /// The write was sent before and may be applied (`x-kv-resend`), and how long ago.
+    pub resend: Option<Resend>,
 }
 
 /// The kinds of key operation.
@@ -174,6 +179,8 @@ async fn coordinate(app: &AppState, op: KeyOp, request_id: &str) -> Result<Outco
                 value: Some(value.clone()),
                 expires_at_ms,
                 version: op.version,
+                id: op.write_id,
+                resend: op.resend,
             };
             match cluster
                 .write_if(&op.key, write, op.precondition, levels, request_id)
@@ -194,6 +201,8 @@ async fn coordinate(app: &AppState, op: KeyOp, request_id: &str) -> Result<Outco
                 value: None,
                 expires_at_ms: None,
                 version: op.version,
+                id: op.write_id,
+                resend: op.resend,
             };
             match cluster
                 .write_if(&op.key, write, op.precondition, levels, request_id)
@@ -242,7 +251,29 @@ fn forward_request(op: &KeyOp, auth: Option<&HeaderValue>) -> ForwardRequest {
             v.to_string(),
         )
     });
-    for (name, value) in precondition.into_iter().chain(version) {
+    let write_id = op.write_id.map(|id| {
+        (
+            header::HeaderName::from_static(WRITE_ID_HEADER),
+            id.to_string(),
+        )
+    });
+    // The resend's age grows by the time it spent here.
+    let resend = op.resend.into_iter().flat_map(|resend| {
+        let age_ms = resend.first_sent_ago().as_millis().to_string();
+        [
+            (
+                header::HeaderName::from_static(RESEND_HEADER),
+                "1".to_owned(),
+            ),
+            (header::HeaderName::from_static(RESEND_AGE_HEADER), age_ms),
+        ]
+    });
+    for (name, value) in precondition
+        .into_iter()
+        .chain(version)
+        .chain(write_id)
+        .chain(resend)
+    {
         if let Ok(value) = HeaderValue::from_str(&value) {
             headers.insert(name, value);
         }
@@ -339,18 +370,28 @@ pub async fn data(State(app): State<AppState>, request: Request) -> Result<Respo
         }
     };
     let key = parse_key(parts.uri.path(), "/v1/", config.max_key_bytes)?;
-    let (precondition, version) = if kind == OpKind::Get {
-        (Precondition::Always, None)
+    let (precondition, version, (write_id, resend)) = if kind == OpKind::Get {
+        (Precondition::Always, None, (None, None))
     } else {
         (
             parse_precondition(&parts.headers)?,
             parse_supplied_version(&parts.headers, config.max_clock_offset)?,
+            parse_write_id(&parts.headers)?,
         )
     };
     if precondition != Precondition::Always && version.is_some() {
         return Err(ApiError::bad_request(
             "invalid_version",
             format!("{VERSION_HEADER} cannot be combined with If-Match or If-None-Match"),
+        ));
+    }
+    if write_id.is_some() && (precondition != Precondition::Always || version.is_some()) {
+        return Err(ApiError::bad_request(
+            "invalid_write_id",
+            format!(
+                "{WRITE_ID_HEADER} names a plain write: it cannot be combined with If-Match, \
+                 If-None-Match or {VERSION_HEADER}"
+            ),
         ));
     }
     let op = KeyOp {
@@ -360,6 +401,8 @@ pub async fn data(State(app): State<AppState>, request: Request) -> Result<Respo
         r: query.r,
         precondition,
         version,
+        write_id,
+        resend,
     };
     let rid = request_id(&parts.headers);
     // A client cannot claim to be a forwarding node: the marker counts only with the secret.

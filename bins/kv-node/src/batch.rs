@@ -112,6 +112,8 @@ fn parse_ops(app: &AppState, body: &[u8], query: Option<&str>) -> Result<Vec<Key
                 r,
                 precondition: Precondition::Always,
                 version: None,
+                write_id: None,
+                resend: None,
             })
         })
         .collect()

@@ -12,6 +12,8 @@ use kv_cluster::peer::{
     decode_batch, decode_keys, encode_batch, encode_entries, PageQuery, BATCH_REQUEST_IDS_HEADER,
     ENTRY_PATH, MAX_BATCH_BYTES, PAGE_FULL_HEADER,
 };
+use kv_cluster::recent_writes::{decode_write_ids, BATCH_WRITE_IDS_HEADER};
+use kv_cluster::{WriteId, WRITE_ID_WINDOW};
 use kv_core::Record;
 use std::time::Duration;
 use tracing::{debug, warn};
@@ -37,14 +39,26 @@ fn octets(body: impl Into<axum::body::Body>) -> Response {
 }
 
 /// `POST /internal/replicate`: applies a batch of records durably, then answers with the version
-/// held for each record's key (`ReplicateAnswer`).
+/// held for each record's key (`ReplicateAnswer`). The records' write ids, when the batch
+/// carries them (`x-kv-write-ids`), are remembered for the ones this node holds.
 pub async fn replicate(
     State(app): State<AppState>,
     request: Request,
 ) -> Result<Response, ApiError> {
     let ids = request.headers().get(BATCH_REQUEST_IDS_HEADER).cloned();
+    let write_ids = request.headers().get(BATCH_WRITE_IDS_HEADER).cloned();
     let body = body(request, "replication batch").await?;
     let records = decode_batch(&body).map_err(|e| ApiError::bad_request("invalid_batch", e))?;
+    let write_ids = match write_ids {
+        None => Vec::new(),
+        Some(raw) => raw
+            .to_str()
+            .map_err(|_| "not ASCII".to_owned())
+            .and_then(|text| decode_write_ids(text, records.len()))
+            .map_err(|e| {
+                ApiError::bad_request("invalid_batch", format!("{BATCH_WRITE_IDS_HEADER}: {e}"))
+            })?,
+    };
     refuse_future_versions(&records, 2 * app.config().max_clock_offset)?;
     if let Some(ids) = ids {
         debug!(
@@ -53,8 +67,44 @@ pub async fn replicate(
             "replication batch"
         );
     }
-    let answer = app.cluster().apply_replicated(records).await?;
+    let answer = app.cluster().apply_replicated(records, write_ids).await?;
     Ok(axum::Json(answer).into_response())
+}
+
+/// Body of `POST /internal/seen`.
+#[derive(serde::Deserialize)]
+struct SeenQuery {
+    key: String,
+    id: String,
+    /// How far back the answer's "complete" must reach (default: the whole window).
+    horizon_ms: Option<u64>,
+}
+
+/// `POST /internal/seen` `{"key": K, "id": "<write id>", "horizon_ms": H}`: whether this node
+/// stored that write (`{"seen": "<version>"|null, "complete": bool}`, complete when its memory
+/// reaches `H` ms back), for a resend's coordinator.
+pub async fn seen(State(app): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let query: SeenQuery = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_json",
+            format!("expected {{\"key\": ..., \"id\": ...}}: {e}"),
+        )
+    })?;
+    if query.key.is_empty() || query.key.len() > app.config().max_key_bytes {
+        return Err(ApiError::bad_request(
+            "invalid_key",
+            format!("the key must be 1 to {} bytes", app.config().max_key_bytes),
+        ));
+    }
+    let id: WriteId = query
+        .id
+        .parse()
+        .map_err(|e| ApiError::bad_request("invalid_write_id", e))?;
+    let horizon = query
+        .horizon_ms
+        .map_or(WRITE_ID_WINDOW, Duration::from_millis);
+    let seen = app.cluster().write_id_seen(&query.key, id, horizon);
+    Ok(axum::Json(seen).into_response())
 }
 
 /// Refuses a batch holding a version further ahead of this node's clock than `max_ahead`: it

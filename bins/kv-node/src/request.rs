@@ -6,7 +6,10 @@ use crate::error::ApiError;
 use axum::body::Body;
 use axum::http::{header, HeaderMap};
 use bytes::Bytes;
-use kv_cluster::{Consistency, Precondition, VERSION_HEADER};
+use kv_cluster::{
+    Consistency, Precondition, Resend, WriteId, RESEND_AGE_HEADER, RESEND_HEADER, VERSION_HEADER,
+    WRITE_ID_HEADER,
+};
 use kv_core::Version;
 use percent_encoding::percent_decode_str;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
@@ -275,6 +278,59 @@ pub fn parse_supplied_version(
     Ok(Some(version))
 }
 
+/// The write id of a plain write (`x-kv-write-id`, 16 hex digits) and, for a resend
+/// (`x-kv-resend: 1`), how long ago its first send left (`x-kv-resend-age-ms`). Honoured from
+/// anyone: an id can only make a write idempotent, and a forged one would have to guess a random
+/// 64-bit id to touch another client's write.
+pub fn parse_write_id(headers: &HeaderMap) -> Result<(Option<WriteId>, Option<Resend>), ApiError> {
+    let id = match headers.get(WRITE_ID_HEADER) {
+        None => None,
+        Some(raw) => Some(
+            raw.to_str()
+                .map_err(|_| "not ASCII".to_owned())
+                .and_then(|text| text.trim().parse::<WriteId>())
+                .map_err(|why| {
+                    ApiError::bad_request(
+                        "invalid_write_id",
+                        format!("{WRITE_ID_HEADER}: {why}; expected 16 hex digits"),
+                    )
+                })?,
+        ),
+    };
+    let resend = match headers.get(RESEND_HEADER).map(|v| v.as_bytes()) {
+        None | Some(b"0") => false,
+        Some(b"1") => true,
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_write_id",
+                format!("{RESEND_HEADER}: expected 1 or 0"),
+            ))
+        }
+    };
+    if resend && id.is_none() {
+        return Err(ApiError::bad_request(
+            "invalid_write_id",
+            format!("{RESEND_HEADER} needs {WRITE_ID_HEADER}: a resend names the write it repeats"),
+        ));
+    }
+    let age = match headers.get(RESEND_AGE_HEADER) {
+        None => None,
+        Some(raw) => Some(
+            raw.to_str()
+                .ok()
+                .and_then(|text| text.trim().parse::<u64>().ok())
+                .map(Duration::from_millis)
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "invalid_write_id",
+                        format!("{RESEND_AGE_HEADER}: expected whole milliseconds"),
+                    )
+                })?,
+        ),
+    };
+    Ok((id, resend.then(|| Resend::new(age))))
+}
+
 /// `Err(ms ahead)` when `version` is further than `max_ahead` ahead of this node's clock.
 pub fn check_not_ahead(version: Version, max_ahead: Duration) -> Result<(), u64> {
     let now = kv_cluster::now_ms();
@@ -288,6 +344,35 @@ pub fn check_not_ahead(version: Version, max_ahead: Duration) -> Result<(), u64>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn write_ids_and_resend_flags_are_checked() {
+        let mut h = HeaderMap::new();
+        assert_eq!(parse_write_id(&h).unwrap(), (None, None));
+        h.insert(WRITE_ID_HEADER, "00000000000000ff".parse().unwrap());
+        assert_eq!(parse_write_id(&h).unwrap(), (Some(WriteId(255)), None));
+        h.insert(RESEND_HEADER, "1".parse().unwrap());
+        let (id, resend) = parse_write_id(&h).unwrap();
+        assert_eq!(id, Some(WriteId(255)));
+        assert!(
+            resend.unwrap().horizon() > kv_cluster::WRITE_ID_WINDOW,
+            "age unknown"
+        );
+        h.insert(RESEND_AGE_HEADER, "250".parse().unwrap());
+        let resend = parse_write_id(&h).unwrap().1.unwrap();
+        assert!(resend.first_sent_ago() >= Duration::from_millis(250));
+        assert!(resend.horizon() < Duration::from_secs(10));
+        h.insert(RESEND_AGE_HEADER, "soon".parse().unwrap());
+        assert!(parse_write_id(&h).is_err(), "an age is whole milliseconds");
+        h.remove(RESEND_AGE_HEADER);
+        h.insert(RESEND_HEADER, "yes".parse().unwrap());
+        assert!(parse_write_id(&h).is_err(), "a resend flag is 1 or 0");
+        h.insert(RESEND_HEADER, "1".parse().unwrap());
+        h.insert(WRITE_ID_HEADER, "ff".parse().unwrap());
+        assert!(parse_write_id(&h).is_err(), "an id is 16 hex digits");
+        h.remove(WRITE_ID_HEADER);
+        assert!(parse_write_id(&h).is_err(), "a resend without an id");
+    }
 
     #[test]
     fn keys_are_percent_decoded_and_checked() {

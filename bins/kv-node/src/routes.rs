@@ -113,6 +113,7 @@ pub fn app(state: AppState) -> Router {
         .route("/internal/replicate", post(internal::replicate))
         .route("/internal/entry/{*key}", get(internal::entry))
         .route("/internal/entries", post(internal::entries))
+        .route("/internal/seen", post(internal::seen))
         .route("/internal/keys", get(internal::keys))
         .route("/internal/members", get(members::view).post(members::offer))
         .route("/internal/transfer", get(members::transfer))

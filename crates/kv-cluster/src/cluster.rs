@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::hints::HintStore;
 use crate::membership::{self, Topology, View};
 use crate::peer::{ForwardRequest, ForwardResponse, PeerClient, ReplicateAnswer};
+use crate::recent_writes::WriteId;
 use kv_core::{Record, Store, Version};
 use parking_lot::RwLock;
 use serde::Serialize;
@@ -125,6 +126,7 @@ pub(crate) struct Inner {
     pub(crate) replaying: parking_lot::Mutex<std::collections::HashSet<Arc<str>>>,
     pub(crate) stop: watch::Sender<bool>,
     pub(crate) transfer: parking_lot::Mutex<crate::rebalance::TransferState>,
+    pub(crate) recent_writes: crate::recent_writes::RecentWrites,
     key_locks: Vec<tokio::sync::Mutex<()>>,
 }
 
@@ -149,6 +151,14 @@ fn initial_view(config: &ClusterConfig) -> Result<View> {
             Ok(seed)
         }
     }
+}
+
+/// True when the store holds nothing from an earlier run (no key, no tombstone, no snapshot):
+/// this node then never applied a write id it does not remember (every applied record is in
+/// the WAL, and replay brings it back as a key or a tombstone).
+fn starts_empty(store: &Store) -> bool {
+    let status = store.status();
+    status.keys == 0 && status.tombstones == 0 && status.last_snapshot.is_none()
 }
 
 /// Stripes of the per-key lock that serialises conditional writes on their coordinator.
@@ -188,6 +198,17 @@ impl Cluster {
         let hints = HintStore::open(config.hints_dir.clone())?;
         let (stop, _) = watch::channel(false);
         let transfer = crate::rebalance::TransferState::load(&config.members_file);
+        let fresh = starts_empty(&store);
+        info!(
+            fresh,
+            "write ids: a resend's \"never seen\" is vouched for {}",
+            if fresh {
+                "at once (no data from an earlier run)"
+            } else {
+                "once this run is older than the resend"
+            }
+        );
+        let recent_writes = crate::recent_writes::RecentWrites::new(fresh);
         let inner = Arc::new(Inner {
             me: Arc::from(config.me.as_str()),
             topology: RwLock::new(Arc::new(topology)),
@@ -201,6 +222,7 @@ impl Cluster {
             replaying: parking_lot::Mutex::new(Default::default()),
             stop,
             transfer: parking_lot::Mutex::new(transfer),
+            recent_writes,
             key_locks: (0..KEY_LOCK_STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
@@ -401,15 +423,28 @@ impl Cluster {
     /// Applies records sent by a coordinator (replication, read repair, hints), durably; answers
     /// how many changed this node and, per record, the version this node now holds for its key.
     /// A record older than what is here is not applied, and the answer says so: the coordinator
-    /// counts an ack only for a replica that holds its very record.
-    pub async fn apply_replicated(&self, records: Vec<Record>) -> Result<ReplicateAnswer> {
+    /// counts an ack only for a replica that holds its very record. `write_ids` (empty, or one
+    /// per record) are remembered for the records this node now holds.
+    pub async fn apply_replicated(
+        &self,
+        records: Vec<Record>,
+        write_ids: Vec<Option<WriteId>>,
+    ) -> Result<ReplicateAnswer> {
         let versions: Vec<(String, Version)> =
             records.iter().map(|r| (r.key.clone(), r.version)).collect();
         let applied = self.inner.store.apply(records).await?;
+        let ids = write_ids.into_iter().chain(std::iter::repeat(None));
         let held = versions
             .into_iter()
             .zip(&applied)
-            .map(|((key, version), applied)| self.held_after(&key, version, *applied).to_string())
+            .zip(ids)
+            .map(|(((key, version), applied), id)| {
+                let held = self.held_after(&key, version, *applied);
+                if let (Some(id), true) = (id, held == version) {
+                    self.inner.recent_writes.remember(&key, id, held);
+                }
+                held.to_string()
+            })
             .collect();
         Ok(ReplicateAnswer {
             applied: applied.into_iter().filter(|a| *a).count(),

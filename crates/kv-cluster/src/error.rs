@@ -149,5 +149,43 @@ pub enum Error {
     Store(#[from] kv_core::Error),
 }
 
+impl Error {
+    /// This error as the answer to a write whose earlier send may have been applied (a resend):
+    /// the refusals that claim "nothing was written" become [`Error::OutcomeUnknown`].
+    pub fn possibly_written(self) -> Error {
+        let detail = match &self {
+            Error::TooFewReplicasUp { .. }
+            | Error::Superseded { .. }
+            | Error::Unavailable { .. } => {
+                format!("an earlier send of it may be applied, and this resend failed: {self}")
+            }
+            _ => return self,
+        };
+        Error::OutcomeUnknown { acked: 0, detail }
+    }
+}
+
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resend_never_claims_that_nothing_was_written() {
+        let refused = Error::TooFewReplicasUp { needed: 2, up: 1 }.possibly_written();
+        assert!(
+            matches!(&refused, Error::OutcomeUnknown { acked: 0, detail } if detail.contains("1 of the key's replicas")),
+            "{refused}"
+        );
+        let unavailable = Error::Unavailable {
+            needed: 2,
+            answered: 1,
+        }
+        .possibly_written();
+        assert!(matches!(unavailable, Error::OutcomeUnknown { .. }));
+        let other = Error::PreconditionFailed { current: None }.possibly_written();
+        assert!(matches!(other, Error::PreconditionFailed { .. }));
+    }
+}

@@ -18,6 +18,8 @@
 //!   them back in byte-capped batches.
 //! - [`peer`]: the HTTP client for `/internal` calls and forwarding, and the batch wire format.
 //! - [`error`]: this crate's one error type.
+//! - [`recent_writes`]: write ids applied recently, so a resent write applies at most once;
+//!   `resend`: how a resend's coordinator asks the replicas and decides.
 
 pub mod admission;
 mod background;
@@ -35,6 +37,8 @@ pub mod membership;
 pub mod peer;
 mod quorum;
 pub mod rebalance;
+pub mod recent_writes;
+mod resend;
 
 pub use clock::{ClockSample, ClockState};
 pub use cluster::{Cluster, ClusterConfig, ClusterStatus, PeerView, Route};
@@ -50,3 +54,6 @@ pub use peer::{
 };
 pub use quorum::{now_ms, Precondition, Write, Written};
 pub use rebalance::{PlanReport, TransferState};
+pub use recent_writes::{
+    Resend, Seen, WriteId, RESEND_AGE_HEADER, RESEND_HEADER, WRITE_ID_HEADER, WRITE_ID_WINDOW,
+};

@@ -5,6 +5,7 @@
 
 use crate::clock::ClockSample;
 use crate::coalesce::{Coalescer, SendBatch};
+use crate::recent_writes::{encode_write_ids, Seen, WriteId, BATCH_WRITE_IDS_HEADER};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kv_core::{Record, Version};
 use reqwest::header::{HeaderMap, HeaderValue};
@@ -29,6 +30,8 @@ pub const BATCH_REQUEST_IDS_HEADER: &str = "x-kv-request-ids";
 pub const REPLICATE_PATH: &str = "/internal/replicate";
 /// Path prefix of the single-entry read endpoint; the percent-encoded key follows.
 pub const ENTRY_PATH: &str = "/internal/entry/";
+/// Path where a node says whether it stored a write id for a key (a resend's check).
+pub const SEEN_PATH: &str = "/internal/seen";
 /// Path of the many-entry read endpoint: a list of keys in, one entry (or none) per key out.
 pub const ENTRIES_PATH: &str = "/internal/entries";
 /// Path of the local key-page endpoint used by cluster-wide listings.
@@ -152,11 +155,14 @@ struct Transport {
     secret: Option<HeaderValue>,
 }
 
+/// One record to replicate, with the id of the client write it belongs to (if any).
+pub type ReplicateItem = (Record, Option<WriteId>);
+
 /// Pooled HTTP client for every call a node makes to its peers.
 #[derive(Clone)]
 pub struct PeerClient {
     transport: Transport,
-    replicate_one: Arc<Coalescer<Record, Version>>,
+    replicate_one: Arc<Coalescer<ReplicateItem, Version>>,
     fetch_one: Arc<Coalescer<String, Option<Record>>>,
 }
 
@@ -207,9 +213,11 @@ impl PeerClient {
         };
         let transport = Transport { http, secret };
         let sender = transport.clone();
-        let replicate: SendBatch<Record, Version> = Arc::new(move |peer, records, ids| {
+        let replicate: SendBatch<ReplicateItem, Version> = Arc::new(move |peer, items, ids| {
             let sender = sender.clone();
-            Box::pin(async move { sender.replicate(&peer, &records, &ids).await })
+            let (records, write_ids): (Vec<Record>, Vec<Option<WriteId>>) =
+                items.into_iter().unzip();
+            Box::pin(async move { sender.replicate(&peer, &records, &write_ids, &ids).await })
         });
         let sender = transport.clone();
         let fetch: SendBatch<String, Option<Record>> = Arc::new(move |peer, keys, ids| {
@@ -219,7 +227,8 @@ impl PeerClient {
         Ok(PeerClient {
             transport,
             replicate_one: Arc::new(
-                Coalescer::new(replicate).with_byte_cap(batch_item_bytes, SEND_BATCH_BYTES),
+                Coalescer::new(replicate)
+                    .with_byte_cap(|(record, _)| batch_item_bytes(record), SEND_BATCH_BYTES),
             ),
             fetch_one: Arc::new(Coalescer::new(fetch)),
         })
@@ -239,21 +248,40 @@ impl PeerClient {
     ) -> Result<(), CallError> {
         let ids = [Arc::from(request_id)];
         self.transport
-            .replicate(peer, records, &ids)
+            .replicate(peer, records, &[], &ids)
             .await
             .map(drop)
     }
 
-    /// Sends one record to `peer`, merged with concurrent ones into a batch; answers, once the
-    /// peer holds it durably, with the version the peer holds for the key: the record's own when
-    /// it stored it (or already held it), a newer one when it holds a newer write.
+    /// Sends one record (with its write id) to `peer`, merged with concurrent ones into a batch;
+    /// answers, once the peer holds it durably, with the version the peer holds for the key: the
+    /// record's own when it stored it (or already held it), a newer one when it holds a newer
+    /// write.
     pub async fn replicate_record(
         &self,
         peer: &Arc<str>,
-        record: Record,
+        item: ReplicateItem,
         request_id: Arc<str>,
     ) -> Result<Version, CallError> {
-        self.replicate_one.call(peer, record, request_id).await
+        self.replicate_one.call(peer, item, request_id).await
+    }
+
+    /// Asks `peer` whether it stored write `id` of `key`, and whether its memory reaches
+    /// `horizon` back (`POST /internal/seen`), within the peer-call deadline.
+    pub async fn seen(
+        &self,
+        peer: &str,
+        key: &str,
+        id: WriteId,
+        horizon: Duration,
+        request_id: &str,
+    ) -> Result<Seen, CallError> {
+        let horizon_ms = u64::try_from(horizon.as_millis()).unwrap_or(u64::MAX);
+        let body = serde_json::json!({"key": key, "id": id.to_string(), "horizon_ms": horizon_ms});
+        let request = self
+            .request(Method::POST, format!("{peer}{SEEN_PATH}"), request_id)
+            .json(&body);
+        Self::json_call(peer, SEEN_PATH, request).await
     }
 
     /// Reads `peer`'s local entry for `key` (tombstones included), `None` when it has none;
@@ -475,34 +503,44 @@ impl Transport {
     }
 
     /// Sends `records` in consecutive batches of at most [`SEND_BATCH_BYTES`] (see
-    /// [`byte_capped`]); stops at the first that fails. Returns the version the peer holds for
-    /// each record's key, in order.
+    /// [`byte_capped`]); stops at the first that fails. `write_ids` is empty or holds one per
+    /// record. Returns the version the peer holds for each record's key, in order.
     async fn replicate(
         &self,
         peer: &str,
         records: &[Record],
+        write_ids: &[Option<WriteId>],
         ids: &[Arc<str>],
     ) -> Result<Vec<Version>, CallError> {
         if records.is_empty() {
-            return self.replicate_batch(peer, records, ids).await;
+            return self.replicate_batch(peer, records, &[], ids).await;
         }
         let mut held = Vec::with_capacity(records.len());
         for batch in byte_capped(records, SEND_BATCH_BYTES) {
-            held.extend(self.replicate_batch(peer, batch, ids).await?);
+            let batch_ids = write_ids
+                .get(held.len()..held.len() + batch.len())
+                .unwrap_or_default();
+            held.extend(self.replicate_batch(peer, batch, batch_ids, ids).await?);
         }
         Ok(held)
     }
 
+    /// One `/internal/replicate` call; the write ids travel in [`BATCH_WRITE_IDS_HEADER`] (left
+    /// out when no record has one, so the body stays what older nodes read).
     async fn replicate_batch(
         &self,
         peer: &str,
         records: &[Record],
+        write_ids: &[Option<WriteId>],
         ids: &[Arc<str>],
     ) -> Result<Vec<Version>, CallError> {
-        let request = self
+        let mut request = self
             .batch_request(Method::POST, format!("{peer}{REPLICATE_PATH}"), ids)
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
             .body(encode_batch(records));
+        if let Some(value) = encode_write_ids(write_ids) {
+            request = request.header(BATCH_WRITE_IDS_HEADER, value);
+        }
         let response = request
             .send()
             .await

@@ -4,6 +4,8 @@
 use crate::cluster::Cluster;
 use crate::consistency::Consistency;
 use crate::error::{Error, Result};
+use crate::recent_writes::{Resend, WriteId};
+use crate::resend::ResendCheck;
 use bytes::Bytes;
 use kv_core::{Entry, Record, Version};
 use std::sync::atomic::Ordering;
@@ -31,7 +33,7 @@ enum ReplicaAnswer {
 
 /// Where a quorum write stands once it stopped waiting.
 #[derive(Debug)]
-enum QuorumOutcome {
+pub(crate) enum QuorumOutcome {
     /// W replicas stored it.
     Acked(usize),
     /// Fewer than W stored it and some hold a newer version.
@@ -79,8 +81,22 @@ pub struct Write {
     pub value: Option<Bytes>,
     /// When the value expires, in Unix milliseconds (`None`: never).
     pub expires_at_ms: Option<u64>,
-    /// The version the write brings (a retried write's own); `None`: this node's clock picks one.
+    /// The version the write brings (a client's own); `None`: this node's clock picks one.
     pub version: Option<Version>,
+    /// The write's id (`x-kv-write-id`), remembered by every replica that stores it.
+    pub id: Option<WriteId>,
+    /// Sent before and maybe applied (`x-kv-resend`): applied only if no replica has it yet.
+    pub resend: Option<Resend>,
+}
+
+/// Which replica answers count as confirming a write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AckRule {
+    /// Only a replica holding this very record.
+    ThisRecord,
+    /// Also a replica holding a newer version: the record took effect there and was overwritten
+    /// (a resend confirming a write applied before).
+    ThisOrNewer,
 }
 
 /// A write that W replicas confirmed.
@@ -98,6 +114,86 @@ pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// What a write does after one try.
+#[derive(Debug)]
+enum Next {
+    /// Answer the client.
+    Done(Result<Written>),
+    /// Try again with a version above this one.
+    TryAbove(Version),
+}
+
+/// The tries of one write: W, and what earlier tries learned.
+#[derive(Debug)]
+struct Tries {
+    needed: usize,
+    quorum: usize,
+    attempt: usize,
+    /// Some try stored its record on at least one replica.
+    stored_any: bool,
+    /// A quorum answered an earlier try and this try's version is above everything it reported:
+    /// every write acknowledged before this one started is then below it, so a newer version can
+    /// only be a concurrent write's.
+    above_acknowledged: bool,
+}
+
+impl Tries {
+    fn new(needed: usize, quorum: usize) -> Tries {
+        Tries {
+            needed,
+            quorum,
+            attempt: 0,
+            stored_any: false,
+            above_acknowledged: false,
+        }
+    }
+
+    /// Decides after the try of `version` ended in `outcome`; `own_version`: the write carries
+    /// its version, so it cannot go above a newer one.
+    fn judge(&mut self, version: Version, outcome: QuorumOutcome, own_version: bool) -> Next {
+        self.attempt += 1;
+        let (stored, newer, newest) = match outcome {
+            QuorumOutcome::Acked(acks) => return Next::Done(Ok(Written { version, acks })),
+            QuorumOutcome::Unconfirmed(acked) => {
+                let needed = self.needed;
+                return Next::Done(Err(Error::OutcomeUnknown {
+                    acked,
+                    detail: format!(
+                        "only {acked} of the {needed} required replicas confirmed it in time"
+                    ),
+                }));
+            }
+            QuorumOutcome::Superseded {
+                stored,
+                newer,
+                newest,
+            } => (stored, newer, newest),
+        };
+        if self.above_acknowledged && stored + newer >= self.needed {
+            // Overtaken by concurrent writes only, and W replicas hold this write or a newer
+            // one: it takes effect just before the write that overtook it (no later quorum read
+            // can return anything older).
+            return Next::Done(Ok(Written {
+                version,
+                acks: stored + newer,
+            }));
+        }
+        self.above_acknowledged |= stored + newer >= self.quorum;
+        self.stored_any |= stored > 0;
+        if !own_version && self.attempt < MAX_WRITE_TRIES {
+            return Next::TryAbove(newest);
+        }
+        Next::Done(Err(if self.stored_any {
+            Error::OutcomeUnknown {
+                acked: stored,
+                detail: format!("replicas kept reporting newer versions (the last {newest})"),
+            }
+        } else {
+            Error::Superseded { version, newest }
+        }))
+    }
 }
 
 /// A replica's answer from the version it holds after being sent `version`.
@@ -131,15 +227,8 @@ impl Cluster {
         }
         let clock = self.inner.store.clock();
         let n = self.replicas(key).len();
-        let (needed, quorum) = (w.required(n), Consistency::Quorum.required(n));
-        let mut stored_any = false;
-        // Set once a quorum answered an earlier try and this try's version is above everything
-        // it reported: then every write acknowledged before this one started is below it, and a
-        // newer version can only be a concurrent write's.
-        let mut above_acknowledged = false;
-        let mut attempt = 0;
+        let mut tries = Tries::new(w.required(n), Consistency::Quorum.required(n));
         loop {
-            attempt += 1;
             let version = write.version.unwrap_or_else(|| clock.tick());
             let record = Record {
                 key: key.to_owned(),
@@ -147,63 +236,38 @@ impl Cluster {
                 value: write.value.clone(),
                 expires_at_ms: write.expires_at_ms,
             };
-            let (stored, newest) = match self.replicate_quorum(record, w, request_id).await? {
-                QuorumOutcome::Acked(acks) => return Ok(Written { version, acks }),
-                QuorumOutcome::Unconfirmed(acked) => {
-                    return Err(Error::OutcomeUnknown {
-                        acked,
-                        detail: format!(
-                            "only {acked} of the {needed} required replicas confirmed it in time"
-                        ),
-                    });
-                }
-                QuorumOutcome::Superseded {
-                    stored,
-                    newer,
-                    newest,
-                } => {
-                    if above_acknowledged && stored + newer >= needed {
-                        // Overtaken by concurrent writes only, and W replicas hold this write or
-                        // a newer one: it takes effect just before the write that overtook it
-                        // (no later quorum read can return anything older).
-                        debug!(attempt, %version, %newest, "overtaken by a concurrent write");
-                        return Ok(Written {
-                            version,
-                            acks: stored + newer,
-                        });
-                    }
-                    above_acknowledged |= stored + newer >= quorum;
-                    (stored, newest)
-                }
+            let replicated = self
+                .replicate_quorum(record, write.id, w, AckRule::ThisRecord, request_id)
+                .await;
+            // After a try that stored something, no failure may claim that nothing was written.
+            let outcome = match replicated {
+                Ok(outcome) => outcome,
+                Err(e) if tries.stored_any => return Err(e.possibly_written()),
+                Err(e) => return Err(e),
             };
-            stored_any |= stored > 0;
-            // A newer version exists (a write acknowledged elsewhere, or one in flight): a write
-            // that starts after an acknowledged one must win, so the next try goes above it.
-            clock.observe(newest);
-            debug!(attempt, %version, %newest, "replicas hold a newer version");
-            if write.version.is_some() || attempt >= MAX_WRITE_TRIES {
-                return Err(if stored_any {
-                    Error::OutcomeUnknown {
-                        acked: stored,
-                        detail: format!(
-                            "replicas kept reporting newer versions (the last {newest})"
-                        ),
-                    }
-                } else {
-                    Error::Superseded { version, newest }
-                });
+            match tries.judge(version, outcome, write.version.is_some()) {
+                Next::Done(result) => return result,
+                Next::TryAbove(newest) => {
+                    // A newer version exists (a write acknowledged elsewhere, or one in flight):
+                    // a write that starts after an acknowledged one must win, so go above it.
+                    debug!(attempt = tries.attempt, %version, %newest, "replicas hold a newer version");
+                    clock.observe(newest);
+                }
             }
         }
     }
 
-    /// Sends `record` to every replica of its key in parallel and waits for `w` durable acks;
-    /// returns how many confirmed. The fan-out runs in spawned tasks, so it completes even when
-    /// the client hangs up. Replicas believed down get a hint without a call. When fewer than `w`
-    /// replicas are believed up, nothing is sent and nothing is hinted: the write is refused.
-    async fn replicate_quorum(
+    /// Sends `record` (and its write id) to every replica of its key in parallel and waits for
+    /// `w` acks by `rule`; returns how many confirmed. The fan-out runs in spawned tasks, so it
+    /// completes even when the client hangs up. Replicas believed down get a hint without a call.
+    /// When fewer than `w` replicas are believed up, nothing is sent and nothing is hinted: the
+    /// write is refused.
+    pub(crate) async fn replicate_quorum(
         &self,
         record: Record,
+        id: Option<WriteId>,
         w: Consistency,
+        rule: AckRule,
         request_id: &str,
     ) -> Result<QuorumOutcome> {
         let topology = self.topology();
@@ -231,7 +295,7 @@ impl Cluster {
                 tx.clone(),
             );
             tokio::spawn(async move {
-                let answer = cluster.send_to_replica(&replica, &record, &rid).await;
+                let answer = cluster.send_to_replica(&replica, &record, id, &rid).await;
                 let _ = tx.send(answer).await;
             });
             outstanding += 1;
@@ -241,7 +305,7 @@ impl Cluster {
         // count towards W (they own nothing yet), and a failure becomes a hint.
         for future in topology.pending(&record.key) {
             let (cluster, record, rid) = (self.clone(), record.clone(), rid.clone());
-            tokio::spawn(async move { cluster.send_to_replica(&future, &record, &rid).await });
+            tokio::spawn(async move { cluster.send_to_replica(&future, &record, id, &rid).await });
         }
         let (mut acked, mut newer, mut newest) = (0, 0, None::<Version>);
         let deadline = tokio::time::Instant::now() + self.inner.config.peer_timeout;
@@ -252,6 +316,7 @@ impl Cluster {
                     outstanding -= 1;
                     match answer {
                         ReplicaAnswer::Stored => acked += 1,
+                        ReplicaAnswer::Newer(_) if rule == AckRule::ThisOrNewer => acked += 1,
                         ReplicaAnswer::Newer(v) => {
                             newer += 1;
                             newest = newest.max(Some(v));
@@ -274,11 +339,13 @@ impl Cluster {
     }
 
     /// Applies `record` on one replica (locally or over the network); a failed remote replica gets
-    /// a hint. Says whether the replica holds this very record, or a newer version.
+    /// a hint (without the write id). Says whether the replica holds this very record, or a newer
+    /// version. A replica that stores a record with an `id` remembers the id.
     async fn send_to_replica(
         &self,
         replica: &Arc<str>,
         record: &Record,
+        id: Option<WriteId>,
         rid: &str,
     ) -> ReplicaAnswer {
         let inner = &self.inner;
@@ -287,6 +354,9 @@ impl Cluster {
                 Ok(applied) => {
                     let applied = applied.first().copied().unwrap_or(false);
                     let held = self.held_after(&record.key, record.version, applied);
+                    if let (Some(id), true) = (id, held == record.version) {
+                        inner.recent_writes.remember(&record.key, id, held);
+                    }
                     held_answer(record.version, held)
                 }
                 Err(e) => {
@@ -297,7 +367,7 @@ impl Cluster {
         }
         match inner
             .peers
-            .replicate_record(replica, record.clone(), Arc::from(rid))
+            .replicate_record(replica, (record.clone(), id), Arc::from(rid))
             .await
         {
             Ok(held) if held < record.version => {
@@ -511,7 +581,7 @@ impl Cluster {
                 cluster.inner.read_repairs.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("kv_read_repairs_total").increment(1);
                 debug!(peer = %node, key = %newest.key, "read write-back");
-                let answer = cluster.send_to_replica(&node, &newest, &rid).await;
+                let answer = cluster.send_to_replica(&node, &newest, None, &rid).await;
                 // A replica holding something newer also holds at least what the read returns.
                 let _ = tx.send(answer != ReplicaAnswer::Failed).await;
             });
@@ -546,7 +616,7 @@ impl Cluster {
                 cluster.inner.read_repairs.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("kv_read_repairs_total").increment(1);
                 debug!(peer = %node, key = %newest.key, "read repair");
-                cluster.send_to_replica(&node, &newest, &rid).await;
+                cluster.send_to_replica(&node, &newest, None, &rid).await;
             }
         });
     }
@@ -560,8 +630,35 @@ impl Cluster {
     ///
     /// A write that carries its own `version` is idempotent: sent twice (a retry after a lost
     /// answer), it is the same record, and a delete that finds its own tombstone succeeds again.
+    /// A plain write marked as a resend of a write id is applied only if no replica stored that
+    /// id yet (see `resend.rs`).
     /// Returns the write, or `None` for a delete of a key that does not exist.
     pub async fn write_if(
+        &self,
+        key: &str,
+        write: Write,
+        precondition: Precondition,
+        (w, r): (Consistency, Consistency),
+        request_id: &str,
+    ) -> Result<Option<Written>> {
+        if write.resend.is_some() && precondition == Precondition::Always {
+            let _mark = match self.check_resend(key, &write, w, request_id).await? {
+                ResendCheck::Confirmed(written) => return Ok(Some(written)),
+                ResendCheck::ApplyAnew(mark) => mark,
+            };
+            // The first send may be stranded on a replica believed down (and come back with
+            // it): saying that nothing was written would not be sure.
+            return self
+                .write_fresh(key, write, precondition, (w, r), request_id)
+                .await
+                .map_err(Error::possibly_written);
+        }
+        self.write_fresh(key, write, precondition, (w, r), request_id)
+            .await
+    }
+
+    /// [`Cluster::write_if`] for a write that is not a resend, or a resend no replica stored.
+    async fn write_fresh(
         &self,
         key: &str,
         write: Write,
@@ -596,5 +693,95 @@ impl Cluster {
             return Ok(None);
         }
         self.write(key, write, w, request_id).await.map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(hlc: u64) -> Version {
+        Version { hlc, node: 1 }
+    }
+
+    fn superseded(stored: usize, newer: usize, newest: u64) -> QuorumOutcome {
+        QuorumOutcome::Superseded {
+            stored,
+            newer,
+            newest: v(newest),
+        }
+    }
+
+    #[test]
+    fn a_write_acked_by_w_replicas_is_done() {
+        let mut tries = Tries::new(2, 2);
+        let next = tries.judge(v(5), QuorumOutcome::Acked(2), false);
+        assert!(matches!(next, Next::Done(Ok(Written { acks: 2, .. }))));
+    }
+
+    #[test]
+    fn a_newer_version_sends_the_write_above_it_until_only_concurrent_writes_overtake_it() {
+        let mut tries = Tries::new(2, 2);
+        // First try: a quorum holds something newer (maybe acknowledged before we started).
+        assert!(matches!(
+            tries.judge(v(5), superseded(0, 2, 9), false),
+            Next::TryAbove(newest) if newest == v(9)
+        ));
+        // Second try above 9, overtaken again: only a concurrent write can be newer now, and W
+        // replicas hold this write or newer, so it is acknowledged.
+        let next = tries.judge(v(10), superseded(1, 1, 12), false);
+        assert!(
+            matches!(next, Next::Done(Ok(Written { acks: 2, .. }))),
+            "{next:?}"
+        );
+    }
+
+    #[test]
+    fn without_a_quorum_heard_a_newer_version_is_never_taken_as_concurrent() {
+        let mut tries = Tries::new(2, 2);
+        // One replica newer, one failed: no quorum answered, so the floor is unknown.
+        assert!(matches!(
+            tries.judge(v(5), superseded(0, 1, 9), false),
+            Next::TryAbove(_)
+        ));
+        assert!(matches!(
+            tries.judge(v(10), superseded(0, 1, 12), false),
+            Next::TryAbove(_)
+        ));
+    }
+
+    #[test]
+    fn a_write_with_its_own_version_is_never_moved() {
+        let mut tries = Tries::new(2, 2);
+        let next = tries.judge(v(5), superseded(0, 2, 9), true);
+        assert!(matches!(next, Next::Done(Err(Error::Superseded { .. }))));
+        // Stored somewhere: it may become visible, so the answer is "unknown", not "nothing".
+        let mut tries = Tries::new(2, 2);
+        let next = tries.judge(v(5), superseded(1, 1, 9), true);
+        assert!(matches!(
+            next,
+            Next::Done(Err(Error::OutcomeUnknown { acked: 1, .. }))
+        ));
+    }
+
+    #[test]
+    fn tries_are_bounded() {
+        let mut tries = Tries::new(3, 2);
+        let mut last = None;
+        for attempt in 0..MAX_WRITE_TRIES {
+            // Each try: one replica newer, one failed, one stored: never W = 3.
+            match tries.judge(
+                v(attempt as u64 * 10),
+                superseded(1, 1, attempt as u64 * 10 + 5),
+                false,
+            ) {
+                Next::TryAbove(_) => {}
+                Next::Done(result) => last = Some(result),
+            }
+        }
+        assert!(
+            matches!(last, Some(Err(Error::OutcomeUnknown { .. }))),
+            "{last:?}"
+        );
     }
 }

@@ -224,7 +224,7 @@ async fn a_5xx_is_retried_for_reads_only() {
 }
 
 #[tokio::test]
-async fn a_timeout_is_retried_for_reads_and_stamped_writes_and_is_504_for_conditional_ones() {
+async fn a_timeout_is_retried_for_reads_and_plain_writes_and_is_504_for_conditional_ones() {
     let (hung, good) = (
         fake_node(Behaviour::Hanging).await,
         fake_node(Behaviour::Healthy).await,
@@ -238,14 +238,44 @@ async fn a_timeout_is_retried_for_reads_and_stamped_writes_and_is_504_for_condit
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["node"], json!(good.url));
 
-    // A plain write carries the proxy's version stamp, so resending it is safe.
+    // A plain write carries a write id, so resending it (marked as a resend) is safe; the
+    // proxy never gives it a version of its own.
     let (status, body) = send(&state, request(Method::PUT, &format!("/v1/{key}"), "{}")).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["node"], json!(good.url));
     assert_eq!(
         good.hits(),
         2,
-        "the stamped write moved on to the next replica"
+        "the plain write moved on to the next replica"
+    );
+    let headers: Vec<&str> = body["kv_headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_str().unwrap())
+        .collect();
+    assert_eq!(headers.len(), 3, "{headers:?}");
+    assert!(headers.contains(&"x-kv-resend=1"), "{headers:?}");
+    let age: u64 = headers
+        .iter()
+        .find_map(|h| h.strip_prefix("x-kv-resend-age-ms="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (100..2000).contains(&age),
+        "sent after the first attempt timed out: {age} ms"
+    );
+    let id = headers
+        .iter()
+        .find_map(|h| h.strip_prefix("x-kv-write-id="))
+        .unwrap();
+    assert!(
+        id.len() == 16
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
+        "{id}"
     );
 
     let mut conditional = request(Method::PUT, &format!("/v1/{key}"), "{}");
@@ -397,6 +427,41 @@ async fn node_to_node_headers_from_clients_never_reach_a_node() {
             json!([format!("x-kv-version={client_version}")]),
             "{method} {uri}: only the client's own version passes"
         );
+    }
+}
+
+#[tokio::test]
+async fn a_plain_write_gets_a_fresh_write_id_and_a_client_cannot_set_one() {
+    let node = fake_node(Behaviour::Healthy).await;
+    let state = state(&config(&[&node.url]));
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let mut req = request(Method::POST, "/v1/k", "{\"value\":1}");
+        for (name, value) in [("x-kv-write-id", "00000000000000aa"), ("x-kv-resend", "1")] {
+            req.headers_mut().insert(name, value.parse().unwrap());
+        }
+        let (status, body) = send(&state, req).await;
+        assert_eq!(status, StatusCode::OK);
+        let headers = body["kv_headers"].as_array().unwrap().clone();
+        assert_eq!(
+            headers.len(),
+            1,
+            "no resend flag on a first send: {headers:?}"
+        );
+        let id = headers[0].as_str().unwrap().strip_prefix("x-kv-write-id=");
+        let id = id.unwrap().to_owned();
+        assert_ne!(id, "00000000000000aa", "the client's id was replaced");
+        ids.push(id);
+    }
+    assert_ne!(ids[0], ids[1], "each write gets its own id");
+    for method in [Method::GET, Method::DELETE] {
+        let mut req = request(method.clone(), "/v1/k", "");
+        if method == Method::DELETE {
+            req.headers_mut()
+                .insert(header::IF_MATCH, "*".parse().unwrap());
+        }
+        let (_, body) = send(&state, req).await;
+        assert_eq!(body["kv_headers"], json!([]), "{method}: no write id");
     }
 }
 
