@@ -158,6 +158,16 @@ impl Attempt<'_> {
                 failures.last_server_error = Some(response);
                 Step::TryNext
             }
+            // A node answers 503 only when it wrote nothing (too few replicas up, its clock off
+            // the others', its WAL failed): any request may move on.
+            Outcome::Answered(response)
+                if !self.is_last && response.status() == hyper::StatusCode::SERVICE_UNAVAILABLE =>
+            {
+                metrics::upstream_error(url, "status_503");
+                failures.note(url, "answered 503".to_owned());
+                failures.last_server_error = Some(response);
+                Step::TryNext
+            }
             Outcome::Answered(response) => Step::Answer(response),
             Outcome::ConnectFailed(reason) => {
                 metrics::upstream_error(url, "connect");

@@ -27,6 +27,8 @@ enum Behaviour {
     Healthy,
     /// 500 on everything.
     Failing,
+    /// 503 on everything: "nothing was written".
+    Refusing,
     /// Never answers.
     Hanging,
 }
@@ -69,6 +71,10 @@ async fn fake_answer(
         Behaviour::Failing => {
             let body = json!({"error": "unavailable", "message": "node-side failure"});
             (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response()
+        }
+        Behaviour::Refusing => {
+            let body = json!({"error": "clock_offset", "message": "nothing was written"});
+            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
         }
         Behaviour::Healthy => {
             let mut echo = echo_of(name, &request);
@@ -221,6 +227,30 @@ async fn a_5xx_is_retried_for_reads_only() {
     let (status, body) = send(&state, request(Method::GET, &format!("/v1/{key}"), "")).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["node"], json!(good.url));
+}
+
+#[tokio::test]
+async fn a_503_moves_any_request_on_since_the_node_wrote_nothing() {
+    let (refusing, good) = (
+        fake_node(Behaviour::Refusing).await,
+        fake_node(Behaviour::Healthy).await,
+    );
+    let state = state(&config(&[&refusing.url, &good.url]));
+    let key = key_owned_by(&state, &refusing.url);
+    let (status, body) = send(&state, request(Method::POST, &format!("/v1/{key}"), "{}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["node"], json!(good.url));
+    assert_eq!(refusing.hits(), 1);
+    // When every node refuses, the client gets the last node's own answer.
+    let state = state_refusing_only(&refusing.url).await;
+    let (status, body) = send(&state, request(Method::POST, &format!("/v1/{key}"), "{}")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["error"], "clock_offset");
+}
+
+async fn state_refusing_only(first: &str) -> SharedState {
+    let other = fake_node(Behaviour::Refusing).await;
+    state(&config(&[first, &other.url]))
 }
 
 #[tokio::test]
