@@ -46,6 +46,12 @@ pub struct StoreConfig {
     pub wal_max_bytes: u64,
     /// Tombstones written longer ago than this are dropped at checkpoint. Default 24 h.
     pub tombstone_grace: Duration,
+    /// Below this much free disk space the store turns read-only (writes refused with
+    /// [`Error::DiskFull`], reads go on) until space returns. Default 64 MiB; 0 turns the
+    /// reserve off (the store still turns read-only on ENOSPC).
+    pub min_free_bytes: u64,
+    /// How often free space is probed (to enter the reserve, and to resume). Default 1 s.
+    pub disk_probe_interval: Duration,
     /// This node's id, stamped on the versions its clock issues.
     pub node_id: u32,
 }
@@ -60,6 +66,8 @@ impl StoreConfig {
             snapshot_interval: Duration::from_secs(300),
             wal_max_bytes: 64 * 1024 * 1024,
             tombstone_grace: Duration::from_secs(24 * 60 * 60),
+            min_free_bytes: 64 * 1024 * 1024,
+            disk_probe_interval: Duration::from_secs(1),
             node_id,
         }
     }
@@ -92,5 +100,7 @@ mod tests {
         assert_eq!(c.snapshot_interval, Duration::from_secs(300));
         assert_eq!(c.wal_max_bytes, 64 << 20);
         assert_eq!(c.tombstone_grace, Duration::from_secs(86_400));
+        assert_eq!(c.min_free_bytes, 67_108_864);
+        assert_eq!(c.disk_probe_interval, Duration::from_secs(1));
     }
 }

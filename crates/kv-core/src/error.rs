@@ -13,6 +13,22 @@ pub enum Error {
         /// The original failure.
         reason: String,
     },
+    /// The disk holding the data folder is full, or below the `MIN_FREE_BYTES` reserve: the
+    /// store is read-only (reads go on, nothing of the refused write was kept) and takes writes
+    /// again by itself once free space is back above the reserve.
+    #[error(
+        "the disk holding {} is full ({free_bytes} bytes free, reserve {reserve_bytes} bytes): \
+         the node is read-only until space returns; nothing of this write was kept",
+        path.display()
+    )]
+    DiskFull {
+        /// The data folder.
+        path: PathBuf,
+        /// Free bytes the file system reported when the store turned read-only.
+        free_bytes: u64,
+        /// The configured reserve (`MIN_FREE_BYTES`).
+        reserve_bytes: u64,
+    },
     /// A file system operation failed.
     #[error("{op} {}: {source}", path.display())]
     Io {
@@ -109,6 +125,15 @@ impl Error {
         match self {
             Error::WalFailed { reason } => Error::WalFailed {
                 reason: reason.clone(),
+            },
+            Error::DiskFull {
+                path,
+                free_bytes,
+                reserve_bytes,
+            } => Error::DiskFull {
+                path: path.clone(),
+                free_bytes: *free_bytes,
+                reserve_bytes: *reserve_bytes,
             },
             Error::Io { op, path, source } => Error::Io {
                 op,

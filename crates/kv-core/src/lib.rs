@@ -11,6 +11,7 @@
 //! - `snapshot`, `checkpoint`: `snapshot.db` and the thread that writes it.
 //! - `backup`: backups in the snapshot format (`Store::backup_to`), their check and restore.
 //! - `recovery`: snapshot load plus WAL replay at start-up.
+//! - `space`: free disk space, the `MIN_FREE_BYTES` reserve and the read-only (disk full) state.
 //! - `lock`: the data folder's lock file; [`files`]: owner-only (`0700`/`0600`) folders and files.
 //! - `store`: the `Store` facade; `config`: `StoreConfig`, `SyncMode`; `error`: `Error`.
 //!
@@ -28,7 +29,8 @@
 //! `kv_wal_fsync_seconds` (histogram), `kv_wal_batch_records` (histogram: records per group
 //! commit), `kv_checkpoints_total{result}`, `kv_checkpoint_duration_seconds` (histogram),
 //! `kv_snapshot_bytes`, `kv_snapshot_entries`, `kv_backups_total{result}`,
-//! `kv_backup_duration_seconds` (histogram), `kv_backup_bytes`.
+//! `kv_backup_duration_seconds` (histogram), `kv_backup_bytes`, `kv_disk_free_bytes`,
+//! `kv_disk_full_total` (times the store turned read-only).
 
 mod backup;
 mod checkpoint;
@@ -43,6 +45,7 @@ mod recovery;
 mod reservation;
 mod segment;
 mod snapshot;
+mod space;
 mod store;
 pub mod version;
 mod wal;

@@ -33,8 +33,10 @@ pub struct StoreStatus {
     pub wal_bytes: u64,
     /// When the newest snapshot was written (by this process or, after restart, before).
     pub last_snapshot: Option<SystemTime>,
-    /// Why writes are refused, when the WAL has failed.
+    /// Why writes are refused, when the WAL has failed (until restart).
     pub failed: Option<String>,
+    /// Why writes are refused, while the disk is full or below the reserve (lifts by itself).
+    pub read_only: Option<String>,
     /// The data folder.
     pub data_dir: PathBuf,
     /// WAL fsyncs since start.
@@ -79,6 +81,7 @@ struct Threads {
     writer: Mutex<Option<JoinHandle<()>>>,
     checkpointer: Mutex<Option<JoinHandle<()>>>,
     ticker: Mutex<Option<JoinHandle<()>>>,
+    probe: Mutex<Option<JoinHandle<()>>>,
     ticker_stop: Arc<AtomicBool>,
     signal: Arc<CheckpointSignal>,
 }
@@ -87,7 +90,7 @@ impl Threads {
     fn join(&self) {
         self.signal.stop();
         self.ticker_stop.store(true, Ordering::Release);
-        for slot in [&self.ticker, &self.checkpointer, &self.writer] {
+        for slot in [&self.probe, &self.ticker, &self.checkpointer, &self.writer] {
             if let Some(handle) = slot.lock().take() {
                 handle.thread().unpark();
                 let _ = handle.join();
@@ -136,6 +139,8 @@ impl Store {
         let recovered = recovery::recover(&dir, &map, &clock)?;
         let file = segment::create(&dir, recovered.next_segment)?;
         let wal = Arc::new(WalState::default());
+        // A node started on a full disk is read-only from its first request.
+        wal.space.probe(&dir, config.min_free_bytes);
         wal.wal_bytes.store(
             recovered.wal_bytes + segment::HEADER_LEN as u64,
             Ordering::Relaxed,
@@ -147,6 +152,7 @@ impl Store {
             writer: Mutex::new(None),
             checkpointer: Mutex::new(None),
             ticker: Mutex::new(None),
+            probe: Mutex::new(None),
             ticker_stop: Arc::new(AtomicBool::new(false)),
             signal: Arc::clone(&signal),
         };
@@ -157,6 +163,9 @@ impl Store {
             wal_max_bytes: config.wal_max_bytes,
             segment: recovered.next_segment,
             file,
+            len: segment::HEADER_LEN as u64,
+            min_free_bytes: config.min_free_bytes,
+            since_probe: 0,
             map: Arc::clone(&map),
             clock: Arc::clone(&clock),
             state: Arc::clone(&wal),
@@ -179,6 +188,19 @@ impl Store {
         };
         *threads.checkpointer.lock() =
             Some(spawn("kv-checkpoint", move || checkpointer.run(wake))?);
+        let probe = crate::space::spawn_probe(
+            Arc::clone(&wal),
+            dir.clone(),
+            config.min_free_bytes,
+            config.disk_probe_interval,
+            Arc::clone(&threads.ticker_stop),
+        )
+        .map_err(|e| Error::Io {
+            op: "start thread",
+            path: "kv-disk-probe".into(),
+            source: e,
+        })?;
+        *threads.probe.lock() = Some(probe);
         if config.sync == SyncMode::Interval {
             let stop = Arc::clone(&threads.ticker_stop);
             let ticker = wal::spawn_sync_ticker(tx.downgrade(), config.sync_interval, stop)
@@ -305,9 +327,23 @@ impl Store {
         self.inner.map.forget(keys)
     }
 
-    /// Why writes are refused, when the WAL has failed (cheap: no counting).
+    /// Why writes are refused, when the WAL has failed (cheap: no counting). Final until
+    /// restart; a full disk is reported by [`Store::read_only`] instead.
     pub fn write_refused(&self) -> Option<String> {
         self.inner.wal.failed.get().cloned()
+    }
+
+    /// Why writes are refused, while the disk is full or below the `MIN_FREE_BYTES` reserve.
+    /// Lifts by itself once space returns (probed every `disk_probe_interval`).
+    pub fn read_only(&self) -> Option<String> {
+        self.inner.wal.space.reason()
+    }
+
+    /// `Ok` when a write would be taken now; else the error it would get
+    /// ([`Error::WalFailed`], [`Error::DiskFull`] or [`Error::Closed`]).
+    pub fn writable(&self) -> Result<(), Error> {
+        self.check_open()?;
+        self.inner.wal.check()
     }
 
     /// Counts, WAL figures and health.
@@ -321,6 +357,7 @@ impl Store {
             wal_bytes: wal.wal_bytes.load(Ordering::Relaxed),
             last_snapshot: *self.inner.last_snapshot.lock(),
             failed: wal.failed.get().cloned(),
+            read_only: wal.space.reason(),
             data_dir: self.inner.data_dir.clone(),
             wal_fsyncs: wal.fsyncs.load(Ordering::Relaxed),
             wal_fsync_micros: wal.fsync_micros.load(Ordering::Relaxed),
@@ -366,6 +403,27 @@ impl Store {
             return Err(Error::Closed);
         }
         Ok(())
+    }
+
+    /// Test hook: the next WAL write writes half its batch, then meets ENOSPC.
+    #[cfg(test)]
+    pub(crate) fn inject_disk_full(&self) {
+        self.inner
+            .wal
+            .inject_disk_full
+            .store(true, Ordering::Relaxed);
+    }
+
+    /// Test hook: free space as the probe sees it (`None`: the real figure).
+    #[cfg(test)]
+    pub(crate) fn fake_free_space(&self, free: Option<u64>) {
+        *self.inner.wal.space.fake_free.lock() = free;
+    }
+
+    /// Test hook: the WAL's current segment file.
+    #[cfg(test)]
+    pub(crate) fn current_segment_path(&self) -> Option<PathBuf> {
+        segment::list(&self.inner.data_dir).ok()?.pop().map(|(_, p)| p)
     }
 
     /// Test hook: the next WAL write fails as if the disk had.

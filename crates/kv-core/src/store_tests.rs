@@ -194,6 +194,89 @@ async fn failed_write_refuses_writes_but_keeps_reads() {
     );
 }
 
+fn file_len(path: &Path) -> u64 {
+    fs::metadata(path).unwrap().len()
+}
+
+#[tokio::test]
+async fn a_full_disk_cuts_the_batch_back_and_makes_the_store_read_only_until_space_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.min_free_bytes = 0;
+    cfg.disk_probe_interval = Duration::from_millis(20);
+    let store = Store::open(cfg.clone()).unwrap();
+    store.apply(vec![put(&store, "kept", "yes")]).await.unwrap();
+    let segment = store.current_segment_path().unwrap();
+    let before = file_len(&segment);
+    store.fake_free_space(Some(0));
+    store.inject_disk_full();
+    let big = "x".repeat(10_000);
+    let err = store
+        .apply(vec![put(&store, "lost", &big), put(&store, "lost2", "z")])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::DiskFull { .. }), "{err}");
+    assert_eq!(
+        file_len(&segment),
+        before,
+        "the half-written batch is cut back to the last whole batch"
+    );
+    assert_eq!(store.get("lost"), None, "a refused write is not applied");
+    // Read-only: later writes are refused, reads go on, the status says why; not failed.
+    let later = store.apply(vec![put(&store, "later", "no")]).await;
+    assert!(matches!(later, Err(Error::DiskFull { .. })), "{later:?}");
+    assert_eq!(value(&store, "kept"), Some(b"yes".to_vec()));
+    let status = store.status();
+    assert!(status.failed.is_none(), "a full disk is not a WAL failure");
+    let why = status.read_only.unwrap();
+    assert!(why.contains("full") && why.contains("read-only"), "{why}");
+    assert!(store.writable().is_err());
+    assert!(
+        store.checkpoint().await.is_ok(),
+        "a checkpoint still runs while read-only"
+    );
+    // Space returns: the probe lifts the state, no restart.
+    store.fake_free_space(Some(2 << 20));
+    wait_until("writes resume", || store.writable().is_ok());
+    assert!(store.read_only().is_none());
+    store.apply(vec![put(&store, "after", "ok")]).await.unwrap();
+    // Crash and recover: nothing of the cut batch shows up, nothing acknowledged is lost, and
+    // the log after the cut is not taken for corruption.
+    drop(store);
+    let store = Store::open(cfg).unwrap();
+    assert_eq!(value(&store, "kept"), Some(b"yes".to_vec()));
+    assert_eq!(value(&store, "after"), Some(b"ok".to_vec()));
+    assert_eq!((store.get("lost"), store.get("lost2")), (None, None));
+    assert_eq!(store.get("later"), None);
+}
+
+#[tokio::test]
+async fn the_reserve_makes_the_store_read_only_before_the_disk_is_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.min_free_bytes = 8 << 20;
+    cfg.disk_probe_interval = Duration::from_millis(20);
+    let store = Store::open(cfg).unwrap();
+    store.apply(vec![put(&store, "kept", "yes")]).await.unwrap();
+    store.fake_free_space(Some(5 << 20));
+    wait_until("the store turns read-only", || store.read_only().is_some());
+    let err = store
+        .apply(vec![put(&store, "refused", "no")])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::DiskFull { free_bytes, reserve_bytes, .. }
+            if free_bytes == 5 << 20 && reserve_bytes == 8 << 20),
+        "{err}"
+    );
+    assert!(err.to_string().contains("reserve"), "{err}");
+    assert_eq!(value(&store, "kept"), Some(b"yes".to_vec()));
+    store.fake_free_space(Some(9 << 20));
+    wait_until("writes resume", || store.writable().is_ok());
+    store.apply(vec![put(&store, "after", "ok")]).await.unwrap();
+    assert_eq!(store.get("refused"), None);
+}
+
 #[tokio::test]
 async fn shutdown_after_a_wal_failure_reports_it_and_still_stops() {
     let dir = tempfile::tempdir().unwrap();

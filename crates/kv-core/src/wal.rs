@@ -1,6 +1,8 @@
 //! The WAL writer: one dedicated thread owns the newest segment file. It takes queued appends,
 //! writes them in one `write`, fsyncs once (group commit), applies them to the map and answers
 //! every caller. It also rotates segments for checkpoints and fsyncs on a timer in interval mode.
+//! A write that meets a full disk (ENOSPC) is cut back to the end of the last whole batch and
+//! the store turns read-only (see `space`); any other write or fsync failure is final.
 
 use std::fs::File;
 use std::io::Write;
@@ -53,14 +55,30 @@ pub(crate) struct WalState {
     pub batches: AtomicU64,
     pub appends: AtomicU64,
     pub records: AtomicU64,
+    /// Read-only while the disk is full or below the reserve; lifted by the probe.
+    pub space: crate::space::DiskState,
     /// Test hook: the next write fails as if the disk had.
     #[cfg(test)]
     pub inject_write_failure: AtomicBool,
+    /// Test hook: the next write writes half the batch, then fails with ENOSPC.
+    #[cfg(test)]
+    pub inject_disk_full: AtomicBool,
 }
 
 impl WalState {
-    /// The error for a refused write, if the WAL has failed.
+    /// The error for a refused write, if the WAL has failed or the disk is full.
     pub fn check(&self) -> Result<(), Error> {
+        match self.failed.get() {
+            Some(reason) => Err(Error::WalFailed {
+                reason: reason.clone(),
+            }),
+            None => self.space.check(),
+        }
+    }
+
+    /// [`Error::WalFailed`] if the WAL has failed; the read-only state is not looked at (a
+    /// batch already written is fsynced and acknowledged even if the disk filled meanwhile).
+    pub fn check_failed(&self) -> Result<(), Error> {
         match self.failed.get() {
             Some(reason) => Err(Error::WalFailed {
                 reason: reason.clone(),
@@ -85,6 +103,12 @@ pub(crate) struct WalWriter {
     pub wal_max_bytes: u64,
     pub segment: u64,
     pub file: File,
+    /// Length of the current segment up to the end of its last whole batch.
+    pub len: u64,
+    /// The `MIN_FREE_BYTES` reserve.
+    pub min_free_bytes: u64,
+    /// Bytes written since free space was last checked.
+    pub since_probe: u64,
     pub map: Arc<ShardedMap>,
     /// The clock, whose reservation this thread moves ahead after commits.
     pub clock: Arc<crate::Clock>,
@@ -140,7 +164,7 @@ impl WalWriter {
     fn fail(&self, reason: String) -> Error {
         error!(path = %self.path().display(), %reason, "WAL failed; refusing writes until restart");
         let _ = self.state.failed.set(reason);
-        self.state.check().err().unwrap_or(Error::WalFailed {
+        self.state.check_failed().err().unwrap_or(Error::WalFailed {
             reason: String::new(),
         })
     }
@@ -206,7 +230,16 @@ impl WalWriter {
             .write_hook()
             .and_then(|()| self.file.write_all(&self.buf));
         if let Err(e) = written {
+            if crate::space::is_disk_full(&e) {
+                return Err(self.disk_full(&e));
+            }
             return Err(self.fail(format!("write {}: {e}", self.path().display())));
+        }
+        self.len += self.buf.len() as u64;
+        self.since_probe += self.buf.len() as u64;
+        if self.since_probe >= crate::space::PROBE_EVERY_BYTES {
+            self.since_probe = 0;
+            self.state.space.probe(&self.dir, self.min_free_bytes);
         }
         self.state
             .wal_bytes
@@ -217,14 +250,44 @@ impl WalWriter {
             SyncMode::Always => self.sync(),
             SyncMode::Interval => {
                 self.sync_if_due();
-                self.state.check()
+                self.state.check_failed()
             }
             SyncMode::Never => Ok(()),
         }
     }
 
+    /// ENOSPC: cuts the segment back to the end of the last whole batch (durably, so no part of
+    /// this batch can surface at recovery), turns the store read-only and answers the batch with
+    /// [`Error::DiskFull`]. If the cut itself fails, the WAL fails for good.
+    fn disk_full(&mut self, cause: &std::io::Error) -> Error {
+        let path = self.path();
+        let cut = self
+            .file
+            .set_len(self.len)
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = cut {
+            return self.fail(format!(
+                "write {}: {cause}; cutting it back to byte {} failed: {e}",
+                path.display(),
+                self.len
+            ));
+        }
+        // Anything written before this batch is durable now too.
+        self.unsynced = false;
+        let free = self.state.space.free_bytes(&self.dir).unwrap_or(0);
+        let cause = format!("write {}: {cause}", path.display());
+        self.state
+            .space
+            .enter(&self.dir, free, self.min_free_bytes, &cause);
+        self.state.check().err().unwrap_or(Error::DiskFull {
+            path: self.dir.clone(),
+            free_bytes: free,
+            reserve_bytes: self.min_free_bytes,
+        })
+    }
+
     #[cfg(test)]
-    fn write_hook(&self) -> std::io::Result<()> {
+    fn write_hook(&mut self) -> std::io::Result<()> {
         if self
             .state
             .inject_write_failure
@@ -232,11 +295,16 @@ impl WalWriter {
         {
             return Err(std::io::Error::other("injected write failure"));
         }
+        if self.state.inject_disk_full.swap(false, Ordering::Relaxed) {
+            let half = self.buf.len() / 2;
+            self.file.write_all(&self.buf[..half])?;
+            return Err(std::io::Error::from_raw_os_error(28));
+        }
         Ok(())
     }
 
     #[cfg(not(test))]
-    fn write_hook(&self) -> std::io::Result<()> {
+    fn write_hook(&mut self) -> std::io::Result<()> {
         Ok(())
     }
 
@@ -255,7 +323,7 @@ impl WalWriter {
 
     /// Fsyncs the segment if anything was written since the last fsync. A failure is final.
     fn sync(&mut self) -> Result<(), Error> {
-        self.state.check()?;
+        self.state.check_failed()?;
         if !self.unsynced {
             return Ok(());
         }
@@ -286,6 +354,7 @@ impl WalWriter {
         // A failed creation leaves no file behind, so appending to the old segment stays safe.
         self.file = segment::create(&self.dir, next)?;
         self.segment = next;
+        self.len = segment::HEADER_LEN as u64;
         self.state
             .wal_bytes
             .fetch_add(segment::HEADER_LEN as u64, Ordering::Relaxed);
