@@ -159,12 +159,27 @@ impl Attempt<'_> {
                 Step::TryNext
             }
             // A node answers 503 only when it wrote nothing (too few replicas up, its clock off
-            // the others', its WAL failed): any request may move on.
+            // the others', its WAL failed), and 507 only when its disk is full and the other
+            // replicas could not make W without it, refused before anything was sent: any
+            // request may move on.
             Outcome::Answered(response)
-                if !self.is_last && response.status() == hyper::StatusCode::SERVICE_UNAVAILABLE =>
+                if !self.is_last
+                    && matches!(
+                        response.status(),
+                        hyper::StatusCode::SERVICE_UNAVAILABLE
+                            | hyper::StatusCode::INSUFFICIENT_STORAGE
+                    ) =>
             {
-                metrics::upstream_error(url, "status_503");
-                failures.note(url, "answered 503".to_owned());
+                let status = response.status().as_u16();
+                metrics::upstream_error(
+                    url,
+                    if status == 507 {
+                        "status_507"
+                    } else {
+                        "status_503"
+                    },
+                );
+                failures.note(url, format!("answered {status}"));
                 failures.last_server_error = Some(response);
                 Step::TryNext
             }

@@ -23,6 +23,7 @@ struct NodeEnv {
     wal_sync: Option<String>,
     wal_sync_interval_ms: Option<String>,
     wal_max_bytes: Option<String>,
+    min_free_bytes: Option<String>,
     tombstone_grace_secs: Option<String>,
     write_consistency: Option<String>,
     read_consistency: Option<String>,
@@ -79,6 +80,8 @@ pub struct NodeConfig {
     pub wal_sync_interval: Duration,
     /// WAL size that triggers a checkpoint.
     pub wal_max_bytes: u64,
+    /// Free disk space below which the node turns read-only (507) until space returns.
+    pub min_free_bytes: u64,
     /// Age after which tombstones are collected.
     pub tombstone_grace: Duration,
     /// Default W.
@@ -389,6 +392,13 @@ impl NodeEnv {
                 64 << 20,
                 4096,
                 1 << 40,
+            )?,
+            min_free_bytes: parse_num(
+                "MIN_FREE_BYTES",
+                self.min_free_bytes.as_deref(),
+                64 << 20,
+                0,
+                1 << 50,
             )?,
             tombstone_grace: secs(
                 "TOMBSTONE_GRACE_SECS",

@@ -130,6 +130,9 @@ impl ApiError {
             ApiError::Cluster(C::Store(
                 kv_core::Error::WalFailed { .. } | kv_core::Error::Closed,
             )) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Cluster(C::Store(kv_core::Error::DiskFull { .. })) => {
+                (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage")
+            }
             ApiError::Internal(_) | ApiError::Cluster(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
@@ -205,5 +208,22 @@ mod tests {
             reason: "fsync: EIO".into(),
         });
         assert_eq!(err.status_and_code().0, StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn a_full_disk_refuses_writes_with_507_and_says_why() {
+        let err = ApiError::from(kv_core::Error::DiskFull {
+            path: "/data".into(),
+            free_bytes: 1024,
+            reserve_bytes: 67_108_864,
+        });
+        let (status, body) = err.status_and_body();
+        assert_eq!(status, StatusCode::INSUFFICIENT_STORAGE);
+        assert_eq!(body["error"], "insufficient_storage");
+        let message = body["message"].as_str().unwrap();
+        assert!(
+            message.contains("/data") && message.contains("read-only"),
+            "{message}"
+        );
     }
 }

@@ -58,6 +58,11 @@ pub const HELP_VARIABLES: &[(&str, &str, &str)] = &[
         "checkpoint when the WAL grows past this many bytes",
     ),
     (
+        "MIN_FREE_BYTES",
+        "67108864",
+        "below this much free disk the node turns read-only (507) until space returns; 0: off",
+    ),
+    (
         "TOMBSTONE_GRACE_SECS",
         "86400",
         "deleted keys' tombstones are collected after this",

@@ -91,6 +91,7 @@ async fn run(config: NodeConfig, tls: tls::NodeTls) -> Result<(), String> {
     store_config.sync_interval = config.wal_sync_interval;
     store_config.snapshot_interval = config.snapshot_interval;
     store_config.wal_max_bytes = config.wal_max_bytes;
+    store_config.min_free_bytes = config.min_free_bytes;
     store_config.tombstone_grace = config.tombstone_grace;
     // Before the store opens, so that what kv-core records from its threads is kept.
     let metrics = telemetry::init_metrics();

@@ -31,6 +31,7 @@ pub async fn status(State(app): State<AppState>) -> Json<Value> {
         "wal_sync": format!("{:?}", config.wal_sync).to_lowercase(),
         "last_snapshot_unix_ms": last_snapshot,
         "writes_refused": store.failed,
+        "read_only": store.read_only,
         "data_dir": config.data_dir,
         "replication_factor": cluster.replication_factor,
         "write_consistency": w.to_string(),
@@ -50,7 +51,8 @@ pub async fn status(State(app): State<AppState>) -> Json<Value> {
 /// `GET /health`: `200 {"status": "ok"}`; the node only listens once recovery has finished.
 /// A node whose WAL failed says so, but stays 200: it still serves reads. It also carries this
 /// node's wall clock (`now_ms`, for peers' offset estimates) and whether that clock is within
-/// `MAX_CLOCK_OFFSET_MS` of the others: reported, never a reason for another status.
+/// `MAX_CLOCK_OFFSET_MS` of the others: reported, never a reason for another status. A node
+/// whose disk is full (or below `MIN_FREE_BYTES`) says `"read_only": "<why>"`, also with 200.
 pub async fn health(State(app): State<AppState>) -> Json<Value> {
     let (epoch, digest) = app.cluster().topology().view.rank();
     let clock = app.cluster().clock_state();
@@ -65,6 +67,10 @@ pub async fn health(State(app): State<AppState>) -> Json<Value> {
     if let Some(reason) = app.cluster().store().write_refused() {
         body["status"] = json!("degraded");
         body["writes_refused"] = json!(reason);
+    }
+    if let Some(reason) = app.cluster().store().read_only() {
+        body["status"] = json!("degraded");
+        body["read_only"] = json!(reason);
     }
     Json(body)
 }

@@ -241,6 +241,7 @@ pub fn record_store_gauges(cluster: &Cluster) {
     metrics::gauge!("kv_value_bytes").set(store.value_bytes as f64);
     metrics::gauge!("kv_wal_bytes").set(store.wal_bytes as f64);
     metrics::gauge!("kv_writes_refused").set(if store.failed.is_some() { 1.0 } else { 0.0 });
+    metrics::gauge!("kv_read_only").set(if store.read_only.is_some() { 1.0 } else { 0.0 });
     if let Some(at) = store
         .last_snapshot
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())

@@ -213,6 +213,12 @@ impl Cluster {
     /// Outcomes are honest: [`Error::TooFewReplicasUp`] (503) only when fewer than W replicas are
     /// believed up, decided before anything is written; [`Error::OutcomeUnknown`] (504) when the
     /// write was sent but W did not confirm it in time.
+    ///
+    /// A coordinator whose own disk is full (read-only) still coordinates: its local apply fails
+    /// and counts as one failed replica, and the write succeeds if W other replicas store it
+    /// (they catch this node up later by read repair). When the other replicas cannot make W
+    /// without it, the write is refused up front with [`kv_core::Error::DiskFull`] (507), and
+    /// nothing is written anywhere.
     #[instrument(skip(self, write), fields(%w))]
     pub async fn write(
         &self,
@@ -226,7 +232,14 @@ impl Cluster {
             return Err(Error::Store(kv_core::Error::WalFailed { reason }));
         }
         let clock = self.inner.store.clock();
-        let n = self.replicas(key).len();
+        let replicas = self.replicas(key);
+        let n = replicas.len();
+        if let Err(full @ kv_core::Error::DiskFull { .. }) = self.inner.store.writable() {
+            let others = replicas.iter().filter(|r| **r != self.inner.me).count();
+            if others < n && others < w.required(n) {
+                return Err(Error::Store(full));
+            }
+        }
         let mut tries = Tries::new(w.required(n), Consistency::Quorum.required(n));
         loop {
             let version = write.version.unwrap_or_else(|| clock.tick());

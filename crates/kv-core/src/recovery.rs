@@ -270,7 +270,10 @@ mod tests {
         let map = ShardedMap::default();
         let got = recover(dir.path(), &map, &Clock::new(1)).unwrap();
         assert_eq!(got.next_segment, 2);
-        assert_eq!(got.synced_segments, 1, "the removed half-made segment is not synced");
+        assert_eq!(
+            got.synced_segments, 1,
+            "the removed half-made segment is not synced"
+        );
         assert!(!dir.path().join(snapshot::TMP_FILE_NAME).exists());
         assert!(!segment::path(dir.path(), 2).exists());
         assert!(map.get("a").is_some());

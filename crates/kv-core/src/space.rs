@@ -117,7 +117,12 @@ impl DiskState {
                 info!(dir = %dir.display(), free_bytes = free, reserve_bytes, "free disk space is back above the reserve; writes resume");
             }
         } else if free < reserve_bytes {
-            self.enter(dir, free, reserve_bytes, "free space below the MIN_FREE_BYTES reserve");
+            self.enter(
+                dir,
+                free,
+                reserve_bytes,
+                "free space below the MIN_FREE_BYTES reserve",
+            );
         }
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Instant, SystemTime};
 
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::backup::{self, BackupInfo};
 use crate::checkpoint::{CheckpointSignal, Checkpointer};
@@ -137,6 +137,10 @@ impl Store {
         let reservation = Arc::new(crate::reservation::Reservation::load(&dir)?);
         let clock = Arc::new(Clock::reserved(config.node_id, reservation));
         let recovered = recovery::recover(&dir, &map, &clock)?;
+        debug!(
+            segments = recovered.synced_segments,
+            "replayed WAL segments fsynced"
+        );
         let file = segment::create(&dir, recovered.next_segment)?;
         let wal = Arc::new(WalState::default());
         // A node started on a full disk is read-only from its first request.
@@ -423,7 +427,10 @@ impl Store {
     /// Test hook: the WAL's current segment file.
     #[cfg(test)]
     pub(crate) fn current_segment_path(&self) -> Option<PathBuf> {
-        segment::list(&self.inner.data_dir).ok()?.pop().map(|(_, p)| p)
+        segment::list(&self.inner.data_dir)
+            .ok()?
+            .pop()
+            .map(|(_, p)| p)
     }
 
     /// Test hook: the next WAL write fails as if the disk had.
