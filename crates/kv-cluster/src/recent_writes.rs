@@ -18,8 +18,13 @@ pub const RESEND_HEADER: &str = "x-kv-resend";
 /// [`WRITE_ID_WINDOW`] old.
 pub const RESEND_AGE_HEADER: &str = "x-kv-resend-age-ms";
 /// Added to a resend's age for what no one measures: the time the resend and the coordinator's
-/// questions spend in flight between processes.
-pub const RESEND_SLACK: Duration = Duration::from_secs(1);
+/// questions spend in flight between processes (the time the coordinator holds the resend is
+/// measured: [`Resend::first_sent_ago`]). A replica could wrongly vouch only if it stored the first
+/// send, crashed, and was running again (recovered, serving) within that unmeasured flight time
+/// beyond the slack: a restart takes far longer than the milliseconds a call between nodes
+/// takes, so a small slack suffices, and a node that restarted a moment before a failover can
+/// still vouch.
+pub const RESEND_SLACK: Duration = Duration::from_millis(50);
 /// Header of a replication batch: per record, in order, its write id or `-`.
 pub const BATCH_WRITE_IDS_HEADER: &str = "x-kv-write-ids";
 /// How long a node remembers a write id: longer than any resend of the LB, which happens

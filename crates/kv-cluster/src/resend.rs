@@ -107,11 +107,20 @@ impl Cluster {
             if replica == inner.me {
                 return (Some(here.clone()), false);
             }
-            match inner
+            let mut answer = inner
                 .peers
                 .seen(&replica, key, id, horizon, request_id)
-                .await
-            {
+                .await;
+            // The query only reads: one that broke on a pooled connection (a peer killed a
+            // moment ago) is asked once more, on a new connection that a dead peer refuses, so
+            // the failure detector learns at once that it is down.
+            if answer.as_ref().is_err_and(|e| !e.is_connect()) {
+                answer = inner
+                    .peers
+                    .seen(&replica, key, id, horizon, request_id)
+                    .await;
+            }
+            match answer {
                 Ok(seen) => (Some(seen), false),
                 Err(e) => {
                     debug!(peer = %replica, error = %e, "write-id query failed");
