@@ -31,7 +31,7 @@ die() { echo "cluster.sh: $*" >&2; exit 1; }
 info() { echo "cluster.sh: $*"; }
 
 usage() {
-    sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 # True while process $1 runs (a zombie waiting to be reaped does not count).
