@@ -512,7 +512,7 @@ impl Cluster {
             launch(node);
             launched += 1;
         }
-        let mut failed = 0;
+        let (mut failed, mut timed_out) = (0, false);
         let deadline = tokio::time::Instant::now() + self.inner.config.peer_timeout;
         let speculate_at = tokio::time::Instant::now() + SPECULATIVE_READ_DELAY;
         let mut speculated = false;
@@ -539,12 +539,19 @@ impl Cluster {
                         launched += 1;
                     }
                 }
-                Err(_) => break,
+                Err(_) => {
+                    timed_out = true;
+                    break;
+                }
             }
         }
         debug!(launched, answered = answers.len(), failed, "read gathered");
         if answers.len() >= needed {
             Ok(answers)
+        } else if timed_out && total - failed >= needed {
+            // Enough replicas were reachable, but too slow: a timeout (504), not unavailability.
+            let ms = u64::try_from(self.inner.config.peer_timeout.as_millis()).unwrap_or(u64::MAX);
+            Err(Error::Timeout { ms })
         } else {
             Err(Error::Unavailable {
                 needed,
