@@ -89,6 +89,18 @@ pub struct Write {
     pub resend: Option<Resend>,
 }
 
+impl Write {
+    /// The record this write stores for `key` under `version`.
+    pub(crate) fn record(&self, key: &str, version: Version) -> Record {
+        Record {
+            key: key.to_owned(),
+            version,
+            value: self.value.clone(),
+            expires_at_ms: self.expires_at_ms,
+        }
+    }
+}
+
 /// Which replica answers count as confirming a write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum AckRule {
@@ -243,12 +255,7 @@ impl Cluster {
         let mut tries = Tries::new(w.required(n), Consistency::Quorum.required(n));
         loop {
             let version = write.version.unwrap_or_else(|| clock.tick());
-            let record = Record {
-                key: key.to_owned(),
-                version,
-                value: write.value.clone(),
-                expires_at_ms: write.expires_at_ms,
-            };
+            let record = write.record(key, version);
             let replicated = self
                 .replicate_quorum(record, write.id, w, AckRule::ThisRecord, request_id)
                 .await;

@@ -7,7 +7,7 @@ use crate::consistency::Consistency;
 use crate::error::{Error, Result};
 use crate::quorum::{AckRule, QuorumOutcome, Write, Written};
 use crate::recent_writes::{decide_resend, ResendDecision, Seen, WriteId};
-use kv_core::{Record, Version};
+use kv_core::Version;
 use std::time::Duration;
 use tracing::{debug, warn};
 
@@ -144,12 +144,7 @@ impl Cluster {
         w: Consistency,
         request_id: &str,
     ) -> Result<Written> {
-        let record = Record {
-            key: key.to_owned(),
-            version,
-            value: write.value.clone(),
-            expires_at_ms: write.expires_at_ms,
-        };
+        let record = write.record(key, version);
         let outcome = self
             .replicate_quorum(record, Some(id), w, AckRule::ThisOrNewer, request_id)
             .await;
