@@ -165,11 +165,7 @@ fn kill_9_of_one_node_loses_no_quorum_write_and_hints_catch_it_up() {
     });
     c.nodes[2].kill9();
     wait_until(Duration::from_secs(5), "node3 is seen down", || {
-        c.nodes[0].status()["peers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|p| p["url"] == c.url(2) && p["state"] == "down")
+        c.nodes[0].sees_down(Some(c.url(2)))
     });
     // Keep writing while it is down, then also delete one key that node3 holds.
     for i in 0..30 {
@@ -264,11 +260,7 @@ fn with_two_of_three_down_quorum_writes_get_503_and_w_one_succeeds() {
     c.nodes[2].kill9();
     let node = c.url(0).to_owned();
     wait_until(Duration::from_secs(5), "node1 sees both peers down", || {
-        c.nodes[0].status()["peers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|p| p["state"] == "down")
+        c.nodes[0].sees_down(None)
     });
     let refused = put(&node, "k", json!(1), "");
     assert_eq!(refused.status, 503, "{}", refused.text);

@@ -71,11 +71,7 @@ fn hints_of_900_kb_values_reach_a_returning_node() {
     c.wait_converged();
     c.nodes[2].kill9();
     wait_until(Duration::from_secs(10), "node3 is seen down", || {
-        c.nodes[0].status()["peers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|p| p["url"] == c.url(2) && p["state"] == "down")
+        c.nodes[0].sees_down(Some(c.url(2)))
     });
     let values: Vec<Value> = (0..40)
         .map(|i| big_value(&format!("v{i}"), 900 * 1024))

@@ -63,11 +63,7 @@ fn a_write_refused_with_503_changed_nothing_anywhere() {
     c.nodes[2].kill9();
     let node = c.url(0).to_owned();
     wait_until(Duration::from_secs(5), "node1 sees both peers down", || {
-        c.nodes[0].status()["peers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|p| p["state"] == "down")
+        c.nodes[0].sees_down(None)
     });
     for i in 0..10 {
         let refused = put(&node, &format!("refused-{i}"), json!(i), "");
@@ -252,18 +248,10 @@ fn racing_conditional_writes_have_one_winner_also_after_a_first_replica_died() {
     // The first replica of about a third of the keys dies: the next live replica serialises.
     c.nodes[0].kill9();
     wait_until(Duration::from_secs(5), "node2 sees node1 down", || {
-        c.nodes[1].status()["peers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|p| p["url"] == c.url(0) && p["state"] == "down")
+        c.nodes[1].sees_down(Some(c.url(0)))
     });
     wait_until(Duration::from_secs(5), "node3 sees node1 down", || {
-        c.nodes[2].status()["peers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|p| p["url"] == c.url(0) && p["state"] == "down")
+        c.nodes[2].sees_down(Some(c.url(0)))
     });
     for k in 0..12 {
         race(&format!("after-{k}"));

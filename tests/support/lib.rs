@@ -314,6 +314,20 @@ impl Node {
             .map(|a| a.json)
             .unwrap_or(Value::Null)
     }
+
+    /// True when this node's failure detector believes `peer` down (`None`: every peer).
+    pub fn sees_down(&self, peer: Option<&str>) -> bool {
+        self.status()["peers"].as_array().is_some_and(|peers| {
+            let mut matching = peers
+                .iter()
+                .filter(|p| peer.is_none_or(|url| p["url"] == url));
+            let mut any = false;
+            matching.all(|p| {
+                any = true;
+                p["state"] == "down"
+            }) && any
+        })
+    }
 }
 
 impl Drop for Node {

@@ -595,25 +595,7 @@ impl Cluster {
         more: usize,
         request_id: &str,
     ) -> Result<()> {
-        let (tx, mut rx) = mpsc::channel(targets.len().max(1));
-        let newest = Arc::new(newest);
-        for node in targets {
-            let (cluster, newest, rid, tx) = (
-                self.clone(),
-                newest.clone(),
-                request_id.to_owned(),
-                tx.clone(),
-            );
-            tokio::spawn(async move {
-                cluster.inner.read_repairs.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("kv_read_repairs_total").increment(1);
-                debug!(peer = %node, key = %newest.key, "read write-back");
-                let answer = cluster.send_to_replica(&node, &newest, None, &rid).await;
-                // A replica holding something newer also holds at least what the read returns.
-                let _ = tx.send(answer != ReplicaAnswer::Failed).await;
-            });
-        }
-        drop(tx);
+        let mut rx = self.send_repairs(targets, newest, request_id);
         let mut confirmed = 0;
         let deadline = tokio::time::Instant::now() + self.inner.config.peer_timeout;
         while confirmed < more {
@@ -634,18 +616,39 @@ impl Cluster {
         }
     }
 
-    /// Sends the newest record to replicas that answered with an older one (or none).
+    /// Sends the newest record to replicas that answered with an older one (or none), in the
+    /// background.
     fn repair(&self, stale: Vec<Arc<str>>, newest: Record, request_id: &str) {
-        let cluster = self.clone();
-        let rid = request_id.to_owned();
-        tokio::spawn(async move {
-            for node in stale {
+        drop(self.send_repairs(stale, newest, request_id));
+    }
+
+    /// Sends `newest` to each of `targets` in its own task (so it completes even when nobody
+    /// waits); the receiver gets, per target, whether it now holds `newest` or something newer.
+    fn send_repairs(
+        &self,
+        targets: Vec<Arc<str>>,
+        newest: Record,
+        request_id: &str,
+    ) -> mpsc::Receiver<bool> {
+        let (tx, rx) = mpsc::channel(targets.len().max(1));
+        let newest = Arc::new(newest);
+        for node in targets {
+            let (cluster, newest, rid, tx) = (
+                self.clone(),
+                newest.clone(),
+                request_id.to_owned(),
+                tx.clone(),
+            );
+            tokio::spawn(async move {
                 cluster.inner.read_repairs.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("kv_read_repairs_total").increment(1);
                 debug!(peer = %node, key = %newest.key, "read repair");
-                cluster.send_to_replica(&node, &newest, None, &rid).await;
-            }
-        });
+                let answer = cluster.send_to_replica(&node, &newest, None, &rid).await;
+                // A replica holding something newer also holds at least what the read returns.
+                let _ = tx.send(answer != ReplicaAnswer::Failed).await;
+            });
+        }
+        rx
     }
 
     /// A write (`Some(value)`) or delete (`None`) under a precondition, coordinated here.
