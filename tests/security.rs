@@ -152,7 +152,8 @@ fn write_keys(c: &TestCluster, auth: &[(&str, &str)]) {
     let lb = c.lb_url.as_deref().unwrap();
     for k in 0..KEYS {
         let body = format!(r#"{{"value": "value-{k}"}}"#);
-        let answer = send_with("POST", &format!("{lb}/v1/key-{k}"), Some(&body), auth).unwrap();
+        let answer =
+            send_with("POST", &format!("{lb}/v1/key-{k}?w=all"), Some(&body), auth).unwrap();
         assert_eq!(answer.status, 200, "{}", answer.text);
     }
 }
