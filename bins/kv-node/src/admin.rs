@@ -1,5 +1,6 @@
 //! Admin endpoints (behind `AUTH_TOKEN` like `/v1`): `GET /admin/backup` streams a backup of
-//! this node's data, `POST /admin/checkpoint` writes a checkpoint now and answers its figures.
+//! this node's data, `POST /admin/checkpoint` writes a checkpoint now and answers its figures,
+//! `POST /admin/repair` runs an anti-entropy round now and `GET /admin/repair` shows the last.
 
 use crate::error::ApiError;
 use crate::routes::AppState;
@@ -98,4 +99,23 @@ pub async fn checkpoint(State(app): State<AppState>) -> Result<Json<Value>, ApiE
         "tombstones_dropped": stats.tombstones_dropped,
         "wal_bytes": store.status().wal_bytes,
     })))
+}
+
+/// `POST /admin/repair`: runs a full anti-entropy round now (after the one running, if any) and
+/// answers its report: ranges compared and differing, records sent and received, zombies
+/// dropped, bytes, whether it completed and the tombstone horizon.
+pub async fn repair(State(app): State<AppState>) -> Json<kv_cluster::RepairReport> {
+    Json(app.cluster().repair_round("admin").await)
+}
+
+/// `GET /admin/repair`: the last round's report (`null` before the first), the horizon, and
+/// whether this node is still syncing after a restore.
+pub async fn last_repair(State(app): State<AppState>) -> Json<Value> {
+    let cluster = app.cluster();
+    Json(json!({
+        "last": cluster.last_repair(),
+        "tombstone_horizon_ms": cluster.tombstone_horizon(),
+        "syncing": cluster.syncing(),
+        "interval_secs": app.config().anti_entropy_interval.as_secs(),
+    }))
 }

@@ -25,6 +25,8 @@ struct NodeEnv {
     wal_max_bytes: Option<String>,
     min_free_bytes: Option<String>,
     tombstone_grace_secs: Option<String>,
+    anti_entropy_interval_secs: Option<String>,
+    anti_entropy_bytes_per_sec: Option<String>,
     write_consistency: Option<String>,
     read_consistency: Option<String>,
     vnodes: Option<String>,
@@ -82,8 +84,13 @@ pub struct NodeConfig {
     pub wal_max_bytes: u64,
     /// Free disk space below which the node turns read-only (507) until space returns.
     pub min_free_bytes: u64,
-    /// Age after which tombstones are collected.
+    /// Age after which tombstones are collected (once anti-entropy knows every replica holds
+    /// them).
     pub tombstone_grace: Duration,
+    /// Time between anti-entropy rounds (zero: only on demand and when a peer comes back).
+    pub anti_entropy_interval: Duration,
+    /// Record bytes an anti-entropy round may move per second.
+    pub anti_entropy_bytes_per_sec: u64,
     /// Default W.
     pub write_consistency: Consistency,
     /// Default R.
@@ -404,6 +411,18 @@ impl NodeEnv {
                 "TOMBSTONE_GRACE_SECS",
                 self.tombstone_grace_secs.as_deref(),
                 86_400,
+            )?,
+            anti_entropy_interval: secs(
+                "ANTI_ENTROPY_INTERVAL_SECS",
+                self.anti_entropy_interval_secs.as_deref(),
+                30,
+            )?,
+            anti_entropy_bytes_per_sec: parse_num(
+                "ANTI_ENTROPY_BYTES_PER_SEC",
+                self.anti_entropy_bytes_per_sec.as_deref(),
+                16 << 20,
+                1024,
+                1 << 40,
             )?,
             write_consistency: consistency("WRITE_CONSISTENCY", self.write_consistency)?,
             read_consistency: consistency("READ_CONSISTENCY", self.read_consistency)?,

@@ -8,6 +8,7 @@ use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use kv_cluster::antientropy::{ArcsQuery, SegmentsQuery, MAX_ARCS_PER_CALL, MAX_SEGMENTS_PER_CALL};
 use kv_cluster::peer::{
     decode_batch, decode_keys, encode_batch, encode_entries, PageQuery, BATCH_REQUEST_IDS_HEADER,
     ENTRY_PATH, MAX_BATCH_BYTES, PAGE_FULL_HEADER,
@@ -215,4 +216,53 @@ pub async fn keys(State(app): State<AppState>, request: Request) -> Result<Respo
     let full = HeaderValue::from_static(if page.full { "true" } else { "false" });
     response.headers_mut().insert(PAGE_FULL_HEADER, full);
     Ok(response)
+}
+
+/// Decodes the JSON body of an anti-entropy call, refusing lists longer than `max`.
+async fn aae_body<T: serde::de::DeserializeOwned>(
+    request: Request,
+    what: &'static str,
+) -> Result<T, ApiError> {
+    let body = body(request, what).await?;
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("{what}: {e}")))
+}
+
+fn too_many(what: &str, count: usize, max: usize) -> Result<(), ApiError> {
+    if count > max {
+        return Err(ApiError::bad_request(
+            "too_many",
+            format!("{count} {what} asked for; at most {max} per call"),
+        ));
+    }
+    Ok(())
+}
+
+/// `POST /internal/aae/roots` `{"epoch", "digest", "arcs": [...]}`: this node's hash-tree roots
+/// of those arcs, its view and its tombstone horizon (anti-entropy, `antientropy.rs`).
+pub async fn aae_roots(
+    State(app): State<AppState>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let query: ArcsQuery = aae_body(request, "arc list").await?;
+    too_many("arcs", query.arcs.len(), MAX_ARCS_PER_CALL)?;
+    Ok(axum::Json(app.cluster().aae_roots(&query).await).into_response())
+}
+
+/// `POST /internal/aae/leaves` `{"epoch", "digest", "arcs": [...]}`: the leaves of those arcs.
+pub async fn aae_leaves(
+    State(app): State<AppState>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let query: ArcsQuery = aae_body(request, "arc list").await?;
+    too_many("arcs", query.arcs.len(), MAX_ARCS_PER_CALL)?;
+    Ok(axum::Json(app.cluster().aae_leaves(&query).await).into_response())
+}
+
+/// `POST /internal/aae/keys` `{"epoch", "digest", "segments": [...]}`: the keys and versions in
+/// those tree segments, cut at whole segments near the batch byte cap.
+pub async fn aae_keys(State(app): State<AppState>, request: Request) -> Result<Response, ApiError> {
+    let query: SegmentsQuery = aae_body(request, "segment list").await?;
+    too_many("segments", query.segments.len(), MAX_SEGMENTS_PER_CALL)?;
+    Ok(axum::Json(app.cluster().aae_keys(query).await).into_response())
 }

@@ -174,5 +174,10 @@ fn cluster_config(config: &NodeConfig, tls_ca_pem: Option<Vec<u8>>) -> ClusterCo
         local_address: Some(config.listen.ip()).filter(|ip| !ip.is_unspecified()),
         tls_ca_pem,
         max_clock_offset: config.max_clock_offset,
+        anti_entropy: kv_cluster::AntiEntropyConfig {
+            interval: config.anti_entropy_interval,
+            bytes_per_sec: config.anti_entropy_bytes_per_sec,
+            grace: config.tombstone_grace,
+        },
     }
 }

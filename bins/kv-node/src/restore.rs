@@ -14,7 +14,9 @@ restore: rebuild a data folder from a backup file (GET /admin/backup). The whole
 checked first; a truncated, corrupt or foreign file is refused (exit code 2) and changes
 nothing. The folder is DATA_DIR as the node computes it (same environment), or --data-dir DIR.
 A folder that holds data is refused unless --force, which replaces its snapshot and WAL (hints/
-and members.json are kept). The node must be stopped. Then start kv-node on the folder.";
+and members.json are kept). The node must be stopped. Then start kv-node on the folder: it
+reports healthy once an anti-entropy round with its peers has completed, so keys deleted since
+the backup do not come back.";
 
 /// What the command line asked for.
 #[derive(Debug, PartialEq, Eq)]
@@ -68,6 +70,13 @@ pub fn main(args: &[String]) -> ExitCode {
     };
     match kv_core::restore_backup(&args.file, &data_dir, args.force) {
         Ok(info) => {
+            // The backup may hold keys deleted since: the node syncs before it reports healthy.
+            if let Err(e) = kv_cluster::antientropy::mark_restored(&data_dir) {
+                return fail(
+                    1,
+                    &format!("restore failed: cannot mark the folder as restored: {e}"),
+                );
+            }
             let line = format!(
                 "kv-node: restored {} entries ({} bytes, backup begun at unix ms {}) from {} into {}; \
                  start kv-node with DATA_DIR={}",

@@ -7,7 +7,7 @@
 //! |---|---|
 //! | `/`, `/health`, `/metrics`, `GET /admin/members` | none |
 //! | `/v1`, `/batch` | `Authorization: Bearer <AUTH_TOKEN>` when `AUTH_TOKEN` is set |
-//! | `/admin` (backup, checkpoint, membership changes) | bearer `AUTH_TOKEN` or bearer cluster secret |
+//! | `/admin` (backup, checkpoint, repair, membership changes) | bearer `AUTH_TOKEN` or bearer cluster secret |
 //! | `/internal` | `x-kv-secret: <cluster secret>` |
 //!
 //! The cluster secret is `CLUSTER_SECRET`, else `AUTH_TOKEN`; only an open cluster (loopback
@@ -106,6 +106,7 @@ pub fn app(state: AppState) -> Router {
     let admin = Router::new()
         .route("/admin/backup", get(admin::backup))
         .route("/admin/checkpoint", post(admin::checkpoint))
+        .route("/admin/repair", get(admin::last_repair).post(admin::repair))
         .route("/admin/members", post(members::change))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin))
         .route("/admin/members", get(members::show));
@@ -118,6 +119,15 @@ pub fn app(state: AppState) -> Router {
         .route("/internal/members", get(members::view).post(members::offer))
         .route("/internal/transfer", get(members::transfer))
         .route("/internal/estimate", post(members::estimate))
+        .route(
+            kv_cluster::antientropy::ROOTS_PATH,
+            post(internal::aae_roots),
+        )
+        .route(
+            kv_cluster::antientropy::LEAVES_PATH,
+            post(internal::aae_leaves),
+        )
+        .route(kv_cluster::antientropy::KEYS_PATH, post(internal::aae_keys))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_secret,

@@ -45,6 +45,20 @@ pub async fn status(State(app): State<AppState>) -> Json<Value> {
         "forwarded_requests": cluster.forwarded_requests,
         "read_repairs": cluster.read_repairs,
         "clock": app.cluster().clock_state(),
+        "anti_entropy": {
+            "tombstone_horizon_ms": app.cluster().tombstone_horizon(),
+            "syncing": app.cluster().syncing(),
+            "last_round": app.cluster().last_repair().map(|r| json!({
+                "trigger": r.trigger,
+                "started_at_ms": r.started_at_ms,
+                "complete": r.complete,
+                "skipped": r.skipped,
+                "ranges_compared": r.ranges_compared,
+                "ranges_differed": r.ranges_differed,
+                "records_sent": r.records_sent,
+                "records_received": r.records_received,
+            })),
+        },
     }))
 }
 
@@ -53,7 +67,9 @@ pub async fn status(State(app): State<AppState>) -> Json<Value> {
 /// node's wall clock (`now_ms`, for peers' offset estimates) and whether that clock is within
 /// `MAX_CLOCK_OFFSET_MS` of the others: reported, never a reason for another status. A node
 /// whose disk is full (or below `MIN_FREE_BYTES`) says `"read_only": "<why>"`, also with 200.
-pub async fn health(State(app): State<AppState>) -> Json<Value> {
+/// A node restored from a backup answers `503 {"status": "syncing"}` until its first complete
+/// anti-entropy round (its data may hold keys deleted since the backup).
+pub async fn health(State(app): State<AppState>) -> Response {
     let (epoch, digest) = app.cluster().topology().view.rank();
     let clock = app.cluster().clock_state();
     let mut body = json!({
@@ -72,7 +88,14 @@ pub async fn health(State(app): State<AppState>) -> Json<Value> {
         body["status"] = json!("degraded");
         body["read_only"] = json!(reason);
     }
-    Json(body)
+    if app.cluster().syncing() {
+        body["status"] = json!("syncing");
+        body["syncing"] = json!(
+            "restored from a backup: waiting for an anti-entropy round with the peers to complete"
+        );
+        return (axum::http::StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    }
+    Json(body).into_response()
 }
 
 /// `GET /metrics`: Prometheus text format.

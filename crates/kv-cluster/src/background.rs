@@ -40,6 +40,7 @@ impl Cluster {
                 inner.detector.record_clock(peer, probe.clock);
                 if inner.detector.record_success(peer, probe.latency) {
                     info!(peer, "peer is up");
+                    self.anti_entropy_soon();
                 }
                 if probe.rank.is_some_and(|r| r > self.topology().view.rank()) {
                     self.pull_view(peer).await;

@@ -61,6 +61,8 @@ pub struct ClusterConfig {
     /// `MAX_CLOCK_OFFSET_MS`: a node whose clock is further than this from a majority of the
     /// nodes refuses to coordinate writes.
     pub max_clock_offset: Duration,
+    /// Anti-entropy: interval, pace, and the tombstone grace its horizon trails by.
+    pub anti_entropy: crate::antientropy::AntiEntropyConfig,
 }
 
 /// What a node should do with a client request for a key.
@@ -127,6 +129,7 @@ pub(crate) struct Inner {
     pub(crate) stop: watch::Sender<bool>,
     pub(crate) transfer: parking_lot::Mutex<crate::rebalance::TransferState>,
     pub(crate) recent_writes: crate::recent_writes::RecentWrites,
+    pub(crate) anti_entropy: crate::antientropy::AntiEntropy,
     key_locks: Vec<tokio::sync::Mutex<()>>,
 }
 
@@ -209,6 +212,24 @@ impl Cluster {
             }
         );
         let recent_writes = crate::recent_writes::RecentWrites::new(fresh);
+        let data_dir = config
+            .members_file
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_default();
+        let anti_entropy = crate::antientropy::AntiEntropy::new(
+            config.anti_entropy.clone(),
+            &data_dir,
+            topology.view.rank(),
+            Arc::new(kv_ring::Ring::new(topology.view.before(), config.vnodes)),
+            store.shard_count(),
+        );
+        store.set_tombstone_horizon(anti_entropy.horizon_at(topology.view.rank()));
+        if !store.set_map_observer(anti_entropy.trees.clone()) {
+            warn!(
+                "the store already has a map observer: anti-entropy trees will not follow writes"
+            );
+        }
         let inner = Arc::new(Inner {
             me: Arc::from(config.me.as_str()),
             topology: RwLock::new(Arc::new(topology)),
@@ -223,12 +244,14 @@ impl Cluster {
             stop,
             transfer: parking_lot::Mutex::new(transfer),
             recent_writes,
+            anti_entropy,
             key_locks: (0..KEY_LOCK_STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
         });
         let cluster = Cluster { inner };
         tokio::spawn(cluster.clone().health_loop());
+        tokio::spawn(cluster.clone().anti_entropy_loop());
         cluster.resume_membership_work();
         Ok(cluster)
     }

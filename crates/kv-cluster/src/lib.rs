@@ -9,6 +9,8 @@
 //! - [`rebalance`]: carrying out a change: estimates, streaming keys, commit.
 //! - `cleanup`: dropping keys this node no longer owns, once their new owners confirm them.
 //! - `background`: the health-check loop and hint replay.
+//! - [`antientropy`]: background rounds that compare replicas' hash trees ([`merkle`]) and
+//!   exchange what differs; the horizon that decides when tombstones may be collected.
 //! - [`clock`]: clock offsets to peers measured on health checks, and the majority rule that
 //!   stops a node whose clock is off from coordinating writes.
 //! - `coalesce`: merging concurrent small calls to one peer into batches.
@@ -22,6 +24,7 @@
 //!   `resend`: how a resend's coordinator asks the replicas and decides.
 
 pub mod admission;
+pub mod antientropy;
 mod background;
 mod cleanup;
 pub mod clock;
@@ -34,12 +37,14 @@ mod hint_file;
 pub mod hints;
 mod listing;
 pub mod membership;
+pub mod merkle;
 pub mod peer;
 mod quorum;
 pub mod rebalance;
 pub mod recent_writes;
 mod resend;
 
+pub use antientropy::{AntiEntropyConfig, RepairReport};
 pub use clock::{ClockSample, ClockState};
 pub use cluster::{Cluster, ClusterConfig, ClusterStatus, PeerView, Route};
 pub use consistency::Consistency;

@@ -60,6 +60,8 @@ const BATCH_FRAMING_BYTES: usize = 4096;
 /// Response header of `/internal/keys`: `true` when the node holds more matching keys after the
 /// page's last one (the page reached `limit`, or was cut at [`SEND_BATCH_BYTES`]).
 pub const PAGE_FULL_HEADER: &str = "x-kv-page-full";
+/// Deadline of one anti-entropy call (a keys call scans the peer's map).
+const AAE_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most keys one `/internal/entries` call may ask for.
 pub const MAX_ENTRIES_KEYS: usize = 1024;
 
@@ -384,6 +386,51 @@ impl PeerClient {
             .json()
             .await
             .map_err(|e| CallError::failed(peer, e.to_string()))
+    }
+
+    /// An anti-entropy call: `body` as JSON to `path`, with a deadline long enough for the peer
+    /// to scan its map.
+    async fn aae_call<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        peer: &str,
+        path: &str,
+        body: &B,
+    ) -> Result<T, CallError> {
+        let request = self
+            .request(Method::POST, format!("{peer}{path}"), "anti-entropy")
+            .timeout(AAE_CALL_TIMEOUT)
+            .json(body);
+        Self::json_call(peer, path, request).await
+    }
+
+    /// The peer's hash-tree roots of some arcs.
+    pub async fn aae_roots(
+        &self,
+        peer: &str,
+        query: &crate::antientropy::ArcsQuery,
+    ) -> Result<crate::antientropy::RootsAnswer, CallError> {
+        self.aae_call(peer, crate::antientropy::ROOTS_PATH, query)
+            .await
+    }
+
+    /// The peer's hash-tree leaves of some arcs.
+    pub async fn aae_leaves(
+        &self,
+        peer: &str,
+        query: &crate::antientropy::ArcsQuery,
+    ) -> Result<crate::antientropy::LeavesAnswer, CallError> {
+        self.aae_call(peer, crate::antientropy::LEAVES_PATH, query)
+            .await
+    }
+
+    /// The peer's keys and versions in some tree segments.
+    pub async fn aae_keys(
+        &self,
+        peer: &str,
+        query: &crate::antientropy::SegmentsQuery,
+    ) -> Result<crate::antientropy::KeysAnswer, CallError> {
+        self.aae_call(peer, crate::antientropy::KEYS_PATH, query)
+            .await
     }
 
     /// The peer's membership view.

@@ -2,7 +2,7 @@
 //! the WAL grows too big, on request and at shutdown, then drops the WAL segments it covers.
 
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -150,6 +150,10 @@ pub(crate) struct Checkpointer {
     /// Zero disables the periodic checkpoint.
     pub interval: Duration,
     pub tombstone_grace: Duration,
+    /// Tombstones written at or after this (Unix ms) are kept whatever their age: the cluster
+    /// layer moves it forward once every replica is known to hold them (`u64::MAX`: no limit
+    /// but the grace).
+    pub tombstone_horizon: Arc<AtomicU64>,
     pub last_snapshot: Arc<Mutex<Option<SystemTime>>>,
 }
 
@@ -231,7 +235,8 @@ impl Checkpointer {
             None => self.rotate()?,
         };
         let grace_ms = u64::try_from(self.tombstone_grace.as_millis()).unwrap_or(u64::MAX);
-        let cutoff_ms = now_ms().saturating_sub(grace_ms);
+        let horizon_ms = self.tombstone_horizon.load(Ordering::Acquire);
+        let cutoff_ms = now_ms().saturating_sub(grace_ms).min(horizon_ms);
         let written =
             snapshot::write_atomic(&self.dir, &self.map, &self.clock, start_segment, cutoff_ms)?;
         let freed = segment::remove_before(&self.dir, start_segment)?;

@@ -186,9 +186,19 @@ pub struct MapCounts {
     pub value_bytes: u64,
 }
 
+/// Told of every change to the map's key set or versions, for structures that summarise the
+/// map (anti-entropy's hash trees). Called with the shard's write lock held, so the calls for one
+/// shard are ordered, and a [`ShardedMap::visit_shard`] of that shard never runs between a change
+/// and its call. It must be quick and must not touch the map.
+pub trait MapObserver: Send + Sync {
+    /// `key` of shard `shard` went from `old` to `new` (`None`: absent).
+    fn changed(&self, shard: usize, key: &str, old: Option<Version>, new: Option<Version>);
+}
+
 /// The sharded map from key to newest entry. Applying is last-writer-wins by [`Version`].
 pub struct ShardedMap {
     shards: Box<[RwLock<Shard>]>,
+    observer: std::sync::OnceLock<std::sync::Arc<dyn MapObserver>>,
 }
 
 impl std::fmt::Debug for ShardedMap {
@@ -203,13 +213,66 @@ impl Default for ShardedMap {
     fn default() -> Self {
         ShardedMap {
             shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            observer: std::sync::OnceLock::new(),
         }
     }
 }
 
 impl ShardedMap {
+    fn shard_index(key: &str) -> usize {
+        crc32c::crc32c(key.as_bytes()) as usize % SHARDS
+    }
+
     fn shard(&self, key: &str) -> &RwLock<Shard> {
-        &self.shards[crc32c::crc32c(key.as_bytes()) as usize % SHARDS]
+        &self.shards[Self::shard_index(key)]
+    }
+
+    fn notify(&self, shard: usize, key: &str, old: Option<Version>, new: Option<Version>) {
+        if let Some(observer) = self.observer.get() {
+            observer.changed(shard, key, old, new);
+        }
+    }
+
+    /// Installs the one observer of this map (a second call is refused and returns false).
+    /// Changes made before it was installed are not reported: the observer reads them with
+    /// [`ShardedMap::visit_shard`].
+    pub fn set_observer(&self, observer: std::sync::Arc<dyn MapObserver>) -> bool {
+        self.observer.set(observer).is_ok()
+    }
+
+    /// Calls `f` with every `(key, version)` of shard `index` (tombstones included) under the
+    /// shard's read lock, held until `f` returns: no change to the shard, and no
+    /// [`MapObserver`] call for it, happens meanwhile. Does nothing for a shard that does not
+    /// exist.
+    pub fn visit_shard(
+        &self,
+        index: usize,
+        f: impl FnOnce(&mut dyn Iterator<Item = (&str, Version)>),
+    ) {
+        if let Some(lock) = self.shards.get(index) {
+            let shard = lock.read();
+            let mut entries = shard.slots.iter().map(|s| (s.key(), s.version()));
+            f(&mut entries);
+        }
+    }
+
+    /// Removes `key` if its entry still has exactly `version` (no tombstone is left); true when
+    /// it did. For a copy that anti-entropy found was deleted and collected everywhere else.
+    pub fn forget_if(&self, key: &str, version: Version) -> bool {
+        let index = Self::shard_index(key);
+        let mut shard = self.shards[index].write();
+        if shard
+            .slots
+            .get(key.as_bytes())
+            .is_none_or(|s| s.version() != version)
+        {
+            return false;
+        }
+        if let Some(old) = shard.slots.take(key.as_bytes()) {
+            shard.count(&old, false);
+            self.notify(index, key, Some(version), None);
+        }
+        true
     }
 
     /// The key's entry (tombstones included), if any.
@@ -232,11 +295,14 @@ impl ShardedMap {
 
     /// Stores the record if its version is greater than the stored one; returns whether it did.
     pub fn apply(&self, record: &Record) -> bool {
-        let mut shard = self.shard(&record.key).write();
+        let index = Self::shard_index(&record.key);
+        let mut shard = self.shards[index].write();
+        let mut previous = None;
         if let Some(old) = shard.slots.get(record.key.as_bytes()) {
             if record.version <= old.version() {
                 return false;
             }
+            previous = Some(old.version());
         }
         let slot = Slot::new(
             record.version,
@@ -248,6 +314,7 @@ impl ShardedMap {
         if let Some(old) = shard.slots.replace(slot) {
             shard.count(&old, false);
         }
+        self.notify(index, &record.key, previous, Some(record.version));
         true
     }
 
@@ -256,9 +323,11 @@ impl ShardedMap {
     pub fn forget(&self, keys: &[String]) -> usize {
         let mut removed = 0;
         for key in keys {
-            let mut shard = self.shard(key).write();
+            let index = Self::shard_index(key);
+            let mut shard = self.shards[index].write();
             if let Some(old) = shard.slots.take(key.as_bytes()) {
                 shard.count(&old, false);
+                self.notify(index, key, Some(old.version()), None);
                 removed += 1;
             }
         }
@@ -312,6 +381,7 @@ impl ShardedMap {
         let Shard {
             slots, tombstones, ..
         } = &mut *shard;
+        let observer = self.observer.get();
         slots.retain(|s| {
             let since = s
                 .version()
@@ -319,6 +389,11 @@ impl ShardedMap {
                 .max(s.expires_at_ms().unwrap_or(0));
             let collect = s.is_tombstone() && since < drop_tombstones_before_ms;
             *tombstones = tombstones.saturating_sub(u64::from(collect));
+            if collect {
+                if let Some(observer) = observer {
+                    observer.changed(index, s.key(), Some(s.version()), None);
+                }
+            }
             !collect
         });
         let dropped = before.saturating_sub(shard.tombstones);

@@ -2,7 +2,7 @@
 //! threads, and offers get / apply / checkpoint / scan / status / shutdown to the node.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Instant, SystemTime};
@@ -14,8 +14,9 @@ use tracing::{debug, info, warn};
 use crate::backup::{self, BackupInfo};
 use crate::checkpoint::{CheckpointSignal, Checkpointer};
 use crate::lock::DirLock;
-use crate::map::ShardedMap;
+use crate::map::{MapObserver, ShardedMap};
 use crate::wal::{self, WalCommand, WalState, WalWriter, WAL_QUEUE_CAPACITY};
+use crate::Version;
 use crate::{
     recovery, segment, CheckpointStats, Clock, Entry, Error, Record, StoreConfig, SyncMode,
 };
@@ -72,6 +73,7 @@ struct Inner {
     signal: Arc<CheckpointSignal>,
     last_snapshot: Arc<Mutex<Option<SystemTime>>>,
     closed: AtomicBool,
+    tombstone_horizon: Arc<AtomicU64>,
     data_dir: PathBuf,
     _lock: DirLock,
 }
@@ -152,6 +154,7 @@ impl Store {
         let (signal, wake) = CheckpointSignal::new();
         let (tx, rx) = mpsc::channel(WAL_QUEUE_CAPACITY);
         let last_snapshot = Arc::new(Mutex::new(recovered.last_snapshot));
+        let tombstone_horizon = Arc::new(AtomicU64::new(u64::MAX));
         let threads = Threads {
             writer: Mutex::new(None),
             checkpointer: Mutex::new(None),
@@ -188,6 +191,7 @@ impl Store {
             signal: Arc::clone(&signal),
             interval: config.snapshot_interval,
             tombstone_grace: config.tombstone_grace,
+            tombstone_horizon: Arc::clone(&tombstone_horizon),
             last_snapshot: Arc::clone(&last_snapshot),
         };
         *threads.checkpointer.lock() =
@@ -225,6 +229,7 @@ impl Store {
                 signal,
                 last_snapshot,
                 closed: AtomicBool::new(false),
+                tombstone_horizon,
                 data_dir: dir,
                 _lock: lock,
             }),
@@ -322,6 +327,39 @@ impl Store {
     /// start, which removes it.
     pub fn backup_temp_path(&self) -> PathBuf {
         backup::temp_path(&self.inner.data_dir)
+    }
+
+    /// Collects tombstones only when they were written before `ms` (Unix milliseconds) as well
+    /// as before the grace period: the cluster layer's anti-entropy sets it to the time up to
+    /// which every replica is known to hold every tombstone. `u64::MAX` (the default): the grace
+    /// alone decides.
+    pub fn set_tombstone_horizon(&self, ms: u64) {
+        self.inner.tombstone_horizon.store(ms, Ordering::Release);
+    }
+
+    /// Installs the map's one [`MapObserver`] (false if one is installed already).
+    pub fn set_map_observer(&self, observer: Arc<dyn MapObserver>) -> bool {
+        self.inner.map.set_observer(observer)
+    }
+
+    /// Number of map shards, for [`Store::visit_shard`].
+    pub fn shard_count(&self) -> usize {
+        self.inner.map.shard_count()
+    }
+
+    /// See [`ShardedMap::visit_shard`].
+    pub fn visit_shard(
+        &self,
+        index: usize,
+        f: impl FnOnce(&mut dyn Iterator<Item = (&str, Version)>),
+    ) {
+        self.inner.map.visit_shard(index, f);
+    }
+
+    /// Drops `key` when it still holds exactly `version` (see [`ShardedMap::forget_if`]); not
+    /// logged, like [`Store::forget`].
+    pub fn forget_if(&self, key: &str, version: Version) -> bool {
+        self.inner.map.forget_if(key, version)
     }
 
     /// Removes keys from the map without tombstones (keys this node stopped owning after a

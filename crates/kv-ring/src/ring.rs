@@ -114,17 +114,55 @@ impl Ring {
             Vec::new()
         };
         let start = self.first_point_at(hash_key(key.as_bytes()));
+        self.walk_from(start, wanted, &mut chosen, &mut seen);
+        chosen
+    }
+
+    /// Number of arcs: one per point. Arc `i` holds the hashes in `(point i-1, point i]`
+    /// (wrapping), so every key of an arc has the same preference list. Anti-entropy keeps one
+    /// hash tree per arc.
+    pub fn arc_count(&self) -> usize {
+        self.hashes.len()
+    }
+
+    /// The arc a key hash (see [`hash_key`]) falls in; 0 on an empty ring.
+    pub fn arc_of(&self, hash: u64) -> usize {
+        if self.hashes.is_empty() {
+            0
+        } else {
+            self.first_point_at(hash)
+        }
+    }
+
+    /// The preference list (indices into [`Ring::nodes`]) of every key in `arc`; empty when the
+    /// arc does not exist.
+    pub fn arc_preference(&self, arc: usize, n: usize) -> Vec<usize> {
+        let wanted = n.min(self.nodes.len());
+        let mut chosen = Vec::with_capacity(wanted);
+        if wanted == 0 || arc >= self.owners.len() {
+            return chosen;
+        }
+        let mut seen = if wanted > LINEAR_SCAN_LIMIT {
+            vec![false; self.nodes.len()]
+        } else {
+            Vec::new()
+        };
+        self.walk_from(arc, wanted, &mut chosen, &mut seen);
+        chosen
+    }
+
+    /// Collects the first `wanted` distinct owners clockwise from point `start`.
+    fn walk_from(&self, start: usize, wanted: usize, chosen: &mut Vec<usize>, seen: &mut [bool]) {
         let clockwise = self.owners[start..].iter().chain(&self.owners[..start]);
         for &owner in clockwise {
             let owner = owner as usize;
-            if first_visit(owner, &chosen, &mut seen) {
+            if first_visit(owner, chosen, seen) {
                 chosen.push(owner);
                 if chosen.len() == wanted {
                     break;
                 }
             }
         }
-        chosen
     }
 
     /// Same as [`Ring::preference_list`], as node URLs.
@@ -289,5 +327,21 @@ mod tests {
         let five = Ring::new(urls(5), DEFAULT_VNODES);
         let moved = moved_fraction(&four, &five);
         assert!((0.15..=0.25).contains(&moved), "moved {moved}");
+    }
+
+    #[test]
+    fn every_key_of_an_arc_has_the_arcs_preference_list() {
+        let ring = Ring::new(urls(5), 16);
+        assert_eq!(ring.arc_count(), 80);
+        for key in keys().take(2_000) {
+            let arc = ring.arc_of(hash_key(key.as_bytes()));
+            for n in [1, 3, 5, 9] {
+                assert_eq!(ring.arc_preference(arc, n), ring.preference_list(&key, n));
+            }
+        }
+        assert!(ring.arc_preference(80, 3).is_empty(), "no such arc");
+        let empty = Ring::new(Vec::<String>::new(), 16);
+        assert_eq!((empty.arc_count(), empty.arc_of(7)), (0, 0));
+        assert!(empty.arc_preference(0, 3).is_empty());
     }
 }
