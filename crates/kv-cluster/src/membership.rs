@@ -179,10 +179,12 @@ impl View {
             return Err(bad(format!("{stray} is marked down but not removed")));
         }
         if self.in_transition() {
-            return Err(bad(format!(
-                "a membership change (epoch {}) is still in progress; wait until it is committed",
-                self.epoch
-            )));
+            return Err(Error::ChangeInProgress {
+                reason: format!(
+                    "a membership change is in progress ({}); wait until it is committed, or abort it with {{\"abort\": true}}",
+                    self.describe()
+                ),
+            });
         }
         if add.is_empty() && remove.is_empty() {
             return Err(bad("the plan adds and removes nothing".into()));

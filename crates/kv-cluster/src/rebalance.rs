@@ -214,8 +214,8 @@ impl Cluster {
         self.inner.promises.lock().describe(Instant::now())
     }
 
-    /// Proposes `view` to this node and every live member of its view (not the ones the plan
-    /// marks down); adopts and sends it only if all of them promised it and this node's own
+    /// Proposes `view` to this node and every live data-holding member of its view (not the
+    /// ones the plan marks down); adopts and sends it only if all of them promised it and this node's own
     /// promise still stands. Otherwise gives the promises back and answers
     /// [`Error::ChangeInProgress`] with every refusal.
     pub(crate) async fn propose_and_adopt(&self, view: &View) -> Result<()> {
@@ -231,10 +231,12 @@ impl Cluster {
                 reason: own.reason.unwrap_or_else(|| "refused by this node".into()),
             });
         }
+        // The members that hold data (joining ones get the view once adopted): any two
+        // proposers of one epoch are among them, or one of them is and the other asks it.
         let current = self.topology();
         let asked: Vec<String> = current
             .view
-            .all()
+            .before()
             .into_iter()
             .filter(|u| {
                 *u != me
