@@ -8,6 +8,7 @@
 use super::{keys_of, view, wait_committed};
 use kv_tests::{free_port, send, wait_until, Answer, Node, Options, TestCluster};
 use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
@@ -258,9 +259,9 @@ fn a_node_is_replaced_while_up_and_after_it_died() {
 #[test]
 fn a_change_in_progress_is_aborted_and_no_key_is_lost() {
     // Slow transfers, so the change is still running when it is aborted.
-    let c = start(3, "100");
-    let keys = write_keys(c.url(0), "abort", 3000);
-    let n4 = spare(&c, "node4", "100");
+    let c = start(3, "50");
+    let keys = write_keys(c.url(0), "abort", 1500);
+    let n4 = spare(&c, "node4", "50");
     let leaving = c.url(2).to_owned();
     ok(post(
         c.url(0),
@@ -273,7 +274,7 @@ fn a_change_in_progress_is_aborted_and_no_key_is_lost() {
     assert_eq!(view(c.url(1))["in_transition"], true);
 
     // One change at a time: a second plan is refused, naming the one in progress.
-    let n5 = spare(&c, "node5", "100");
+    let n5 = spare(&c, "node5", "50");
     let second = post(c.url(1), json!({"add": [n5.url]}), false);
     assert_eq!(second.status, 400, "{}", second.text);
     assert_eq!(second.json["error"], "change_in_progress");
@@ -334,6 +335,29 @@ fn two_changes_fired_at_once_through_two_nodes_end_in_one_view_with_n_copies() {
     let keys = write_keys(c.url(0), "race", 1000);
     let n4 = spare(&c, "node4", "20000");
     let n5 = spare(&c, "node5", "20000");
+    // Writes go on through node3 during the race; the acknowledged ones must survive it.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (node, stop) = (c.url(2).to_owned(), stop.clone());
+        std::thread::spawn(move || {
+            let mut acked = Vec::new();
+            for i in 0..5000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let key = format!("race/live/{i:05}");
+                let put = send(
+                    "PUT",
+                    &format!("{node}/v1/{key}"),
+                    Some(&json!({ "value": i }).to_string()),
+                );
+                if put.is_ok_and(|a| a.status == 200) {
+                    acked.push(key);
+                }
+            }
+            acked
+        })
+    };
     let barrier = Arc::new(Barrier::new(2));
     let fire = |via: String, add: String| {
         let barrier = barrier.clone();
@@ -393,13 +417,17 @@ fn two_changes_fired_at_once_through_two_nodes_end_in_one_view_with_n_copies() {
         .filter(|u| members.iter().any(|m| m == u))
         .collect();
     assert!(!winners.is_empty(), "{members:?}");
+    stop.store(true, Ordering::Relaxed);
+    let acked = writer.join().unwrap();
+    assert!(acked.len() > 10, "writes went on: {}", acked.len());
     let member_refs: Vec<&str> = members.iter().map(String::as_str).collect();
-    wait_n_copies(&member_refs, &keys, Duration::from_secs(30));
+    let all: Vec<String> = keys.iter().chain(&acked).cloned().collect();
+    wait_n_copies(&member_refs, &all, Duration::from_secs(30));
     for node in everyone
         .iter()
         .filter(|u| !members.iter().any(|m| m == **u))
     {
         assert_eq!(keys_of(node), 0, "{node} is no member and holds nothing");
     }
-    assert_read_back(c.url(2), &keys);
+    assert_read_back(c.url(2), &all);
 }
