@@ -472,6 +472,36 @@ mod tests {
     }
 
     #[test]
+    fn a_replacement_moves_more_than_the_old_nodes_share() {
+        // Ring positions come from the URL, so the new node takes other arcs than the old one:
+        // the old node's keys move, and so do the keys the new node's arcs take from others.
+        let six = urls(6);
+        let base = View::seed(&six);
+        let new = "http://127.0.0.1:9001".to_owned();
+        let old = six[2].clone();
+        let plan = base
+            .plan(std::slice::from_ref(&new), std::slice::from_ref(&old), "x")
+            .unwrap();
+        let topology = Topology::new(plan, 3, 256);
+        let (mut held_by_old, mut copies_moved) = (0usize, 0usize);
+        for i in 0..20_000 {
+            let key = format!("k{i}");
+            held_by_old += usize::from(topology.owners(&key).iter().any(|o| **o == *old));
+            copies_moved += topology.pending(&key).len();
+        }
+        let ratio = copies_moved as f64 / held_by_old as f64;
+        assert!(
+            (1.2..=2.5).contains(&ratio),
+            "{copies_moved} / {held_by_old} = {ratio}"
+        );
+        let add_only = Topology::new(base.plan(&[new], &[], "x").unwrap(), 3, 256);
+        assert!(
+            (0..20_000).any(|i| !add_only.pending(&format!("k{i}")).is_empty()),
+            "adding a node moves keys"
+        );
+    }
+
+    #[test]
     fn views_survive_a_round_trip_to_disk() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("members.json");
