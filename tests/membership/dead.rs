@@ -160,9 +160,11 @@ fn a_node_killed_for_good_is_removed_with_force_and_every_key_has_n_copies_again
     let keys = write_keys(c.url(0), "dead", 800);
     let dead = c.url(3).to_owned();
     c.nodes[3].kill9();
-    wait_until(Duration::from_secs(10), "node1 sees node4 down", || {
-        c.nodes[0].sees_down(Some(&dead))
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "the survivors see node4 down",
+        || c.nodes[..3].iter().all(|n| n.sees_down(Some(&dead))),
+    );
 
     // Without force: refused, and the message says what to add.
     let refused = post(c.url(0), json!({"remove": [dead]}), false);

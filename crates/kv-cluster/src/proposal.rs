@@ -180,11 +180,12 @@ impl Promises {
             .is_some_and(|p| p.view == *view && p.proposer == proposer && p.expires > now)
     }
 
-    /// The change this node has promised, for operators (`None` when it holds no live promise).
-    pub fn describe(&self, now: Instant) -> Option<String> {
+    /// The change this node has promised and not yet adopted (its view is `current`), for
+    /// operators (`None` when it holds no live promise).
+    pub fn describe(&self, current: &View, now: Instant) -> Option<String> {
         self.held
             .as_ref()
-            .filter(|p| p.expires > now)
+            .filter(|p| p.expires > now && p.view.epoch > current.epoch)
             .map(|p| format!("{} (proposed by {})", p.view.describe(), p.proposer))
     }
 }
@@ -291,7 +292,7 @@ mod tests {
         let refused = p.consider(&low, &propose(&high, &url(2)), &url(3), later);
         assert!(!refused.granted);
         assert!(refused.reason.unwrap().contains("in progress"));
-        assert_eq!(p.describe(later), None);
+        assert_eq!(p.describe(&low, later), None);
     }
 
     #[test]
@@ -369,7 +370,14 @@ mod tests {
             p.consider(&base, &propose(&base, &url(1)), &url(3), now)
                 .granted
         );
-        assert_eq!(p.describe(now), None, "nothing promised");
+        assert_eq!(p.describe(&base, now), None, "nothing promised");
+        let plan = base.plan(&[url(4)], &[], &url(1)).unwrap();
+        assert!(
+            p.consider(&base, &propose(&plan, &url(1)), &url(3), now)
+                .granted
+        );
+        assert!(p.describe(&base, now).unwrap().contains(&url(4)));
+        assert_eq!(p.describe(&plan, now), None, "adopted: no longer pending");
     }
 
     /// Two proposers and a third node, with every interleaving of the six promise requests: a

@@ -211,7 +211,8 @@ impl Cluster {
 
     /// The change this node has promised and not yet seen adopted, for operators.
     pub fn promised(&self) -> Option<String> {
-        self.inner.promises.lock().describe(Instant::now())
+        let promises = self.inner.promises.lock();
+        promises.describe(&self.topology().view, Instant::now())
     }
 
     /// Proposes `view` to this node and every live data-holding member of its view (not the
