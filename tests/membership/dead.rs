@@ -156,8 +156,11 @@ fn member_urls(node: &str) -> Vec<String> {
 
 #[test]
 fn a_node_killed_for_good_is_removed_with_force_and_every_key_has_n_copies_again() {
+    let t0 = std::time::Instant::now();
     let mut c = start(4, "20000");
+    eprintln!("{:?} started", t0.elapsed());
     let keys = write_keys(c.url(0), "dead", 800);
+    eprintln!("{:?} written", t0.elapsed());
     let dead = c.url(3).to_owned();
     c.nodes[3].kill9();
     wait_until(
@@ -194,14 +197,18 @@ fn a_node_killed_for_good_is_removed_with_force_and_every_key_has_n_copies_again
         false,
     ));
     assert_eq!(applied["applied"], true);
+    eprintln!("{:?} applied", t0.elapsed());
     wait_committed(c.url(0), 2);
+    eprintln!("{:?} committed", t0.elapsed());
     let survivors = [c.url(0), c.url(1), c.url(2)];
     for node in survivors {
         wait_committed(node, 2);
         assert!(!member_urls(node).contains(&dead));
     }
     wait_n_copies(&survivors, &keys, Duration::from_secs(30));
+    eprintln!("{:?} copies", t0.elapsed());
     assert_read_back(c.url(2), &keys);
+    eprintln!("{:?} read back", t0.elapsed());
 }
 
 #[test]
