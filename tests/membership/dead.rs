@@ -169,6 +169,21 @@ fn a_node_killed_for_good_is_removed_with_force_and_every_key_has_n_copies_again
         || c.nodes[..3].iter().all(|n| n.sees_down(Some(&dead))),
     );
 
+    // Writes acknowledged while node4 is down (quorum): node4 gets only hints, which the
+    // removal discards; the survivors must still end with N copies of them.
+    let mut keys = keys;
+    for i in 0..100 {
+        let key = format!("dead/after/{i:05}");
+        let answer = send(
+            "PUT",
+            &format!("{}/v1/{key}", c.url(i % 3)),
+            Some(&json!({ "value": i }).to_string()),
+        )
+        .unwrap();
+        assert_eq!(answer.status, 200, "{key}: {}", answer.text);
+        keys.push(key);
+    }
+
     // Without force: refused, and the message says what to add.
     let refused = post(c.url(0), json!({"remove": [dead]}), false);
     assert_eq!(refused.status, 400, "{}", refused.text);
