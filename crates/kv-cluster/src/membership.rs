@@ -11,6 +11,12 @@
 //! every node has finished (and no hint for a new replica is pending) the plan's coordinator
 //! commits epoch `e + 2`: joining nodes become active, leaving ones disappear. Newest view wins
 //! everywhere: by epoch, then by a digest of its members so two concurrent plans still agree.
+//!
+//! A plan may mark leaving members `down` (removed with `force`, or replaced while dead): they
+//! stream nothing, the first owner not marked down streams their keys, and the commit does not
+//! wait for them. [`View::aborted`] undoes a plan at `e + 2` (its base members, all active).
+//! Every plan, commit and abort is applied only once every live data-holding member promised it
+//! (`proposal.rs`), so only one change runs at a time.
 
 use crate::error::{Error, Result};
 use kv_ring::Ring;

@@ -3,7 +3,9 @@
 //!
 //! # The protocol
 //! A change (a plan, its commit, or its abort) is a next view `v` proposed by one node. The
-//! proposer asks every live member (`POST /internal/propose`), itself first, to *promise* `v`:
+//! proposer asks every live member that holds data (active and leaving; not the ones the plan
+//! marks down; joining nodes take `v` once it is pushed), itself first, to *promise* `v`
+//! (`POST /internal/propose`):
 //! - a node promises only a view that is a step it may take from its own view: a plan of its
 //!   committed view (epoch + 1), or the commit or the abort of the plan it holds. While a plan is
 //!   in progress no other plan is promised: a second change is refused, naming the one in
@@ -12,7 +14,7 @@
 //!   proposer that dies blocks nothing for long) and lapses once the node's view reaches its
 //!   epoch. A proposal for the same epoch with a higher [`View::rank`] replaces it; any other is
 //!   refused, naming the promised change;
-//! - the proposer adopts `v` only if every live member promised it *and* its own promise is still
+//! - the proposer adopts `v` only if every member it asked promised it *and* its own promise is still
 //!   `v` at that moment (checked and adopted under one lock). Otherwise it releases the promises
 //!   it got and the change is refused.
 //!
