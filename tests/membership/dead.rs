@@ -455,3 +455,75 @@ fn two_changes_fired_at_once_through_two_nodes_end_in_one_view_with_n_copies() {
     }
     assert_read_back(c.url(2), &all);
 }
+
+/// What two sides of a partition could do: each applies its own plan of the same epoch. Here
+/// the lower-ranked plan runs (slow transfers) when the higher-ranked rival is offered to every
+/// node; each adopts it (the tie rule), restarts its transfer for it, and the commit that follows
+/// is the rival's, with N copies of every key on its members and nothing on the loser's node.
+#[test]
+fn a_node_that_adopts_a_rival_plan_restarts_its_transfer_for_it() {
+    let c = start(3, "200");
+    let keys = write_keys(c.url(0), "rival", 1500);
+    let n4 = spare(&c, "node4", "200");
+    let n5 = spare(&c, "node5", "200");
+    let urls: Vec<&str> = c.nodes.iter().map(|n| n.url.as_str()).collect();
+    let base = kv_cluster::View::seed(&urls);
+    let a = base
+        .plan(std::slice::from_ref(&n4.url), &[], c.url(0))
+        .unwrap();
+    let b = base
+        .plan(std::slice::from_ref(&n5.url), &[], c.url(1))
+        .unwrap();
+    let (low, high) = if a.rank() < b.rank() { (a, b) } else { (b, a) };
+    let via = low.coordinator.clone().unwrap();
+    let low_new = low
+        .members
+        .iter()
+        .find(|m| m.state == kv_cluster::MemberState::Joining)
+        .unwrap()
+        .url
+        .clone();
+    let high_new = high
+        .members
+        .iter()
+        .find(|m| m.state == kv_cluster::MemberState::Joining)
+        .unwrap()
+        .url
+        .clone();
+    ok(post(&via, json!({ "add": [low_new] }), false));
+    wait_until(
+        Duration::from_secs(20),
+        "the first plan's transfer is under way",
+        || keys_of(&low_new) > 50,
+    );
+    let body = serde_json::to_string(&high).unwrap();
+    for node in urls
+        .iter()
+        .copied()
+        .chain([n4.url.as_str(), n5.url.as_str()])
+    {
+        let answer = send("POST", &format!("{node}/internal/members"), Some(&body)).unwrap();
+        assert_eq!(answer.status, 200, "{node}: {}", answer.text);
+    }
+    for node in &urls {
+        wait_committed(node, 2);
+    }
+    let mut members: Vec<String> = urls.iter().map(|u| u.to_string()).collect();
+    members.push(high_new.clone());
+    members.sort();
+    assert_eq!(member_urls(c.url(0)), members, "the rival plan won");
+    assert!(
+        c.nodes.iter().any(|n| std::fs::read_to_string(&n.log)
+            .unwrap_or_default()
+            .contains("restarting the transfer for it")),
+        "a node restarted its transfer for the rival plan"
+    );
+    let member_refs: Vec<&str> = members.iter().map(String::as_str).collect();
+    wait_n_copies(&member_refs, &keys, Duration::from_secs(30));
+    wait_until(
+        Duration::from_secs(30),
+        "the losing plan's node gives back what it received",
+        || keys_of(&low_new) == 0,
+    );
+    assert_read_back(&high_new, &keys);
+}
