@@ -98,7 +98,13 @@ fn step_of(current: &View, offered: &View, me: &str) -> Result<(), String> {
             current.describe()
         ));
     }
-    if !offered.in_transition() || offered.epoch != current.epoch + 1 {
+    if !offered.in_transition() {
+        return Err(format!(
+            "no change is in progress here: it was committed or aborted already (this node is at epoch {})",
+            current.epoch
+        ));
+    }
+    if offered.epoch != current.epoch + 1 {
         return Err(format!(
             "it is not a plan of this node's view (epoch {})",
             current.epoch
