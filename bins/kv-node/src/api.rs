@@ -7,6 +7,7 @@ use crate::request::{
     parse_write_id, read_body,
 };
 use crate::routes::{is_peer_call, request_id, AppState};
+use crate::watch;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -333,6 +334,40 @@ pub async fn empty_key() -> ApiError {
     )
 }
 
+/// `GET /v1/{key}?watch=true`: the key's changes, from this node's feed when it replicates the
+/// key; otherwise a `307` to the key's first replica (the LB routes there directly).
+fn watch_key(
+    app: &AppState,
+    key: String,
+    parts: &axum::http::request::Parts,
+) -> Result<Response, ApiError> {
+    let after = watch::last_event_id(&parts.headers)?;
+    let cluster = app.cluster();
+    if cluster.is_replica(&key) {
+        return Ok(watch::stream(
+            cluster.watch_hub(),
+            watch::Filter::Key(key),
+            after,
+        ));
+    }
+    let replica = cluster
+        .replicas(&key)
+        .into_iter()
+        .next()
+        .ok_or_else(|| ApiError::Internal(format!("no replica of {key:?} in the ring")))?;
+    let target = format!(
+        "{replica}{}",
+        parts.uri.path_and_query().map_or("", |p| p.as_str())
+    );
+    let location = HeaderValue::from_str(&target)
+        .map_err(|e| ApiError::Internal(format!("bad replica URL {target}: {e}")))?;
+    Ok((
+        StatusCode::TEMPORARY_REDIRECT,
+        [(header::LOCATION, location)],
+    )
+        .into_response())
+}
+
 /// `GET|HEAD|POST|PUT|DELETE /v1/{key}`.
 pub async fn data(State(app): State<AppState>, request: Request) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
@@ -343,6 +378,10 @@ pub async fn data(State(app): State<AppState>, request: Request) -> Result<Respo
         cluster.default_consistency(),
         cluster.replication_factor(),
     )?;
+    if parts.method == Method::GET && watch::wants_watch(parts.uri.query())? {
+        let key = parse_key(parts.uri.path(), "/v1/", config.max_key_bytes)?;
+        return watch_key(&app, key, &parts);
+    }
     let kind = match parts.method {
         Method::GET | Method::HEAD => OpKind::Get,
         Method::DELETE => OpKind::Delete,

@@ -29,6 +29,8 @@ struct NodeEnv {
     anti_entropy_bytes_per_sec: Option<String>,
     hint_window_secs: Option<String>,
     hint_max_bytes: Option<String>,
+    watch_history_events: Option<String>,
+    watch_history_bytes: Option<String>,
     write_consistency: Option<String>,
     read_consistency: Option<String>,
     vnodes: Option<String>,
@@ -97,6 +99,10 @@ pub struct NodeConfig {
     pub hint_window: Duration,
     /// Hint bytes kept per peer.
     pub hint_max_bytes: u64,
+    /// Most changes kept for watchers to resume from (`WATCH_HISTORY_EVENTS`).
+    pub watch_history_events: usize,
+    /// Most bytes (keys and values) of the changes kept for watchers (`WATCH_HISTORY_BYTES`).
+    pub watch_history_bytes: usize,
     /// Default W.
     pub write_consistency: Consistency,
     /// Default R.
@@ -446,6 +452,20 @@ impl NodeEnv {
                 0,
                 1 << 50,
             )?,
+            watch_history_events: parse_num(
+                "WATCH_HISTORY_EVENTS",
+                self.watch_history_events.as_deref(),
+                kv_cluster::watch::DEFAULT_HISTORY_EVENTS,
+                1,
+                100_000_000,
+            )?,
+            watch_history_bytes: parse_num(
+                "WATCH_HISTORY_BYTES",
+                self.watch_history_bytes.as_deref(),
+                kv_cluster::watch::DEFAULT_HISTORY_BYTES,
+                4096,
+                1 << 40,
+            )?,
             write_consistency: consistency("WRITE_CONSISTENCY", self.write_consistency)?,
             read_consistency: consistency("READ_CONSISTENCY", self.read_consistency)?,
             vnodes: parse_num(
@@ -551,6 +571,15 @@ mod tests {
         );
         assert!(env(&[("HINT_WINDOW_SECS", "0")]).is_err());
         assert!(env(&[("HINT_MAX_BYTES", "lots")]).is_err());
+        assert_eq!(c.watch_history_bytes, 32 << 20);
+        let c = env(&[
+            ("WATCH_HISTORY_EVENTS", "10"),
+            ("WATCH_HISTORY_BYTES", "65536"),
+        ])
+        .unwrap();
+        assert_eq!((c.watch_history_events, c.watch_history_bytes), (10, 65536));
+        assert!(env(&[("WATCH_HISTORY_EVENTS", "0")]).is_err());
+        assert!(env(&[("WATCH_HISTORY_BYTES", "1")]).is_err());
     }
 
     #[test]

@@ -88,6 +88,16 @@ pub const HELP_VARIABLES: &[(&str, &str, &str)] = &[
         "hint bytes kept per peer",
     ),
     (
+        "WATCH_HISTORY_EVENTS",
+        "100000",
+        "changes kept for watchers to resume from",
+    ),
+    (
+        "WATCH_HISTORY_BYTES",
+        "33554432",
+        "bytes (keys and values) of the changes kept for watchers",
+    ),
+    (
         "WRITE_CONSISTENCY",
         "quorum",
         "default W: one | quorum | all | 1..N",

@@ -3,6 +3,7 @@
 
 use crate::error::ApiError;
 use crate::routes::{request_id, AppState};
+use crate::watch;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use serde_json::value::RawValue;
@@ -72,6 +73,9 @@ pub async fn list(State(app): State<AppState>, request: Request) -> Result<Respo
         ));
     }
     let query = parse_query(parts.uri.query())?;
+    if parts.method == axum::http::Method::GET && watch::wants_watch(parts.uri.query())? {
+        return watch_prefix(&app, query.prefix, &parts.headers);
+    }
     let rid = request_id(&parts.headers);
     let page_query = kv_cluster::peer::PageQuery {
         prefix: &query.prefix,
@@ -95,6 +99,30 @@ pub async fn list(State(app): State<AppState>, request: Request) -> Result<Respo
         body["items"] = Value::Array(items);
     }
     Ok(axum::Json(body).into_response())
+}
+
+/// `GET /v1?prefix=P&watch=true`: the changes of every key under the prefix. Served from this
+/// node's own feed, which has every change only when this node holds every key (N >= nodes);
+/// otherwise refused rather than silently partial.
+fn watch_prefix(
+    app: &AppState,
+    prefix: String,
+    headers: &axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    let after = watch::last_event_id(headers)?;
+    let cluster = app.cluster();
+    if !cluster.holds_every_key() {
+        return Err(ApiError::bad_request(
+            "watch_unsupported",
+            "prefix watches need every node to hold every key (REPLICATION_FACTOR >= nodes); \
+             watch single keys instead",
+        ));
+    }
+    Ok(watch::stream(
+        cluster.watch_hub(),
+        watch::Filter::Prefix(prefix),
+        after,
+    ))
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ mod status;
 mod telemetry;
 mod tls;
 mod tls_certs;
+mod watch;
 
 use config::NodeConfig;
 use kv_cluster::{Cluster, ClusterConfig};
@@ -153,8 +154,11 @@ async fn run(config: NodeConfig, tls: tls::NodeTls) -> Result<(), Failure> {
         ..kv_http::ServeLimits::default()
     };
     let app = routes::app(routes::AppState::new(config, cluster.clone(), metrics));
-    let shutdown = async {
+    let watches = cluster.watch_hub();
+    let shutdown = async move {
         kv_http::shutdown_signal().await;
+        // Watches never end by themselves: end them so they do not hold the grace period.
+        watches.close();
         info!("shutting down: no new connections; finishing requests in flight");
     };
     if !kv_http::serve(listener, app, limits, tls.acceptor, shutdown, grace).await {
@@ -206,6 +210,10 @@ fn cluster_config(config: &NodeConfig, tls_ca_pem: Option<Vec<u8>>) -> ClusterCo
             interval: config.anti_entropy_interval,
             bytes_per_sec: config.anti_entropy_bytes_per_sec,
             grace: config.tombstone_grace,
+        },
+        watch_history: kv_cluster::HistoryLimits {
+            max_events: config.watch_history_events,
+            max_bytes: config.watch_history_bytes,
         },
     }
 }

@@ -65,6 +65,8 @@ pub struct ClusterConfig {
     pub max_clock_offset: Duration,
     /// Anti-entropy: interval, pace, and the tombstone grace its horizon trails by.
     pub anti_entropy: crate::antientropy::AntiEntropyConfig,
+    /// Caps of the change history that watchers read (`WATCH_HISTORY_EVENTS` / `_BYTES`).
+    pub watch_history: crate::watch::HistoryLimits,
 }
 
 /// What a node should do with a client request for a key.
@@ -137,6 +139,7 @@ pub(crate) struct Inner {
     pub(crate) promises: parking_lot::Mutex<crate::proposal::Promises>,
     pub(crate) recent_writes: crate::recent_writes::RecentWrites,
     pub(crate) anti_entropy: crate::antientropy::AntiEntropy,
+    watch: Arc<crate::watch::WatchHub>,
     key_locks: Vec<tokio::sync::Mutex<()>>,
 }
 
@@ -235,9 +238,18 @@ impl Cluster {
             store.shard_count(),
         );
         store.set_tombstone_horizon(anti_entropy.horizon_at(topology.view.rank()));
-        if !store.set_map_observer(anti_entropy.trees.clone()) {
+        let watch = Arc::new(crate::watch::WatchHub::new(
+            config.watch_history,
+            kv_core::Version {
+                hlc: crate::now_ms() << 16,
+                node: 0,
+            },
+        ));
+        // One observer slot, two followers: the Merkle trees and the change history.
+        let observers = kv_core::MapObservers::new(vec![anti_entropy.trees.clone(), watch.clone()]);
+        if !store.set_map_observer(Arc::new(observers)) {
             warn!(
-                "the store already has a map observer: anti-entropy trees will not follow writes"
+                "the store already has a map observer: anti-entropy trees and watches will not follow writes"
             );
         }
         let inner = Arc::new(Inner {
@@ -256,6 +268,7 @@ impl Cluster {
             promises: parking_lot::Mutex::new(crate::proposal::Promises::default()),
             recent_writes,
             anti_entropy,
+            watch,
             key_locks: (0..KEY_LOCK_STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
@@ -349,6 +362,23 @@ impl Cluster {
         );
         *current = Arc::new(topology);
         Ok(())
+    }
+
+    /// This node's change feed (what watchers read).
+    pub fn watch_hub(&self) -> Arc<crate::watch::WatchHub> {
+        self.inner.watch.clone()
+    }
+
+    /// True when this node is one of `key`'s replicas (its change feed has the key's changes).
+    pub fn is_replica(&self, key: &str) -> bool {
+        self.replicas(key).iter().any(|r| **r == *self.inner.me)
+    }
+
+    /// True when every member holds every key (N >= members): then this node's own change feed
+    /// has every change of the cluster.
+    pub fn holds_every_key(&self) -> bool {
+        let topology = self.topology();
+        topology.members().count() <= topology.replication_factor()
     }
 
     /// The local storage engine.

@@ -21,6 +21,7 @@
 //!   them back in byte-capped batches.
 //! - [`peer`]: the HTTP client for `/internal` calls and forwarding, and the batch wire format.
 //! - [`error`]: this crate's one error type.
+//! - [`watch`]: change streams: the bounded history of applied changes that watchers read.
 //! - [`recent_writes`]: write ids applied recently, so a resent write applies at most once;
 //!   `resend`: how a resend's coordinator asks the replicas and decides.
 
@@ -45,6 +46,7 @@ mod quorum;
 pub mod rebalance;
 pub mod recent_writes;
 mod resend;
+pub mod watch;
 
 pub use antientropy::{AntiEntropyConfig, RepairReport};
 pub use clock::{ClockSample, ClockState};
@@ -65,3 +67,4 @@ pub use rebalance::{PlanReport, TransferState};
 pub use recent_writes::{
     Resend, Seen, WriteId, RESEND_AGE_HEADER, RESEND_HEADER, WRITE_ID_HEADER, WRITE_ID_WINDOW,
 };
+pub use watch::{HistoryLimits, WatchHub};

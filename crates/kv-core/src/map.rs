@@ -193,6 +193,43 @@ pub struct MapCounts {
 pub trait MapObserver: Send + Sync {
     /// `key` of shard `shard` went from `old` to `new` (`None`: absent).
     fn changed(&self, shard: usize, key: &str, old: Option<Version>, new: Option<Version>);
+
+    /// `record` was applied: it is now the key's newest entry (called right after
+    /// [`MapObserver::changed`], under the same lock). For change streams; ignored by default.
+    fn applied(&self, _record: &Record) {}
+}
+
+/// Several [`MapObserver`]s behind the map's one slot: each call goes to each, in order.
+#[derive(Default)]
+pub struct MapObservers(Vec<std::sync::Arc<dyn MapObserver>>);
+
+impl MapObservers {
+    /// Fans out to `observers`, in this order.
+    pub fn new(observers: Vec<std::sync::Arc<dyn MapObserver>>) -> MapObservers {
+        MapObservers(observers)
+    }
+}
+
+impl std::fmt::Debug for MapObservers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MapObservers")
+            .field("count", &self.0.len())
+            .finish()
+    }
+}
+
+impl MapObserver for MapObservers {
+    fn changed(&self, shard: usize, key: &str, old: Option<Version>, new: Option<Version>) {
+        for observer in &self.0 {
+            observer.changed(shard, key, old, new);
+        }
+    }
+
+    fn applied(&self, record: &Record) {
+        for observer in &self.0 {
+            observer.applied(record);
+        }
+    }
 }
 
 /// The sharded map from key to newest entry. Applying is last-writer-wins by [`Version`].
@@ -315,6 +352,9 @@ impl ShardedMap {
             shard.count(&old, false);
         }
         self.notify(index, &record.key, previous, Some(record.version));
+        if let Some(observer) = self.observer.get() {
+            observer.applied(record);
+        }
         true
     }
 
@@ -452,6 +492,42 @@ mod tests {
         assert!(!map.is_newer("k", Version { hlc: 6, node: 1 }));
         assert!(map.is_newer("k", Version { hlc: 6, node: 2 }));
         assert!(map.get("other").is_none());
+    }
+
+    /// Records what it is told, to check the fan-out.
+    #[derive(Default)]
+    struct Log(parking_lot::Mutex<Vec<String>>);
+
+    impl MapObserver for Log {
+        fn changed(&self, _: usize, key: &str, _: Option<Version>, new: Option<Version>) {
+            self.0
+                .lock()
+                .push(format!("changed {key} {}", new.is_some()));
+        }
+        fn applied(&self, record: &Record) {
+            self.0
+                .lock()
+                .push(format!("applied {} {}", record.key, record.version.hlc));
+        }
+    }
+
+    #[test]
+    fn every_observer_hears_applied_records_only_when_they_win() {
+        let map = ShardedMap::default();
+        let (a, b) = (
+            std::sync::Arc::new(Log::default()),
+            std::sync::Arc::new(Log::default()),
+        );
+        assert!(map.set_observer(std::sync::Arc::new(MapObservers::new(vec![
+            a.clone(),
+            b.clone()
+        ]))));
+        map.apply(&rec("k", 5, Some(b"five")));
+        map.apply(&rec("k", 4, Some(b"stale")));
+        map.forget(&["k".to_owned()]);
+        let expected = ["changed k true", "applied k 5", "changed k false"];
+        assert_eq!(*a.0.lock(), expected);
+        assert_eq!(*b.0.lock(), expected);
     }
 
     #[test]

@@ -1,0 +1,313 @@
+//! Change streams over Server-Sent Events: `GET /v1/{key}?watch=true` and
+//! `GET /v1?prefix=P&watch=true` answer `text/event-stream` and send this node's applied changes
+//! (`kv_cluster::watch::WatchHub`) as `put` / `delete` events, resumable with `Last-Event-ID`.
+//! The wire format is in README.md ("Watches").
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::Response;
+use bytes::Bytes;
+use kv_cluster::watch::{Change, Read, Start};
+use kv_cluster::WatchHub;
+use kv_core::Version;
+use tokio::sync::mpsc;
+
+use crate::error::ApiError;
+
+/// A keep-alive comment is sent after this long without an event, so proxies and clients
+/// can tell a quiet stream from a dead one.
+const PING_INTERVAL: Duration = Duration::from_secs(15);
+/// Frames queued between the reader task and the connection: all a watcher may hold here.
+const QUEUED_FRAMES: usize = 8;
+/// Events read from the history per frame (a frame also stops at `FRAME_BYTES`).
+const EVENTS_PER_READ: usize = 256;
+/// A frame is sent once it holds this many bytes.
+const FRAME_BYTES: usize = 256 * 1024;
+/// A watcher that takes no frame for this long is dropped (it reads nothing at all).
+const STALLED_AFTER: Duration = Duration::from_secs(30);
+/// Reconnection delay suggested to clients (`retry:`), in milliseconds.
+const RETRY_MS: u64 = 1000;
+
+/// What a watch follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Filter {
+    /// One key.
+    Key(String),
+    /// Every key starting with this (empty: every key).
+    Prefix(String),
+}
+
+impl Filter {
+    fn matches(&self, key: &str) -> bool {
+        match self {
+            Filter::Key(k) => k == key,
+            Filter::Prefix(p) => key.starts_with(p.as_str()),
+        }
+    }
+}
+
+/// True when the query asks for a watch (`watch=true` / `1`); `false` / `0` / absent: no.
+pub fn wants_watch(query: Option<&str>) -> Result<bool, ApiError> {
+    let mut watch = false;
+    for (name, value) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        if name == "watch" {
+            watch = match value.as_ref() {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                _ => {
+                    return Err(ApiError::bad_request(
+                        "invalid_query",
+                        format!("watch={value}: expected true or false"),
+                    ))
+                }
+            };
+        }
+    }
+    Ok(watch)
+}
+
+/// The version a resumed watch continues after: the `Last-Event-ID` header (a `version`).
+pub fn last_event_id(headers: &HeaderMap) -> Result<Option<Version>, ApiError> {
+    let Some(raw) = headers.get("last-event-id") else {
+        return Ok(None);
+    };
+    let text = raw.to_str().unwrap_or_default().trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|_| {
+        ApiError::bad_request(
+            "invalid_version",
+            format!(
+                "Last-Event-ID: {:?} is not a version (the id of an event of this stream)",
+                text.chars().take(64).collect::<String>()
+            ),
+        )
+    })
+}
+
+/// Starts streaming the changes `filter` selects, after `after` if given.
+pub fn stream(hub: Arc<WatchHub>, filter: Filter, after: Option<Version>) -> Response {
+    let wake = hub.subscribe();
+    let (tx, rx) = mpsc::channel::<Bytes>(QUEUED_FRAMES);
+    let opening = Bytes::from(format!("retry: {RETRY_MS}\n: watching\n\n"));
+    match hub.start(after) {
+        Ok(start) => {
+            tokio::spawn(pump(hub, filter, start, wake, tx, opening));
+        }
+        Err(gone) => {
+            let mut frame = opening.to_vec();
+            frame.extend_from_slice(&lagged_frame(
+                "history_gone",
+                &format!(
+                    "this node no longer holds the changes after {}: list the keys again, then \
+                     watch from the listing (oldest id it can resume from: {})",
+                    after.unwrap_or_default(),
+                    gone.oldest
+                ),
+            ));
+            // The channel is new and empty, so this cannot fail for lack of room.
+            let _ = tx.try_send(Bytes::from(frame));
+        }
+    }
+    let body = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|frame| (Ok::<Bytes, std::convert::Infallible>(frame), rx))
+    });
+    let mut response = Response::new(Body::from_stream(body));
+    *response.status_mut() = StatusCode::OK;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+/// Reads the history from the watcher's cursor and queues frames until the watcher goes away,
+/// falls behind the history (`lagged`), stops reading, or the node shuts down.
+async fn pump(
+    hub: Arc<WatchHub>,
+    filter: Filter,
+    start: Start,
+    mut wake: tokio::sync::watch::Receiver<u64>,
+    tx: mpsc::Sender<Bytes>,
+    opening: Bytes,
+) {
+    if !send(&tx, opening).await {
+        return;
+    }
+    let mut cursor = start.cursor;
+    loop {
+        if hub.is_closed() {
+            return;
+        }
+        let events = match hub.read(cursor, EVENTS_PER_READ) {
+            Read::Events(events, _) => events,
+            Read::Lagged => {
+                let message = "this watcher fell behind the changes the node keeps: list the \
+                               keys again, then watch from the listing";
+                send(&tx, lagged_frame("slow_consumer", message)).await;
+                return;
+            }
+        };
+        let mut frame = Vec::new();
+        let mut consumed = 0u64;
+        for (seq, change) in (cursor..).zip(&events) {
+            consumed += 1;
+            let replayed_and_old = seq < start.replay_until
+                && start
+                    .replay_above
+                    .is_some_and(|above| change.version <= above);
+            if filter.matches(&change.key) && !replayed_and_old {
+                push_event(&mut frame, change);
+            }
+            if frame.len() >= FRAME_BYTES {
+                break;
+            }
+        }
+        cursor += consumed;
+        if !frame.is_empty() {
+            if !send(&tx, Bytes::from(frame)).await {
+                return;
+            }
+            continue;
+        }
+        if consumed > 0 {
+            continue;
+        }
+        // Caught up: wait for a change, the watcher leaving, or the ping interval.
+        tokio::select! {
+            changed = wake.changed() => if changed.is_err() { return },
+            () = tx.closed() => return,
+            () = tokio::time::sleep(PING_INTERVAL) => {
+                if !send(&tx, Bytes::from_static(b": ping\n\n")).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Queues a frame; false when the watcher is gone or took nothing for [`STALLED_AFTER`].
+async fn send(tx: &mpsc::Sender<Bytes>, frame: Bytes) -> bool {
+    matches!(
+        tokio::time::timeout(STALLED_AFTER, tx.send(frame)).await,
+        Ok(Ok(()))
+    )
+}
+
+/// Appends one event: `id`, `event`, then the JSON of the change on `data:` lines (a stored
+/// value may hold line breaks; SSE joins `data:` lines with `\n`, which JSON reads as space).
+fn push_event(frame: &mut Vec<u8>, change: &Change) {
+    let key = serde_json::to_string(&change.key).unwrap_or_else(|_| "\"\"".to_owned());
+    let version = &change.version;
+    let (kind, json) = match &change.value {
+        Some(value) => {
+            let mut json = format!("{{\"key\":{key},\"value\":").into_bytes();
+            json.extend_from_slice(value);
+            json.extend_from_slice(format!(",\"version\":\"{version}\"}}").as_bytes());
+            ("put", json)
+        }
+        None => (
+            "delete",
+            format!("{{\"key\":{key},\"deleted\":true,\"version\":\"{version}\"}}").into_bytes(),
+        ),
+    };
+    frame.extend_from_slice(format!("id: {version}\nevent: {kind}\n").as_bytes());
+    for line in json.split(|&b| b == b'\n' || b == b'\r') {
+        frame.extend_from_slice(b"data: ");
+        frame.extend_from_slice(line);
+        frame.push(b'\n');
+    }
+    frame.push(b'\n');
+}
+
+/// The last event of a stream that cannot go on: no `id`, so `Last-Event-ID` stays the last
+/// change received.
+fn lagged_frame(reason: &str, message: &str) -> Bytes {
+    let data = serde_json::json!({ "error": "lagged", "reason": reason, "message": message });
+    Bytes::from(format!("event: lagged\ndata: {data}\n\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(key: &str, value: Option<&'static [u8]>) -> Change {
+        Change {
+            key: key.into(),
+            version: Version {
+                hlc: 1 << 16,
+                node: 2,
+            },
+            value: value.map(Bytes::from_static),
+        }
+    }
+
+    #[test]
+    fn events_carry_the_get_and_delete_shapes() {
+        let mut frame = Vec::new();
+        push_event(&mut frame, &change("a\"b", Some(b"{\"x\": 1}")));
+        push_event(&mut frame, &change("k", None));
+        let text = String::from_utf8(frame).unwrap();
+        assert_eq!(
+            text,
+            "id: 0000000000010000-00000002\nevent: put\n\
+             data: {\"key\":\"a\\\"b\",\"value\":{\"x\": 1},\"version\":\"0000000000010000-00000002\"}\n\n\
+             id: 0000000000010000-00000002\nevent: delete\n\
+             data: {\"key\":\"k\",\"deleted\":true,\"version\":\"0000000000010000-00000002\"}\n\n"
+        );
+    }
+
+    #[test]
+    fn a_value_with_line_breaks_spans_data_lines() {
+        let mut frame = Vec::new();
+        push_event(&mut frame, &change("k", Some(b"[1,\n2]")));
+        let text = String::from_utf8(frame).unwrap();
+        let data: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .collect();
+        let json: serde_json::Value = serde_json::from_str(&data.join("\n")).unwrap();
+        assert_eq!(json["value"], serde_json::json!([1, 2]));
+    }
+
+    #[test]
+    fn the_watch_parameter_and_last_event_id_are_checked() {
+        assert!(wants_watch(Some("prefix=a&watch=true")).unwrap());
+        assert!(!wants_watch(Some("watch=0")).unwrap());
+        assert!(!wants_watch(None).unwrap());
+        assert!(wants_watch(Some("watch=yes")).is_err());
+        let mut headers = HeaderMap::new();
+        assert_eq!(last_event_id(&headers).unwrap(), None);
+        headers.insert(
+            "last-event-id",
+            HeaderValue::from_static("0000000000010000-00000002"),
+        );
+        assert_eq!(
+            last_event_id(&headers).unwrap(),
+            Some(Version {
+                hlc: 1 << 16,
+                node: 2
+            })
+        );
+        headers.insert("last-event-id", HeaderValue::from_static("nope"));
+        assert!(last_event_id(&headers).is_err());
+    }
+
+    #[test]
+    fn filters_select_a_key_or_a_prefix() {
+        assert!(Filter::Key("a".into()).matches("a"));
+        assert!(!Filter::Key("a".into()).matches("ab"));
+        assert!(Filter::Prefix("a/".into()).matches("a/b"));
+        assert!(!Filter::Prefix("a/".into()).matches("b/a"));
+        assert!(Filter::Prefix(String::new()).matches("anything"));
+    }
+}
