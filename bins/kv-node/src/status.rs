@@ -44,6 +44,11 @@ pub async fn status(State(app): State<AppState>) -> Json<Value> {
         "hints_delivered": cluster.hints_delivered,
         "forwarded_requests": cluster.forwarded_requests,
         "read_repairs": cluster.read_repairs,
+        "watch": {
+            "watchers": app.cluster().watch_hub().watchers(),
+            "history_events": app.cluster().watch_hub().held().0,
+            "history_bytes": app.cluster().watch_hub().held().1,
+        },
         "clock": app.cluster().clock_state(),
         "anti_entropy": {
             "tombstone_horizon_ms": app.cluster().tombstone_horizon(),

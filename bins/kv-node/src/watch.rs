@@ -104,7 +104,7 @@ pub fn stream(hub: Arc<WatchHub>, filter: Filter, after: Option<Version>) -> Res
                 "history_gone",
                 &format!(
                     "this node no longer holds the changes after {}: list the keys again, then \
-                     watch from the listing (oldest id it can resume from: {})",
+                     watch from the listing (oldest id it can resume after: {})",
                     after.unwrap_or_default(),
                     gone.oldest
                 ),
@@ -140,6 +140,7 @@ async fn pump(
     tx: mpsc::Sender<Bytes>,
     opening: Bytes,
 ) {
+    let _counted = hub.watcher();
     if !send(&tx, opening).await {
         return;
     }

@@ -112,6 +112,19 @@ pub struct WatchHub {
     next_seq: tokio::sync::watch::Sender<u64>,
     limits: HistoryLimits,
     closed: std::sync::atomic::AtomicBool,
+    watchers: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts one open watch in [`WatchHub::watchers`] for as long as it lives.
+#[derive(Debug)]
+pub struct WatcherGuard(Arc<WatchHub>);
+
+impl Drop for WatcherGuard {
+    fn drop(&mut self) {
+        self.0
+            .watchers
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl WatchHub {
@@ -128,6 +141,7 @@ impl WatchHub {
             next_seq: tokio::sync::watch::Sender::new(0),
             limits,
             closed: std::sync::atomic::AtomicBool::new(false),
+            watchers: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -154,7 +168,8 @@ impl WatchHub {
 
     /// Where a new watcher starts: at the end (only new changes) without `after`, else at the
     /// ring's start with a replay filter: only events above `after` less [`RESUME_SLACK_MS`].
-    /// Refused when an event above that point may have been dropped already.
+    /// Refused when `after` is older than what the ring can vouch for (the newest event it
+    /// dropped, or the hub's start): a change after it may be gone.
     pub fn start(&self, after: Option<Version>) -> Result<Start, HistoryGone> {
         let history = self.history.lock();
         let end = history.first_seq + history.events.len() as u64;
@@ -165,19 +180,15 @@ impl WatchHub {
                 replay_above: None,
             });
         };
-        let from = resume_point(after);
-        if from < history.floor {
+        if after < history.floor {
             return Err(HistoryGone {
-                oldest: Version {
-                    hlc: history.floor.hlc.saturating_add(RESUME_SLACK_MS << 16),
-                    node: history.floor.node,
-                },
+                oldest: history.floor,
             });
         }
         Ok(Start {
             cursor: history.first_seq,
             replay_until: end,
-            replay_above: Some(from),
+            replay_above: Some(resume_point(after)),
         })
     }
 
@@ -214,6 +225,18 @@ impl WatchHub {
     /// True once [`WatchHub::close`] was called.
     pub fn is_closed(&self) -> bool {
         self.closed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Counts a watch as open until the guard is dropped.
+    pub fn watcher(self: &Arc<Self>) -> WatcherGuard {
+        self.watchers
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        WatcherGuard(self.clone())
+    }
+
+    /// Watches open on this node now.
+    pub fn watchers(&self) -> usize {
+        self.watchers.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Events and bytes held now (for status and tests).
@@ -320,9 +343,10 @@ mod tests {
         };
         let hub = WatchHub::new(limits, v(1_000));
         assert!(
-            hub.start(Some(v(1_000))).is_err(),
+            hub.start(Some(v(999))).is_err(),
             "from before the hub started"
         );
+        assert!(hub.start(Some(v(1_000))).is_ok());
         let start = 100_000;
         hub.push(change("a", start, b"1"));
         let from = hub.start(Some(v(start))).unwrap();
@@ -330,9 +354,11 @@ mod tests {
         assert_eq!(from.replay_above, Some(resume_point(v(start))));
         hub.push(change("b", start + 1, b"1"));
         hub.push(change("c", start + 2, b"1"));
+        hub.push(change("d", start + 3, b"1"));
         let gone = hub.start(Some(v(start))).unwrap_err();
-        assert!(gone.oldest > v(start));
-        assert!(hub.start(Some(v(start + RESUME_SLACK_MS + 1))).is_ok());
+        assert_eq!(gone.oldest, v(start + 1), "b was dropped");
+        let from = hub.start(Some(v(start + 1))).unwrap();
+        assert_eq!((from.cursor, from.replay_until), (2, 4));
     }
 
     #[test]
@@ -355,6 +381,11 @@ mod tests {
             seen.has_changed().unwrap() && hub.is_closed(),
             "close wakes watchers"
         );
+        let hub = Arc::new(hub);
+        let guard = hub.watcher();
+        assert_eq!(hub.watchers(), 1);
+        drop(guard);
+        assert_eq!(hub.watchers(), 0);
         let Read::Events(events, _) = hub.read(0, 1) else {
             panic!("lagged")
         };
