@@ -303,6 +303,85 @@ mod tests {
         assert!(last_event_id(&headers).is_err());
     }
 
+    /// Reads the stream's body until `until` appears in it (or 5 s pass).
+    async fn read_until(response: Response, until: &str) -> String {
+        use http_body_util::BodyExt;
+        let mut body = response.into_body();
+        let mut text = String::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !text.contains(until) {
+            let frame = tokio::time::timeout_at(deadline, body.frame()).await;
+            let Ok(Some(Ok(frame))) = frame else {
+                panic!("{until:?} never came; got {text:?}")
+            };
+            if let Ok(data) = frame.into_data() {
+                text.push_str(std::str::from_utf8(&data).unwrap());
+            }
+        }
+        text
+    }
+
+    fn change_at(key: &str, ms: u64) -> Change {
+        Change {
+            key: key.into(),
+            version: Version {
+                hlc: ms << 16,
+                node: 1,
+            },
+            value: Some(Bytes::from_static(b"1")),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_resumed_stream_replays_the_slack_before_its_id_then_goes_live() {
+        let hub = Arc::new(WatchHub::new(
+            kv_cluster::HistoryLimits::default(),
+            Version::ZERO,
+        ));
+        let ms = 1_000_000;
+        hub.push(change_at("k/old", ms - 20_000));
+        hub.push(change_at("k/near", ms - 5_000));
+        hub.push(change_at("x/other", ms - 1_000));
+        let resume_from = change_at("k/last", ms).version;
+        hub.push(change_at("k/last", ms));
+        let response = stream(hub.clone(), Filter::Prefix("k/".into()), Some(resume_from));
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "text/event-stream"
+        );
+        hub.push(change_at("k/live", ms + 1));
+        let text = read_until(response, "k/live").await;
+        assert!(!text.contains("k/old"), "older than the slack: {text}");
+        assert!(!text.contains("x/other"), "outside the prefix: {text}");
+        let near = text.find("k/near").unwrap();
+        let last = text.find("k/last").unwrap();
+        assert!(near < last && last < text.find("k/live").unwrap());
+        assert_eq!(hub.watchers(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_watcher_behind_the_history_gets_lagged_and_the_end() {
+        let limits = kv_cluster::HistoryLimits {
+            max_events: 2,
+            max_bytes: 1 << 20,
+        };
+        let hub = Arc::new(WatchHub::new(limits, Version::ZERO));
+        let response = stream(hub.clone(), Filter::Prefix(String::new()), None);
+        // The pump has not run yet (one thread): it falls behind before its first read.
+        for ms in 1..=10 {
+            hub.push(change_at("k", ms));
+        }
+        let text = read_until(response, "event: lagged").await;
+        assert!(
+            text.contains("slow_consumer") && !text.contains("event: put"),
+            "{text}"
+        );
+
+        let gone = stream(hub, Filter::Key("k".into()), Some(Version::ZERO));
+        let text = read_until(gone, "event: lagged").await;
+        assert!(text.contains("history_gone"), "{text}");
+    }
+
     #[test]
     fn filters_select_a_key_or_a_prefix() {
         assert!(Filter::Key("a".into()).matches("a"));
