@@ -539,3 +539,45 @@ fn a_consumer_that_reads_nothing_is_cut_off_and_memory_stays_bounded() {
     assert_eq!(got.0, "put");
     assert_eq!(got.1["value"], 1);
 }
+
+#[test]
+fn a_prefix_watch_merges_the_peers_feeds_when_nodes_outnumber_replicas() {
+    // 4 nodes, N = 2: node 1 holds about half the keys; the rest comes from its peers' feeds.
+    let c = TestCluster::start_with(Options {
+        nodes: 4,
+        replication_factor: 2,
+        ..Options::default()
+    });
+    c.wait_converged();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let follower = follow(
+        format!("{}/v1?prefix=m/&watch=true", c.url(0)),
+        seen.clone(),
+    );
+    // The peers' feeds open in the background: wait until each peer serves one.
+    wait_until(
+        Duration::from_secs(10),
+        "every peer streams its feed",
+        || {
+            c.nodes[1..]
+                .iter()
+                .all(|n| n.status()["watch"]["watchers"] == 1)
+        },
+    );
+    let targets: Vec<String> = (0..4).map(|i| c.url(i).to_owned()).collect();
+    let (puts, _) = write_load(&targets, "m/", 40, 4, 40);
+    assert!(puts.len() > 100, "only {} puts acknowledged", puts.len());
+    wait_until(
+        Duration::from_secs(20),
+        "the merged watcher sees every acknowledged put",
+        || puts.is_subset(&seen.lock().unwrap().accepted().0),
+    );
+    let seen = seen.lock().unwrap();
+    seen.check_per_key_order();
+    assert_eq!(
+        seen.accepted().1,
+        0,
+        "each change once, though two replicas sent it"
+    );
+    assert!(!follower.is_finished());
+}

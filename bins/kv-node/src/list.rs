@@ -101,9 +101,8 @@ pub async fn list(State(app): State<AppState>, request: Request) -> Result<Respo
     Ok(axum::Json(body).into_response())
 }
 
-/// `GET /v1?prefix=P&watch=true`: the changes of every key under the prefix. Served from this
-/// node's own feed, which has every change only when this node holds every key (N >= nodes);
-/// otherwise refused rather than silently partial.
+/// `GET /v1?prefix=P&watch=true`: the changes of every key under the prefix: this node's own
+/// feed when it holds every key (N >= nodes), else that feed merged with every peer's.
 fn watch_prefix(
     app: &AppState,
     prefix: String,
@@ -112,11 +111,7 @@ fn watch_prefix(
     let after = watch::last_event_id(headers)?;
     let cluster = app.cluster();
     if !cluster.holds_every_key() {
-        return Err(ApiError::bad_request(
-            "watch_unsupported",
-            "prefix watches need every node to hold every key (REPLICATION_FACTOR >= nodes); \
-             watch single keys instead",
-        ));
+        return Ok(crate::watch_merge::merged(cluster.clone(), prefix, after));
     }
     Ok(watch::stream(
         cluster.watch_hub(),

@@ -20,6 +20,7 @@ mod telemetry;
 mod tls;
 mod tls_certs;
 mod watch;
+mod watch_merge;
 
 use config::NodeConfig;
 use kv_cluster::{Cluster, ClusterConfig};

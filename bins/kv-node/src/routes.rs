@@ -17,7 +17,7 @@
 
 use crate::config::NodeConfig;
 use crate::error::ApiError;
-use crate::{admin, api, batch, internal, list, members, status, telemetry};
+use crate::{admin, api, batch, internal, list, members, status, telemetry, watch};
 use axum::extract::{Request, State};
 use axum::http::HeaderMap;
 use axum::middleware::{self, Next};
@@ -129,6 +129,7 @@ pub fn app(state: AppState) -> Router {
             post(internal::aae_leaves),
         )
         .route(kv_cluster::antientropy::KEYS_PATH, post(internal::aae_keys))
+        .route(kv_cluster::peer::WATCH_PATH, get(watch::own_feed))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_secret,

@@ -19,9 +19,9 @@ use crate::error::ApiError;
 
 /// A keep-alive comment is sent after this long without an event, so proxies and clients
 /// can tell a quiet stream from a dead one.
-const PING_INTERVAL: Duration = Duration::from_secs(15);
+pub const PING_INTERVAL: Duration = Duration::from_secs(15);
 /// Frames queued between the reader task and the connection: all a watcher may hold here.
-const QUEUED_FRAMES: usize = 8;
+pub const QUEUED_FRAMES: usize = 8;
 /// Events read from the history per frame (a frame also stops at `FRAME_BYTES`).
 const EVENTS_PER_READ: usize = 256;
 /// A frame is sent once it holds this many bytes.
@@ -89,11 +89,30 @@ pub fn last_event_id(headers: &HeaderMap) -> Result<Option<Version>, ApiError> {
     })
 }
 
+/// `GET /internal/watch?prefix=P` (peers only): this node's own feed of the prefix, which a
+/// peer merges into a prefix watch (`watch_merge.rs`).
+pub async fn own_feed(
+    axum::extract::State(app): axum::extract::State<crate::routes::AppState>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Result<Response, ApiError> {
+    let after = last_event_id(&headers)?;
+    let prefix = url::form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
+        .find(|(name, _)| name == "prefix")
+        .map(|(_, value)| value.into_owned())
+        .unwrap_or_default();
+    Ok(stream(
+        app.cluster().watch_hub(),
+        Filter::Prefix(prefix),
+        after,
+    ))
+}
+
 /// Starts streaming the changes `filter` selects, after `after` if given.
 pub fn stream(hub: Arc<WatchHub>, filter: Filter, after: Option<Version>) -> Response {
     let wake = hub.subscribe();
     let (tx, rx) = mpsc::channel::<Bytes>(QUEUED_FRAMES);
-    let opening = Bytes::from(format!("retry: {RETRY_MS}\n: watching\n\n"));
+    let opening = opening();
     match hub.start(after) {
         Ok(start) => {
             tokio::spawn(pump(hub, filter, start, wake, tx, opening));
@@ -113,6 +132,16 @@ pub fn stream(hub: Arc<WatchHub>, filter: Filter, after: Option<Version>) -> Res
             let _ = tx.try_send(Bytes::from(frame));
         }
     }
+    sse_response(rx)
+}
+
+/// The first frame of every stream: the suggested reconnection delay and a comment.
+pub fn opening() -> Bytes {
+    Bytes::from(format!("retry: {RETRY_MS}\n: watching\n\n"))
+}
+
+/// A `200 text/event-stream` answer whose body is the frames `rx` receives, until it closes.
+pub fn sse_response(rx: mpsc::Receiver<Bytes>) -> Response {
     let body = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv()
             .await
@@ -197,7 +226,7 @@ async fn pump(
 }
 
 /// Queues a frame; false when the watcher is gone or took nothing for [`STALLED_AFTER`].
-async fn send(tx: &mpsc::Sender<Bytes>, frame: Bytes) -> bool {
+pub async fn send(tx: &mpsc::Sender<Bytes>, frame: Bytes) -> bool {
     matches!(
         tokio::time::timeout(STALLED_AFTER, tx.send(frame)).await,
         Ok(Ok(()))
@@ -232,7 +261,7 @@ fn push_event(frame: &mut Vec<u8>, change: &Change) {
 
 /// The last event of a stream that cannot go on: no `id`, so `Last-Event-ID` stays the last
 /// change received.
-fn lagged_frame(reason: &str, message: &str) -> Bytes {
+pub fn lagged_frame(reason: &str, message: &str) -> Bytes {
     let data = serde_json::json!({ "error": "lagged", "reason": reason, "message": message });
     Bytes::from(format!("event: lagged\ndata: {data}\n\n"))
 }

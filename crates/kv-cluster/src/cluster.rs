@@ -374,6 +374,29 @@ impl Cluster {
         self.replicas(key).iter().any(|r| **r == *self.inner.me)
     }
 
+    /// Every member but this node: the feeds a prefix watch merges with its own.
+    pub fn other_members(&self) -> Vec<Arc<str>> {
+        self.topology()
+            .members()
+            .filter(|m| ***m != *self.inner.me)
+            .cloned()
+            .collect()
+    }
+
+    /// Opens `peer`'s change feed of `prefix` after `after` (see [`PeerClient::watch`]).
+    pub async fn open_peer_watch(
+        &self,
+        peer: &str,
+        prefix: &str,
+        after: Option<kv_core::Version>,
+        request_id: &str,
+    ) -> std::result::Result<reqwest::Response, crate::peer::CallError> {
+        self.inner
+            .peers
+            .watch(peer, prefix, after, request_id)
+            .await
+    }
+
     /// True when every member holds every key (N >= members): then this node's own change feed
     /// has every change of the cluster.
     pub fn holds_every_key(&self) -> bool {

@@ -78,6 +78,11 @@ pub struct HealthProbe {
     pub clock: Option<ClockSample>,
 }
 
+/// Path of a node's own change feed, streamed to peers that merge it into prefix watches.
+pub const WATCH_PATH: &str = "/internal/watch";
+/// Longest life of one peer feed stream; the merging node reopens it (with `Last-Event-ID`).
+pub const WATCH_CALL_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// Why a call to a peer failed; decides whether a retry elsewhere is safe.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CallError {
@@ -331,6 +336,32 @@ impl PeerClient {
         // A node without the header caps pages by count only.
         let full = full.unwrap_or(records.len() >= page.limit);
         Ok((records, full))
+    }
+
+    /// Opens `peer`'s own change feed of the keys under `prefix` (`GET /internal/watch`, SSE,
+    /// resumed after `after`); the answer's body streams for as long as the peer serves it (at
+    /// most [`WATCH_CALL_TIMEOUT`], then the caller reopens it).
+    pub async fn watch(
+        &self,
+        peer: &str,
+        prefix: &str,
+        after: Option<kv_core::Version>,
+        request_id: &str,
+    ) -> Result<reqwest::Response, CallError> {
+        let query = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("prefix", prefix)
+            .finish();
+        let mut request = self
+            .request(
+                Method::GET,
+                format!("{peer}{WATCH_PATH}?{query}"),
+                request_id,
+            )
+            .timeout(WATCH_CALL_TIMEOUT);
+        if let Some(after) = after {
+            request = request.header("last-event-id", after.to_string());
+        }
+        send_expecting_ok(peer, request, WATCH_PATH).await
     }
 
     /// Probes `GET /health` with its own deadline: the round trip, the rank of the peer's
