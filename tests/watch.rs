@@ -580,4 +580,22 @@ fn a_prefix_watch_merges_the_peers_feeds_when_nodes_outnumber_replicas() {
         "each change once, though two replicas sent it"
     );
     assert!(!follower.is_finished());
+    drop(seen);
+
+    // A watcher that leaves closes the feeds its node opened on the peers.
+    let watchers = |n: usize| {
+        c.nodes
+            .iter()
+            .all(|node| node.status()["watch"]["watchers"] == n)
+    };
+    let extra = open(&format!("{}/v1?prefix=m/&watch=true", c.url(0)), None).unwrap();
+    wait_until(Duration::from_secs(10), "two merged watches", || {
+        watchers(2)
+    });
+    drop(extra);
+    wait_until(
+        Duration::from_secs(40),
+        "the peers' feeds of a watcher that left are closed",
+        || watchers(1),
+    );
 }

@@ -153,7 +153,11 @@ pub fn merged(cluster: Cluster, prefix: String, after: Option<Version>) -> Respo
 async fn local_source(local: Response, sources: mpsc::Sender<Block>) {
     let mut body = local.into_body().into_data_stream();
     let mut parser = BlockParser::default();
-    while let Some(Ok(chunk)) = body.next().await {
+    // Also stop when the watcher left: a quiet feed sends only pings, which are never passed on.
+    while let Some(Ok(chunk)) = tokio::select! {
+        chunk = body.next() => chunk,
+        () = sources.closed() => return,
+    } {
         for block in parser.feed(&chunk) {
             if sources.send(block).await.is_err() {
                 return;
@@ -179,9 +183,10 @@ async fn peer_source(
             .await
         {
             let mut parser = BlockParser::default();
-            while let Ok(Ok(Some(chunk))) =
-                tokio::time::timeout(PEER_SILENT_FOR, response.chunk()).await
-            {
+            while let Ok(Ok(Some(chunk))) = tokio::select! {
+                chunk = tokio::time::timeout(PEER_SILENT_FOR, response.chunk()) => chunk,
+                () = sources.closed() => return,
+            } {
                 for block in parser.feed(&chunk) {
                     match &block {
                         Block::Change { version, .. } => after = Some(*version),
