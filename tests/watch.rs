@@ -598,4 +598,43 @@ fn a_prefix_watch_merges_the_peers_feeds_when_nodes_outnumber_replicas() {
         "the peers' feeds of a watcher that left are closed",
         || watchers(1),
     );
+
+    // A key watch on a node that is not a replica of the key is sent to one that is.
+    let no_redirects = reqwest::blocking::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(None::<Duration>)
+        .build()
+        .unwrap();
+    let (key, location) = (0..64)
+        .find_map(|i| {
+            let key = format!("r/{i}");
+            let url = format!("{}/v1/{key}?watch=true", c.url(0));
+            let answer = no_redirects.get(&url).send().unwrap();
+            let location = answer
+                .headers()
+                .get("location")?
+                .to_str()
+                .unwrap()
+                .to_owned();
+            assert_eq!(answer.status(), 307);
+            Some((key, location))
+        })
+        .expect("node 1 replicates every one of 64 keys with N = 2 of 4");
+    assert!(
+        location.ends_with(&format!("/v1/{key}?watch=true")),
+        "{location}"
+    );
+    assert!(c.nodes[1..].iter().any(|n| location.starts_with(&n.url)));
+    let redirected = read_events(open(&location, None).unwrap());
+    put(c.url(0), &key, "{\"value\": \"here\"}").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let value = loop {
+        match redirected.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(Item::Event { data, .. }) => break data["value"].clone(),
+            Ok(_) => continue,
+            Err(e) => panic!("no event on the redirected key watch: {e}"),
+        }
+    };
+    assert_eq!(value, "here");
+    drop(redirected);
 }
