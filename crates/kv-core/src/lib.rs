@@ -7,7 +7,8 @@
 //! - `record`: what a record is and its bytes.
 //! - [`frame`]: `[len][crc32c][payload]` framing and the torn-tail rule.
 //! - [`map`]: the sharded in-memory map of newest entries (`Entry`).
-//! - `segment`, `wal`: WAL segment files and the writer thread (group commit).
+//! - `segment`, `wal`: WAL segment files and the writer thread (group commit); [`batch`]: the
+//!   batch header each group commit carries (format version 2) and its torn-versus-corrupt rule.
 //! - `snapshot`, `checkpoint`: `snapshot.db` and the thread that writes it.
 //! - `backup`: backups in the snapshot format (`Store::backup_to`), their check and restore.
 //! - `recovery`: snapshot load plus WAL replay at start-up.
@@ -33,6 +34,7 @@
 //! `kv_disk_full_total` (times the store turned read-only).
 
 mod backup;
+pub mod batch;
 mod checkpoint;
 mod config;
 mod error;

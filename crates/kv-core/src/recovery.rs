@@ -10,6 +10,7 @@ use std::time::{Instant, SystemTime};
 
 use tracing::{info, warn};
 
+use crate::batch::{self, BatchRead};
 use crate::frame::{self, FrameRead};
 use crate::map::ShardedMap;
 use crate::{backup, segment, snapshot, Clock, Error, Record, Version};
@@ -157,42 +158,92 @@ fn replay_segment(
         fs::remove_file(path).map_err(Error::io("remove", path))?;
         return Ok(None);
     }
-    segment::check_header(path, &buf, number)?;
+    let head = segment::check_header(path, &buf, number)?;
     let corrupt = |offset: usize, reason: String| Error::Corrupt {
         path: path.to_owned(),
         offset: offset as u64,
         reason,
     };
-    let mut offset = segment::HEADER_LEN;
     let mut records = 0;
+    let mut decode = |payload: &[u8], offset: usize| {
+        apply(Record::decode(payload).map_err(|e| corrupt(offset, e.to_string()))?);
+        records += 1;
+        Ok(())
+    };
+    let end = if head.version == segment::FORMAT_V1 {
+        replay_frames(&buf, head.len, &mut decode)
+    } else {
+        replay_batches(path, &buf, head, &mut decode)?
+    };
+    match end {
+        Ok(()) => Ok(Some(Kept {
+            records,
+            bytes: buf.len() as u64,
+        })),
+        Err(Tail::Torn { offset }) if is_last => {
+            cut_torn_tail(path, offset, buf.len())?;
+            Ok(Some(Kept {
+                records,
+                bytes: offset as u64,
+            }))
+        }
+        Err(Tail::Torn { offset }) => Err(corrupt(
+            offset,
+            "incomplete record in a WAL segment that is not the newest".into(),
+        )),
+        Err(Tail::Corrupt { offset, reason }) => Err(corrupt(offset, reason)),
+        Err(Tail::Decode(e)) => Err(e),
+    }
+}
+
+/// How reading a segment stopped short of its end.
+enum Tail {
+    Torn { offset: usize },
+    Corrupt { offset: usize, reason: String },
+    Decode(Error),
+}
+
+/// Format version 1: frames from `offset` to the end; the frame-level torn-tail rule.
+fn replay_frames(
+    buf: &[u8],
+    mut offset: usize,
+    decode: &mut impl FnMut(&[u8], usize) -> Result<(), Error>,
+) -> Result<(), Tail> {
     loop {
-        match frame::read(&buf, offset) {
+        match frame::read(buf, offset) {
             FrameRead::Complete(payload, next) => {
-                apply(Record::decode(payload).map_err(|e| corrupt(offset, e.to_string()))?);
-                records += 1;
+                decode(payload, offset).map_err(Tail::Decode)?;
                 offset = next;
             }
-            FrameRead::End => break,
-            FrameRead::TornTail { offset } if is_last => {
-                cut_torn_tail(path, offset, buf.len())?;
-                return Ok(Some(Kept {
-                    records,
-                    bytes: offset as u64,
-                }));
-            }
-            FrameRead::TornTail { offset } => {
-                return Err(corrupt(
-                    offset,
-                    "incomplete record in a WAL segment that is not the newest".into(),
-                ))
-            }
-            FrameRead::Corrupt { offset, reason } => return Err(corrupt(offset, reason)),
+            FrameRead::End => return Ok(()),
+            FrameRead::TornTail { offset } => return Err(Tail::Torn { offset }),
+            FrameRead::Corrupt { offset, reason } => return Err(Tail::Corrupt { offset, reason }),
         }
     }
-    Ok(Some(Kept {
-        records,
-        bytes: buf.len() as u64,
-    }))
+}
+
+/// Format version 2: batches after the header; the batch-level rule (see [`crate::batch`]).
+/// The outer error is a bad frame inside a valid batch.
+fn replay_batches(
+    path: &Path,
+    buf: &[u8],
+    head: segment::SegmentHeader,
+    decode: &mut impl FnMut(&[u8], usize) -> Result<(), Error>,
+) -> Result<Result<(), Tail>, Error> {
+    let mut offset = head.len;
+    loop {
+        match batch::read(buf, offset, head.salt) {
+            BatchRead::Complete(body, next) => {
+                batch::frames(path, body, offset + batch::BATCH_HEADER_LEN, &mut *decode)?;
+                offset = next;
+            }
+            BatchRead::End => return Ok(Ok(())),
+            BatchRead::TornTail { offset } => return Ok(Err(Tail::Torn { offset })),
+            BatchRead::Corrupt { offset, reason } => {
+                return Ok(Err(Tail::Corrupt { offset, reason }))
+            }
+        }
+    }
 }
 
 /// Truncates a segment at the start of its torn tail, durably.
@@ -217,15 +268,72 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
+    /// A segment in the current format, one batch per record, as `SYNC=always` writes them.
     fn segment_with(dir: &Path, number: u64, records: &[Record]) -> PathBuf {
-        drop(segment::create(dir, number).unwrap());
+        let (_, salt) = segment::create(dir, number).unwrap();
         let path = segment::path(dir, number);
         let mut bytes = fs::read(&path).unwrap();
+        for r in records {
+            let durable = bytes.len() as u64;
+            let start = batch::begin(&mut bytes);
+            frame::append(&mut bytes, |b| r.encode(b)).unwrap();
+            batch::seal(&mut bytes, start, salt, durable);
+        }
+        fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    /// A segment in format version 1 (frames, no batches), as older programs wrote it.
+    fn v1_segment_with(dir: &Path, number: u64, records: &[Record]) -> PathBuf {
+        let path = segment::path(dir, number);
+        let mut bytes = segment::v1_header(number).to_vec();
         for r in records {
             frame::append(&mut bytes, |b| r.encode(b)).unwrap();
         }
         fs::write(&path, bytes).unwrap();
         path
+    }
+
+    #[test]
+    fn version_1_segments_are_replayed_and_their_torn_tail_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        v1_segment_with(dir.path(), 1, &[rec("a", 10), rec("b", 11)]);
+        let last = v1_segment_with(dir.path(), 2, &[rec("a", 12), rec("c", 13)]);
+        let len = fs::metadata(&last).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&last)
+            .unwrap()
+            .set_len(len - 2)
+            .unwrap();
+        let map = ShardedMap::default();
+        let got = recover(dir.path(), &map, &Clock::new(1)).unwrap();
+        assert_eq!(got.next_segment, 3);
+        assert_eq!(map.get("a").unwrap().version.hlc, 12);
+        assert!(map.get("b").is_some());
+        assert!(map.get("c").is_none(), "the torn record is cut");
+        assert!(fs::metadata(&last).unwrap().len() < len - 2);
+    }
+
+    #[test]
+    fn damage_in_an_earlier_batch_names_file_and_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = segment_with(dir.path(), 1, &[rec("a", 10), rec("b", 11), rec("c", 12)]);
+        let mut bytes = fs::read(&path).unwrap();
+        // Three batches of equal length; flip a byte inside the second.
+        let second = segment::HEADER_LEN + (bytes.len() - segment::HEADER_LEN) / 3;
+        bytes[second + 30] ^= 0x20;
+        fs::write(&path, &bytes).unwrap();
+        match recover(dir.path(), &ShardedMap::default(), &Clock::new(1)) {
+            Err(Error::Corrupt {
+                path: p,
+                offset,
+                reason,
+            }) => {
+                assert_eq!((p, offset), (path, second as u64), "{reason}");
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
     }
 
     fn rec(key: &str, hlc: u64) -> Record {

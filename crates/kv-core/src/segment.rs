@@ -9,14 +9,46 @@ use crate::Error;
 
 /// First bytes of every WAL segment.
 const MAGIC: [u8; 8] = *b"KVWALSEG";
-/// Version of the WAL format this program writes and reads.
-const FORMAT_VERSION: u32 = 1;
-/// Length of the segment header.
+/// Version of the WAL format this program writes: records in batches (see [`crate::batch`]).
+pub const FORMAT_VERSION: u32 = 2;
+/// The previous format, still read: frames one after the other, no batches.
+pub const FORMAT_V1: u32 = 1;
+/// Length of the segment header this program writes.
 ///
 /// ```text
-/// [magic "KVWALSEG" 8][format version u32 LE][segment number u64 LE][crc32c of the 20 bytes before u32 LE]
+/// version 2: [magic "KVWALSEG" 8][format version u32 LE][segment number u64 LE][salt u64 LE]
+///            [crc32c of the 28 bytes before u32 LE]
+/// version 1: [magic "KVWALSEG" 8][format version u32 LE][segment number u64 LE]
+///            [crc32c of the 20 bytes before u32 LE]
 /// ```
-pub const HEADER_LEN: usize = 24;
+///
+/// The salt is random per segment and seeds every batch header's checksum.
+pub const HEADER_LEN: usize = 32;
+/// Length of a version 1 header.
+pub const V1_HEADER_LEN: usize = 24;
+
+/// What a segment's header says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentHeader {
+    /// [`FORMAT_VERSION`] or [`FORMAT_V1`].
+    pub version: u32,
+    /// Seeds the batch header checksums (0 in version 1).
+    pub salt: u64,
+    /// Bytes of the header; the records start here.
+    pub len: usize,
+}
+
+/// A fresh salt: random enough that no key or value can predict it.
+pub fn new_salt() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.finish()
+}
 
 /// Path of segment `number` in `dir`.
 pub fn path(dir: &Path, number: u64) -> PathBuf {
@@ -45,18 +77,31 @@ pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, Error> {
     Ok(found)
 }
 
-fn header(number: u64) -> [u8; HEADER_LEN] {
+fn header(number: u64, salt: u64) -> [u8; HEADER_LEN] {
     let mut out = [0; HEADER_LEN];
     out[..8].copy_from_slice(&MAGIC);
     out[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out[12..20].copy_from_slice(&number.to_le_bytes());
+    out[20..28].copy_from_slice(&salt.to_le_bytes());
+    let crc = crc32c::crc32c(&out[..28]);
+    out[28..].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// A version 1 header, as older programs wrote it (tests of the upgrade path).
+#[cfg(test)]
+pub(crate) fn v1_header(number: u64) -> [u8; V1_HEADER_LEN] {
+    let mut out = [0; V1_HEADER_LEN];
+    out[..8].copy_from_slice(&MAGIC);
+    out[8..12].copy_from_slice(&FORMAT_V1.to_le_bytes());
     out[12..20].copy_from_slice(&number.to_le_bytes());
     let crc = crc32c::crc32c(&out[..20]);
     out[20..].copy_from_slice(&crc.to_le_bytes());
     out
 }
 
-/// Checks that `buf` starts with a valid header for segment `number`.
-pub fn check_header(file: &Path, buf: &[u8], number: u64) -> Result<(), Error> {
+/// Checks that `buf` starts with a valid header (version 1 or 2) for segment `number`.
+pub fn check_header(file: &Path, buf: &[u8], number: u64) -> Result<SegmentHeader, Error> {
     let bad_format = |reason: String| Error::BadFormat {
         path: file.to_owned(),
         reason,
@@ -66,50 +111,69 @@ pub fn check_header(file: &Path, buf: &[u8], number: u64) -> Result<(), Error> {
         offset: 0,
         reason,
     };
-    let Some(head) = buf.first_chunk::<HEADER_LEN>() else {
-        return Err(corrupt(format!(
+    let short = || {
+        corrupt(format!(
             "{} bytes is shorter than the segment header",
             buf.len()
-        )));
+        ))
+    };
+    let Some(head) = buf.first_chunk::<12>() else {
+        return Err(short());
     };
     if head[..8] != MAGIC {
         return Err(bad_format(
             "wrong magic number: not a kv WAL segment".into(),
         ));
     }
-    let mut word = [0; 4];
-    word.copy_from_slice(&head[8..12]);
-    let version = u32::from_le_bytes(word);
-    if version != FORMAT_VERSION {
-        return Err(bad_format(format!(
-            "WAL format version {version}, this program reads {FORMAT_VERSION}"
-        )));
-    }
-    word.copy_from_slice(&head[20..]);
-    if crc32c::crc32c(&head[..20]) != u32::from_le_bytes(word) {
+    let version = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
+    let len = match version {
+        FORMAT_VERSION => HEADER_LEN,
+        FORMAT_V1 => V1_HEADER_LEN,
+        _ => {
+            return Err(bad_format(format!(
+                "WAL format version {version}, this program reads {FORMAT_V1} and {FORMAT_VERSION}"
+            )))
+        }
+    };
+    let Some(head) = buf.get(..len) else {
+        return Err(short());
+    };
+    let word = |at: usize| {
+        let mut w = [0; 8];
+        w.copy_from_slice(&head[at..at + 8]);
+        u64::from_le_bytes(w)
+    };
+    let mut crc = [0; 4];
+    crc.copy_from_slice(&head[len - 4..]);
+    if crc32c::crc32c(&head[..len - 4]) != u32::from_le_bytes(crc) {
         return Err(corrupt("segment header checksum mismatch".into()));
     }
-    let mut long = [0; 8];
-    long.copy_from_slice(&head[12..20]);
-    let stored = u64::from_le_bytes(long);
+    let stored = word(12);
     if stored != number {
         return Err(corrupt(format!(
             "header says segment {stored}, the file name says {number}"
         )));
     }
-    Ok(())
+    let salt = if version == FORMAT_VERSION {
+        word(20)
+    } else {
+        0
+    };
+    Ok(SegmentHeader { version, salt, len })
 }
 
 /// Creates segment `number` with its header, durable (file and folder fsynced), ready to append.
-pub fn create(dir: &Path, number: u64) -> Result<File, Error> {
+/// Returns the file and the segment's salt.
+pub fn create(dir: &Path, number: u64) -> Result<(File, u64), Error> {
     let file_path = path(dir, number);
+    let salt = new_salt();
     let mut file = crate::files::private_options()
         .create_new(true)
         .append(true)
         .open(&file_path)
         .map_err(Error::io("create", &file_path))?;
     let written = file
-        .write_all(&header(number))
+        .write_all(&header(number, salt))
         .and_then(|()| file.sync_all())
         .map_err(Error::io("write header of", &file_path))
         .and_then(|()| sync_dir(dir));
@@ -118,7 +182,7 @@ pub fn create(dir: &Path, number: u64) -> Result<File, Error> {
         let _ = fs::remove_file(&file_path);
         return Err(e);
     }
-    Ok(file)
+    Ok((file, salt))
 }
 
 /// Removes every segment numbered below `number`; returns how many bytes they held.
@@ -181,7 +245,8 @@ mod tests {
             .collect();
         assert_eq!(listed, vec![1, 2, 3]);
         let bytes = fs::read(path(dir.path(), 2)).unwrap();
-        check_header(&path(dir.path(), 2), &bytes, 2).unwrap();
+        let head = check_header(&path(dir.path(), 2), &bytes, 2).unwrap();
+        assert_eq!((head.version, head.len), (FORMAT_VERSION, HEADER_LEN));
         assert!(matches!(
             check_header(Path::new("x"), &bytes, 3),
             Err(Error::Corrupt { .. })
@@ -192,13 +257,13 @@ mod tests {
 
     #[test]
     fn bad_magic_and_version_are_bad_format() {
-        let mut bytes = header(1).to_vec();
+        let mut bytes = header(1, 7).to_vec();
         bytes[0] = b'X';
         assert!(matches!(
             check_header(Path::new("x"), &bytes, 1),
             Err(Error::BadFormat { .. })
         ));
-        let mut bytes = header(1).to_vec();
+        let mut bytes = header(1, 7).to_vec();
         bytes[8] = 9;
         assert!(matches!(
             check_header(Path::new("x"), &bytes, 1),
@@ -208,5 +273,31 @@ mod tests {
             check_header(Path::new("x"), &bytes[..5], 1),
             Err(Error::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn version_1_headers_are_still_read_and_the_salt_is_checked() {
+        let v1 = v1_header(5);
+        assert_eq!(
+            check_header(Path::new("x"), &v1, 5).unwrap(),
+            SegmentHeader {
+                version: FORMAT_V1,
+                salt: 0,
+                len: V1_HEADER_LEN
+            }
+        );
+        let v2 = header(5, 0xfeed);
+        assert_eq!(check_header(Path::new("x"), &v2, 5).unwrap().salt, 0xfeed);
+        let mut bad = v2;
+        bad[22] ^= 1;
+        assert!(matches!(
+            check_header(Path::new("x"), &bad, 5),
+            Err(Error::Corrupt { .. })
+        ));
+        assert!(matches!(
+            check_header(Path::new("x"), &v2[..30], 5),
+            Err(Error::Corrupt { .. })
+        ));
+        assert_ne!(new_salt(), new_salt());
     }
 }

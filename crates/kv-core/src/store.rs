@@ -143,7 +143,7 @@ impl Store {
             segments = recovered.synced_segments,
             "replayed WAL segments fsynced"
         );
-        let file = segment::create(&dir, recovered.next_segment)?;
+        let (file, salt) = segment::create(&dir, recovered.next_segment)?;
         let wal = Arc::new(WalState::default());
         // A node started on a full disk is read-only from its first request.
         wal.space.probe(&dir, config.min_free_bytes);
@@ -170,7 +170,9 @@ impl Store {
             wal_max_bytes: config.wal_max_bytes,
             segment: recovered.next_segment,
             file,
+            salt,
             len: segment::HEADER_LEN as u64,
+            durable: segment::HEADER_LEN as u64,
             min_free_bytes: config.min_free_bytes,
             since_probe: 0,
             map: Arc::clone(&map),

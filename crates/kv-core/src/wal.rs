@@ -17,7 +17,7 @@ use tracing::{debug, error};
 
 use crate::checkpoint::CheckpointSignal;
 use crate::map::ShardedMap;
-use crate::{frame, record, segment, Error, Record, SyncMode};
+use crate::{batch, frame, record, segment, Error, Record, SyncMode};
 
 /// Commands queued to the writer; the queue is bounded (see [`WAL_QUEUE_CAPACITY`]).
 pub(crate) enum WalCommand {
@@ -103,8 +103,12 @@ pub(crate) struct WalWriter {
     pub wal_max_bytes: u64,
     pub segment: u64,
     pub file: File,
+    /// The current segment's salt (seeds its batch header checksums).
+    pub salt: u64,
     /// Length of the current segment up to the end of its last whole batch.
     pub len: u64,
+    /// Length of the current segment known durable (fsynced); each batch header carries it.
+    pub durable: u64,
     /// The `MIN_FREE_BYTES` reserve.
     pub min_free_bytes: u64,
     /// Bytes written since free space was last checked.
@@ -193,11 +197,13 @@ impl WalWriter {
         self.clock.reserve_ahead();
     }
 
-    /// Frames every record that is newer than the map's into the write buffer. Older ones are
-    /// left out: they would change nothing, and leaving them out keeps replay equal to the live
-    /// map even after a checkpoint dropped the tombstone that made them stale.
+    /// Frames every record that is newer than the map's into the write buffer, in batches (one
+    /// per [`batch::BATCH_SPLIT_BYTES`], usually one per group commit). Older records are left
+    /// out: they would change nothing, and leaving them out keeps replay equal to the live map
+    /// even after a checkpoint dropped the tombstone that made them stale.
     fn encode_batch(&mut self, batch: &mut [Pending]) -> Result<u64, Error> {
         self.buf.clear();
+        let mut start = batch::begin(&mut self.buf);
         let mut count = 0;
         for pending in batch {
             pending.newer = pending
@@ -216,8 +222,13 @@ impl WalWriter {
                     return Err(self.fail(format!("encoding a record: {e}")));
                 }
                 count += 1;
+                if self.buf.len() - start - batch::BATCH_HEADER_LEN >= batch::BATCH_SPLIT_BYTES {
+                    batch::seal(&mut self.buf, start, self.salt, self.durable);
+                    start = batch::begin(&mut self.buf);
+                }
             }
         }
+        batch::seal(&mut self.buf, start, self.salt, self.durable);
         Ok(count)
     }
 
@@ -274,6 +285,7 @@ impl WalWriter {
         }
         // Anything written before this batch is durable now too.
         self.unsynced = false;
+        self.durable = self.len;
         let free = self.state.space.free_bytes(&self.dir).unwrap_or(0);
         let cause = format!("write {}: {cause}", path.display());
         self.state
@@ -332,6 +344,7 @@ impl WalWriter {
             return Err(self.fail(format!("fsync {}: {e}", self.path().display())));
         }
         self.unsynced = false;
+        self.durable = self.len;
         self.last_sync = Instant::now();
         self.state.fsyncs.fetch_add(1, Ordering::Relaxed);
         let elapsed = started.elapsed();
@@ -352,9 +365,10 @@ impl WalWriter {
         self.sync()?;
         let next = self.segment + 1;
         // A failed creation leaves no file behind, so appending to the old segment stays safe.
-        self.file = segment::create(&self.dir, next)?;
+        (self.file, self.salt) = segment::create(&self.dir, next)?;
         self.segment = next;
         self.len = segment::HEADER_LEN as u64;
+        self.durable = self.len;
         self.state
             .wal_bytes
             .fetch_add(segment::HEADER_LEN as u64, Ordering::Relaxed);
