@@ -11,6 +11,7 @@ use tracing::info;
 
 use crate::lock::{self, DirLock};
 use crate::map::ShardedMap;
+use crate::vfs::{OsFs, Vfs};
 use crate::{segment, snapshot, Clock, Error};
 
 /// Temporary backup files in the data folder are named `backup-<unix ms>-<n>.tmp`; recovery
@@ -51,15 +52,13 @@ pub(crate) fn temp_path(dir: &Path) -> PathBuf {
 }
 
 /// Removes the temporary backup files a crash left in `dir`.
-pub(crate) fn remove_stale(dir: &Path) -> Result<(), Error> {
-    let entries = fs::read_dir(dir).map_err(Error::io("list", dir))?;
-    for entry in entries {
-        let entry = entry.map_err(Error::io("list", dir))?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
+pub(crate) fn remove_stale(vfs: &impl Vfs, dir: &Path) -> Result<(), Error> {
+    for path in vfs.list(dir).map_err(Error::io("list", dir))? {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        let name = name.unwrap_or_default();
         if name.starts_with(TMP_PREFIX) && name.ends_with(TMP_SUFFIX) {
-            info!(path = %entry.path().display(), "removing a backup file left by a crash");
-            fs::remove_file(entry.path()).map_err(Error::io("remove", entry.path()))?;
+            info!(path = %path.display(), "removing a backup file left by a crash");
+            vfs.remove(&path).map_err(Error::io("remove", &path))?;
         }
     }
     Ok(())
@@ -70,7 +69,7 @@ pub(crate) fn remove_stale(dir: &Path) -> Result<(), Error> {
 pub(crate) fn write(path: &Path, map: &ShardedMap, clock: &Clock) -> Result<BackupInfo, Error> {
     let started = Instant::now();
     // WAL replay after a restored backup starts at segment 1 unless restore says otherwise.
-    match snapshot::write_file(path, map, clock, 1, 0) {
+    match snapshot::write_file(&OsFs, path, map, clock, 1, 0) {
         Ok(written) => Ok(BackupInfo {
             entries: written.records,
             bytes: written.bytes,
@@ -93,7 +92,7 @@ pub fn verify_backup(path: &Path) -> Result<BackupInfo, Error> {
         path: path.to_owned(),
         reason,
     };
-    let meta = snapshot::load(path, |_| {}).map_err(|e| match e {
+    let meta = snapshot::load(&OsFs, path, |_| {}).map_err(|e| match e {
         Error::Corrupt { offset, reason, .. } => bad(format!("{reason} (byte offset {offset})")),
         Error::BadFormat { reason, .. } => bad(reason),
         Error::Io { op, source, .. } => bad(format!("cannot {op} it: {source}")),
@@ -129,20 +128,22 @@ pub fn restore_backup(file: &Path, data_dir: &Path, force: bool) -> Result<Backu
             found: found.join(", "),
         });
     }
-    let start = segment::list(data_dir)?.last().map_or(1, |(n, _)| n + 1);
+    let start = segment::list(&OsFs, data_dir)?
+        .last()
+        .map_or(1, |(n, _)| n + 1);
     let tmp = data_dir.join(snapshot::TMP_FILE_NAME);
     let installed = copy_with_start(file, &tmp, start, info.created_ms).and_then(|()| {
         // Check the bytes actually installed, not only the source read a moment ago.
-        snapshot::load(&tmp, |_| {})?;
+        snapshot::load(&OsFs, &tmp, |_| {})?;
         let target = data_dir.join(snapshot::FILE_NAME);
         fs::rename(&tmp, &target).map_err(Error::io("rename into place", &target))?;
-        segment::sync_dir(data_dir)
+        segment::sync_dir(&OsFs, data_dir)
     });
     if let Err(e) = installed {
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }
-    segment::remove_before(data_dir, start)?;
+    segment::remove_before(&OsFs, data_dir, start)?;
     info!(
         file = %file.display(),
         dir = %data_dir.display(),

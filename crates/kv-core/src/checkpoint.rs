@@ -13,6 +13,7 @@ use tracing::{error, info};
 
 use crate::map::ShardedMap;
 use crate::version::now_ms;
+use crate::vfs::Vfs;
 use crate::wal::{WalCommand, WalState};
 use crate::{segment, snapshot, Clock, Error};
 
@@ -140,7 +141,8 @@ impl CheckpointSignal {
 }
 
 /// The checkpoint thread's state.
-pub(crate) struct Checkpointer {
+pub(crate) struct Checkpointer<V: Vfs> {
+    pub vfs: V,
     pub dir: PathBuf,
     pub map: Arc<ShardedMap>,
     pub clock: Arc<Clock>,
@@ -164,7 +166,7 @@ fn deadline_after(d: Duration) -> Instant {
         .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
 }
 
-impl Checkpointer {
+impl<V: Vfs> Checkpointer<V> {
     fn next_due(&self) -> Instant {
         deadline_after(if self.interval.is_zero() {
             Duration::MAX
@@ -237,9 +239,15 @@ impl Checkpointer {
         let grace_ms = u64::try_from(self.tombstone_grace.as_millis()).unwrap_or(u64::MAX);
         let horizon_ms = self.tombstone_horizon.load(Ordering::Acquire);
         let cutoff_ms = now_ms().saturating_sub(grace_ms).min(horizon_ms);
-        let written =
-            snapshot::write_atomic(&self.dir, &self.map, &self.clock, start_segment, cutoff_ms)?;
-        let freed = segment::remove_before(&self.dir, start_segment)?;
+        let written = snapshot::write_atomic(
+            &self.vfs,
+            &self.dir,
+            &self.map,
+            &self.clock,
+            start_segment,
+            cutoff_ms,
+        )?;
+        let freed = segment::remove_before(&self.vfs, &self.dir, start_segment)?;
         let _ = self
             .wal
             .wal_bytes

@@ -15,6 +15,8 @@
 //! - `space`: free disk space, the `MIN_FREE_BYTES` reserve and the read-only (disk full) state.
 //! - `lock`: the data folder's lock file; [`files`]: owner-only (`0700`/`0600`) folders and files.
 //! - `store`: the `Store` facade; `config`: `StoreConfig`, `SyncMode`; `error`: `Error`.
+//! - [`vfs`]: the file operations the engine uses (`Vfs`, the real `OsFs`); `sim` (tests
+//!   only): a simulated disk whose page cache a power cut tears, and the crash property test.
 //!
 //! # Files in the data folder
 //!
@@ -46,10 +48,13 @@ mod record;
 mod recovery;
 mod reservation;
 mod segment;
+#[cfg(test)]
+mod sim;
 mod snapshot;
 mod space;
 mod store;
 pub mod version;
+pub mod vfs;
 mod wal;
 
 pub use backup::{restore_backup, verify_backup, BackupInfo};

@@ -4,7 +4,6 @@
 //! writes: records written but never fsynced before a crash must not become the base that later,
 //! acknowledged writes count on, only to vanish at the next power cut.
 
-use std::fs::{self, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
@@ -13,6 +12,7 @@ use tracing::{info, warn};
 use crate::batch::{self, BatchRead};
 use crate::frame::{self, FrameRead};
 use crate::map::ShardedMap;
+use crate::vfs::{Vfs, VfsFile};
 use crate::{backup, segment, snapshot, Clock, Error, Record, Version};
 
 /// What recovery found.
@@ -29,16 +29,21 @@ pub(crate) struct Recovered {
 }
 
 /// Rebuilds `map` and `clock` from the files in `dir`.
-pub(crate) fn recover(dir: &Path, map: &ShardedMap, clock: &Clock) -> Result<Recovered, Error> {
+pub(crate) fn recover(
+    vfs: &impl Vfs,
+    dir: &Path,
+    map: &ShardedMap,
+    clock: &Clock,
+) -> Result<Recovered, Error> {
     let started = Instant::now();
     let apply = |r: Record| {
         clock.observe(r.version);
         map.apply(&r);
     };
-    remove_stale_tmp(dir)?;
+    remove_stale_tmp(vfs, dir)?;
     let snapshot_path = dir.join(snapshot::FILE_NAME);
-    let meta = if snapshot_path.exists() {
-        Some(snapshot::load(&snapshot_path, apply)?)
+    let meta = if vfs.exists(&snapshot_path) {
+        Some(snapshot::load(vfs, &snapshot_path, apply)?)
     } else {
         None
     };
@@ -49,20 +54,20 @@ pub(crate) fn recover(dir: &Path, map: &ShardedMap, clock: &Clock) -> Result<Rec
         });
     }
     let start = meta.as_ref().map_or(1, |m| m.start_segment);
-    let segments = live_segments(dir, start)?;
+    let segments = live_segments(vfs, dir, start)?;
     let mut wal_bytes = 0;
     let mut replayed = 0;
     let mut last_kept = None;
     for (i, (number, path)) in segments.iter().enumerate() {
         let is_last = i + 1 == segments.len();
-        if let Some(kept) = replay_segment(path, *number, is_last, apply)? {
+        if let Some(kept) = replay_segment(vfs, path, *number, is_last, apply)? {
             wal_bytes += kept.bytes;
             replayed += kept.records;
             last_kept = Some(*number);
         }
     }
     let next_segment = last_kept.map_or(start, |n| n + 1).max(start);
-    let synced_segments = sync_replayed(dir, &segments)?;
+    let synced_segments = sync_replayed(vfs, dir, &segments)?;
     info!(
         dir = %dir.display(),
         snapshot_entries = meta.as_ref().map_or(0, |m| m.records),
@@ -82,42 +87,42 @@ pub(crate) fn recover(dir: &Path, map: &ShardedMap, clock: &Clock) -> Result<Rec
 
 /// Fsyncs every segment still present after replay, then the folder (removals and cuts made by
 /// recovery included). Returns how many segments were synced.
-fn sync_replayed(dir: &Path, segments: &[(u64, PathBuf)]) -> Result<u64, Error> {
+fn sync_replayed(vfs: &impl Vfs, dir: &Path, segments: &[(u64, PathBuf)]) -> Result<u64, Error> {
     let mut synced = 0;
     for (_, path) in segments {
         // The newest segment may have been removed (its creation was interrupted).
-        if !path.exists() {
+        if !vfs.exists(path) {
             continue;
         }
-        fs::File::open(path)
+        vfs.open_read(path)
             .and_then(|f| f.sync_all())
             .map_err(Error::io("fsync replayed segment", path))?;
         synced += 1;
     }
-    segment::sync_dir(dir)?;
+    segment::sync_dir(vfs, dir)?;
     Ok(synced)
 }
 
-fn remove_stale_tmp(dir: &Path) -> Result<(), Error> {
-    backup::remove_stale(dir)?;
+fn remove_stale_tmp(vfs: &impl Vfs, dir: &Path) -> Result<(), Error> {
+    backup::remove_stale(vfs, dir)?;
     let tmp = dir.join(snapshot::TMP_FILE_NAME);
-    if tmp.exists() {
+    if vfs.exists(&tmp) {
         info!(path = %tmp.display(), "removing a snapshot left unfinished by a crash");
-        fs::remove_file(&tmp).map_err(Error::io("remove", &tmp))?;
+        vfs.remove(&tmp).map_err(Error::io("remove", &tmp))?;
     }
     Ok(())
 }
 
 /// The segments replay must read, in order. Segments before `start` are covered by the
 /// snapshot (a crash stopped the checkpoint before it removed them) and are removed now.
-fn live_segments(dir: &Path, start: u64) -> Result<Vec<(u64, PathBuf)>, Error> {
-    let all = segment::list(dir)?;
+fn live_segments(vfs: &impl Vfs, dir: &Path, start: u64) -> Result<Vec<(u64, PathBuf)>, Error> {
+    let all = segment::list(vfs, dir)?;
     if all.iter().any(|(n, _)| *n < start) {
         info!(
             before = start,
             "removing WAL segments already covered by the snapshot"
         );
-        segment::remove_before(dir, start)?;
+        segment::remove_before(vfs, dir, start)?;
     }
     let live: Vec<_> = all.into_iter().filter(|(n, _)| *n >= start).collect();
     for (expected, (number, path)) in (start..).zip(&live) {
@@ -144,18 +149,19 @@ struct Kept {
 /// Replays one segment into `apply`. Returns `None` if it was the newest segment and held not
 /// even a whole header (a crash while creating it), in which case it was removed.
 fn replay_segment(
+    vfs: &impl Vfs,
     path: &Path,
     number: u64,
     is_last: bool,
     mut apply: impl FnMut(Record),
 ) -> Result<Option<Kept>, Error> {
-    let buf = fs::read(path).map_err(Error::io("read", path))?;
+    let buf = vfs.read(path).map_err(Error::io("read", path))?;
     if is_last
         && buf.len() <= segment::HEADER_LEN
         && segment::check_header(path, &buf, number).is_err()
     {
         warn!(path = %path.display(), bytes = buf.len(), "removing a WAL segment whose creation was interrupted");
-        fs::remove_file(path).map_err(Error::io("remove", path))?;
+        vfs.remove(path).map_err(Error::io("remove", path))?;
         return Ok(None);
     }
     let head = segment::check_header(path, &buf, number)?;
@@ -181,7 +187,7 @@ fn replay_segment(
             bytes: buf.len() as u64,
         })),
         Err(Tail::Torn { offset }) if is_last => {
-            cut_torn_tail(path, offset, buf.len())?;
+            cut_torn_tail(vfs, path, offset, buf.len())?;
             Ok(Some(Kept {
                 records,
                 bytes: offset as u64,
@@ -247,17 +253,14 @@ fn replay_batches(
 }
 
 /// Truncates a segment at the start of its torn tail, durably.
-fn cut_torn_tail(path: &Path, offset: usize, len: usize) -> Result<(), Error> {
+fn cut_torn_tail(vfs: &impl Vfs, path: &Path, offset: usize, len: usize) -> Result<(), Error> {
     warn!(
         path = %path.display(),
         offset,
         bytes_cut = len - offset,
         "cutting torn WAL tail (a crash interrupted an append that was never acknowledged)"
     );
-    let file = OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(Error::io("open", path))?;
+    let file = vfs.open_write(path).map_err(Error::io("open", path))?;
     file.set_len(offset as u64)
         .map_err(Error::io("truncate", path))?;
     file.sync_all().map_err(Error::io("fsync", path))
@@ -266,11 +269,13 @@ fn cut_torn_tail(path: &Path, offset: usize, len: usize) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vfs::OsFs;
     use bytes::Bytes;
+    use std::fs::{self, OpenOptions};
 
     /// A segment in the current format, one batch per record, as `SYNC=always` writes them.
     fn segment_with(dir: &Path, number: u64, records: &[Record]) -> PathBuf {
-        let (_, salt) = segment::create(dir, number).unwrap();
+        let (_, salt) = segment::create(&OsFs, dir, number).unwrap();
         let path = segment::path(dir, number);
         let mut bytes = fs::read(&path).unwrap();
         for r in records {
@@ -307,7 +312,7 @@ mod tests {
             .set_len(len - 2)
             .unwrap();
         let map = ShardedMap::default();
-        let got = recover(dir.path(), &map, &Clock::new(1)).unwrap();
+        let got = recover(&OsFs, dir.path(), &map, &Clock::new(1)).unwrap();
         assert_eq!(got.next_segment, 3);
         assert_eq!(map.get("a").unwrap().version.hlc, 12);
         assert!(map.get("b").is_some());
@@ -324,7 +329,7 @@ mod tests {
         let second = segment::HEADER_LEN + (bytes.len() - segment::HEADER_LEN) / 3;
         bytes[second + 30] ^= 0x20;
         fs::write(&path, &bytes).unwrap();
-        match recover(dir.path(), &ShardedMap::default(), &Clock::new(1)) {
+        match recover(&OsFs, dir.path(), &ShardedMap::default(), &Clock::new(1)) {
             Err(Error::Corrupt {
                 path: p,
                 offset,
@@ -348,7 +353,7 @@ mod tests {
     #[test]
     fn empty_folder_starts_at_segment_one() {
         let dir = tempfile::tempdir().unwrap();
-        let got = recover(dir.path(), &ShardedMap::default(), &Clock::new(1)).unwrap();
+        let got = recover(&OsFs, dir.path(), &ShardedMap::default(), &Clock::new(1)).unwrap();
         assert_eq!(
             (got.next_segment, got.wal_bytes, got.last_snapshot),
             (1, 0, None)
@@ -361,7 +366,7 @@ mod tests {
         segment_with(dir.path(), 1, &[rec("a", 10), rec("b", 11)]);
         segment_with(dir.path(), 2, &[rec("a", 12)]);
         let (map, clock) = (ShardedMap::default(), Clock::new(1));
-        let got = recover(dir.path(), &map, &clock).unwrap();
+        let got = recover(&OsFs, dir.path(), &map, &clock).unwrap();
         assert_eq!(got.next_segment, 3);
         assert_eq!(got.synced_segments, 2, "both replayed segments are fsynced");
         assert_eq!(map.get("a").unwrap().version.hlc, 12);
@@ -376,7 +381,7 @@ mod tests {
         // The newest segment's creation was interrupted: a partial header only.
         fs::write(segment::path(dir.path(), 2), b"KVWAL").unwrap();
         let map = ShardedMap::default();
-        let got = recover(dir.path(), &map, &Clock::new(1)).unwrap();
+        let got = recover(&OsFs, dir.path(), &map, &Clock::new(1)).unwrap();
         assert_eq!(got.next_segment, 2);
         assert_eq!(
             got.synced_segments, 1,
@@ -399,7 +404,7 @@ mod tests {
             .unwrap()
             .set_len(len - 3)
             .unwrap();
-        let err = recover(dir.path(), &ShardedMap::default(), &Clock::new(1)).unwrap_err();
+        let err = recover(&OsFs, dir.path(), &ShardedMap::default(), &Clock::new(1)).unwrap_err();
         assert!(matches!(err, Error::Corrupt { path, .. } if path == first));
     }
 }

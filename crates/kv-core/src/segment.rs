@@ -1,10 +1,10 @@
 //! WAL segment files `wal-00000001.log`: names, the file header, listing, creation and removal.
 //! A segment holds frames of records after its header; only the newest segment is appended to.
 
-use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use crate::vfs::{Vfs, VfsFile};
 use crate::Error;
 
 /// First bytes of every WAL segment.
@@ -65,12 +65,15 @@ fn parse_name(name: &str) -> Option<u64> {
 }
 
 /// All segments in `dir`, oldest first.
-pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, Error> {
+pub fn list(vfs: &impl Vfs, dir: &Path) -> Result<Vec<(u64, PathBuf)>, Error> {
     let mut found = Vec::new();
-    for item in fs::read_dir(dir).map_err(Error::io("list", dir))? {
-        let item = item.map_err(Error::io("list", dir))?;
-        if let Some(number) = item.file_name().to_str().and_then(parse_name) {
-            found.push((number, item.path()));
+    for item in vfs.list(dir).map_err(Error::io("list", dir))? {
+        let number = item
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(parse_name);
+        if let Some(number) = number {
+            found.push((number, item));
         }
     }
     found.sort();
@@ -164,51 +167,49 @@ pub fn check_header(file: &Path, buf: &[u8], number: u64) -> Result<SegmentHeade
 
 /// Creates segment `number` with its header, durable (file and folder fsynced), ready to append.
 /// Returns the file and the segment's salt.
-pub fn create(dir: &Path, number: u64) -> Result<(File, u64), Error> {
+pub fn create<V: Vfs>(vfs: &V, dir: &Path, number: u64) -> Result<(V::File, u64), Error> {
     let file_path = path(dir, number);
     let salt = new_salt();
-    let mut file = crate::files::private_options()
-        .create_new(true)
-        .append(true)
-        .open(&file_path)
+    let mut file = vfs
+        .create_new(&file_path)
         .map_err(Error::io("create", &file_path))?;
     let written = file
         .write_all(&header(number, salt))
         .and_then(|()| file.sync_all())
         .map_err(Error::io("write header of", &file_path))
-        .and_then(|()| sync_dir(dir));
+        .and_then(|()| sync_dir(vfs, dir));
     if let Err(e) = written {
         // Leave no half-made segment behind: it would become "the last segment" at recovery.
-        let _ = fs::remove_file(&file_path);
+        let _ = vfs.remove(&file_path);
         return Err(e);
     }
     Ok((file, salt))
 }
 
 /// Removes every segment numbered below `number`; returns how many bytes they held.
-pub fn remove_before(dir: &Path, number: u64) -> Result<u64, Error> {
+pub fn remove_before(vfs: &impl Vfs, dir: &Path, number: u64) -> Result<u64, Error> {
     let mut freed = 0;
-    for (n, file) in list(dir)? {
+    for (n, file) in list(vfs, dir)? {
         if n >= number {
             break;
         }
-        freed += fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
-        fs::remove_file(&file).map_err(Error::io("remove", &file))?;
+        freed += vfs.len(&file).unwrap_or(0);
+        vfs.remove(&file).map_err(Error::io("remove", &file))?;
     }
-    sync_dir(dir)?;
+    sync_dir(vfs, dir)?;
     Ok(freed)
 }
 
 /// Fsyncs a folder, making file creations, renames and removals in it durable.
-pub fn sync_dir(dir: &Path) -> Result<(), Error> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(Error::io("fsync folder", dir))
+pub fn sync_dir(vfs: &impl Vfs, dir: &Path) -> Result<(), Error> {
+    vfs.sync_dir(dir).map_err(Error::io("fsync folder", dir))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vfs::OsFs;
+    use std::fs;
 
     #[test]
     fn names_round_trip_and_reject_strangers() {
@@ -232,13 +233,13 @@ mod tests {
     fn create_list_check_and_remove() {
         let dir = tempfile::tempdir().unwrap();
         for n in [3, 1, 2] {
-            drop(create(dir.path(), n).unwrap());
+            drop(create(&OsFs, dir.path(), n).unwrap());
         }
         assert!(
-            create(dir.path(), 2).is_err(),
+            create(&OsFs, dir.path(), 2).is_err(),
             "segments are never overwritten"
         );
-        let listed: Vec<u64> = list(dir.path())
+        let listed: Vec<u64> = list(&OsFs, dir.path())
             .unwrap()
             .into_iter()
             .map(|(n, _)| n)
@@ -251,8 +252,11 @@ mod tests {
             check_header(Path::new("x"), &bytes, 3),
             Err(Error::Corrupt { .. })
         ));
-        assert_eq!(remove_before(dir.path(), 3).unwrap(), 2 * HEADER_LEN as u64);
-        assert_eq!(list(dir.path()).unwrap().len(), 1);
+        assert_eq!(
+            remove_before(&OsFs, dir.path(), 3).unwrap(),
+            2 * HEADER_LEN as u64
+        );
+        assert_eq!(list(&OsFs, dir.path()).unwrap().len(), 1);
     }
 
     #[test]

@@ -1,7 +1,6 @@
 //! `snapshot.db`: the whole map at a checkpoint. Written atomically (temp file, fsync, rename,
 //! fsync of the folder) and loaded at start-up, where any defect stops start-up.
 
-use std::fs::{self, File};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -9,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::frame::{self, FRAME_HEADER_LEN, MAX_FRAME_LEN};
 use crate::map::ShardedMap;
 use crate::record::encode_parts;
+use crate::vfs::{Vfs, VfsFile};
 use crate::{segment, Clock, Error, Record};
 
 /// File name of the snapshot in the data folder.
@@ -89,6 +89,7 @@ fn footer_bytes(records: u64, clock_hlc: u64) -> Vec<u8> {
 
 /// Writes the map to `snapshot.db` atomically, dropping tombstones older than `cutoff_ms`.
 pub fn write_atomic(
+    vfs: &impl Vfs,
     dir: &Path,
     map: &ShardedMap,
     clock: &Clock,
@@ -96,14 +97,15 @@ pub fn write_atomic(
     cutoff_ms: u64,
 ) -> Result<Written, Error> {
     let tmp = dir.join(TMP_FILE_NAME);
-    let result = write_file(&tmp, map, clock, start_segment, cutoff_ms).and_then(|written| {
+    let result = write_file(vfs, &tmp, map, clock, start_segment, cutoff_ms).and_then(|written| {
         let target = dir.join(FILE_NAME);
-        fs::rename(&tmp, &target).map_err(Error::io("rename into place", &target))?;
-        segment::sync_dir(dir)?;
+        vfs.rename(&tmp, &target)
+            .map_err(Error::io("rename into place", &target))?;
+        segment::sync_dir(vfs, dir)?;
         Ok(written)
     });
     if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+        let _ = vfs.remove(&tmp);
     }
     result
 }
@@ -112,6 +114,7 @@ pub fn write_atomic(
 /// [`write_atomic`], and of backups. Shards are exported one after the other, each under its own
 /// lock, so writes go on meanwhile and the file is not one point in time across shards.
 pub(crate) fn write_file(
+    vfs: &impl Vfs,
     tmp: &Path,
     map: &ShardedMap,
     clock: &Clock,
@@ -119,7 +122,7 @@ pub(crate) fn write_file(
     cutoff_ms: u64,
 ) -> Result<Written, Error> {
     let write_err = Error::io("write", tmp);
-    let file = crate::files::create_private(tmp).map_err(Error::io("create", tmp))?;
+    let file = vfs.create(tmp).map_err(Error::io("create", tmp))?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
     let created_ms = crate::version::now_ms();
     let mut written = Written {
@@ -148,15 +151,19 @@ pub(crate) fn write_file(
         .and_then(|()| out.into_inner().map_err(|e| e.into_error()))
         .map_err(write_err)?;
     file.sync_all().map_err(Error::io("fsync", tmp))?;
-    written.bytes = file.metadata().map_err(Error::io("stat", tmp))?.len();
+    written.bytes = file.size().map_err(Error::io("stat", tmp))?;
     Ok(written)
 }
 
 /// Streams `snapshot.db`, calling `apply` for each entry. Any defect is [`Error::Corrupt`] (or
 /// [`Error::BadFormat`] for a foreign or newer file), with the file and the byte offset.
-pub fn load(path: &Path, mut apply: impl FnMut(Record)) -> Result<SnapshotMeta, Error> {
-    let file = File::open(path).map_err(Error::io("open", path))?;
-    let len = file.metadata().map_err(Error::io("stat", path))?.len();
+pub fn load(
+    vfs: &impl Vfs,
+    path: &Path,
+    mut apply: impl FnMut(Record),
+) -> Result<SnapshotMeta, Error> {
+    let file = vfs.open_read(path).map_err(Error::io("open", path))?;
+    let len = file.size().map_err(Error::io("stat", path))?;
     let mut reader = SnapshotReader {
         path: path.to_owned(),
         input: BufReader::with_capacity(1 << 20, file),
@@ -188,13 +195,13 @@ pub fn created_at(meta: &SnapshotMeta) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(meta.created_ms)
 }
 
-struct SnapshotReader {
+struct SnapshotReader<R> {
     path: PathBuf,
-    input: BufReader<File>,
+    input: BufReader<R>,
     offset: u64,
 }
 
-impl SnapshotReader {
+impl<R: Read> SnapshotReader<R> {
     fn corrupt(&self, reason: String) -> Error {
         Error::Corrupt {
             path: self.path.clone(),
@@ -293,8 +300,10 @@ fn le_u64(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vfs::OsFs;
     use crate::Version;
     use bytes::Bytes;
+    use std::fs;
 
     fn sample_map() -> ShardedMap {
         let map = ShardedMap::default();
@@ -315,7 +324,7 @@ mod tests {
 
     fn load_all(path: &Path) -> Result<(SnapshotMeta, Vec<Record>), Error> {
         let mut records = Vec::new();
-        let meta = load(path, |r| records.push(r))?;
+        let meta = load(&OsFs, path, |r| records.push(r))?;
         records.sort_by(|a, b| a.key.cmp(&b.key));
         Ok((meta, records))
     }
@@ -326,7 +335,7 @@ mod tests {
             hlc: 777 << 16,
             node: 0,
         });
-        write_atomic(dir, &sample_map(), &clock, 9, 0).unwrap();
+        write_atomic(&OsFs, dir, &sample_map(), &clock, 9, 0).unwrap();
         fs::read(dir.join(FILE_NAME)).unwrap()
     }
 
@@ -358,7 +367,7 @@ mod tests {
     fn old_tombstones_are_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let map = sample_map();
-        let w = write_atomic(dir.path(), &map, &Clock::new(1), 1, 1_000).unwrap();
+        let w = write_atomic(&OsFs, dir.path(), &map, &Clock::new(1), 1, 1_000).unwrap();
         assert_eq!((w.records, w.tombstones_dropped), (40, 10));
         assert_eq!(map.counts().tombstones, 0);
     }

@@ -13,8 +13,8 @@ use tracing::{debug, info, warn};
 
 use crate::backup::{self, BackupInfo};
 use crate::checkpoint::{CheckpointSignal, Checkpointer};
-use crate::lock::DirLock;
 use crate::map::{MapObserver, ShardedMap};
+use crate::vfs::{OsFs, Vfs};
 use crate::wal::{self, WalCommand, WalState, WalWriter, WAL_QUEUE_CAPACITY};
 use crate::Version;
 use crate::{
@@ -57,14 +57,24 @@ pub struct StoreStatus {
 /// Cheap to clone (all clones share one store). Dropping the last clone without
 /// [`Store::shutdown`] behaves like a crash as far as the files go: no final checkpoint is
 /// written, but queued writes are still finished and the background threads are joined.
-#[derive(Clone)]
-pub struct Store {
-    inner: Arc<Inner>,
+///
+/// `V` is the file system: [`OsFs`] (the default) in production; the tests run the same code
+/// on a simulated disk.
+pub struct Store<V: Vfs = OsFs> {
+    inner: Arc<Inner<V>>,
+}
+
+impl<V: Vfs> Clone for Store<V> {
+    fn clone(&self) -> Self {
+        Store {
+            inner: Arc::clone(&self.inner),
+        }
+    }
 }
 
 /// Field order matters for drop: `tx` goes first (the writer drains its queue and exits),
 /// then `threads` joins the threads, and the lock is released last.
-struct Inner {
+struct Inner<V: Vfs> {
     tx: mpsc::Sender<WalCommand>,
     threads: Threads,
     map: Arc<ShardedMap>,
@@ -75,7 +85,10 @@ struct Inner {
     closed: AtomicBool,
     tombstone_horizon: Arc<AtomicU64>,
     data_dir: PathBuf,
-    _lock: DirLock,
+    /// The file system (read by the test hooks only; the threads hold their own clones).
+    #[cfg_attr(not(test), allow(dead_code))]
+    vfs: V,
+    _lock: V::Lock,
 }
 
 /// The background threads; joined on shutdown or drop.
@@ -118,7 +131,7 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>
         })
 }
 
-impl std::fmt::Debug for Store {
+impl<V: Vfs> std::fmt::Debug for Store<V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
             .field("data_dir", &self.inner.data_dir)
@@ -131,19 +144,27 @@ impl Store {
     /// folder fails with [`Error::Locked`]), recovers (snapshot, then WAL replay), and starts the
     /// WAL writer and checkpoint threads.
     pub fn open(config: StoreConfig) -> Result<Store, Error> {
+        Store::open_with(config, OsFs)
+    }
+}
+
+impl<V: Vfs> Store<V> {
+    /// [`Store::open`] on the file system `vfs` (the tests' simulated disk).
+    pub fn open_with(config: StoreConfig, vfs: V) -> Result<Store<V>, Error> {
         let started = Instant::now();
         let dir = config.data_dir.clone();
-        crate::files::create_private_dir(&dir).map_err(Error::io("create data folder", &dir))?;
-        let lock = DirLock::acquire(&dir)?;
+        vfs.create_dir_all(&dir)
+            .map_err(Error::io("create data folder", &dir))?;
+        let lock = vfs.lock(&dir)?;
         let map = Arc::new(ShardedMap::default());
-        let reservation = Arc::new(crate::reservation::Reservation::load(&dir)?);
+        let reservation = Arc::new(crate::reservation::Reservation::load(&vfs, &dir)?);
         let clock = Arc::new(Clock::reserved(config.node_id, reservation));
-        let recovered = recovery::recover(&dir, &map, &clock)?;
+        let recovered = recovery::recover(&vfs, &dir, &map, &clock)?;
         debug!(
             segments = recovered.synced_segments,
             "replayed WAL segments fsynced"
         );
-        let (file, salt) = segment::create(&dir, recovered.next_segment)?;
+        let (file, salt) = segment::create(&vfs, &dir, recovered.next_segment)?;
         let wal = Arc::new(WalState::default());
         // A node started on a full disk is read-only from its first request.
         wal.space.probe(&dir, config.min_free_bytes);
@@ -164,6 +185,7 @@ impl Store {
             signal: Arc::clone(&signal),
         };
         let writer = WalWriter {
+            vfs: vfs.clone(),
             dir: dir.clone(),
             sync: config.sync,
             sync_interval: config.sync_interval,
@@ -185,6 +207,7 @@ impl Store {
         };
         *threads.writer.lock() = Some(spawn("kv-wal-writer", move || writer.run(rx))?);
         let checkpointer = Checkpointer {
+            vfs: vfs.clone(),
             dir: dir.clone(),
             map: Arc::clone(&map),
             clock: Arc::clone(&clock),
@@ -233,6 +256,7 @@ impl Store {
                 closed: AtomicBool::new(false),
                 tombstone_horizon,
                 data_dir: dir,
+                vfs,
                 _lock: lock,
             }),
         };
@@ -467,7 +491,7 @@ impl Store {
     /// Test hook: the WAL's current segment file.
     #[cfg(test)]
     pub(crate) fn current_segment_path(&self) -> Option<PathBuf> {
-        segment::list(&self.inner.data_dir)
+        segment::list(&self.inner.vfs, &self.inner.data_dir)
             .ok()?
             .pop()
             .map(|(_, p)| p)

@@ -329,7 +329,7 @@ async fn checkpoint_drops_covered_wal_while_writes_go_on() {
     assert!(stats.keys >= 200 && stats.bytes > 0, "{stats:?}");
     writer.await.unwrap();
     assert!(store.status().last_snapshot.is_some());
-    let segments = segment::list(dir.path()).unwrap();
+    let segments = segment::list(&crate::vfs::OsFs, dir.path()).unwrap();
     assert_eq!(segments.len(), 1, "older segments removed: {segments:?}");
     drop(store);
     let store = Store::open(config(dir.path())).unwrap();
@@ -399,7 +399,10 @@ async fn three_record_wal(dir: &Path) -> (PathBuf, Vec<usize>) {
         store.apply(vec![put(&store, key, "value")]).await.unwrap();
     }
     drop(store);
-    let (number, path) = segment::list(dir).unwrap().pop().unwrap();
+    let (number, path) = segment::list(&crate::vfs::OsFs, dir)
+        .unwrap()
+        .pop()
+        .unwrap();
     let bytes = fs::read(&path).unwrap();
     let salt = segment::check_header(&path, &bytes, number).unwrap().salt;
     let mut starts = vec![segment::HEADER_LEN];
@@ -433,7 +436,10 @@ async fn wal_cut_anywhere_in_its_last_record_recovers_the_records_before() {
         );
         drop(store);
         // Each open adds an empty segment; remove it so the damaged one is the newest again.
-        let (_, newest) = segment::list(dir.path()).unwrap().pop().unwrap();
+        let (_, newest) = segment::list(&crate::vfs::OsFs, dir.path())
+            .unwrap()
+            .pop()
+            .unwrap();
         fs::remove_file(newest).unwrap();
     }
 }

@@ -4,7 +4,6 @@
 //! A write that meets a full disk (ENOSPC) is cut back to the end of the last whole batch and
 //! the store turns read-only (see `space`); any other write or fsync failure is final.
 
-use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,6 +16,7 @@ use tracing::{debug, error};
 
 use crate::checkpoint::CheckpointSignal;
 use crate::map::ShardedMap;
+use crate::vfs::{Vfs, VfsFile};
 use crate::{batch, frame, record, segment, Error, Record, SyncMode};
 
 /// Commands queued to the writer; the queue is bounded (see [`WAL_QUEUE_CAPACITY`]).
@@ -96,13 +96,14 @@ struct Pending {
 }
 
 /// The writer thread's state.
-pub(crate) struct WalWriter {
+pub(crate) struct WalWriter<V: Vfs> {
+    pub vfs: V,
     pub dir: PathBuf,
     pub sync: SyncMode,
     pub sync_interval: Duration,
     pub wal_max_bytes: u64,
     pub segment: u64,
-    pub file: File,
+    pub file: V::File,
     /// The current segment's salt (seeds its batch header checksums).
     pub salt: u64,
     /// Length of the current segment up to the end of its last whole batch.
@@ -123,7 +124,7 @@ pub(crate) struct WalWriter {
     pub buf: Vec<u8>,
 }
 
-impl WalWriter {
+impl<V: Vfs> WalWriter<V> {
     /// Runs until `Shutdown` or until every sender is gone (the store was dropped).
     pub fn run(mut self, mut rx: mpsc::Receiver<WalCommand>) {
         let mut next = None;
@@ -365,7 +366,7 @@ impl WalWriter {
         self.sync()?;
         let next = self.segment + 1;
         // A failed creation leaves no file behind, so appending to the old segment stays safe.
-        (self.file, self.salt) = segment::create(&self.dir, next)?;
+        (self.file, self.salt) = segment::create(&self.vfs, &self.dir, next)?;
         self.segment = next;
         self.len = segment::HEADER_LEN as u64;
         self.durable = self.len;
