@@ -60,7 +60,14 @@ pub(crate) fn recover(
     let mut last_kept = None;
     for (i, (number, path)) in segments.iter().enumerate() {
         let is_last = i + 1 == segments.len();
-        if let Some(kept) = replay_segment(vfs, path, *number, is_last, apply)? {
+        // A torn tail is possible in the newest segment holding records: later segments that
+        // hold only their header may be left over from a rotation that failed (its file's
+        // removal not yet durable) while appends went on in this one.
+        let later_empty = segments[i + 1..]
+            .iter()
+            .all(|(_, p)| vfs.len(p).is_ok_and(|n| n <= segment::HEADER_LEN as u64));
+        let tail = Tail::new(is_last, later_empty);
+        if let Some(kept) = replay_segment(vfs, path, *number, tail, apply)? {
             wal_bytes += kept.bytes;
             replayed += kept.records;
             last_kept = Some(*number);
@@ -152,11 +159,11 @@ fn replay_segment(
     vfs: &impl Vfs,
     path: &Path,
     number: u64,
-    is_last: bool,
+    tail: Tail,
     mut apply: impl FnMut(Record),
 ) -> Result<Option<Kept>, Error> {
     let buf = vfs.read(path).map_err(Error::io("read", path))?;
-    if is_last
+    if tail == Tail::Last
         && buf.len() <= segment::HEADER_LEN
         && segment::check_header(path, &buf, number).is_err()
     {
@@ -186,24 +193,46 @@ fn replay_segment(
             records,
             bytes: buf.len() as u64,
         })),
-        Err(Tail::Torn { offset }) if is_last => {
+        Err(End::Torn { offset }) if tail != Tail::Sealed => {
             cut_torn_tail(vfs, path, offset, buf.len())?;
             Ok(Some(Kept {
                 records,
                 bytes: offset as u64,
             }))
         }
-        Err(Tail::Torn { offset }) => Err(corrupt(
+        Err(End::Torn { offset }) => Err(corrupt(
             offset,
             "incomplete record in a WAL segment that is not the newest".into(),
         )),
-        Err(Tail::Corrupt { offset, reason }) => Err(corrupt(offset, reason)),
-        Err(Tail::Decode(e)) => Err(e),
+        Err(End::Corrupt { offset, reason }) => Err(corrupt(offset, reason)),
+        Err(End::Decode(e)) => Err(e),
+    }
+}
+
+/// Where a segment stands, for the torn-tail rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tail {
+    /// The newest segment: a torn tail is cut; a half-made header means a creation a crash
+    /// interrupted (the file is removed).
+    Last,
+    /// Only header-only segments follow (a failed rotation's leftovers): a torn tail is cut.
+    NewestWithRecords,
+    /// Later segments hold records, so this one was fsynced whole: a torn tail is corruption.
+    Sealed,
+}
+
+impl Tail {
+    fn new(is_last: bool, later_empty: bool) -> Tail {
+        match (is_last, later_empty) {
+            (true, _) => Tail::Last,
+            (false, true) => Tail::NewestWithRecords,
+            (false, false) => Tail::Sealed,
+        }
     }
 }
 
 /// How reading a segment stopped short of its end.
-enum Tail {
+enum End {
     Torn { offset: usize },
     Corrupt { offset: usize, reason: String },
     Decode(Error),
@@ -214,16 +243,16 @@ fn replay_frames(
     buf: &[u8],
     mut offset: usize,
     decode: &mut impl FnMut(&[u8], usize) -> Result<(), Error>,
-) -> Result<(), Tail> {
+) -> Result<(), End> {
     loop {
         match frame::read(buf, offset) {
             FrameRead::Complete(payload, next) => {
-                decode(payload, offset).map_err(Tail::Decode)?;
+                decode(payload, offset).map_err(End::Decode)?;
                 offset = next;
             }
             FrameRead::End => return Ok(()),
-            FrameRead::TornTail { offset } => return Err(Tail::Torn { offset }),
-            FrameRead::Corrupt { offset, reason } => return Err(Tail::Corrupt { offset, reason }),
+            FrameRead::TornTail { offset } => return Err(End::Torn { offset }),
+            FrameRead::Corrupt { offset, reason } => return Err(End::Corrupt { offset, reason }),
         }
     }
 }
@@ -235,7 +264,7 @@ fn replay_batches(
     buf: &[u8],
     head: segment::SegmentHeader,
     decode: &mut impl FnMut(&[u8], usize) -> Result<(), Error>,
-) -> Result<Result<(), Tail>, Error> {
+) -> Result<Result<(), End>, Error> {
     let mut offset = head.len;
     loop {
         match batch::read(buf, offset, head.salt) {
@@ -244,9 +273,9 @@ fn replay_batches(
                 offset = next;
             }
             BatchRead::End => return Ok(Ok(())),
-            BatchRead::TornTail { offset } => return Ok(Err(Tail::Torn { offset })),
+            BatchRead::TornTail { offset } => return Ok(Err(End::Torn { offset })),
             BatchRead::Corrupt { offset, reason } => {
-                return Ok(Err(Tail::Corrupt { offset, reason }))
+                return Ok(Err(End::Corrupt { offset, reason }))
             }
         }
     }
@@ -390,6 +419,33 @@ mod tests {
         assert!(!dir.path().join(snapshot::TMP_FILE_NAME).exists());
         assert!(!segment::path(dir.path(), 2).exists());
         assert!(map.get("a").is_some());
+    }
+
+    /// Found by the crash simulation (seed 17819626002198564837): a rotation whose folder fsync
+    /// failed removed the new segment, appends went on in the old one, and a power cut brought
+    /// the header-only segment back (its removal was not durable) and tore the old one's tail.
+    #[test]
+    fn torn_tail_before_header_only_segments_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = segment_with(dir.path(), 1, &[rec("a", 10), rec("b", 11)]);
+        let intact = fs::metadata(&first).unwrap().len();
+        let mut bytes = fs::read(&first).unwrap();
+        bytes.extend_from_slice(&[0x17; 30]);
+        fs::write(&first, bytes).unwrap();
+        drop(segment::create(&OsFs, dir.path(), 2).unwrap());
+        drop(segment::create(&OsFs, dir.path(), 3).unwrap());
+        let map = ShardedMap::default();
+        let got = recover(&OsFs, dir.path(), &map, &Clock::new(1)).unwrap();
+        assert_eq!(got.next_segment, 4);
+        assert!(map.get("b").is_some());
+        assert_eq!(fs::metadata(&first).unwrap().len(), intact, "torn tail cut");
+        // With records after it, the same tail is corruption.
+        let mut bytes = fs::read(&first).unwrap();
+        bytes.extend_from_slice(&[0x17; 30]);
+        fs::write(&first, bytes).unwrap();
+        segment_with(dir.path(), 4, &[rec("c", 12)]);
+        let err = recover(&OsFs, dir.path(), &ShardedMap::default(), &Clock::new(1)).unwrap_err();
+        assert!(matches!(err, Error::Corrupt { path, .. } if path == first));
     }
 
     #[test]

@@ -179,8 +179,10 @@ pub fn create<V: Vfs>(vfs: &V, dir: &Path, number: u64) -> Result<(V::File, u64)
         .map_err(Error::io("write header of", &file_path))
         .and_then(|()| sync_dir(vfs, dir));
     if let Err(e) = written {
-        // Leave no half-made segment behind: it would become "the last segment" at recovery.
-        let _ = vfs.remove(&file_path);
+        // Leave no half-made segment behind (durably if the folder fsync works): it would
+        // become "the last segment" at recovery. If it comes back after a crash anyway, it holds
+        // no records, and recovery still treats the segment before it as the newest.
+        let _ = vfs.remove(&file_path).and_then(|()| vfs.sync_dir(dir));
         return Err(e);
     }
     Ok((file, salt))

@@ -426,7 +426,7 @@ impl SimFs {
         let image = state.image.clone()?;
         let rng = Rng::new(state.rng.next_u64());
         let fs = SimFs::from_state(rng, Some(image));
-        fs.state.lock().log = std::mem::take(&mut state.log);
+        fs.state.lock().log.clone_from(&state.log);
         Some(fs)
     }
 

@@ -278,12 +278,14 @@ impl Run<'_> {
                     Ok(None)
                 }
                 (Err(e), _) => Err(format!(
-                    "refused to start after a crash{}: {e}",
+                    "refused to start after a crash{}: {e}\nfiles: {:?}\nlog: {:#?}",
                     if rot.is_some() {
                         " and bit rot, naming the wrong file"
                     } else {
                         ""
-                    }
+                    },
+                    disk.files(),
+                    disk.log()
                 )),
             };
         }
@@ -415,6 +417,19 @@ fn sim_long() {
     let started = std::time::Instant::now();
     let stats = run_cases(u32::try_from(cases).unwrap_or(u32::MAX), seed);
     eprintln!("{stats:?} in {:?}", started.elapsed());
+}
+
+/// Replays one seed (the regression cases below), printing the simulated disk's log on failure.
+fn replay(seed: u64) {
+    let mut stats = Stats::default();
+    if let Err(e) = run_case(&runtime(), seed, &mut stats) {
+        panic!("seed {seed}: {e}");
+    }
+}
+
+#[test]
+fn regression_failed_rotation_leaves_a_header_only_segment_behind() {
+    replay(17_819_626_002_198_564_837);
 }
 
 #[test]

@@ -365,7 +365,8 @@ impl<V: Vfs> WalWriter<V> {
     fn rotate(&mut self) -> Result<u64, Error> {
         self.sync()?;
         let next = self.segment + 1;
-        // A failed creation leaves no file behind, so appending to the old segment stays safe.
+        // A failed creation removes its file, so appending to the old segment stays safe (should
+        // the removal not be durable, the file comes back header-only, which recovery ignores).
         (self.file, self.salt) = segment::create(&self.vfs, &self.dir, next)?;
         self.segment = next;
         self.len = segment::HEADER_LEN as u64;
