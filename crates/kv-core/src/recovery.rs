@@ -350,6 +350,39 @@ mod tests {
     }
 
     #[test]
+    fn a_key_holding_a_valid_frame_does_not_turn_a_torn_batch_into_corruption() {
+        // The key of the last record is the bytes of a whole, valid frame of another record
+        // (one whose bytes happen to be ASCII, so that they make a key).
+        let key = (1..10_000)
+            .find_map(|hlc| {
+                let mut lookalike = Vec::new();
+                frame::append(&mut lookalike, |b| rec("inner", hlc).encode(b)).unwrap();
+                String::from_utf8(lookalike).ok().filter(|k| k.is_ascii())
+            })
+            .unwrap();
+        let mut inner = Vec::new();
+        frame::append(&mut inner, |b| rec(&key, 98).encode(b)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = segment_with(dir.path(), 1, &[rec("a", 10), rec(&key, 11)]);
+        let mut bytes = fs::read(&path).unwrap();
+        let last = bytes.len() - batch::BATCH_HEADER_LEN - inner.len();
+        // A power cut lost the page holding the last batch's header, not the ones after it.
+        bytes[last..last + batch::BATCH_HEADER_LEN].fill(0);
+        fs::write(&path, &bytes).unwrap();
+        let frame_inside = (last + 1..bytes.len())
+            .any(|at| matches!(frame::read(&bytes, at), FrameRead::Complete(..)));
+        assert!(
+            frame_inside,
+            "the torn batch holds a valid frame (format 1 would refuse)"
+        );
+        let map = ShardedMap::default();
+        recover(&OsFs, dir.path(), &map, &Clock::new(1)).unwrap();
+        assert!(map.get("a").is_some());
+        assert!(map.get(&key).is_none(), "the torn batch is cut");
+        assert_eq!(fs::metadata(&path).unwrap().len(), last as u64);
+    }
+
+    #[test]
     fn damage_in_an_earlier_batch_names_file_and_offset() {
         let dir = tempfile::tempdir().unwrap();
         let path = segment_with(dir.path(), 1, &[rec("a", 10), rec("b", 11), rec("c", 12)]);
