@@ -4,38 +4,49 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use crate::identity::DirId;
 use crate::vfs::{Vfs, VfsFile};
 use crate::Error;
 
 /// First bytes of every WAL segment.
 const MAGIC: [u8; 8] = *b"KVWALSEG";
-/// Version of the WAL format this program writes: records in batches (see [`crate::batch`]).
-pub const FORMAT_VERSION: u32 = 2;
-/// The previous format, still read: frames one after the other, no batches.
+/// Version of the WAL format this program writes: the folder id, and records in batches (see
+/// [`crate::batch`]).
+pub const FORMAT_VERSION: u32 = 3;
+/// Format 2, still read: the folder id, frames one after the other, no batches.
+pub const FORMAT_V2: u32 = 2;
+/// Format 1, still read: no folder id, frames one after the other, no batches.
 pub const FORMAT_V1: u32 = 1;
 /// Length of the segment header this program writes.
 ///
 /// ```text
-/// version 2: [magic "KVWALSEG" 8][format version u32 LE][segment number u64 LE][salt u64 LE]
-///            [crc32c of the 28 bytes before u32 LE]
-/// version 1: [magic "KVWALSEG" 8][format version u32 LE][segment number u64 LE]
+/// version 3: [magic "KVWALSEG" 8][format version u32 LE = 3][segment number u64 LE]
+///            [data folder id 16][salt u64 LE][crc32c of the 44 bytes before u32 LE]
+/// version 2: [magic "KVWALSEG" 8][format version u32 LE = 2][segment number u64 LE]
+///            [data folder id 16][crc32c of the 36 bytes before u32 LE]
+/// version 1: [magic "KVWALSEG" 8][format version u32 LE = 1][segment number u64 LE]
 ///            [crc32c of the 20 bytes before u32 LE]
 /// ```
 ///
 /// The salt is random per segment and seeds every batch header's checksum.
-pub const HEADER_LEN: usize = 32;
+pub const HEADER_LEN: usize = 48;
+/// Length of a version 2 header.
+pub const V2_HEADER_LEN: usize = 40;
 /// Length of a version 1 header.
 pub const V1_HEADER_LEN: usize = 24;
 
 /// What a segment's header says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SegmentHeader {
-    /// [`FORMAT_VERSION`] or [`FORMAT_V1`].
+pub struct Header {
+    /// [`FORMAT_VERSION`], [`FORMAT_V2`] or [`FORMAT_V1`].
     pub version: u32,
-    /// Seeds the batch header checksums (0 in version 1).
-    pub salt: u64,
-    /// Bytes of the header; the records start here.
+    /// Where the first frame (or batch) starts.
     pub len: usize,
+    /// The data folder the segment was written in; `None` for a version 1 segment, which
+    /// belongs to whatever folder holds it.
+    pub id: Option<DirId>,
+    /// Seeds the batch header checksums (0 before version 3).
+    pub salt: u64,
 }
 
 /// A fresh salt: random enough that no key or value can predict it.
@@ -80,14 +91,28 @@ pub fn list(vfs: &impl Vfs, dir: &Path) -> Result<Vec<(u64, PathBuf)>, Error> {
     Ok(found)
 }
 
-fn header(number: u64, salt: u64) -> [u8; HEADER_LEN] {
+fn header(number: u64, id: DirId, salt: u64) -> [u8; HEADER_LEN] {
     let mut out = [0; HEADER_LEN];
     out[..8].copy_from_slice(&MAGIC);
     out[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
     out[12..20].copy_from_slice(&number.to_le_bytes());
-    out[20..28].copy_from_slice(&salt.to_le_bytes());
-    let crc = crc32c::crc32c(&out[..28]);
-    out[28..].copy_from_slice(&crc.to_le_bytes());
+    out[20..36].copy_from_slice(&id.0);
+    out[36..44].copy_from_slice(&salt.to_le_bytes());
+    let crc = crc32c::crc32c(&out[..44]);
+    out[44..].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// A version 2 header (a folder id, no batches), as the program before batches wrote it.
+#[cfg(test)]
+pub(crate) fn v2_header(number: u64, id: DirId) -> [u8; V2_HEADER_LEN] {
+    let mut out = [0; V2_HEADER_LEN];
+    out[..8].copy_from_slice(&MAGIC);
+    out[8..12].copy_from_slice(&FORMAT_V2.to_le_bytes());
+    out[12..20].copy_from_slice(&number.to_le_bytes());
+    out[20..36].copy_from_slice(&id.0);
+    let crc = crc32c::crc32c(&out[..36]);
+    out[36..].copy_from_slice(&crc.to_le_bytes());
     out
 }
 
@@ -103,8 +128,8 @@ pub(crate) fn v1_header(number: u64) -> [u8; V1_HEADER_LEN] {
     out
 }
 
-/// Checks that `buf` starts with a valid header (version 1 or 2) for segment `number`.
-pub fn check_header(file: &Path, buf: &[u8], number: u64) -> Result<SegmentHeader, Error> {
+/// Checks that `buf` starts with a valid header (version 1, 2 or 3) for segment `number`.
+pub fn check_header(file: &Path, buf: &[u8], number: u64) -> Result<Header, Error> {
     let bad_format = |reason: String| Error::BadFormat {
         path: file.to_owned(),
         reason,
@@ -131,10 +156,11 @@ pub fn check_header(file: &Path, buf: &[u8], number: u64) -> Result<SegmentHeade
     let version = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
     let len = match version {
         FORMAT_VERSION => HEADER_LEN,
+        FORMAT_V2 => V2_HEADER_LEN,
         FORMAT_V1 => V1_HEADER_LEN,
         _ => {
             return Err(bad_format(format!(
-                "WAL format version {version}, this program reads {FORMAT_V1} and {FORMAT_VERSION}"
+                "WAL format version {version}, this program reads {FORMAT_V1} to {FORMAT_VERSION}"
             )))
         }
     };
@@ -157,24 +183,49 @@ pub fn check_header(file: &Path, buf: &[u8], number: u64) -> Result<SegmentHeade
             "header says segment {stored}, the file name says {number}"
         )));
     }
+    let id = (version != FORMAT_V1).then(|| {
+        let mut id = [0; 16];
+        id.copy_from_slice(&head[20..36]);
+        DirId(id)
+    });
     let salt = if version == FORMAT_VERSION {
-        word(20)
+        word(36)
     } else {
         0
     };
-    Ok(SegmentHeader { version, salt, len })
+    Ok(Header {
+        version,
+        len,
+        id,
+        salt,
+    })
 }
 
-/// Creates segment `number` with its header, durable (file and folder fsynced), ready to append.
-/// Returns the file and the segment's salt.
-pub fn create<V: Vfs>(vfs: &V, dir: &Path, number: u64) -> Result<(V::File, u64), Error> {
+/// Reads and checks only the header of segment `number` at `file`.
+pub fn read_header(vfs: &impl Vfs, file: &Path, number: u64) -> Result<Header, Error> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(HEADER_LEN);
+    vfs.open_read(file)
+        .and_then(|f| f.take(HEADER_LEN as u64).read_to_end(&mut head))
+        .map_err(Error::io("read", file))?;
+    check_header(file, &head, number)
+}
+
+/// Creates segment `number` with its header stamped with the folder's `id`, durable (file and
+/// folder fsynced), ready to append. Returns the file and the segment's salt.
+pub fn create<V: Vfs>(
+    vfs: &V,
+    dir: &Path,
+    number: u64,
+    id: DirId,
+) -> Result<(V::File, u64), Error> {
     let file_path = path(dir, number);
     let salt = new_salt();
     let mut file = vfs
         .create_new(&file_path)
         .map_err(Error::io("create", &file_path))?;
     let written = file
-        .write_all(&header(number, salt))
+        .write_all(&header(number, id, salt))
         .and_then(|()| file.sync_all())
         .map_err(Error::io("write header of", &file_path))
         .and_then(|()| sync_dir(vfs, dir));
@@ -213,6 +264,8 @@ mod tests {
     use crate::vfs::OsFs;
     use std::fs;
 
+    const ID: DirId = DirId([7; 16]);
+
     #[test]
     fn names_round_trip_and_reject_strangers() {
         let dir = Path::new("/d");
@@ -235,10 +288,10 @@ mod tests {
     fn create_list_check_and_remove() {
         let dir = tempfile::tempdir().unwrap();
         for n in [3, 1, 2] {
-            drop(create(&OsFs, dir.path(), n).unwrap());
+            drop(create(&OsFs, dir.path(), n, ID).unwrap());
         }
         assert!(
-            create(&OsFs, dir.path(), 2).is_err(),
+            create(&OsFs, dir.path(), 2, ID).is_err(),
             "segments are never overwritten"
         );
         let listed: Vec<u64> = list(&OsFs, dir.path())
@@ -249,7 +302,11 @@ mod tests {
         assert_eq!(listed, vec![1, 2, 3]);
         let bytes = fs::read(path(dir.path(), 2)).unwrap();
         let head = check_header(&path(dir.path(), 2), &bytes, 2).unwrap();
-        assert_eq!((head.version, head.len), (FORMAT_VERSION, HEADER_LEN));
+        assert_eq!(
+            (head.version, head.len, head.id),
+            (FORMAT_VERSION, HEADER_LEN, Some(ID))
+        );
+        assert_eq!(read_header(&OsFs, &path(dir.path(), 2), 2).unwrap(), head);
         assert!(matches!(
             check_header(Path::new("x"), &bytes, 3),
             Err(Error::Corrupt { .. })
@@ -263,13 +320,13 @@ mod tests {
 
     #[test]
     fn bad_magic_and_version_are_bad_format() {
-        let mut bytes = header(1, 7).to_vec();
+        let mut bytes = header(1, ID, 7).to_vec();
         bytes[0] = b'X';
         assert!(matches!(
             check_header(Path::new("x"), &bytes, 1),
             Err(Error::BadFormat { .. })
         ));
-        let mut bytes = header(1, 7).to_vec();
+        let mut bytes = header(1, ID, 7).to_vec();
         bytes[8] = 9;
         assert!(matches!(
             check_header(Path::new("x"), &bytes, 1),
@@ -282,26 +339,42 @@ mod tests {
     }
 
     #[test]
-    fn version_1_headers_are_still_read_and_the_salt_is_checked() {
+    fn versions_1_and_2_are_still_read_and_the_id_and_salt_are_checked() {
         let v1 = v1_header(5);
         assert_eq!(
             check_header(Path::new("x"), &v1, 5).unwrap(),
-            SegmentHeader {
+            Header {
                 version: FORMAT_V1,
+                len: V1_HEADER_LEN,
+                id: None,
                 salt: 0,
-                len: V1_HEADER_LEN
             }
         );
-        let v2 = header(5, 0xfeed);
-        assert_eq!(check_header(Path::new("x"), &v2, 5).unwrap().salt, 0xfeed);
-        let mut bad = v2;
-        bad[22] ^= 1;
+        let v2 = v2_header(5, ID);
+        assert_eq!(
+            check_header(Path::new("x"), &v2, 5).unwrap(),
+            Header {
+                version: FORMAT_V2,
+                len: V2_HEADER_LEN,
+                id: Some(ID),
+                salt: 0,
+            }
+        );
+        let v3 = header(5, ID, 0xfeed);
+        assert_eq!(check_header(Path::new("x"), &v3, 5).unwrap().salt, 0xfeed);
+        for at in [22, 38] {
+            let mut bad = v3;
+            bad[at] ^= 1;
+            assert!(
+                matches!(
+                    check_header(Path::new("x"), &bad, 5),
+                    Err(Error::Corrupt { .. })
+                ),
+                "id and salt are under the checksum"
+            );
+        }
         assert!(matches!(
-            check_header(Path::new("x"), &bad, 5),
-            Err(Error::Corrupt { .. })
-        ));
-        assert!(matches!(
-            check_header(Path::new("x"), &v2[..30], 5),
+            check_header(Path::new("x"), &v3[..46], 5),
             Err(Error::Corrupt { .. })
         ));
         assert_ne!(new_salt(), new_salt());

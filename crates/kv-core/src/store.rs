@@ -1,5 +1,5 @@
-//! The store facade: opens a data folder (lock, recovery), runs the WAL writer and checkpoint
-//! threads, and offers get / apply / checkpoint / scan / status / shutdown to the node.
+//! The store facade: opens a data folder (lock, identity, recovery), runs the WAL writer and
+//! checkpoint threads, and offers get / apply / checkpoint / scan / status / shutdown to the node.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,6 +13,7 @@ use tracing::{debug, info, warn};
 
 use crate::backup::{self, BackupInfo};
 use crate::checkpoint::{CheckpointSignal, Checkpointer};
+use crate::identity::{self, DirId, Identity};
 use crate::map::{MapObserver, ShardedMap};
 use crate::vfs::{OsFs, Vfs};
 use crate::wal::{self, WalCommand, WalState, WalWriter, WAL_QUEUE_CAPACITY};
@@ -85,6 +86,7 @@ struct Inner<V: Vfs> {
     closed: AtomicBool,
     tombstone_horizon: Arc<AtomicU64>,
     data_dir: PathBuf,
+    id: DirId,
     /// The file system (read by the test hooks only; the threads hold their own clones).
     #[cfg_attr(not(test), allow(dead_code))]
     vfs: V,
@@ -141,8 +143,10 @@ impl<V: Vfs> std::fmt::Debug for Store<V> {
 
 impl Store {
     /// Blocking: creates `data_dir` if missing, takes its lock file (a second store on the same
-    /// folder fails with [`Error::Locked`]), recovers (snapshot, then WAL replay), and starts the
-    /// WAL writer and checkpoint threads.
+    /// folder fails with [`Error::Locked`]), reads its `IDENTITY` (a folder of another owner
+    /// fails with [`Error::ForeignDataDir`]), recovers (snapshot or its spare, then WAL replay;
+    /// a file of another folder fails with [`Error::ForeignFile`]), writes the identity if the
+    /// folder had none, and starts the WAL writer and checkpoint threads.
     pub fn open(config: StoreConfig) -> Result<Store, Error> {
         Store::open_with(config, OsFs)
     }
@@ -156,15 +160,24 @@ impl<V: Vfs> Store<V> {
         vfs.create_dir_all(&dir)
             .map_err(Error::io("create data folder", &dir))?;
         let lock = vfs.lock(&dir)?;
+        let found = identity::load_with(&vfs, &dir)?;
+        if let (Some(found), Some(owner)) = (&found, &config.owner) {
+            identity::check_owner(&dir, found, owner)?;
+        }
+        let folder = recovery::FolderId {
+            id: found.as_ref().map_or_else(DirId::random, |f| f.id),
+            stored: found.is_some(),
+        };
         let map = Arc::new(ShardedMap::default());
         let reservation = Arc::new(crate::reservation::Reservation::load(&vfs, &dir)?);
         let clock = Arc::new(Clock::reserved(config.node_id, reservation));
-        let recovered = recovery::recover(&vfs, &dir, &map, &clock)?;
+        let recovered = recovery::recover(&vfs, &dir, folder, &map, &clock)?;
         debug!(
             segments = recovered.synced_segments,
             "replayed WAL segments fsynced"
         );
-        let (file, salt) = segment::create(&vfs, &dir, recovered.next_segment)?;
+        record_identity(&vfs, &dir, found, folder.id, config.owner.clone())?;
+        let (file, salt) = segment::create(&vfs, &dir, recovered.next_segment, folder.id)?;
         let wal = Arc::new(WalState::default());
         // A node started on a full disk is read-only from its first request.
         wal.space.probe(&dir, config.min_free_bytes);
@@ -187,6 +200,7 @@ impl<V: Vfs> Store<V> {
         let writer = WalWriter {
             vfs: vfs.clone(),
             dir: dir.clone(),
+            id: folder.id,
             sync: config.sync,
             sync_interval: config.sync_interval,
             wal_max_bytes: config.wal_max_bytes,
@@ -209,6 +223,8 @@ impl<V: Vfs> Store<V> {
         let checkpointer = Checkpointer {
             vfs: vfs.clone(),
             dir: dir.clone(),
+            id: folder.id,
+            covered_until: AtomicU64::new(recovered.replay_start),
             map: Arc::clone(&map),
             clock: Arc::clone(&clock),
             wal: Arc::clone(&wal),
@@ -256,6 +272,7 @@ impl<V: Vfs> Store<V> {
                 closed: AtomicBool::new(false),
                 tombstone_horizon,
                 data_dir: dir,
+                id: folder.id,
                 vfs,
                 _lock: lock,
             }),
@@ -263,6 +280,8 @@ impl<V: Vfs> Store<V> {
         let status = store.status();
         info!(
             dir = %status.data_dir.display(),
+            id = %folder.id,
+            from_spare = recovered.used_spare,
             keys = status.keys,
             tombstones = status.tombstones,
             sync = ?config.sync,
@@ -270,6 +289,11 @@ impl<V: Vfs> Store<V> {
             "store open"
         );
         Ok(store)
+    }
+
+    /// The data folder's id (in its `IDENTITY`, stamped on its snapshots and WAL segments).
+    pub fn data_dir_id(&self) -> DirId {
+        self.inner.id
     }
 
     /// The key's newest entry; tombstones are returned too (the caller decides on 404).
@@ -327,7 +351,7 @@ impl<V: Vfs> Store<V> {
     /// `snapshot.db` are not changed. A failed backup leaves no file.
     pub fn backup_to(&self, path: &Path) -> Result<BackupInfo, Error> {
         self.check_open()?;
-        let result = backup::write(path, &self.inner.map, &self.inner.clock);
+        let result = backup::write(path, &self.inner.map, &self.inner.clock, self.inner.id);
         let outcome = if result.is_ok() { "ok" } else { "error" };
         metrics::counter!("kv_backups_total", "result" => outcome).increment(1);
         match &result {
@@ -505,6 +529,25 @@ impl<V: Vfs> Store<V> {
             .inject_write_failure
             .store(true, Ordering::Relaxed);
     }
+}
+
+/// Writes `IDENTITY` when the folder had none (a new folder, or one from before identities,
+/// whose files adopt the new id) or when it names no owner yet and `owner` is known; durable
+/// before any file stamped with the id is created.
+fn record_identity(
+    vfs: &impl Vfs,
+    dir: &Path,
+    found: Option<Identity>,
+    id: DirId,
+    owner: Option<crate::DataOwner>,
+) -> Result<(), Error> {
+    let wanted = match found {
+        Some(found) if found.owner.is_some() || owner.is_none() => return Ok(()),
+        Some(found) => Identity { owner, ..found },
+        None => Identity { id, owner },
+    };
+    info!(dir = %dir.display(), id = %wanted.id, owner = ?wanted.owner, "recording the data folder's identity");
+    identity::store_with(vfs, dir, &wanted)
 }
 
 #[cfg(test)]

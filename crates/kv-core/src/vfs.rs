@@ -58,6 +58,9 @@ pub trait Vfs: Clone + Send + Sync + 'static {
     fn list(&self, dir: &Path) -> io::Result<Vec<PathBuf>>;
     /// Makes the creations, renames and removals in `dir` durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Asks the kernel to drop `path`'s cached pages, so the next read comes from the disk
+    /// (advice only; nothing by default).
+    fn drop_cache(&self, _path: &Path) {}
 }
 
 /// The real file system.
@@ -141,6 +144,12 @@ impl Vfs for OsFs {
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         File::open(dir)?.sync_all()
+    }
+
+    fn drop_cache(&self, path: &Path) {
+        if let Ok(file) = File::open(path) {
+            let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed);
+        }
     }
 }
 

@@ -99,6 +99,8 @@ struct Pending {
 pub(crate) struct WalWriter<V: Vfs> {
     pub vfs: V,
     pub dir: PathBuf,
+    /// The data folder's id, stamped on each new segment.
+    pub id: crate::identity::DirId,
     pub sync: SyncMode,
     pub sync_interval: Duration,
     pub wal_max_bytes: u64,
@@ -367,7 +369,7 @@ impl<V: Vfs> WalWriter<V> {
         let next = self.segment + 1;
         // A failed creation removes its file, so appending to the old segment stays safe (should
         // the removal not be durable, the file comes back header-only, which recovery ignores).
-        (self.file, self.salt) = segment::create(&self.vfs, &self.dir, next)?;
+        (self.file, self.salt) = segment::create(&self.vfs, &self.dir, next, self.id)?;
         self.segment = next;
         self.len = segment::HEADER_LEN as u64;
         self.durable = self.len;
