@@ -542,3 +542,85 @@ fn torn_tail_before_header_only_segments_is_cut() {
     .unwrap_err();
     assert!(matches!(err, Error::Corrupt { path, .. } if path == first));
 }
+
+/// One step of the spare model test.
+#[derive(Clone, Debug)]
+enum Step {
+    Put(u8, u8),
+    Delete(u8),
+    Checkpoint,
+    /// Crash, flip the byte at this fraction (per 65536) of `snapshot.db` when a spare exists,
+    /// and start again.
+    DamagedRestart(u16),
+}
+
+fn arb_step() -> impl proptest::strategy::Strategy<Value = Step> {
+    use proptest::prelude::*;
+    prop_oneof![
+        4 => (0u8..6, any::<u8>()).prop_map(|(k, v)| Step::Put(k, v)),
+        1 => (0u8..6).prop_map(Step::Delete),
+        2 => Just(Step::Checkpoint),
+        1 => any::<u16>().prop_map(Step::DamagedRestart),
+    ]
+}
+
+/// Runs `steps` against a store and a `BTreeMap`; after every restart, with or without a
+/// damaged snapshot, the store holds exactly the model.
+async fn run_spare_model(steps: Vec<Step>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.sync = crate::SyncMode::Never;
+    let mut store = Store::open(cfg.clone()).unwrap();
+    let mut model = std::collections::BTreeMap::new();
+    let check = |store: &Store, model: &std::collections::BTreeMap<String, Option<u8>>| {
+        for (key, value) in model {
+            let got = store.get(key).map(|e| e.value.map(|v| v[0]));
+            assert_eq!(got, Some(*value), "{key}");
+        }
+        assert_eq!(
+            store.status().keys + store.status().tombstones,
+            model.len() as u64
+        );
+    };
+    for step in steps {
+        let (key, value) = match step {
+            Step::Put(k, v) => (k, Some(v)),
+            Step::Delete(k) => (k, None),
+            Step::Checkpoint => {
+                store.checkpoint().await.unwrap();
+                continue;
+            }
+            Step::DamagedRestart(at) => {
+                drop(store);
+                let current = snapshot_path(dir.path());
+                if current.exists() && dir.path().join(snapshot::SPARE_FILE_NAME).exists() {
+                    let len = fs::metadata(&current).unwrap().len() as usize;
+                    flip(&current, len * usize::from(at) / 65536);
+                }
+                store = Store::open(cfg.clone()).unwrap();
+                check(&store, &model);
+                continue;
+            }
+        };
+        let record = Record {
+            key: format!("k{key}"),
+            version: store.clock().tick(),
+            value: value.map(|v| Bytes::from(vec![v])),
+            expires_at_ms: None,
+        };
+        store.apply(vec![record.clone()]).await.unwrap();
+        model.insert(record.key, value);
+    }
+    drop(store);
+    check(&Store::open(cfg).unwrap(), &model);
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn a_damaged_snapshot_never_loses_a_write(steps in proptest::collection::vec(arb_step(), 1..40)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(run_spare_model(steps));
+    }
+}
