@@ -65,9 +65,13 @@ pub struct DataOwner {
 /// ```text
 /// kv data directory identity, format 1
 /// id = 32 hex digits
+/// id_crc32c = 8 hex digits          (of the id's 16 bytes: bit rot in the id is reported as a
+///                                    damaged IDENTITY, not as every file being foreign)
 /// name = node1                      (both absent until a node has started on the folder,
 /// url = http://127.0.0.1:8001        e.g. right after `kv-node restore` into a new folder)
 /// ```
+///
+/// The name and url lines may be edited by hand (a node renamed or moved on purpose).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Identity {
     /// The folder's id, stamped on every snapshot and WAL segment written in it.
@@ -86,7 +90,11 @@ impl Identity {
     }
 
     fn encode(&self) -> String {
-        let mut text = format!("{FIRST_LINE}\nid = {}\n", self.id);
+        let mut text = format!(
+            "{FIRST_LINE}\nid = {}\nid_crc32c = {:08x}\n",
+            self.id,
+            crc32c::crc32c(&self.id.0)
+        );
         if let Some(owner) = &self.owner {
             text.push_str(&format!("name = {}\nurl = {}\n", owner.name, owner.url));
         }
@@ -98,7 +106,7 @@ impl Identity {
         if lines.next() != Some(FIRST_LINE) {
             return Err(format!("the first line is not {FIRST_LINE:?}"));
         }
-        let (mut id, mut name, mut url) = (None, None, None);
+        let (mut id, mut check, mut name, mut url) = (None, None, None, None);
         for line in lines.filter(|l| !l.trim().is_empty()) {
             let (key, value) = line
                 .split_once('=')
@@ -109,6 +117,7 @@ impl Identity {
                     id = Some(DirId::parse(&value).ok_or("the id is not 32 hex digits")?);
                     continue;
                 }
+                "id_crc32c" => &mut check,
                 "name" => &mut name,
                 "url" => &mut url,
                 other => return Err(format!("unknown key {other:?}")),
@@ -116,6 +125,13 @@ impl Identity {
             *slot = Some(value);
         }
         let id = id.ok_or("no id line")?;
+        let expected = format!("{:08x}", crc32c::crc32c(&id.0));
+        if check.as_deref() != Some(expected.as_str()) {
+            return Err(format!(
+                "the id_crc32c line is missing or does not match the id (bit rot?); the id \
+                 computes to {expected}"
+            ));
+        }
         let owner = match (name, url) {
             (Some(name), Some(url)) => Some(DataOwner { name, url }),
             (None, None) => None,
@@ -146,7 +162,8 @@ pub(crate) fn load_with(vfs: &impl Vfs, dir: &Path) -> Result<Option<Identity>, 
             offset: 0,
             reason: format!(
                 "the data folder's identity is unreadable ({reason}); write it back from a copy \
-                 (the id is also in kv-node's start-up log)"
+                 (the id is also in kv-node's start-up log and in the error a start without \
+                 IDENTITY gives)"
             ),
         })
 }
@@ -245,6 +262,23 @@ mod tests {
         assert!(text.contains("name = node1"), "{text}");
         assert!(!dir.path().join(TMP_FILE_NAME).exists());
         assert_ne!(DirId::random(), DirId::random());
+        // The example in the README reads.
+        let example = format!(
+            "{FIRST_LINE}\nid = 5b0c9e2f8d1a4c7e9f3b6a2d1c0e8f47\nid_crc32c = 2fc55175\n\
+             name = node1\nurl = http://127.0.0.1:8001\n"
+        );
+        assert_eq!(
+            Identity::decode(&example).unwrap().owner.unwrap().name,
+            "node1"
+        );
+    }
+
+    /// The text with one hex digit of the id changed (what one flipped bit can do).
+    fn flip_hex_digit_of_id(text: &str) -> String {
+        let at = text.find("id = ").unwrap() + 5;
+        let mut bytes = text.as_bytes().to_vec();
+        bytes[at] = if bytes[at] == b'0' { b'1' } else { b'0' };
+        String::from_utf8(bytes).unwrap()
     }
 
     #[test]
@@ -256,7 +290,9 @@ mod tests {
             good.replacen("format 1", "format 9", 1),
             good.replacen("id = ", "id = x", 1),
             good.replacen("url", "uri", 1),
-            good.lines().take(3).collect::<Vec<_>>().join("\n"),
+            good.replacen("id_crc32c", "crc", 1),
+            flip_hex_digit_of_id(&good),
+            good.lines().take(4).collect::<Vec<_>>().join("\n"),
             format!("{FIRST_LINE}\nname = a\nurl = b\n"),
         ];
         for text in bad {

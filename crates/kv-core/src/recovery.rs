@@ -149,8 +149,9 @@ fn foreign(path: PathBuf, file_id: DirId, folder: FolderId) -> Error {
     } else {
         format!(
             "but this folder has no IDENTITY file (lost or removed?). If the file belongs here, \
-             write DATA_DIR/IDENTITY back with the line `id = {file_id}` (format in the README); \
-             otherwise move the file out of DATA_DIR"
+             write DATA_DIR/IDENTITY back with the lines `id = {file_id}` and `id_crc32c = \
+             {:08x}` (format in the README); otherwise move the file out of DATA_DIR",
+            crc32c::crc32c(&file_id.0)
         )
     };
     Error::ForeignFile {
