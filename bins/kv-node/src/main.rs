@@ -19,6 +19,7 @@ mod status;
 mod telemetry;
 mod tls;
 mod tls_certs;
+mod ui;
 
 use config::NodeConfig;
 use kv_cluster::{Cluster, ClusterConfig};
