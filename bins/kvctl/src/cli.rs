@@ -12,9 +12,10 @@ Exit codes:
   1  not found (404: no such key)
   2  bad input or usage (a bad argument or file; 400, 413 from the server)
   3  precondition failed (412 from --if-match / --if-absent; 409 version conflict)
-  4  unavailable (503, 504, 507, connection refused or timed out)
+  4  unavailable (503, 504, 507, connection refused or timed out; `status`: a node is
+     not healthy; `repair`: a round did not complete)
   5  auth (401, 403: missing or wrong --token / KV_TOKEN)
-  6  other server error; `doctor` found a failing check; `status` found a node down
+  6  other server error; `doctor` found a failing check
 
 Values: `put KEY VALUE` stores VALUE as JSON when it parses as JSON (42, true, {\"a\":1},
 \"quoted\"), else as a JSON string (hello -> \"hello\"); --string always stores a string.";

@@ -199,9 +199,11 @@ fn check_clocks(report: &mut Report, nodes: &[NodeInfo]) {
                 })
             })
             .collect();
-        let level = if off.abs() > limit || says_off {
+        // The node's own judgement counts only its up peers: with one of two peers off, the
+        // good node cannot tell which clock is wrong and refuses too. kvctl's vote decides.
+        let level = if off.abs() > limit {
             Level::Fail
-        } else if off.abs() > limit / 2 {
+        } else if off.abs() > limit / 2 || says_off {
             Level::Warn
         } else {
             Level::Ok
@@ -209,7 +211,11 @@ fn check_clocks(report: &mut Report, nodes: &[NodeInfo]) {
         let mut detail =
             format!("clock {off:+} ms from the others (limit MAX_CLOCK_OFFSET_MS={limit})");
         if says_off {
-            detail.push_str("; it refuses to coordinate writes (503 clock_offset)");
+            detail.push_str(&format!(
+                "; it refuses to coordinate writes (503 clock_offset): {} of {} nodes agree with it",
+                out::cell(&node.field("clock")["agreeing"]),
+                out::cell(&node.field("clock")["judged"])
+            ));
         }
         if !peers_view.is_empty() {
             detail.push_str(&format!("; {}", peers_view.join(", ")));
@@ -219,10 +225,12 @@ fn check_clocks(report: &mut Report, nodes: &[NodeInfo]) {
             level,
             &node.name(),
             detail,
-            if level == Level::Ok {
-                ""
-            } else {
-                "fix time sync on its host (chrony or NTP: `chronyc tracking`, `timedatectl`); no restart needed"
+            match level {
+                Level::Ok | Level::Skip => "",
+                Level::Warn if off.abs() <= limit / 2 => {
+                    "its clock is fine: fix the clock of the node marked FAIL, or bring its down peers back"
+                }
+                _ => "fix time sync on its host (chrony or NTP: `chronyc tracking`, `timedatectl`); no restart needed",
             },
         );
     }
