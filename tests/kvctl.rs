@@ -446,7 +446,7 @@ fn doctor_finds_a_down_node_and_a_skewed_clock() {
     let lib = kv_tests::libfaketime();
     let mut c = TestCluster::start_with(Options {
         lb: true,
-        env: env(&[("CLUSTER_SECRET", SECRET)]),
+        env: env(&[("CLUSTER_SECRET", SECRET), ("MIN_FREE_BYTES", "33554432")]),
         ..Options::default()
     });
     c.wait_converged();
@@ -476,6 +476,15 @@ fn doctor_finds_a_down_node_and_a_skewed_clock() {
     assert_eq!(fsync.len(), 1);
     assert!(fsync[0].2.contains("fsyncs/s"), "{fsync:?}");
     assert_eq!(checks(&healthy, "fds").len(), 1);
+    // Free disk against each node's own reserve (MIN_FREE_BYTES from its GET /).
+    let disks = checks(&healthy, "disk");
+    assert_eq!(disks.len(), 3);
+    assert!(
+        disks
+            .iter()
+            .all(|d| d.2.contains("reserve MIN_FREE_BYTES 32.0 MiB")),
+        "{disks:?}"
+    );
     assert_eq!(checks(&healthy, "version")[0].0, "ok");
     assert_eq!(checks(&healthy, "clock").len(), 3);
     assert!(
@@ -577,4 +586,67 @@ fn completions_help_and_watch_need_no_cluster() {
         None,
     );
     run.expect(2);
+}
+
+#[test]
+fn https_with_the_cluster_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let made = Command::new(bin_dir().join("kv-node"))
+        .arg("tls-certs")
+        .arg(&certs)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(made.success(), "kv-node tls-certs failed");
+    let port = free_port();
+    let url = format!("https://127.0.0.1:{port}");
+    let file = |name: &str| certs.join(name).display().to_string();
+    let vars = [
+        ("NODE_NAME", "node1".to_owned()),
+        ("PORT", port.to_string()),
+        ("CURRENT_NODE_URL", url.clone()),
+        ("CLUSTER_NODES", url.clone()),
+        ("REPLICATION_FACTOR", "1".to_owned()),
+        ("DATA_DIR", dir.path().join("node1").display().to_string()),
+        ("TLS_CERT_FILE", file("node.pem")),
+        ("TLS_KEY_FILE", file("node-key.pem")),
+        ("TLS_CA_FILE", file("ca.pem")),
+        ("RUST_LOG", "info".to_owned()),
+    ]
+    .map(|(k, v)| (k.to_owned(), v));
+    let mut node = Node::new(
+        "node1",
+        &url,
+        dir.path().join("node1"),
+        dir.path().join("node1.log"),
+        vars.to_vec(),
+    );
+    node.spawn();
+    let ca = file("ca.pem");
+    let ctl = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--cacert", ca.as_str()]);
+        kvctl(&url, None, &all, None)
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "the TLS node answers kvctl",
+        || ctl(&["status"]).code == 0,
+    );
+    ctl(&["put", "secure", r#"{"tls": true}"#]).expect(0);
+    let got = ctl(&["get", "secure", "--json"]).expect(0).json();
+    assert_eq!(got["value"]["tls"], true);
+    // Without the CA the server's certificate is not trusted: no answer, 4.
+    let untrusted = kvctl(&url, None, &["get", "secure"], None).expect(4);
+    assert!(untrusted.stderr.contains("certificate"), "{untrusted:?}");
+    // A file that holds no certificate is bad input.
+    kvctl(
+        &url,
+        None,
+        &["get", "secure", "--cacert", &file("node-key.pem")],
+        None,
+    )
+    .expect(2);
+    node.kill9();
 }
