@@ -9,6 +9,7 @@ use crate::error::{code, CtlError};
 use crate::out;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Value};
+use std::collections::BTreeSet;
 use std::io::{IsTerminal, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -250,10 +251,15 @@ fn repair_cell(status: &Value) -> String {
     if last.is_null() {
         return "no round yet".into();
     }
+    if let Some(why) = last["skipped"].as_str() {
+        return format!(
+            "skipped ({}), {}",
+            why.chars().take(40).collect::<String>(),
+            ago(last["started_at_ms"].as_u64())
+        );
+    }
     let outcome = if last["complete"] == true {
         "complete"
-    } else if !last["skipped"].is_null() {
-        "skipped"
     } else {
         "incomplete"
     };
@@ -504,6 +510,17 @@ fn print_view(view: &Value) {
     ));
 }
 
+/// The URLs of a view's members whose state passes `keep`.
+fn member_set(view: &Value, keep: impl Fn(&str) -> bool) -> BTreeSet<String> {
+    view["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| keep(m["state"].as_str().unwrap_or("")))
+        .filter_map(|m| m["url"].as_str().map(str::to_owned))
+        .collect()
+}
+
 /// Keys streamed and to stream by every node in the change at `epoch`.
 fn transfer_totals(view: &Value, epoch: u64) -> (u64, u64) {
     view["transfer"]
@@ -521,7 +538,13 @@ fn transfer_totals(view: &Value, epoch: u64) -> (u64, u64) {
 
 /// Polls `GET /admin/members` until the change planned at `epoch` is committed (epoch + 1 and
 /// no transition), with a progress bar of the keys streamed.
-fn follow(node: &Http, epoch: u64, wait: Duration, quiet: bool) -> Result<Value, CtlError> {
+fn follow(
+    node: &Http,
+    epoch: u64,
+    expected: &BTreeSet<String>,
+    wait: Duration,
+    quiet: bool,
+) -> Result<Value, CtlError> {
     let bar = ProgressBar::new(0);
     if quiet {
         bar.set_draw_target(ProgressDrawTarget::hidden());
@@ -542,14 +565,19 @@ fn follow(node: &Http, epoch: u64, wait: Duration, quiet: bool) -> Result<Value,
             bar.set_length(total);
             bar.set_position(sent.min(total));
             if now > epoch && view["in_transition"] == false {
-                bar.finish_with_message(format!("committed at epoch {now}"));
-                return Ok(view);
-            }
-            if now < epoch {
+                // A commit and an abort both end at a later epoch: tell them by the members.
+                let members = member_set(&view, |_| true);
+                if members == *expected {
+                    bar.finish_with_message(format!("committed at epoch {now}"));
+                    return Ok(view);
+                }
                 bar.abandon_with_message("the change was aborted");
                 return Err(CtlError::Reported {
                     code: code::OTHER,
-                    message: format!("the view went back to epoch {now}: the change was aborted"),
+                    message: format!(
+                        "the change ended at epoch {now} without its plan (aborted?): members are {}",
+                        members.into_iter().collect::<Vec<_>>().join(", ")
+                    ),
                 });
             }
         }
@@ -582,6 +610,8 @@ fn apply_change(
     confirm(&format!("apply this plan ({what})?"), apply.yes)?;
     let applied = node.call("POST", "/admin/members", Some(&body))?;
     let epoch = applied["view"]["epoch"].as_u64().unwrap_or(0);
+    // After the commit: every member of the plan's view but the leaving ones.
+    let expected = member_set(&applied["view"], |state| state != "leaving");
     if !global.json {
         out::line(&format!("applied: epoch {epoch}, data is moving"));
     }
@@ -591,6 +621,7 @@ fn apply_change(
         follow(
             node,
             epoch,
+            &expected,
             Duration::from_secs(apply.wait_secs),
             global.json,
         )?
@@ -947,6 +978,17 @@ mod tests {
         assert_eq!(members_of(&status), vec!["http://a:1".to_owned()]);
         let status = json!({"nodes": ["http://b:2"]});
         assert_eq!(members_of(&status), vec!["http://b:2".to_owned()]);
+    }
+
+    #[test]
+    fn the_committed_members_are_the_plan_without_the_leaving_ones() {
+        let plan = json!({"members": [
+            {"url": "a", "state": "active"},
+            {"url": "b", "state": "leaving"},
+            {"url": "c", "state": "joining"},
+        ]});
+        let expected = member_set(&plan, |s| s != "leaving");
+        assert_eq!(expected.into_iter().collect::<Vec<_>>(), vec!["a", "c"]);
     }
 
     #[test]
