@@ -424,6 +424,72 @@ fn status_repair_members_backup_and_restore() {
     );
 }
 
+#[test]
+fn members_abort_replace_and_forced_remove() {
+    let mut c = TestCluster::start_with(Options {
+        lb: true,
+        env: env(&[("CLUSTER_SECRET", SECRET)]),
+        ..Options::default()
+    });
+    c.wait_converged();
+    let lb = c.lb_url.clone().unwrap();
+    let ctl = |args: &[&str]| kvctl(&lb, Some(SECRET), args, None);
+    for i in 0..30 {
+        ctl(&["put", &format!("r/{i}"), &i.to_string()]).expect(0);
+    }
+    let urls = |view: &Value| member_urls(view);
+    let start = ctl(&["members", "--json"]).expect(0).json();
+    let three = urls(&start);
+
+    // A change that cannot finish (the joining node died) is aborted: the old members return.
+    let mut node4 = new_node(&c, "node4");
+    let n4 = node4.url.clone();
+    let applied = ctl(&["members", "add", &n4, "--yes", "--no-wait", "--json"]).expect(0);
+    assert_eq!(applied.json()["committed"], Value::Null);
+    node4.kill9();
+    ctl(&["members", "abort"]).expect(2); // no terminal, no --yes: nothing done
+    let aborted = ctl(&["members", "abort", "--yes", "--json"])
+        .expect(0)
+        .json();
+    assert_eq!(aborted["aborted"], true, "{aborted}");
+    wait_until(Duration::from_secs(20), "the abort is adopted", || {
+        let view = ctl(&["members", "--json"]).json();
+        view["in_transition"] == false && urls(&view) == three
+    });
+
+    // replace: node3 leaves, node5 joins, in one change followed to its commit.
+    let node5 = new_node(&c, "node5");
+    let n3 = c.url(2).to_owned();
+    let replaced = ctl(&["members", "replace", &n3, &node5.url, "--yes", "--json"]).expect(0);
+    let replaced = replaced.json();
+    assert_eq!(replaced["plan"]["applied"], false);
+    let mut expected = vec![c.url(0).to_owned(), c.url(1).to_owned(), node5.url.clone()];
+    expected.sort();
+    assert_eq!(urls(&replaced["committed"]), expected, "{replaced}");
+    c.nodes[2].kill9();
+
+    // A dead node is removed only with --force (without it: 400 invalid_plan, exit 2).
+    let n2 = c.url(1).to_owned();
+    c.nodes[1].kill9();
+    wait_until(Duration::from_secs(10), "node1 sees node2 down", || {
+        c.nodes[0].sees_down(Some(&n2))
+    });
+    let refused = ctl(&["members", "remove", &n2, "--yes", "--json"]).expect(2);
+    assert_eq!(refused.json()["error"], "invalid_plan", "{refused:?}");
+    let removed = ctl(&["members", "remove", &n2, "--force", "--yes", "--json"]).expect(0);
+    let mut two = vec![c.url(0).to_owned(), node5.url.clone()];
+    two.sort();
+    assert_eq!(urls(&removed.json()["committed"]), two);
+    // Every key is still there, on the two nodes left.
+    wait_until(
+        Duration::from_secs(10),
+        "the LB routes to the two nodes left",
+        || ctl(&["get", "r/7"]).code == 0,
+    );
+    let listed = ctl(&["list", "--prefix", "r/", "--json"]).expect(0).json();
+    assert_eq!(listed["keys"].as_array().unwrap().len(), 30, "{listed}");
+}
+
 /// The doctor's checks of one kind, as (status, subject, detail).
 fn checks(report: &Value, kind: &str) -> Vec<(String, String, String)> {
     report["checks"]
