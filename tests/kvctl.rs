@@ -345,7 +345,16 @@ fn status_repair_members_backup_and_restore() {
         "--data-dir",
         fresh.to_str().unwrap(),
     ];
-    ctl(&restore).expect(0);
+    let restored = ctl(&[&restore[..], &["--json"][..]].concat())
+        .expect(0)
+        .json();
+    assert!(
+        restored["output"]
+            .as_str()
+            .unwrap()
+            .contains("restored 20 entries"),
+        "{restored}"
+    );
     assert!(fresh.join("snapshot.db").is_file());
     ctl(&restore).expect(2); // the folder now holds data: refused without --force
     let mut forced = restore.to_vec();
@@ -471,9 +480,11 @@ fn members_abort_replace_and_forced_remove() {
     // A dead node is removed only with --force (without it: 400 invalid_plan, exit 2).
     let n2 = c.url(1).to_owned();
     c.nodes[1].kill9();
-    wait_until(Duration::from_secs(10), "node1 sees node2 down", || {
-        c.nodes[0].sees_down(Some(&n2))
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "node1 and node5 see node2 down",
+        || c.nodes[0].sees_down(Some(&n2)) && node5.sees_down(Some(&n2)),
+    );
     let refused = ctl(&["members", "remove", &n2, "--yes", "--json"]).expect(2);
     assert_eq!(refused.json()["error"], "invalid_plan", "{refused:?}");
     let removed = ctl(&["members", "remove", &n2, "--force", "--yes", "--json"]).expect(0);

@@ -2,7 +2,7 @@
 
 use crate::client::Http;
 use crate::error::CtlError;
-use clap::{Args, CommandFactory, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueHint};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -38,14 +38,15 @@ pub struct Global {
         long,
         env = "KV_URL",
         default_value = "http://127.0.0.1:9000",
-        global = true
+        global = true,
+        value_hint = ValueHint::Url
     )]
     pub url: String,
     /// Bearer token (AUTH_TOKEN for data, AUTH_TOKEN or CLUSTER_SECRET for /admin).
     #[arg(long, env = "KV_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<String>,
     /// PEM CA certificate to trust for https URLs (only it: no system roots).
-    #[arg(long, env = "KV_CACERT", global = true)]
+    #[arg(long, env = "KV_CACERT", global = true, value_hint = ValueHint::FilePath)]
     pub cacert: Option<PathBuf>,
     /// Print machine-readable JSON on stdout instead of tables.
     #[arg(long, global = true)]
@@ -129,7 +130,7 @@ pub struct PutArgs {
     #[arg(conflicts_with = "file")]
     pub value: Option<String>,
     /// Read the value from this file (`-`: stdin).
-    #[arg(long, short = 'f')]
+    #[arg(long, short = 'f', value_hint = ValueHint::FilePath)]
     pub file: Option<PathBuf>,
     /// Store the value as a JSON string even if it parses as JSON.
     #[arg(long)]
@@ -182,6 +183,7 @@ pub struct ListArgs {
 #[derive(Debug, Args)]
 pub struct BatchArgs {
     /// JSON file with `{"ops": [...]}` or `[...]` (`-`: stdin).
+    #[arg(value_hint = ValueHint::FilePath)]
     pub file: PathBuf,
     /// Write consistency of the batch's writes.
     #[arg(long)]
@@ -282,6 +284,7 @@ pub struct BackupArgs {
     /// The node: its URL, or its name (NODE_NAME) as `status` shows it.
     pub node: String,
     /// Where to write the backup (written to FILE.part, renamed when complete).
+    #[arg(value_hint = ValueHint::FilePath)]
     pub file: PathBuf,
 }
 
@@ -289,15 +292,16 @@ pub struct BackupArgs {
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
     /// The backup file.
+    #[arg(value_hint = ValueHint::FilePath)]
     pub file: PathBuf,
     /// The stopped node's data folder.
-    #[arg(long, env = "DATA_DIR")]
+    #[arg(long, env = "DATA_DIR", value_hint = ValueHint::DirPath)]
     pub data_dir: PathBuf,
     /// Replace a folder that holds data.
     #[arg(long)]
     pub force: bool,
     /// The kv-node program (default: next to kvctl, else on PATH).
-    #[arg(long)]
+    #[arg(long, value_hint = ValueHint::ExecutablePath)]
     pub kv_node: Option<PathBuf>,
     /// Print the command instead of running it.
     #[arg(long)]
@@ -308,7 +312,7 @@ pub struct RestoreArgs {
 #[derive(Debug, Args)]
 pub struct DoctorArgs {
     /// A node's DATA_DIR on this machine: measure its disk's fsync rate.
-    #[arg(long)]
+    #[arg(long, value_hint = ValueHint::DirPath)]
     pub data_dir: Option<PathBuf>,
     /// fsyncs to time for the rate.
     #[arg(long, default_value_t = 300)]

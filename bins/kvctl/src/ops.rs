@@ -27,24 +27,27 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// A node to send `/admin` calls to: `--url` when it is a node, else the first node the LB
-    /// believes healthy (the LB does not proxy `/admin`).
+    /// A node to send `/admin` calls to: `--url` when it is a node, else the first node that
+    /// answers `/health` with 200, the ones the LB believes healthy first (the LB does not proxy
+    /// `/admin`, and its view of health can be a second old).
     pub fn admin_node(&self, http: &Http) -> Result<String, CtlError> {
         let Some(lb) = &self.lb else {
             return Ok(http.base.clone());
         };
-        lb["nodes"]
-            .as_array()
-            .and_then(|nodes| {
-                nodes
-                    .iter()
-                    .find(|n| n["healthy"] == true)
-                    .and_then(|n| n["url"].as_str())
+        let mut nodes: Vec<&Value> = lb["nodes"].as_array().into_iter().flatten().collect();
+        nodes.sort_by_key(|n| n["healthy"] != true);
+        nodes
+            .iter()
+            .filter_map(|n| n["url"].as_str())
+            .find(|url| {
+                http.at(url)
+                    .get_public("/health")
+                    .is_ok_and(|a| a.status == 200)
             })
             .map(str::to_owned)
             .ok_or_else(|| CtlError::Reported {
                 code: code::UNAVAILABLE,
-                message: format!("the LB at {} believes no node healthy", http.base),
+                message: format!("no node behind the LB at {} answers /health", http.base),
             })
     }
 }
@@ -932,20 +935,28 @@ pub fn restore(global: &Global, args: &RestoreArgs) -> Result<(), CtlError> {
         }
         return Ok(());
     }
-    let status = std::process::Command::new(&program)
+    // With --json, kv-node's own line goes into the JSON instead of onto stdout.
+    let mut command = std::process::Command::new(&program);
+    command
         .args(&words[1..])
         .stdin(std::process::Stdio::null())
-        .status()
-        .map_err(|e| {
-            CtlError::Io(format!(
-                "cannot run {}: {e}; install kv-node next to kvctl, put it on PATH or pass --kv-node",
-                program.display()
-            ))
-        })?;
-    match status.code() {
+        .stderr(std::process::Stdio::inherit())
+        .stdout(if global.json {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::inherit()
+        });
+    let ran = command.output().map_err(|e| {
+        CtlError::Io(format!(
+            "cannot run {}: {e}; install kv-node next to kvctl, put it on PATH or pass --kv-node",
+            program.display()
+        ))
+    })?;
+    match ran.status.code() {
         Some(0) => {
             if global.json {
-                out::json(&json!({ "ok": true, "command": words }));
+                let said = String::from_utf8_lossy(&ran.stdout).trim().to_owned();
+                out::json(&json!({ "ok": true, "command": words, "output": said }));
             }
             Ok(())
         }
