@@ -119,11 +119,7 @@ impl Trees {
 
     /// Adds every entry of one shard and marks it built. The caller holds the shard's read lock
     /// for the whole call (`kv_core::Store::visit_shard`), so no change slips between the two.
-    pub fn add_shard(
-        &self,
-        shard: usize,
-        entries: &mut dyn Iterator<Item = (&str, Version)>,
-    ) {
+    pub fn add_shard(&self, shard: usize, entries: &mut dyn Iterator<Item = (&str, Version)>) {
         let Some(flag) = self.built.get(shard) else {
             return;
         };
