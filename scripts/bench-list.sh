@@ -114,11 +114,11 @@ info "preloading $KEYS keys"
 grep -q "(0 failed)" "$OUT/logs/preload.log" || die "preload: $(tail -n 1 "$OUT/logs/preload.log")"
 RSS_KIB="$(awk '/^VmRSS:/ {print $2}' "/proc/$NODE_PID/status")"
 
-# list NAME [ARGS...]: listing pages, closed loop on one connection unless ARGS say otherwise.
+# list NAME CONNS [ARGS...]: listing pages, closed loop unless ARGS give a --rate.
 list() {
-    local name="$1"
-    shift
-    "$KV_BENCH" run --url "$URL" --conns 1 --keys "$KEYS" --mix list=1 --list-limit "$LIST_LIMIT" \
+    local name="$1" conns="$2"
+    shift 2
+    "$KV_BENCH" run --url "$URL" --conns "$conns" --keys "$KEYS" --mix list=1 --list-limit "$LIST_LIMIT" \
         --duration "$DURATION" --warmup "$WARMUP" --timeout 60s --quiet --label "$name" \
         --json "$OUT/$name.json" "$@" >>"$OUT/runs.txt" 2>"$OUT/logs/$name.log"
 }
@@ -131,20 +131,23 @@ write() {
         >>"$OUT/runs.txt" 2>"$OUT/logs/$1.log"
 }
 
+LOAD_BEFORE="$(cut -d' ' -f1 /proc/loadavg)"
 info "phase list-alone"
-list list-alone
+list list-alone 1
 info "phase write-alone"
 write write-alone
 info "phase list+write"
 write write-while-listing &
 WRITER=$!
-list list-under-writes
+list list-under-writes 1
 wait "$WRITER"
 info "phase paced: writes while listing $LIST_RATE page(s) per second"
 write write-while-paced &
 WRITER=$!
-list list-paced --conns 4 --rate "$LIST_RATE"
+list list-paced 4 --rate "$LIST_RATE"
 wait "$WRITER"
+
+LOAD_AFTER="$(cut -d' ' -f1 /proc/loadavg)"
 
 # Clean shutdown (final checkpoint of the whole map), then a restart (recovery from it).
 info "restart: shutdown with a final checkpoint, then recovery"
@@ -157,9 +160,9 @@ t2=$(date +%s.%N)
 SHUTDOWN_SECS=$(python3 -c "print(f'{$t1 - $t0:.2f}')")
 START_SECS=$(python3 -c "print(f'{$t2 - $t1:.2f}')")
 
-python3 - "$OUT" "$LABEL" "$KEYS" "$LIST_LIMIT" "$WRITE_RATE" "$RSS_KIB" "$SHUTDOWN_SECS" "$START_SECS" "$LIST_RATE" <<'EOF' | tee "$OUT/table.md"
+python3 - "$OUT" "$LABEL" "$KEYS" "$LIST_LIMIT" "$WRITE_RATE" "$RSS_KIB" "$SHUTDOWN_SECS" "$START_SECS" "$LIST_RATE" "$LOAD_BEFORE / $LOAD_AFTER" <<'EOF' | tee "$OUT/table.md"
 import json, sys
-out, label, keys, limit, rate, rss, shutdown, start, list_rate = sys.argv[1:]
+out, label, keys, limit, rate, rss, shutdown, start, list_rate, load = sys.argv[1:]
 def op(name, which):
     with open(f"{out}/{name}.json") as f:
         report = json.load(f)
@@ -180,5 +183,6 @@ print(f"| {label} | {ms(la['latency_us']['p50'])} / {ms(la['latency_us']['p99'])
       f"| {ms(wa['latency_us']['p99'])} | {ms(ww['latency_us']['p99'])} "
       f"| {ms(wp['latency_us']['p99'])} | {ms(lp['latency_us']['p99'])} | {errors} "
       f"| {int(rss) / 1024:.0f} | {shutdown} | {start} |")
-print(f"\n{keys} keys, pages of {limit}, writes at {rate}/s open loop; kv-bench JSON in {out}")
+print(f"\n{keys} keys, pages of {limit}, writes at {rate}/s open loop; machine load average "
+      f"(1 min) before / after the phases: {load}; kv-bench JSON in {out}")
 EOF
