@@ -273,3 +273,69 @@ fn a_node_restored_from_a_backup_taken_before_deletes_does_not_bring_them_back()
     }
     check("after another round everywhere");
 }
+
+/// The value of a counter or gauge line (`name{labels} value`) in a node's `/metrics`, 0 if absent.
+fn metric(node: &str, line_start: &str) -> f64 {
+    let text = send("GET", &format!("{node}/metrics"), None).unwrap().text;
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn past_the_hint_window_a_down_replica_gets_no_hints_and_anti_entropy_heals_it() {
+    // Rounds only on demand and when a peer comes back: the heal below is that trigger's work.
+    let mut c = TestCluster::start_with(options(&[
+        ("HINT_WINDOW_SECS", "2"),
+        ("ANTI_ENTROPY_INTERVAL_SECS", "0"),
+    ]));
+    c.nodes[2].kill9();
+    let (node1, node2, node3) = (
+        c.url(0).to_owned(),
+        c.url(1).to_owned(),
+        c.url(2).to_owned(),
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "node1 and node2 see node3 down",
+        || c.nodes[0].sees_down(Some(&node3)) && c.nodes[1].sees_down(Some(&node3)),
+    );
+    // Writes while node3 is away: hints at first, then none once its oldest hint is older than
+    // the window (the coordinators count those refusals).
+    let window_drops = r#"kv_hints_dropped_total{reason="window"}"#;
+    let mut acked = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut i = 0;
+    while metric(&node1, window_drops) + metric(&node2, window_drops) < 20.0 {
+        assert!(
+            Instant::now() < deadline,
+            "hints still kept 30 s into an outage with a 2 s window"
+        );
+        let key = format!("away-{i}");
+        let answer = put(&node1, &key, json!(i), "");
+        assert_eq!(answer.status, 200, "{}", answer.text);
+        acked.push(key);
+        i += 1;
+    }
+    let pending =
+        status_u64(&c.nodes[0], "hints_pending") + status_u64(&c.nodes[1], "hints_pending");
+    assert!(
+        pending > 0 && (pending as usize) < acked.len(),
+        "some hints were kept ({pending}), not one per write ({})",
+        acked.len()
+    );
+    // node3 returns: the expired hints are skipped, and anti-entropy gives it everything.
+    c.nodes[2].restart();
+    wait_until(
+        Duration::from_secs(60),
+        "node3 holds as many keys as were written while it was away",
+        || status_u64(&c.nodes[2], "keys") as usize >= acked.len(),
+    );
+    let missing = acked.iter().filter(|k| !holds(&node3, k)).count();
+    assert_eq!(missing, 0, "keys missing on node3 after anti-entropy");
+    wait_until(Duration::from_secs(30), "no hint is left waiting", || {
+        status_u64(&c.nodes[0], "hints_pending") + status_u64(&c.nodes[1], "hints_pending") == 0
+    });
+}

@@ -27,6 +27,8 @@ struct NodeEnv {
     tombstone_grace_secs: Option<String>,
     anti_entropy_interval_secs: Option<String>,
     anti_entropy_bytes_per_sec: Option<String>,
+    hint_window_secs: Option<String>,
+    hint_max_bytes: Option<String>,
     write_consistency: Option<String>,
     read_consistency: Option<String>,
     vnodes: Option<String>,
@@ -91,6 +93,10 @@ pub struct NodeConfig {
     pub anti_entropy_interval: Duration,
     /// Record bytes an anti-entropy round may move per second.
     pub anti_entropy_bytes_per_sec: u64,
+    /// Hints are not kept for a peer away longer than this, nor replayed once older.
+    pub hint_window: Duration,
+    /// Hint bytes kept per peer.
+    pub hint_max_bytes: u64,
     /// Default W.
     pub write_consistency: Consistency,
     /// Default R.
@@ -412,17 +418,33 @@ impl NodeEnv {
                 self.tombstone_grace_secs.as_deref(),
                 86_400,
             )?,
-            anti_entropy_interval: secs(
+            // Zero: rounds only on demand (`POST /admin/repair`) and when a peer comes back.
+            anti_entropy_interval: parse_num(
                 "ANTI_ENTROPY_INTERVAL_SECS",
                 self.anti_entropy_interval_secs.as_deref(),
                 30,
-            )?,
+                0,
+                10 * 365 * 86_400,
+            )
+            .map(Duration::from_secs)?,
             anti_entropy_bytes_per_sec: parse_num(
                 "ANTI_ENTROPY_BYTES_PER_SEC",
                 self.anti_entropy_bytes_per_sec.as_deref(),
                 16 << 20,
                 1024,
                 1 << 40,
+            )?,
+            hint_window: secs(
+                "HINT_WINDOW_SECS",
+                self.hint_window_secs.as_deref(),
+                3 * 3600,
+            )?,
+            hint_max_bytes: parse_num(
+                "HINT_MAX_BYTES",
+                self.hint_max_bytes.as_deref(),
+                1 << 30,
+                0,
+                1 << 50,
             )?,
             write_consistency: consistency("WRITE_CONSISTENCY", self.write_consistency)?,
             read_consistency: consistency("READ_CONSISTENCY", self.read_consistency)?,
@@ -507,6 +529,28 @@ mod tests {
     fn env(pairs: &[(&str, &str)]) -> Result<NodeConfig, ConfigError> {
         let vars = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string()));
         envy::from_iter::<_, NodeEnv>(vars).unwrap().validate()
+    }
+
+    #[test]
+    fn hint_limits_and_anti_entropy_pace_are_read_and_checked() {
+        let c = env(&[]).unwrap();
+        assert_eq!(c.hint_window, Duration::from_secs(3 * 3600));
+        assert_eq!(c.hint_max_bytes, 1 << 30);
+        assert_eq!(c.anti_entropy_interval, Duration::from_secs(30));
+        let c = env(&[
+            ("HINT_WINDOW_SECS", "60"),
+            ("HINT_MAX_BYTES", "0"),
+            ("ANTI_ENTROPY_INTERVAL_SECS", "0"),
+        ])
+        .unwrap();
+        assert_eq!(c.hint_window, Duration::from_secs(60));
+        assert_eq!(c.hint_max_bytes, 0, "zero keeps no hints");
+        assert!(
+            c.anti_entropy_interval.is_zero(),
+            "zero: rounds on demand only"
+        );
+        assert!(env(&[("HINT_WINDOW_SECS", "0")]).is_err());
+        assert!(env(&[("HINT_MAX_BYTES", "lots")]).is_err());
     }
 
     #[test]

@@ -65,7 +65,27 @@ pub const HELP_VARIABLES: &[(&str, &str, &str)] = &[
     (
         "TOMBSTONE_GRACE_SECS",
         "86400",
-        "deleted keys' tombstones are collected after this",
+        "tombstones are collected once older than this and on every replica",
+    ),
+    (
+        "ANTI_ENTROPY_INTERVAL_SECS",
+        "30",
+        "seconds between anti-entropy rounds; 0: on demand and when a peer returns",
+    ),
+    (
+        "ANTI_ENTROPY_BYTES_PER_SEC",
+        "16777216",
+        "record bytes per second anti-entropy may move",
+    ),
+    (
+        "HINT_WINDOW_SECS",
+        "10800",
+        "no new hints for a peer away longer than this; older hints are not replayed",
+    ),
+    (
+        "HINT_MAX_BYTES",
+        "1073741824",
+        "hint bytes kept per peer",
     ),
     (
         "WRITE_CONSISTENCY",

@@ -168,6 +168,10 @@ fn cluster_config(config: &NodeConfig, tls_ca_pem: Option<Vec<u8>>) -> ClusterCo
         write_consistency: config.write_consistency,
         read_consistency: config.read_consistency,
         hints_dir: config.data_dir.join("hints"),
+        hint_limits: kv_cluster::HintLimits {
+            window: config.hint_window,
+            max_bytes_per_peer: config.hint_max_bytes,
+        },
         members_file: config.data_dir.join("members.json"),
         transfer_keys_per_sec: config.transfer_keys_per_sec,
         // A node bound to one address talks to its peers from that address too.

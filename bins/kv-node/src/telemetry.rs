@@ -153,6 +153,11 @@ fn describe_metrics() {
         "kv_hints_pending",
         "hinted writes waiting for a peer that was down"
     );
+    describe_gauge!(
+        "kv_hints_pending_bytes",
+        Unit::Bytes,
+        "bytes the waiting hints take on disk (capped per peer by HINT_MAX_BYTES)"
+    );
     describe_gauge!("kv_peer_up", "1 when this node believes the peer is up");
     describe_gauge!(
         "kv_peer_clock_offset_ms",
@@ -250,6 +255,7 @@ pub fn record_store_gauges(cluster: &Cluster) {
     }
     let status = cluster.status();
     metrics::gauge!("kv_hints_pending").set(status.hints_pending as f64);
+    metrics::gauge!("kv_hints_pending_bytes").set(status.hints_pending_bytes as f64);
     for peer in status.peers {
         let up = if peer.health.state == kv_cluster::PeerState::Down {
             0.0

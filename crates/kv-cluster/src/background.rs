@@ -122,30 +122,37 @@ impl Cluster {
     pub(crate) async fn replay_hints(&self, peer: &str) {
         let inner = &self.inner;
         for path in inner.hints.seal(peer).await {
-            let count = match self.replay_file(peer, &path).await {
-                Ok(count) => count,
+            let (count, expired) = match self.replay_file(peer, &path).await {
+                Ok(counts) => counts,
                 Err(e) => return warn!(peer, error = %e, "hint replay interrupted"),
             };
-            match inner.hints.remove_delivered(peer, &path, count) {
+            match inner.hints.remove_delivered(peer, &path, count, expired) {
                 Ok(()) => {
                     metrics::counter!("kv_hints_delivered_total").increment(count);
-                    info!(peer, hints = count, "hints delivered");
+                    info!(
+                        peer,
+                        hints = count,
+                        expired,
+                        "hints delivered (expired ones skipped: anti-entropy heals them)"
+                    );
                 }
                 Err(e) => return warn!(error = %e, "cannot remove delivered hints"),
             }
         }
     }
 
-    /// Sends one hint file to `peer`, batch after batch; the number of hints it held, or why
-    /// reading or sending failed (the file then stays for the next round).
-    async fn replay_file(&self, peer: &str, path: &std::path::Path) -> Result<u64, String> {
+    /// Sends one hint file to `peer`, batch after batch, skipping hints older than the hint
+    /// window; the hints sent and skipped, or why reading or sending failed (the file then
+    /// stays for the next round).
+    async fn replay_file(&self, peer: &str, path: &std::path::Path) -> Result<(u64, u64), String> {
         let inner = &self.inner;
         let open = path.to_owned();
         let mut reader = tokio::task::spawn_blocking(move || HintReader::open(&open))
             .await
             .map_err(|e| format!("hint reader failed: {e}"))?
             .map_err(|e| e.to_string())?;
-        let mut count = 0;
+        let limits = inner.hints.limits();
+        let (mut count, mut expired) = (0, 0);
         loop {
             let read = tokio::task::spawn_blocking(move || {
                 let batch = reader.next_batch(HINT_BATCH, SEND_BATCH_BYTES);
@@ -154,9 +161,16 @@ impl Cluster {
             .await;
             let (back, batch) = read.map_err(|e| format!("hint reader failed: {e}"))?;
             reader = back;
-            let batch = batch.map_err(|e| e.to_string())?;
+            let mut batch = batch.map_err(|e| e.to_string())?;
             if batch.is_empty() {
-                return Ok(count);
+                return Ok((count, expired));
+            }
+            let now = crate::quorum::now_ms();
+            let read = batch.len();
+            batch.retain(|r| limits.fresh(r.version.physical_ms(), now));
+            expired += (read - batch.len()) as u64;
+            if batch.is_empty() {
+                continue;
             }
             if let Err(e) = inner.peers.replicate(peer, &batch, "hint-replay").await {
                 inner.detector.record_failure(peer, e.is_connect());

@@ -49,6 +49,8 @@ pub struct ClusterConfig {
     pub read_consistency: Consistency,
     /// Folder of the hint files.
     pub hints_dir: PathBuf,
+    /// Hint window and byte cap per peer (the window is capped at the tombstone grace).
+    pub hint_limits: crate::hints::HintLimits,
     /// The stored membership view (`DATA_DIR/members.json`).
     pub members_file: PathBuf,
     /// Keys a node streams to new replicas per second during a membership change.
@@ -89,6 +91,8 @@ pub struct ClusterStatus {
     pub peers: Vec<PeerView>,
     /// Hints waiting, over all peers.
     pub hints_pending: u64,
+    /// Bytes the waiting hints take on disk.
+    pub hints_pending_bytes: u64,
     /// Hints delivered since start-up.
     pub hints_delivered: u64,
     /// Client requests this node forwarded to a replica since start-up.
@@ -198,7 +202,10 @@ impl Cluster {
             status: 0,
             reason,
         })?;
-        let hints = HintStore::open(config.hints_dir.clone())?;
+        let mut hint_limits = config.hint_limits;
+        // A hint older than the grace could carry a write whose key's tombstone was collected.
+        hint_limits.window = hint_limits.window.min(config.anti_entropy.grace);
+        let hints = HintStore::open(config.hints_dir.clone(), hint_limits)?;
         let (stop, _) = watch::channel(false);
         let transfer = crate::rebalance::TransferState::load(&config.members_file);
         let fresh = starts_empty(&store);
@@ -506,6 +513,7 @@ impl Cluster {
             epoch: topology.view.epoch,
             peers,
             hints_pending: inner.hints.pending(),
+            hints_pending_bytes: inner.hints.pending_bytes(),
             hints_delivered: inner.hints.delivered(),
             forwarded_requests: inner.forwarded.load(Ordering::Relaxed),
             read_repairs: inner.read_repairs.load(Ordering::Relaxed),

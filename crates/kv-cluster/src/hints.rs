@@ -11,6 +11,14 @@
 //!
 //! One writer thread owns the open files: appends queue on a bounded channel, and the thread
 //! writes everything queued, then fsyncs each touched file once (group commit, as in the WAL).
+//!
+//! # Limits ([`HintLimits`])
+//! Hints are a shortcut, not the safety net (anti-entropy is): a peer gets no new hints once its
+//! oldest undelivered hint is older than the **window** (`HINT_WINDOW_SECS`: it has been away that
+//! long) or once its hints hold the **byte cap** (`HINT_MAX_BYTES`); a replay skips hints older
+//! than the window. Those writes reach the peer through anti-entropy instead. The window never
+//! exceeds the tombstone grace, so a replayed hint cannot bring back a key whose tombstone was
+//! already collected.
 
 use crate::error::{Error, Result};
 use crate::hint_file::count_hints;
@@ -41,12 +49,72 @@ enum Command {
     },
 }
 
+/// How long and how much a node keeps hints for one peer.
+#[derive(Debug, Clone, Copy)]
+pub struct HintLimits {
+    /// `HINT_WINDOW_SECS`: a peer whose oldest undelivered hint is older than this gets no new
+    /// hints, and a replay skips hints older than this.
+    pub window: std::time::Duration,
+    /// `HINT_MAX_BYTES`: hint bytes kept per peer.
+    pub max_bytes_per_peer: u64,
+}
+
+impl Default for HintLimits {
+    fn default() -> Self {
+        HintLimits {
+            window: std::time::Duration::from_secs(3 * 3600),
+            max_bytes_per_peer: 1 << 30,
+        }
+    }
+}
+
+impl HintLimits {
+    fn window_ms(&self) -> u64 {
+        u64::try_from(self.window.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether a hint for a write of version time `version_ms` is still worth delivering at `now_ms`.
+    pub fn fresh(&self, version_ms: u64, now_ms: u64) -> bool {
+        now_ms.saturating_sub(version_ms) <= self.window_ms()
+    }
+}
+
+/// What is kept for one peer: hints, their bytes on disk, and when the oldest was written.
+#[derive(Debug, Clone, Copy, Default)]
+struct Pending {
+    count: u64,
+    bytes: u64,
+    since_ms: u64,
+}
+
+/// Why a hint was not kept (the `reason` label of `kv_hints_dropped_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The writer's queue is full (the disk is slower than the writes).
+    QueueFull,
+    /// The peer has been away longer than the window.
+    Window,
+    /// The peer's hints hold the byte cap.
+    Bytes,
+}
+
+impl Refused {
+    fn label(self) -> &'static str {
+        match self {
+            Refused::QueueFull => "queue_full",
+            Refused::Window => "window",
+            Refused::Bytes => "bytes",
+        }
+    }
+}
+
 /// Durable hints for peers that missed writes, with live counts for `GET /` and metrics.
 #[derive(Debug, Clone)]
 pub struct HintStore {
     tx: mpsc::Sender<Command>,
-    counts: Arc<Mutex<HashMap<String, u64>>>,
+    pending: Arc<Mutex<HashMap<String, Pending>>>,
     delivered: Arc<AtomicU64>,
+    limits: HintLimits,
 }
 
 impl std::fmt::Debug for Command {
@@ -60,26 +128,30 @@ impl std::fmt::Debug for Command {
 
 impl HintStore {
     /// Opens `dir` (created if missing), counts the hints already there and starts the writer thread.
-    pub fn open(dir: PathBuf) -> Result<HintStore> {
+    pub fn open(dir: PathBuf, limits: HintLimits) -> Result<HintStore> {
         kv_core::files::create_private_dir(&dir).map_err(|source| Error::HintIo {
             op: "create",
             path: dir.clone(),
             source,
         })?;
-        let mut counts = HashMap::new();
+        let mut pending = HashMap::new();
         let mut next_seq = HashMap::new();
         for (folder, files) in existing_files(&dir)? {
-            let mut count = 0;
+            let mut kept = Pending::default();
             for file in &files {
-                count += count_hints(file)?;
+                kept.count += count_hints(file)?;
+                kept.bytes += file_bytes(file);
             }
+            // The oldest file was last written no earlier than its first hint: a lower bound of
+            // the time the peer has been away that never makes it look away longer than it was.
+            kept.since_ms = files.first().map_or(0, |f| modified_ms(f));
             let last = files.last().and_then(|f| file_seq(f)).unwrap_or(0);
             next_seq.insert(folder.clone(), last + 1);
-            if count > 0 {
-                counts.insert(folder, count);
+            if kept.count > 0 {
+                pending.insert(folder, kept);
             }
         }
-        let counts = Arc::new(Mutex::new(counts));
+        let pending = Arc::new(Mutex::new(pending));
         let (tx, rx) = mpsc::channel(HINT_QUEUE_CAPACITY);
         let writer = Writer {
             dir,
@@ -96,41 +168,72 @@ impl HintStore {
             })?;
         Ok(HintStore {
             tx,
-            counts,
+            pending,
             delivered: Arc::new(AtomicU64::new(0)),
+            limits,
         })
     }
 
-    /// Keeps `record` for `peer`. Never waits: when the queue is full the hint is dropped and logged.
+    /// The window and byte cap this store applies.
+    pub fn limits(&self) -> HintLimits {
+        self.limits
+    }
+
+    /// Keeps `record` for `peer`. Never waits: when the queue is full, the peer has been away
+    /// longer than the window or its hints hold the byte cap, the hint is dropped and counted
+    /// (anti-entropy heals the replica).
     pub fn add(&self, peer: &str, record: Record) {
+        if let Err(refused) = self.try_add(peer, record, crate::quorum::now_ms()) {
+            metrics::counter!("kv_hints_dropped_total", "reason" => refused.label()).increment(1);
+            warn!(
+                peer,
+                reason = refused.label(),
+                "hint not kept; anti-entropy will heal the replica"
+            );
+        }
+    }
+
+    fn try_add(&self, peer: &str, record: Record, now_ms: u64) -> std::result::Result<(), Refused> {
+        let folder = folder_name(peer);
+        let bytes = frame_bytes(&record);
+        let mut pending = self.pending.lock();
+        let kept = pending.get(&folder).copied().unwrap_or_default();
+        if kept.count > 0 && !self.limits.fresh(kept.since_ms, now_ms) {
+            return Err(Refused::Window);
+        }
+        if kept.bytes.saturating_add(bytes) > self.limits.max_bytes_per_peer {
+            return Err(Refused::Bytes);
+        }
         let command = Command::Append {
             peer: peer.to_owned(),
             record,
         };
-        match self.tx.try_send(command) {
-            Ok(()) => *self.counts.lock().entry(folder_name(peer)).or_default() += 1,
-            Err(_) => {
-                metrics::counter!("kv_hints_dropped_total").increment(1);
-                warn!(
-                    peer,
-                    "hint queue full, hint dropped; read repair will heal the replica"
-                );
-            }
+        self.tx.try_send(command).map_err(|_| Refused::QueueFull)?;
+        let entry = pending.entry(folder).or_default();
+        if entry.count == 0 {
+            entry.since_ms = now_ms;
         }
+        entry.count += 1;
+        entry.bytes += bytes;
+        Ok(())
     }
 
     /// Hints waiting for `peer`.
     pub fn pending_for(&self, peer: &str) -> u64 {
-        self.counts
+        self.pending
             .lock()
             .get(&folder_name(peer))
-            .copied()
-            .unwrap_or(0)
+            .map_or(0, |p| p.count)
     }
 
     /// Hints waiting, over all peers.
     pub fn pending(&self) -> u64 {
-        self.counts.lock().values().sum()
+        self.pending.lock().values().map(|p| p.count).sum()
+    }
+
+    /// Hint bytes on disk, over all peers.
+    pub fn pending_bytes(&self) -> u64 {
+        self.pending.lock().values().map(|p| p.bytes).sum()
     }
 
     /// Drops the hints of every peer not in `members` (nodes that left the cluster: their keys
@@ -138,7 +241,7 @@ impl HintStore {
     pub async fn discard_except(&self, members: &[&str]) -> u64 {
         let keep: Vec<String> = members.iter().map(|m| folder_name(m)).collect();
         let gone: Vec<String> = self
-            .counts
+            .pending
             .lock()
             .keys()
             .filter(|folder| !keep.contains(folder))
@@ -152,7 +255,7 @@ impl HintStore {
                     warn!(path = %file.display(), error = %e, "cannot remove hints of a departed node");
                 }
             }
-            dropped += self.counts.lock().remove(&folder).unwrap_or(0);
+            dropped += self.pending.lock().remove(&folder).map_or(0, |p| p.count);
         }
         dropped
     }
@@ -175,18 +278,34 @@ impl HintStore {
         rx.await.unwrap_or_default()
     }
 
-    /// Deletes a delivered file and lowers `peer`'s count by the `delivered` hints it held.
-    pub fn remove_delivered(&self, peer: &str, path: &Path, delivered: u64) -> Result<()> {
+    /// Deletes a replayed file and lowers `peer`'s count by the hints it held: `delivered`
+    /// sent, `expired` skipped as older than the window.
+    pub fn remove_delivered(
+        &self,
+        peer: &str,
+        path: &Path,
+        delivered: u64,
+        expired: u64,
+    ) -> Result<()> {
+        let bytes = file_bytes(path);
         fs::remove_file(path).map_err(|source| Error::HintIo {
             op: "remove",
             path: path.to_owned(),
             source,
         })?;
-        let mut counts = self.counts.lock();
-        if let Some(count) = counts.get_mut(&folder_name(peer)) {
-            *count = count.saturating_sub(delivered);
+        let folder = folder_name(peer);
+        let mut pending = self.pending.lock();
+        if let Some(kept) = pending.get_mut(&folder) {
+            kept.count = kept.count.saturating_sub(delivered + expired);
+            kept.bytes = kept.bytes.saturating_sub(bytes);
+            if kept.count == 0 {
+                pending.remove(&folder);
+            }
         }
         self.delivered.fetch_add(delivered, Ordering::Relaxed);
+        if expired > 0 {
+            metrics::counter!("kv_hints_dropped_total", "reason" => "expired").increment(expired);
+        }
         Ok(())
     }
 }
@@ -274,6 +393,25 @@ impl Writer {
     }
 }
 
+/// Bytes a hint takes in its file: the frame header and the encoded record.
+fn frame_bytes(record: &Record) -> u64 {
+    let mut payload = Vec::with_capacity(64);
+    record.encode(&mut payload);
+    payload.len() as u64 + 8
+}
+
+fn file_bytes(path: &Path) -> u64 {
+    fs::metadata(path).map_or(0, |m| m.len())
+}
+
+fn modified_ms(path: &Path) -> u64 {
+    fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// The folder name for a peer URL: every byte that is not ASCII alphanumeric becomes `_`.
 fn folder_name(peer: &str) -> String {
     peer.chars()
@@ -343,7 +481,7 @@ mod tests {
     #[tokio::test]
     async fn hints_survive_a_restart_and_are_removed_once_delivered() {
         let dir = tempfile::tempdir().unwrap();
-        let store = HintStore::open(dir.path().join("hints")).unwrap();
+        let store = HintStore::open(dir.path().join("hints"), HintLimits::default()).unwrap();
         for i in 0..10 {
             store.add(PEER, record(i));
         }
@@ -352,14 +490,14 @@ mod tests {
         assert_eq!(sealed.len(), 1);
         drop(store);
 
-        let reopened = HintStore::open(dir.path().join("hints")).unwrap();
+        let reopened = HintStore::open(dir.path().join("hints"), HintLimits::default()).unwrap();
         assert_eq!(reopened.pending(), 10);
         reopened.add(PEER, record(10));
         let sealed = reopened.seal(PEER).await;
         assert_eq!(sealed.len(), 2, "old file plus the new one: {sealed:?}");
         let first = read_all(&sealed[0]);
         assert_eq!(first, (0..10).map(record).collect::<Vec<_>>());
-        reopened.remove_delivered(PEER, &sealed[0], 10).unwrap();
+        reopened.remove_delivered(PEER, &sealed[0], 10, 0).unwrap();
         assert_eq!(reopened.pending_for(PEER), 1);
         assert_eq!(reopened.delivered(), 10);
     }
@@ -367,7 +505,7 @@ mod tests {
     #[tokio::test]
     async fn hints_of_departed_nodes_are_discarded() {
         let dir = tempfile::tempdir().unwrap();
-        let store = HintStore::open(dir.path().join("hints")).unwrap();
+        let store = HintStore::open(dir.path().join("hints"), HintLimits::default()).unwrap();
         store.add(PEER, record(1));
         store.add("http://127.0.0.1:8003", record(2));
         wait_for_writer(&store).await;
@@ -376,9 +514,88 @@ mod tests {
         assert_eq!(store.pending_for(PEER), 1);
         drop(store);
         assert_eq!(
-            HintStore::open(dir.path().join("hints")).unwrap().pending(),
+            HintStore::open(dir.path().join("hints"), HintLimits::default())
+                .unwrap()
+                .pending(),
             1,
             "gone from disk too"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_peer_away_longer_than_the_window_gets_no_new_hints() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = HintLimits {
+            window: std::time::Duration::from_secs(60),
+            max_bytes_per_peer: 1 << 20,
+        };
+        let store = HintStore::open(dir.path().join("hints"), limits).unwrap();
+        let t0 = 1_000_000_000;
+        store.try_add(PEER, record(1), t0).unwrap();
+        store.try_add(PEER, record(2), t0 + 60_000).unwrap();
+        assert_eq!(
+            store.try_add(PEER, record(3), t0 + 60_001),
+            Err(Refused::Window),
+            "the oldest hint is older than the window"
+        );
+        assert_eq!(store.pending_for(PEER), 2);
+        // Another peer has its own window.
+        store
+            .try_add("http://127.0.0.1:8003", record(4), t0 + 60_001)
+            .unwrap();
+        // Once delivered, the peer is back: hints are kept again.
+        let sealed = store.seal(PEER).await;
+        store.remove_delivered(PEER, &sealed[0], 1, 1).unwrap();
+        assert_eq!(store.pending_for(PEER), 0);
+        assert_eq!(
+            store.delivered(),
+            1,
+            "the expired hint is not counted as delivered"
+        );
+        store.try_add(PEER, record(5), t0 + 120_000).unwrap();
+        assert_eq!(store.pending_for(PEER), 1);
+    }
+
+    #[tokio::test]
+    async fn hints_stop_at_the_byte_cap_and_the_bytes_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = frame_bytes(&large(1, 1000));
+        let limits = HintLimits {
+            window: std::time::Duration::from_secs(3600),
+            max_bytes_per_peer: one * 3,
+        };
+        let store = HintStore::open(dir.path().join("hints"), limits).unwrap();
+        let now = crate::quorum::now_ms();
+        for i in 0..3 {
+            store.try_add(PEER, large(i, 1000), now).unwrap();
+        }
+        assert_eq!(
+            store.try_add(PEER, large(3, 1000), now),
+            Err(Refused::Bytes)
+        );
+        assert_eq!(store.pending_bytes(), one * 3);
+        wait_for_writer(&store).await;
+        drop(store);
+        let reopened = HintStore::open(dir.path().join("hints"), limits).unwrap();
+        assert_eq!(reopened.pending_bytes(), one * 3, "counted from the files");
+        assert_eq!(
+            reopened.try_add(PEER, large(4, 1000), crate::quorum::now_ms()),
+            Err(Refused::Bytes),
+            "the cap holds across a restart"
+        );
+    }
+
+    #[test]
+    fn freshness_is_measured_against_the_window() {
+        let limits = HintLimits {
+            window: std::time::Duration::from_secs(10),
+            max_bytes_per_peer: 1,
+        };
+        assert!(limits.fresh(1_000, 11_000));
+        assert!(!limits.fresh(1_000, 11_001));
+        assert!(
+            limits.fresh(5_000, 1_000),
+            "a version from the future is fresh"
         );
     }
 

@@ -50,6 +50,7 @@ pub use cluster::{Cluster, ClusterConfig, ClusterStatus, PeerView, Route};
 pub use consistency::Consistency;
 pub use detector::{PeerState, PeerStatus};
 pub use error::{Error, Result};
+pub use hints::HintLimits;
 pub use kv_ring::DEFAULT_VNODES;
 pub use listing::{ListPage, LocalPage};
 pub use membership::{Member, MemberState, View};
