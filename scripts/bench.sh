@@ -30,6 +30,14 @@
 #   9 get-proxy-one   reference, not kv: GET r=one to node1 through `kv-bench limit-proxy`, the
 #                     leanest hyper proxy (no routing, no retries); what any proxy hop allows,
 #                     to read get-lb-one against
+#  10 get-lb-repair   anti-entropy: loads BENCH_REPAIR_KEYS (1,000,000) more keys, times one
+#                     round with the replicas in step (bytes, server CPU), wipes node3 and runs
+#                     get-lb-quorum's load while anti-entropy refills it; prints the heal rate
+#                     (keys/s) and the p99 during the heal beside get-lb-quorum's
+#
+#   BENCH_REPAIR_KEYS keys loaded for get-lb-repair (1000000)
+#   BENCH_NODE_ENV    extra VAR=VALUE settings for every kv-node, space-separated, e.g.
+#                     "ANTI_ENTROPY_BYTES_PER_SEC=4194304"
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -46,9 +54,11 @@ HEALTH_WAIT_SECS=30   # how long a process may take to answer /health
 STOP_WAIT_SECS=10     # how long a process may take to exit after SIGTERM
 
 ALL_SCENARIOS=(get-lb-quorum get-lb-one get-owner-one post-lb-quorum post-lb-one mix-lb-zipf
-    single-get single-post get-proxy-one)
+    single-get single-post get-proxy-one get-lb-repair)
+REPAIR_KEYS="${BENCH_REPAIR_KEYS:-1000000}"
 STARTED_PIDS=()
 DATA_DIRS=()
+NODE_DATA=()
 
 die() { echo "bench.sh: $*" >&2; exit 1; }
 info() { echo "bench.sh: $*" >&2; }
@@ -100,14 +110,18 @@ wait_healthy() {
     done
 }
 
-# start_node NAME PORT CLUSTER_NODES N: one kv-node with a fresh data folder, WAL_SYNC=always.
+# start_node NAME PORT CLUSTER_NODES N [DATA]: one kv-node, WAL_SYNC=always, on DATA or a fresh
+# data folder; sets LAST_DATA.
 start_node() {
-    local name="$1" port="$2" cluster="$3" n="$4" data
-    data="$(mktemp -d -t "kv-bench-$name.XXXXXX")"
-    DATA_DIRS+=("$data")
+    local name="$1" port="$2" cluster="$3" n="$4" data="${5:-}"
+    if [[ -z "$data" ]]; then
+        data="$(mktemp -d -t "kv-bench-$name.XXXXXX")"
+        DATA_DIRS+=("$data")
+    fi
+    LAST_DATA="$data"
     launch "$name" env NODE_NAME="$name" PORT="$port" CURRENT_NODE_URL="http://127.0.0.1:$port" \
         CLUSTER_NODES="$cluster" REPLICATION_FACTOR="$n" DATA_DIR="$data" WAL_SYNC=always \
-        RUST_LOG="${RUST_LOG:-warn}" "$BIN_DIR/kv-node"
+        RUST_LOG="${RUST_LOG:-warn}" ${BENCH_NODE_ENV:-} "$BIN_DIR/kv-node"
 }
 
 # Starts node1..node3 and kv-lb once; sets NODE1_URL and LB_URL.
@@ -120,7 +134,11 @@ ensure_cluster() {
     for i in 1 2 3; do
         start_node "node$i" "${ports[i - 1]}" "$cluster" 3
         pids+=("$LAST_PID")
+        NODE_DATA[i]="$LAST_DATA"
     done
+    NODE_PORTS=("" "${ports[@]}")
+    NODE_PIDS=("" "${pids[@]}")
+    CLUSTER_URLS="$cluster"
     for i in 1 2 3; do wait_healthy "node$i" "${pids[i - 1]}" "http://127.0.0.1:${ports[i - 1]}"; done
     launch lb env DATABASE_NODES="$cluster" LB_PORT="$lb" REPLICATION_FACTOR=3 \
         RUST_LOG="${RUST_LOG:-warn}" "$BIN_DIR/kv-lb"
@@ -197,6 +215,110 @@ preload() {
     touch "$marker"
 }
 
+# cpu_ticks PID...: user+system CPU clock ticks the processes have used.
+cpu_ticks() {
+    local pid total=0 fields
+    for pid in "$@"; do
+        read -ra fields <"/proc/$pid/stat"
+        total=$((total + fields[13] + fields[14]))
+    done
+    echo "$total"
+}
+
+# node_keys URL: the keys a node holds, from GET /.
+node_keys() {
+    curl -fsS --max-time 2 "$1/" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["keys"])' 2>/dev/null || echo 0
+}
+
+# repair_setup: the anti-entropy part of get-lb-repair before its measured runs. Loads
+# $REPAIR_KEYS keys, times one round between replicas in step, then wipes node3 and restarts it
+# so that anti-entropy refills it while the scenario's load runs; a background watcher records
+# when node3 holds every key again. Results go to $OUT/repair.json.
+repair_setup() {
+    local node1="http://127.0.0.1:${NODE_PORTS[1]}" node3="http://127.0.0.1:${NODE_PORTS[3]}"
+    local tck before after report total
+    if [[ ! -e "$OUT/.preloaded-repair" ]]; then
+        info "loading $REPAIR_KEYS keys for the repair scenario (w=all)"
+        "$BIN_DIR/kv-bench" run --url "$LB_URL" --conns "$CONNS" --keys "$REPAIR_KEYS" \
+            --key-prefix repair- --mix write=1 --w all --preload --requests 1 --warmup 0s --quiet \
+            >/dev/null 2>"$OUT/logs/preload-repair.log" || die "repair preload failed (log: $OUT/logs/preload-repair.log)"
+        touch "$OUT/.preloaded-repair"
+    fi
+    total="$(node_keys "$node1")"
+    tck="$(getconf CLK_TCK)"
+    before="$(cpu_ticks "${NODE_PIDS[1]}" "${NODE_PIDS[2]}" "${NODE_PIDS[3]}")"
+    report="$(curl -fsS -X POST --max-time 600 "$node1/admin/repair")" || die "POST /admin/repair failed"
+    after="$(cpu_ticks "${NODE_PIDS[1]}" "${NODE_PIDS[2]}" "${NODE_PIDS[3]}")"
+    info "in-step round on node1: $report"
+    # node3 loses its disk and comes back on the same URL.
+    kill -KILL "${NODE_PIDS[3]}"
+    wait "${NODE_PIDS[3]}" 2>/dev/null || true
+    rm -rf "${NODE_DATA[3]}"
+    mkdir -p "${NODE_DATA[3]}"
+    local wiped_at=$EPOCHREALTIME
+    start_node node3 "${NODE_PORTS[3]}" "$CLUSTER_URLS" 3 "${NODE_DATA[3]}"
+    NODE_PIDS[3]="$LAST_PID"
+    wait_healthy node3 "$LAST_PID" "$node3"
+    # The watcher: polls node3's key count until it holds what node1 does (bounded: 30 min).
+    (
+        local deadline=$((SECONDS + 1800)) keys=0
+        while ((SECONDS < deadline)); do
+            keys="$(node_keys "$node3")"
+            ((keys >= total)) && break
+            sleep 0.5
+        done
+        python3 - "$wiped_at" "$EPOCHREALTIME" "$keys" "$total" "$tck" "$before" "$after" "$report" \
+            >"$OUT/repair.json" <<'PY'
+import json, sys
+wiped, done, keys, total, tck, before, after, report = sys.argv[1:]
+report = json.loads(report)
+heal = float(done) - float(wiped)
+print(json.dumps({"heal_seconds": heal, "healed_keys": int(keys), "total_keys": int(total),
+                  "heal_keys_per_sec": int(keys) / heal if heal > 0 else 0,
+                  "in_step_round": {"duration_ms": report.get("duration_ms"),
+                                    "record_bytes": report.get("bytes"),
+                                    "tree_bytes": report.get("tree_bytes"),
+                                    "ranges_compared": report.get("ranges_compared"),
+                                    "ranges_differed": report.get("ranges_differed"),
+                                    "server_cpu_ms": (int(after) - int(before)) * 1000 / int(tck)}}))
+PY
+    ) &
+    REPAIR_WATCHER=$!
+}
+
+# repair_report: waits for the watcher and prints the anti-entropy figures.
+repair_report() {
+    [[ -n "${REPAIR_WATCHER:-}" ]] || return 0
+    wait "$REPAIR_WATCHER" || true
+    python3 - "$OUT" <<'PY'
+import json, os, sys
+out = sys.argv[1]
+try:
+    r = json.load(open(os.path.join(out, "repair.json")))
+except (OSError, ValueError):
+    sys.exit("repair: no result (see the logs)")
+def p99(label):
+    try:
+        ops = json.load(open(os.path.join(out, label)))["ops"]
+        return next(o for o in ops if o["op"] == "all")["latency_us"]["p99"] / 1000
+    except (OSError, ValueError, StopIteration):
+        return None
+s = r["in_step_round"]
+print(f"anti-entropy, replicas in step ({r['total_keys']} keys per node): one round on node1 took "
+      f"{s['duration_ms']} ms, moved {s['record_bytes']} record bytes and {s['tree_bytes']} tree bytes, "
+      f"{s['ranges_compared']} ranges compared, {s['ranges_differed']} differed; "
+      f"{s['server_cpu_ms']:.0f} ms of CPU over the three nodes")
+print(f"anti-entropy, wiped node3: {r['healed_keys']}/{r['total_keys']} keys back in "
+      f"{r['heal_seconds']:.1f} s = {r['heal_keys_per_sec']:.0f} keys/s, no client reads")
+during, base = p99("get-lb-repair.r1.json"), p99("get-lb-quorum.r1.json")
+if during is not None:
+    line = f"GET r=quorum via the LB during the heal: p99 {during:.2f} ms"
+    if base is not None:
+        line += f" (get-lb-quorum, no repair: {base:.2f} ms, ratio {during / base:.2f})"
+    print(line)
+PY
+}
+
 # scenario NAME: runs one scenario against kv, then the same load against the limit server,
 # BENCH_ROUNDS times.
 scenario() {
@@ -211,6 +333,7 @@ scenario() {
         single-get) ensure_single; preload single "$SINGLE_URL" one; url="$SINGLE_URL"; args=(--mix read=100) ;;
         single-post) ensure_single; url="$SINGLE_URL"; args=(--mix write=100) ;;
         get-proxy-one) ensure_proxy; preload lb "$LB_URL" quorum; url="$PROXY_URL"; args=(--mix read=100 --r one) ;;
+        get-lb-repair) ensure_cluster; preload lb "$LB_URL" quorum; repair_setup; url="$LB_URL"; args=(--mix read=100 --r quorum) ;;
         *) die "unknown scenario $1 (known: ${ALL_SCENARIOS[*]})" ;;
     esac
     for ((round = 1; round <= ROUNDS; round++)); do
@@ -297,6 +420,7 @@ main() {
     echo "kv-bench: $CONNS conns, $DURATION measured after $WARMUP warm-up, $KEYS keys," \
         "$ROUNDS round(s); $(nproc) cores"
     print_table "${RAN[@]}"
+    repair_report
     info "JSON results, per-run tables (runs.txt) and logs in $OUT"
 }
 

@@ -1,6 +1,8 @@
-//! Damaged files on restart, as SPEC section 7 says: a torn WAL tail is cut (the node starts and
-//! keeps every acknowledged write); corruption followed by valid records, or a corrupt snapshot,
-//! stops start-up with a non-zero exit and a message naming the file and the offset.
+//! Damaged and misplaced files on restart, as SPEC section 7 says: a torn WAL tail is cut (the
+//! node starts and keeps every acknowledged write); corruption followed by valid records, or a
+//! corrupt snapshot without a spare, stops start-up with a non-zero exit and a message naming the
+//! file and the offset; a corrupt snapshot with a spare is replaced by the spare and the WAL after
+//! it (every acknowledged write kept); a node started on another node's data folder exits 2.
 
 use kv_tests::faults::{report, ChaosCluster, ChaosOptions};
 use kv_tests::{send, Node};
@@ -136,7 +138,8 @@ fn torn_tail_is_cut_and_corruption_or_a_bad_snapshot_stops_start_up() {
     c.nodes[0].restart();
     assert_eq!(value_of(&url, "k39"), Some("v39".into()));
 
-    // 3. A corrupt snapshot: a clean stop writes one; damage its middle.
+    // 3. A corrupt snapshot: a clean stop writes the first one (so there is no spare yet);
+    // damage its middle.
     let status = c.nodes[0].terminate();
     assert!(status.success(), "SIGTERM exit {status}");
     let snapshot = dir.join("snapshot.db");
@@ -153,4 +156,116 @@ fn torn_tail_is_cut_and_corruption_or_a_bad_snapshot_stops_start_up() {
     );
     eprintln!("wal refusal: {}", refusal.trim());
     eprintln!("snapshot refusal: {}", snapshot_refusal.trim());
+}
+
+fn checkpoint(node: &str) {
+    let answer = send("POST", &format!("{node}/admin/checkpoint"), None).unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.text);
+}
+
+#[test]
+fn a_damaged_snapshot_is_replaced_by_the_spare_and_every_acknowledged_key_survives() {
+    let mut c = ChaosCluster::start(&ChaosOptions {
+        nodes: 1,
+        replication_factor: 1,
+        ..ChaosOptions::default()
+    });
+    let url = c.url(0).to_owned();
+    let dir = c.nodes[0].data_dir.clone();
+    // Two checkpoints, so the first snapshot is the spare of the second; writes around both.
+    for (round, keys) in [0..60, 60..120, 120..180].into_iter().enumerate() {
+        for i in keys {
+            put(&url, &format!("k{i}"), &format!("v{i}"));
+        }
+        if round < 2 {
+            checkpoint(&url);
+        }
+    }
+    c.nodes[0].kill9();
+    let snapshot = dir.join("snapshot.db");
+    assert!(dir.join("snapshot.prev.db").exists(), "a spare was kept");
+    let len = std::fs::metadata(&snapshot).unwrap().len() as usize;
+    flip_byte(&snapshot, len / 2);
+    let log_len = std::fs::metadata(&c.nodes[0].log).map_or(0, |m| m.len() as usize);
+    c.nodes[0].restart();
+    let lost: Vec<usize> = (0..180)
+        .filter(|i| value_of(&url, &format!("k{i}")) != Some(format!("v{i}")))
+        .collect();
+    assert!(lost.is_empty(), "keys lost after the fallback: {lost:?}");
+    let log = std::fs::read_to_string(&c.nodes[0].log).unwrap()[log_len..].to_owned();
+    assert!(
+        log.contains("snapshot.db is damaged") && log.contains("snapshot.prev.db"),
+        "the fallback is not logged:\n{log}"
+    );
+    assert!(
+        dir.join("snapshot.damaged.db").exists(),
+        "the damaged file is kept aside"
+    );
+    // The node goes on: a write, a clean stop (a new snapshot), a start, everything there.
+    put(&url, "after", "fallback");
+    let status = c.nodes[0].terminate();
+    assert!(status.success(), "SIGTERM exit {status}");
+    c.nodes[0].restart();
+    assert_eq!(value_of(&url, "after"), Some("fallback".into()));
+    assert_eq!(value_of(&url, "k0"), Some("v0".into()));
+    report(
+        "spare-snapshot",
+        &[
+            ("faults", "1".into()),
+            ("acked", "181".into()),
+            ("lost", lost.len().to_string()),
+        ],
+    );
+}
+
+#[test]
+fn a_node_started_on_another_nodes_data_folder_exits_2_and_changes_nothing() {
+    let mut c = ChaosCluster::start(&ChaosOptions {
+        nodes: 2,
+        replication_factor: 2,
+        ..ChaosOptions::default()
+    });
+    let url = c.url(0).to_owned();
+    put(&url, "kept", "yes");
+    let node1_dir = c.nodes[0].data_dir.clone();
+    let node2_dir = c.nodes[1].data_dir.clone();
+    let identity = std::fs::read(node1_dir.join("IDENTITY")).unwrap();
+    let status = c.nodes[0].terminate();
+    assert!(status.success(), "SIGTERM exit {status}");
+    c.nodes[1].kill9();
+
+    // node2 pointed at node1's folder (a copy-paste slip in its environment).
+    c.nodes[1].set_env("DATA_DIR", &node1_dir.display().to_string());
+    let log_len = std::fs::metadata(&c.nodes[1].log).map_or(0, |m| m.len() as usize);
+    c.nodes[1].spawn();
+    let status = c.nodes[1]
+        .wait_exit(Duration::from_secs(30))
+        .unwrap_or_else(|| {
+            panic!(
+                "node2 started on node1's folder:\n{}",
+                c.nodes[1].log_tail()
+            )
+        });
+    let log = std::fs::read_to_string(&c.nodes[1].log).unwrap()[log_len..].to_owned();
+    assert_eq!(status.code(), Some(2), "exit status {status}:\n{log}");
+    assert!(
+        log.contains("belongs to node node1") && log.contains("not to this node node2"),
+        "the refusal does not say whose folder it is:\n{log}"
+    );
+    assert!(
+        log.contains("Point DATA_DIR at this node's own folder"),
+        "no remedy:\n{log}"
+    );
+    assert_eq!(
+        std::fs::read(node1_dir.join("IDENTITY")).unwrap(),
+        identity,
+        "node1's identity is unchanged"
+    );
+
+    // Each node on its own folder starts as before, with its data.
+    c.nodes[1].set_env("DATA_DIR", &node2_dir.display().to_string());
+    c.nodes[1].restart();
+    c.nodes[0].restart();
+    assert_eq!(value_of(&url, "kept"), Some("yes".into()));
+    eprintln!("refusal: {}", log.trim());
 }

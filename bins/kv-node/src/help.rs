@@ -35,7 +35,7 @@ pub const HELP_VARIABLES: &[(&str, &str, &str)] = &[
     (
         "DATA_DIR",
         "./data/$NODE_NAME",
-        "folder of the WAL segments, snapshot.db and hints",
+        "this node's folder: IDENTITY, WAL segments, snapshots, hints",
     ),
     (
         "SNAPSHOT_INTERVAL_SECS",

@@ -76,17 +76,34 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(config, tls)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            error!("{e}");
-            eprintln!("kv-node: {e}");
-            ExitCode::FAILURE
+        Err(Failure { code, message }) => {
+            error!("{message}");
+            eprintln!("kv-node: {message}");
+            ExitCode::from(code)
         }
     }
 }
 
+/// Why the node stopped with an error, and its exit code: 2 when it refused to start on a data
+/// folder that belongs to another node (a configuration mistake, like a bad variable), else 1.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Failure {
+        Failure { code: 1, message }
+    }
+}
+
 /// Recovers the store, serves until a shutdown signal, then drains and checkpoints.
-async fn run(config: NodeConfig, tls: tls::NodeTls) -> Result<(), String> {
+async fn run(config: NodeConfig, tls: tls::NodeTls) -> Result<(), Failure> {
     let mut store_config = StoreConfig::new(config.data_dir.clone(), kv_core::node_id(&config.url));
+    store_config.owner = Some(kv_core::DataOwner {
+        name: config.name.clone(),
+        url: config.url.clone(),
+    });
     store_config.sync = config.wal_sync;
     store_config.sync_interval = config.wal_sync_interval;
     store_config.snapshot_interval = config.snapshot_interval;
@@ -107,7 +124,14 @@ async fn run(config: NodeConfig, tls: tls::NodeTls) -> Result<(), String> {
     let store = tokio::task::spawn_blocking(move || Store::open(store_config))
         .await
         .map_err(|e| format!("recovery task failed: {e}"))?
-        .map_err(|e| format!("cannot open the store: {e}"))?;
+        .map_err(|e| Failure {
+            code: if matches!(e, kv_core::Error::ForeignDataDir { .. }) {
+                2
+            } else {
+                1
+            },
+            message: format!("cannot open the store: {e}"),
+        })?;
     let status = store.status();
     info!(
         keys = status.keys,

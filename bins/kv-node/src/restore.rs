@@ -13,10 +13,12 @@ pub const HELP: &str = "\
 restore: rebuild a data folder from a backup file (GET /admin/backup). The whole file is
 checked first; a truncated, corrupt or foreign file is refused (exit code 2) and changes
 nothing. The folder is DATA_DIR as the node computes it (same environment), or --data-dir DIR.
-A folder that holds data is refused unless --force, which replaces its snapshot and WAL (hints/
-and members.json are kept). The node must be stopped. Then start kv-node on the folder: it
-reports healthy once an anti-entropy round with its peers has completed, so keys deleted since
-the backup do not come back.";
+A folder that holds data is refused unless --force, which replaces its snapshot and WAL (hints/,
+members.json and IDENTITY are kept). The restored snapshot carries the folder's own id, also
+when the backup was taken on another node (the output says so): restoring is the operator's
+decision. The node must be stopped. Then start kv-node on the folder: it reports healthy once
+an anti-entropy round with its peers has completed, so keys deleted since the backup do not
+come back.";
 
 /// What the command line asked for.
 #[derive(Debug, PartialEq, Eq)]
@@ -69,7 +71,8 @@ pub fn main(args: &[String]) -> ExitCode {
         },
     };
     match kv_core::restore_backup(&args.file, &data_dir, args.force) {
-        Ok(info) => {
+        Ok(restored) => {
+            let info = &restored.backup;
             // The backup may hold keys deleted since: the node syncs before it reports healthy.
             if let Err(e) = kv_cluster::antientropy::mark_restored(&data_dir) {
                 return fail(
@@ -77,9 +80,20 @@ pub fn main(args: &[String]) -> ExitCode {
                     &format!("restore failed: cannot mark the folder as restored: {e}"),
                 );
             }
+            let origin = match info.data_dir_id {
+                _ if restored.same_folder() => "a backup of this data folder".to_owned(),
+                Some(id) => format!(
+                    "a backup of another data folder (id {id}), re-stamped with this folder's id {}",
+                    restored.data_dir_id
+                ),
+                None => format!(
+                    "a backup from before data folder ids, stamped with this folder's id {}",
+                    restored.data_dir_id
+                ),
+            };
             let line = format!(
-                "kv-node: restored {} entries ({} bytes, backup begun at unix ms {}) from {} into {}; \
-                 start kv-node with DATA_DIR={}",
+                "kv-node: restored {} entries ({} bytes, backup begun at unix ms {}) from {} into {} \
+                 ({origin}); start kv-node with DATA_DIR={}",
                 info.entries,
                 info.bytes,
                 info.created_ms,

@@ -1,5 +1,6 @@
 //! Backups: a snapshot-format copy of the live map taken while writes go on, the full check of
-//! such a file, and its installation as a data folder's `snapshot.db` (restore).
+//! such a file, and its installation as a data folder's `snapshot.db` (restore), re-stamped with
+//! that folder's id.
 
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Seek, SeekFrom, Write};
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use tracing::info;
 
+use crate::identity::{self, DirId};
 use crate::lock::{self, DirLock};
 use crate::map::ShardedMap;
 use crate::{segment, snapshot, Clock, Error};
@@ -38,6 +40,8 @@ pub struct BackupInfo {
     pub bytes: u64,
     /// When the backup began (unix ms), as its header says.
     pub created_ms: u64,
+    /// The data folder it was taken from (`None`: a backup written before folder ids).
+    pub data_dir_id: Option<DirId>,
     /// Time spent writing (or checking) it.
     pub duration: Duration,
 }
@@ -67,14 +71,20 @@ pub(crate) fn remove_stale(dir: &Path) -> Result<(), Error> {
 
 /// Writes the map to `path` in the snapshot format (fsynced); no tombstone is dropped and the
 /// live map is not changed. A failed backup leaves no file behind.
-pub(crate) fn write(path: &Path, map: &ShardedMap, clock: &Clock) -> Result<BackupInfo, Error> {
+pub(crate) fn write(
+    path: &Path,
+    map: &ShardedMap,
+    clock: &Clock,
+    id: DirId,
+) -> Result<BackupInfo, Error> {
     let started = Instant::now();
     // WAL replay after a restored backup starts at segment 1 unless restore says otherwise.
-    match snapshot::write_file(path, map, clock, 1, 0) {
+    match snapshot::write_file(path, map, clock, 1, 0, id) {
         Ok(written) => Ok(BackupInfo {
             entries: written.records,
             bytes: written.bytes,
             created_ms: written.created_ms,
+            data_dir_id: Some(id),
             duration: started.elapsed(),
         }),
         Err(e) => {
@@ -106,18 +116,40 @@ pub fn verify_backup(path: &Path) -> Result<BackupInfo, Error> {
         entries: meta.records,
         bytes,
         created_ms: meta.created_ms,
+        data_dir_id: meta.id,
         duration: started.elapsed(),
     })
+}
+
+/// What [`restore_backup`] did.
+#[derive(Clone, Debug)]
+pub struct Restored {
+    /// The backup as checked.
+    pub backup: BackupInfo,
+    /// The data folder's id, which the installed snapshot now carries.
+    pub data_dir_id: DirId,
+}
+
+impl Restored {
+    /// True when the backup was taken from this same data folder.
+    pub fn same_folder(&self) -> bool {
+        self.backup.data_dir_id == Some(self.data_dir_id)
+    }
 }
 
 /// Rebuilds `data_dir` from the backup `file`: checks the whole file first (a bad one changes
 /// nothing), takes the folder's lock (so no node runs on it), refuses a folder that holds data
 /// unless `force`, then installs the backup as `snapshot.db` atomically (temp file, fsync,
-/// rename, fsync of the folder) and removes the old WAL segments. Hints (`hints/`) are kept.
+/// rename, fsync of the folder) and removes the old spare snapshot and WAL segments. Hints
+/// (`hints/`) and `IDENTITY` are kept; a folder without an identity gets one (with no owner
+/// yet: the first node started on it records itself).
+///
+/// A restore is an explicit act of the operator: the installed snapshot carries this folder's
+/// id whichever folder the backup came from (see [`Restored::same_folder`]).
 ///
 /// The installed snapshot names a WAL segment after every existing one as its replay start, so
 /// even a crash before the old segments are removed never replays them on top of the backup.
-pub fn restore_backup(file: &Path, data_dir: &Path, force: bool) -> Result<BackupInfo, Error> {
+pub fn restore_backup(file: &Path, data_dir: &Path, force: bool) -> Result<Restored, Error> {
     let info = verify_backup(file)?;
     crate::files::create_private_dir(data_dir)
         .map_err(Error::io("create data folder", data_dir))?;
@@ -129,11 +161,14 @@ pub fn restore_backup(file: &Path, data_dir: &Path, force: bool) -> Result<Backu
             found: found.join(", "),
         });
     }
+    let id = identity::load_or_create(data_dir)?.id;
     let start = segment::list(data_dir)?.last().map_or(1, |(n, _)| n + 1);
     let tmp = data_dir.join(snapshot::TMP_FILE_NAME);
-    let installed = copy_with_start(file, &tmp, start, info.created_ms).and_then(|()| {
+    let installed = copy_with_start(file, &tmp, start, &info, id).and_then(|()| {
         // Check the bytes actually installed, not only the source read a moment ago.
         snapshot::load(&tmp, |_| {})?;
+        // The old spare needs WAL segments that are about to go: it must not outlive them.
+        remove_old_snapshots(data_dir)?;
         let target = data_dir.join(snapshot::FILE_NAME);
         fs::rename(&tmp, &target).map_err(Error::io("rename into place", &target))?;
         segment::sync_dir(data_dir)
@@ -148,9 +183,27 @@ pub fn restore_backup(file: &Path, data_dir: &Path, force: bool) -> Result<Backu
         dir = %data_dir.display(),
         entries = info.entries,
         replaced = !found.is_empty(),
+        backup_id = ?info.data_dir_id,
+        %id,
         "backup restored"
     );
-    Ok(info)
+    Ok(Restored {
+        backup: info,
+        data_dir_id: id,
+    })
+}
+
+/// Removes the spare and any damaged snapshot kept aside, durably.
+fn remove_old_snapshots(dir: &Path) -> Result<(), Error> {
+    for name in [snapshot::SPARE_FILE_NAME, snapshot::DAMAGED_FILE_NAME] {
+        let path = dir.join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("remove", &path)(e)),
+        }
+    }
+    segment::sync_dir(dir)
 }
 
 /// Names in the folder other than the lock file, at most a few, sorted.
@@ -169,16 +222,23 @@ fn data_entries(dir: &Path) -> Result<Vec<String>, Error> {
 }
 
 /// Copies the backup to `tmp` with a header naming `start` as the first WAL segment to
-/// replay, and fsyncs it.
-fn copy_with_start(file: &Path, tmp: &Path, start: u64, created_ms: u64) -> Result<(), Error> {
+/// replay and `id` as its folder, and fsyncs it.
+fn copy_with_start(
+    file: &Path,
+    tmp: &Path,
+    start: u64,
+    info: &BackupInfo,
+    id: DirId,
+) -> Result<(), Error> {
+    let header_len = snapshot::read_header(file)?.len;
     let mut input = BufReader::new(File::open(file).map_err(Error::io("open", file))?);
     input
-        .seek(SeekFrom::Start(snapshot::HEADER_LEN as u64))
+        .seek(SeekFrom::Start(header_len))
         .map_err(Error::io("seek", file))?;
     let out = crate::files::create_private(tmp).map_err(Error::io("create", tmp))?;
     let mut out = BufWriter::with_capacity(1 << 20, out);
     let copied = out
-        .write_all(&snapshot::header_bytes(start, created_ms))
+        .write_all(&snapshot::header_bytes(start, info.created_ms, id))
         .and_then(|()| io::copy(&mut input, &mut out).map(drop))
         .and_then(|()| out.into_inner().map_err(|e| e.into_error()));
     let out = copied.map_err(Error::io("copy the backup to", tmp))?;
@@ -350,5 +410,49 @@ mod tests {
         drop(open(dir.path()));
         assert!(!stale.exists());
         assert!(dir.path().join("backup-notes.txt").exists());
+    }
+
+    #[tokio::test]
+    async fn a_restore_stamps_the_folders_id_whoever_took_the_backup() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = filled(&dir.path().join("node"), 20).await;
+        let own = dir.path().join("own.db");
+        node.backup_to(&own).unwrap();
+        node.checkpoint().await.unwrap();
+        node.checkpoint().await.unwrap();
+        let node_id = node.data_dir_id();
+        drop(node);
+        let other = filled(&dir.path().join("other"), 30).await;
+        let foreign = dir.path().join("foreign.db");
+        other.backup_to(&foreign).unwrap();
+        assert_eq!(
+            verify_backup(&foreign).unwrap().data_dir_id,
+            Some(other.data_dir_id())
+        );
+
+        let restored = restore_backup(&own, &dir.path().join("node"), true).unwrap();
+        assert!(restored.same_folder());
+        assert_eq!(restored.data_dir_id, node_id);
+        assert!(
+            !dir.path()
+                .join("node")
+                .join(snapshot::SPARE_FILE_NAME)
+                .exists(),
+            "the old spare went with the WAL it needed"
+        );
+        let restored = restore_backup(&foreign, &dir.path().join("node"), true).unwrap();
+        assert!(!restored.same_folder());
+        assert_eq!(restored.data_dir_id, node_id, "the folder keeps its id");
+        let header = snapshot::read_header(&dir.path().join("node").join(snapshot::FILE_NAME));
+        assert_eq!(header.unwrap().id, Some(node_id), "re-stamped");
+        let store = open(&dir.path().join("node"));
+        assert_eq!(store.status().keys, 27);
+
+        let fresh = restore_backup(&foreign, &dir.path().join("fresh"), false).unwrap();
+        assert!(!fresh.same_folder());
+        assert_eq!(
+            open(&dir.path().join("fresh")).data_dir_id(),
+            fresh.data_dir_id
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! Checkpoints: the background thread that writes `snapshot.db` every snapshot interval, when
-//! the WAL grows too big, on request and at shutdown, then drops the WAL segments it covers.
+//! the WAL grows too big, on request and at shutdown (the snapshot it replaces becomes the spare
+//! `snapshot.prev.db`), then drops the WAL segments that neither snapshot needs.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,8 +10,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
+use crate::identity::DirId;
 use crate::map::ShardedMap;
 use crate::version::now_ms;
 use crate::wal::{WalCommand, WalState};
@@ -142,6 +144,11 @@ impl CheckpointSignal {
 /// The checkpoint thread's state.
 pub(crate) struct Checkpointer {
     pub dir: PathBuf,
+    /// The data folder's id, stamped on each snapshot.
+    pub id: DirId,
+    /// Segments from here on are not covered by `snapshot.db` yet (their bytes count in
+    /// `wal_bytes`, which triggers checkpoints).
+    pub covered_until: AtomicU64,
     pub map: Arc<ShardedMap>,
     pub clock: Arc<Clock>,
     pub wal: Arc<WalState>,
@@ -237,14 +244,27 @@ impl Checkpointer {
         let grace_ms = u64::try_from(self.tombstone_grace.as_millis()).unwrap_or(u64::MAX);
         let horizon_ms = self.tombstone_horizon.load(Ordering::Acquire);
         let cutoff_ms = now_ms().saturating_sub(grace_ms).min(horizon_ms);
-        let written =
-            snapshot::write_atomic(&self.dir, &self.map, &self.clock, start_segment, cutoff_ms)?;
-        let freed = segment::remove_before(&self.dir, start_segment)?;
+        let written = snapshot::write_atomic(
+            &self.dir,
+            &self.map,
+            &self.clock,
+            start_segment,
+            cutoff_ms,
+            self.id,
+        )?;
+        // The spare falls back on the WAL from its own first segment on: keep that much.
+        let keep_from = self
+            .spare_start()
+            .unwrap_or(start_segment)
+            .min(start_segment);
+        let covered_from = self.covered_until.swap(start_segment, Ordering::Relaxed);
+        let covered = segment_bytes(&self.dir, covered_from, start_segment);
+        let freed = segment::remove_before(&self.dir, keep_from)?;
         let _ = self
             .wal
             .wal_bytes
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
-                Some(b.saturating_sub(freed))
+                Some(b.saturating_sub(covered))
             });
         *self.last_snapshot.lock() = Some(SystemTime::now());
         let stats = CheckpointStats {
@@ -259,10 +279,27 @@ impl Checkpointer {
             tombstones_dropped = stats.tombstones_dropped,
             duration_ms = u64::try_from(stats.duration.as_millis()).unwrap_or(u64::MAX),
             start_segment,
+            kept_spare = written.kept_spare,
+            wal_kept_from = keep_from,
             wal_bytes_freed = freed,
             "checkpoint written"
         );
         Ok(stats)
+    }
+
+    /// The spare's first WAL segment, if there is a readable spare.
+    fn spare_start(&self) -> Option<u64> {
+        let spare = self.dir.join(snapshot::SPARE_FILE_NAME);
+        if !spare.exists() {
+            return None;
+        }
+        match snapshot::read_header(&spare) {
+            Ok(header) => Some(header.start_segment),
+            Err(e) => {
+                warn!(error = %e, "the spare snapshot is unreadable; the next checkpoint replaces it");
+                None
+            }
+        }
     }
 
     /// Asks the writer to start a new segment; returns its number.
@@ -274,4 +311,15 @@ impl Checkpointer {
         drop(tx);
         answer.blocking_recv().map_err(|_| Error::Closed)?
     }
+}
+
+/// Bytes of the segments numbered `from` up to (not including) `to`.
+fn segment_bytes(dir: &std::path::Path, from: u64, to: u64) -> u64 {
+    let listed = segment::list(dir).unwrap_or_default();
+    listed
+        .iter()
+        .filter(|(n, _)| (from..to).contains(n))
+        .filter_map(|(_, path)| std::fs::metadata(path).ok())
+        .map(|m| m.len())
+        .sum()
 }

@@ -54,6 +54,10 @@ pub struct StoreConfig {
     pub disk_probe_interval: Duration,
     /// This node's id, stamped on the versions its clock issues.
     pub node_id: u32,
+    /// The node this store belongs to. When set, a folder whose `IDENTITY` names another node
+    /// is refused ([`Error::ForeignDataDir`]), and a folder without an owner yet records this
+    /// one. `None` (the default): no check.
+    pub owner: Option<crate::DataOwner>,
 }
 
 impl StoreConfig {
@@ -69,6 +73,7 @@ impl StoreConfig {
             min_free_bytes: 64 * 1024 * 1024,
             disk_probe_interval: Duration::from_secs(1),
             node_id,
+            owner: None,
         }
     }
 }

@@ -61,6 +61,44 @@ pub enum Error {
         /// Which check failed.
         reason: String,
     },
+    /// The data folder's `IDENTITY` names another node: this node was started on another node's
+    /// `DATA_DIR`. Nothing was read or changed.
+    #[error(
+        "DATA_DIR {} belongs to node {found_name} ({found_url}), not to this node {name} ({url}); \
+         nothing was changed. Point DATA_DIR at this node's own folder. If this node was renamed \
+         or moved on purpose, edit the name and url lines of {}/IDENTITY; to give this node \
+         another node's data, restore a backup of it with `kv-node restore`",
+        path.display(),
+        path.display()
+    )]
+    ForeignDataDir {
+        /// The data folder.
+        path: PathBuf,
+        /// The node the folder's identity names.
+        found_name: String,
+        /// That node's URL.
+        found_url: String,
+        /// This node's name.
+        name: String,
+        /// This node's URL.
+        url: String,
+    },
+    /// A snapshot or WAL segment carries another data folder's id (copied in from another
+    /// node's folder, or the folder's `IDENTITY` was replaced). Start-up stops before anything
+    /// is replayed or deleted.
+    #[error(
+        "{} carries data directory id {file_id}, {reason}; start-up stopped before anything was \
+         replayed or deleted",
+        path.display()
+    )]
+    ForeignFile {
+        /// The foreign file.
+        path: PathBuf,
+        /// The id in its header.
+        file_id: String,
+        /// What the folder's identity says, and what to do.
+        reason: String,
+    },
     /// Another process holds the data directory's lock file.
     #[error(
         "data directory lock {} is held by another process; is another kv-node using this DATA_DIR?",
@@ -151,6 +189,28 @@ impl Error {
             },
             Error::BadFormat { path, reason } => Error::BadFormat {
                 path: path.clone(),
+                reason: reason.clone(),
+            },
+            Error::ForeignDataDir {
+                path,
+                found_name,
+                found_url,
+                name,
+                url,
+            } => Error::ForeignDataDir {
+                path: path.clone(),
+                found_name: found_name.clone(),
+                found_url: found_url.clone(),
+                name: name.clone(),
+                url: url.clone(),
+            },
+            Error::ForeignFile {
+                path,
+                file_id,
+                reason,
+            } => Error::ForeignFile {
+                path: path.clone(),
+                file_id: file_id.clone(),
                 reason: reason.clone(),
             },
             Error::Locked { path } => Error::Locked { path: path.clone() },

@@ -13,13 +13,17 @@
 //! - `recovery`: snapshot load plus WAL replay at start-up.
 //! - `space`: free disk space, the `MIN_FREE_BYTES` reserve and the read-only (disk full) state.
 //! - `lock`: the data folder's lock file; [`files`]: owner-only (`0700`/`0600`) folders and files.
+//! - `identity`: `IDENTITY`, the folder's id (stamped on snapshots and segments) and owner.
 //! - `store`: the `Store` facade; `config`: `StoreConfig`, `SyncMode`; `error`: `Error`.
 //!
 //! # Files in the data folder
 //!
-//! `LOCK` (held while open), `wal-00000001.log`, `wal-00000002.log`, ... (WAL segments; only the
-//! newest is appended to), `snapshot.db` (the map at the last checkpoint, naming the first
-//! segment to replay after it) and, briefly, `snapshot.db.tmp` and `backup-*.tmp` (a backup
+//! `LOCK` (held while open), `IDENTITY` (the folder's id and owner), `wal-00000001.log`,
+//! `wal-00000002.log`, ... (WAL segments; only the newest is appended to; kept back to the
+//! spare's first segment), `snapshot.db` (the map at the last checkpoint, naming the first
+//! segment to replay after it), `snapshot.prev.db` (the spare: the snapshot before, which
+//! recovery falls back to), `snapshot.damaged.db` (a damaged snapshot recovery replaced by the
+//! spare, kept for the operator) and, briefly, `snapshot.db.tmp` and `backup-*.tmp` (a backup
 //! being written or streamed).
 //!
 //! # Metrics
@@ -29,7 +33,8 @@
 //! `kv_wal_fsync_seconds` (histogram), `kv_wal_batch_records` (histogram: records per group
 //! commit), `kv_checkpoints_total{result}`, `kv_checkpoint_duration_seconds` (histogram),
 //! `kv_snapshot_bytes`, `kv_snapshot_entries`, `kv_backups_total{result}`,
-//! `kv_backup_duration_seconds` (histogram), `kv_backup_bytes`, `kv_disk_free_bytes`,
+//! `kv_snapshot_fallbacks_total` (starts that used the spare), `kv_backup_duration_seconds`
+//! (histogram), `kv_backup_bytes`, `kv_disk_free_bytes`,
 //! `kv_disk_full_total` (times the store turned read-only).
 
 mod backup;
@@ -38,6 +43,7 @@ mod config;
 mod error;
 pub mod files;
 pub mod frame;
+mod identity;
 mod lock;
 pub mod map;
 mod record;
@@ -50,10 +56,11 @@ mod store;
 pub mod version;
 mod wal;
 
-pub use backup::{restore_backup, verify_backup, BackupInfo};
+pub use backup::{restore_backup, verify_backup, BackupInfo, Restored};
 pub use checkpoint::CheckpointStats;
 pub use config::{StoreConfig, SyncMode};
 pub use error::Error;
+pub use identity::{DataOwner, DirId};
 pub use map::{Entry, KeyRange, MapObserver};
 pub use record::{Record, MAX_KEY_LEN, MAX_VALUE_LEN};
 pub use store::{Store, StoreStatus};

@@ -1,5 +1,7 @@
-//! `snapshot.db`: the whole map at a checkpoint. Written atomically (temp file, fsync, rename,
-//! fsync of the folder) and loaded at start-up, where any defect stops start-up.
+//! `snapshot.db`: the whole map at a checkpoint, and its spare `snapshot.prev.db` (the snapshot
+//! before). Written atomically (temp file, fsync, read back and verified, the old one renamed to
+//! the spare, rename, fsync of the folder) and loaded at start-up, where any defect is reported
+//! with the file and offset (recovery then falls back to the spare).
 
 use std::fs::{self, File};
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -7,27 +9,38 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::frame::{self, FRAME_HEADER_LEN, MAX_FRAME_LEN};
+use crate::identity::DirId;
 use crate::map::ShardedMap;
 use crate::record::encode_parts;
 use crate::{segment, Clock, Error, Record};
 
 /// File name of the snapshot in the data folder.
 pub const FILE_NAME: &str = "snapshot.db";
+/// File name of the spare: the snapshot before `snapshot.db`, kept (with the WAL segments from
+/// its first segment on) so recovery can fall back to it when `snapshot.db` is damaged.
+pub const SPARE_FILE_NAME: &str = "snapshot.prev.db";
+/// A damaged `snapshot.db` that recovery replaced by its spare is kept under this name for the
+/// operator to look at (replacing any older one); nothing reads it.
+pub const DAMAGED_FILE_NAME: &str = "snapshot.damaged.db";
 /// File name of a snapshot being written.
 pub const TMP_FILE_NAME: &str = "snapshot.db.tmp";
 
 const MAGIC: [u8; 8] = *b"KVSNAPSH";
 const FOOTER_MAGIC: [u8; 8] = *b"KVSNAPND";
-const FORMAT_VERSION: u32 = 1;
-/// Bytes of the header.
-pub(crate) const HEADER_LEN: usize = 32;
+/// The format this program writes; version 1 (no folder id) is still read.
+const FORMAT_VERSION: u32 = 2;
+/// Bytes of the header this program writes.
+pub(crate) const HEADER_LEN: usize = 48;
+/// Bytes of a version 1 header.
+const V1_HEADER_LEN: usize = 32;
 const FOOTER_LEN: usize = 32;
 
 /// Layout of `snapshot.db` (integers little-endian):
 ///
 /// ```text
-/// header  [magic "KVSNAPSH" 8][format version u32][first WAL segment to replay u64]
-///         [created, unix ms u64][crc32c of the 28 bytes before u32]
+/// header  [magic "KVSNAPSH" 8][format version u32 = 2][first WAL segment to replay u64]
+///         [created, unix ms u64][data folder id 16][crc32c of the 44 bytes before u32]
+///         (version 1, still read: the same without the folder id, 32 bytes)
 /// body    one frame per entry ([len][crc32c][Record encoding]; tombstones included)
 /// footer  [magic "KVSNAPND" 8][entry count u64][clock hlc u64][reserved u32 = 0]
 ///         [crc32c of the 28 bytes before u32]
@@ -44,6 +57,24 @@ pub struct SnapshotMeta {
     pub records: u64,
     /// The clock's value when the snapshot was written.
     pub clock_hlc: u64,
+    /// The data folder it was written in; `None` for a version 1 file (it belongs to the folder
+    /// that holds it).
+    pub id: Option<DirId>,
+    /// Bytes of its header (where the first entry starts).
+    pub header_len: u64,
+}
+
+/// What a snapshot's header says (see [`read_header`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotHeader {
+    /// WAL replay after this snapshot starts at this segment.
+    pub start_segment: u64,
+    /// When it was written (unix ms).
+    pub created_ms: u64,
+    /// The data folder it was written in (`None`: version 1).
+    pub id: Option<DirId>,
+    /// Bytes of the header.
+    pub len: u64,
 }
 
 /// What [`write_atomic`] wrote.
@@ -54,6 +85,8 @@ pub struct Written {
     pub tombstones_dropped: u64,
     /// The creation time in the header (unix ms).
     pub created_ms: u64,
+    /// Whether the snapshot it replaced became the spare (false: there was none).
+    pub kept_spare: bool,
 }
 
 fn with_crc(mut fields: Vec<u8>) -> Vec<u8> {
@@ -62,12 +95,27 @@ fn with_crc(mut fields: Vec<u8>) -> Vec<u8> {
     fields
 }
 
-/// The header of a snapshot whose WAL replay starts at `start_segment`.
-pub(crate) fn header_bytes(start_segment: u64, created_ms: u64) -> Vec<u8> {
+/// The header of a snapshot written in folder `id` whose WAL replay starts at `start_segment`.
+pub(crate) fn header_bytes(start_segment: u64, created_ms: u64, id: DirId) -> Vec<u8> {
     with_crc(
         [
             &MAGIC[..],
             &FORMAT_VERSION.to_le_bytes(),
+            &start_segment.to_le_bytes(),
+            &created_ms.to_le_bytes(),
+            &id.0,
+        ]
+        .concat(),
+    )
+}
+
+/// A version 1 header (no folder id), as older kv versions wrote: for tests of old files.
+#[cfg(test)]
+pub(crate) fn v1_header_bytes(start_segment: u64, created_ms: u64) -> Vec<u8> {
+    with_crc(
+        [
+            &MAGIC[..],
+            &1u32.to_le_bytes(),
             &start_segment.to_le_bytes(),
             &created_ms.to_le_bytes(),
         ]
@@ -87,25 +135,73 @@ fn footer_bytes(records: u64, clock_hlc: u64) -> Vec<u8> {
     )
 }
 
-/// Writes the map to `snapshot.db` atomically, dropping tombstones older than `cutoff_ms`.
+/// Writes the map to `snapshot.db` atomically, dropping tombstones older than `cutoff_ms`: the
+/// temp file is written and fsynced, read back from the disk and verified in full, and only then
+/// does the old `snapshot.db` become the spare `snapshot.prev.db` (replacing the older spare) and
+/// the new file take its place. A crash between the two renames leaves the spare and no
+/// `snapshot.db`, which recovery handles like a damaged snapshot.
 pub fn write_atomic(
     dir: &Path,
     map: &ShardedMap,
     clock: &Clock,
     start_segment: u64,
     cutoff_ms: u64,
+    id: DirId,
 ) -> Result<Written, Error> {
     let tmp = dir.join(TMP_FILE_NAME);
-    let result = write_file(&tmp, map, clock, start_segment, cutoff_ms).and_then(|written| {
-        let target = dir.join(FILE_NAME);
-        fs::rename(&tmp, &target).map_err(Error::io("rename into place", &target))?;
-        segment::sync_dir(dir)?;
-        Ok(written)
+    let result = write_file(&tmp, map, clock, start_segment, cutoff_ms, id).and_then(|written| {
+        verify_written(&tmp, &written, start_segment, id)?;
+        install(dir, &tmp).map(|kept_spare| Written {
+            kept_spare,
+            ..written
+        })
     });
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// Reads the fsynced `tmp` back, from the disk rather than the page cache where the kernel lets
+/// us drop it, and checks every byte the way recovery will, and that it is the file just written.
+fn verify_written(
+    tmp: &Path,
+    written: &Written,
+    start_segment: u64,
+    id: DirId,
+) -> Result<(), Error> {
+    if let Ok(file) = File::open(tmp) {
+        // Advice only: where it is not followed, the read below checks the cached pages.
+        let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed);
+    }
+    let meta = load(tmp, |_| {})?;
+    let expected = (written.records, start_segment, Some(id));
+    if (meta.records, meta.start_segment, meta.id) != expected {
+        return Err(Error::Corrupt {
+            path: tmp.to_owned(),
+            offset: 0,
+            reason: format!(
+                "read back as {} entries from segment {} in folder {:?}; {} entries from segment \
+                 {start_segment} in folder {id} were written",
+                meta.records, meta.start_segment, meta.id, written.records
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Moves the verified `tmp` into place: `snapshot.db` (if any) becomes the spare, then `tmp`
+/// becomes `snapshot.db`, then the folder is fsynced. Returns whether a spare was kept.
+fn install(dir: &Path, tmp: &Path) -> Result<bool, Error> {
+    let target = dir.join(FILE_NAME);
+    let kept_spare = target.exists();
+    if kept_spare {
+        let spare = dir.join(SPARE_FILE_NAME);
+        fs::rename(&target, &spare).map_err(Error::io("rename to the spare", &spare))?;
+    }
+    fs::rename(tmp, &target).map_err(Error::io("rename into place", &target))?;
+    segment::sync_dir(dir)?;
+    Ok(kept_spare)
 }
 
 /// Entries per [`ShardedMap::export_chunk`] step of a snapshot or backup.
@@ -121,6 +217,7 @@ pub(crate) fn write_file(
     clock: &Clock,
     start: u64,
     cutoff_ms: u64,
+    id: DirId,
 ) -> Result<Written, Error> {
     let write_err = Error::io("write", tmp);
     let file = crate::files::create_private(tmp).map_err(Error::io("create", tmp))?;
@@ -131,9 +228,10 @@ pub(crate) fn write_file(
         bytes: 0,
         tombstones_dropped: 0,
         created_ms,
+        kept_spare: false,
     };
     let mut buf = Vec::new();
-    let mut result = out.write_all(&header_bytes(start, created_ms));
+    let mut result = out.write_all(&header_bytes(start, created_ms, id));
     let mut after: Option<String> = None;
     loop {
         buf.clear();
@@ -178,7 +276,7 @@ pub fn load(path: &Path, mut apply: impl FnMut(Record)) -> Result<SnapshotMeta, 
         input: BufReader::with_capacity(1 << 20, file),
         offset: 0,
     };
-    let (start_segment, created_ms) = reader.header(len)?;
+    let header = reader.header(len)?;
     let mut records = 0;
     let mut payload = Vec::new();
     while len - reader.offset > FOOTER_LEN as u64 {
@@ -192,11 +290,25 @@ pub fn load(path: &Path, mut apply: impl FnMut(Record)) -> Result<SnapshotMeta, 
         )));
     }
     Ok(SnapshotMeta {
-        start_segment,
-        created_ms,
+        start_segment: header.start_segment,
+        created_ms: header.created_ms,
         records,
         clock_hlc,
+        id: header.id,
+        header_len: header.len,
     })
+}
+
+/// Reads and checks only the header of the snapshot at `path` (magic, version, checksum).
+pub fn read_header(path: &Path) -> Result<SnapshotHeader, Error> {
+    let file = File::open(path).map_err(Error::io("open", path))?;
+    let len = file.metadata().map_err(Error::io("stat", path))?.len();
+    let mut reader = SnapshotReader {
+        path: path.to_owned(),
+        input: BufReader::with_capacity(HEADER_LEN, file),
+        offset: 0,
+    };
+    reader.header(len)
 }
 
 /// The creation time as a `SystemTime`.
@@ -237,34 +349,49 @@ impl SnapshotReader {
         Ok(block)
     }
 
-    fn header(&mut self, len: u64) -> Result<(u64, u64), Error> {
-        if len < (HEADER_LEN + FOOTER_LEN) as u64 {
+    fn header(&mut self, len: u64) -> Result<SnapshotHeader, Error> {
+        if len < (V1_HEADER_LEN + FOOTER_LEN) as u64 {
             return Err(self.corrupt(format!("{len} bytes is too short for a snapshot")));
         }
-        let mut magic = [0; 12];
-        self.read(&mut magic)?;
+        let mut head = [0; HEADER_LEN];
+        self.read(&mut head[..12])?;
         let bad_format = |reason: String| Error::BadFormat {
             path: self.path.clone(),
             reason,
         };
-        if magic[..8] != MAGIC {
+        if head[..8] != MAGIC {
             return Err(bad_format("wrong magic number: not a kv snapshot".into()));
         }
-        let version = u32::from_le_bytes([magic[8], magic[9], magic[10], magic[11]]);
-        if version != FORMAT_VERSION {
-            return Err(bad_format(format!(
-                "snapshot format version {version}, this program reads {FORMAT_VERSION}"
-            )));
+        let version = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
+        let header_len = match version {
+            1 => V1_HEADER_LEN,
+            FORMAT_VERSION => HEADER_LEN,
+            _ => {
+                return Err(bad_format(format!(
+                    "snapshot format version {version}, this program reads 1 and {FORMAT_VERSION}"
+                )))
+            }
+        };
+        if len < (header_len + FOOTER_LEN) as u64 {
+            return Err(self.corrupt(format!("{len} bytes is too short for a snapshot")));
         }
-        let mut rest = [0; HEADER_LEN - 12];
-        self.read(&mut rest)?;
-        let crc_ok =
-            crc32c::crc32c_append(crc32c::crc32c(&magic), &rest[..16]).to_le_bytes() == rest[16..];
-        if !crc_ok {
+        self.read(&mut head[12..header_len])?;
+        let (fields, crc) = head[..header_len].split_at(header_len - 4);
+        if crc32c::crc32c(fields).to_le_bytes() != crc {
             return Err(self.corrupt("snapshot header checksum mismatch".into()));
         }
-        self.offset = HEADER_LEN as u64;
-        Ok((le_u64(&rest[..8]), le_u64(&rest[8..16])))
+        self.offset = header_len as u64;
+        let id = (header_len == HEADER_LEN).then(|| {
+            let mut id = [0; 16];
+            id.copy_from_slice(&head[28..44]);
+            DirId(id)
+        });
+        Ok(SnapshotHeader {
+            start_segment: le_u64(&head[12..20]),
+            created_ms: le_u64(&head[20..28]),
+            id,
+            len: header_len as u64,
+        })
     }
 
     fn record(&mut self, len: u64, payload: &mut Vec<u8>) -> Result<Record, Error> {
@@ -312,6 +439,8 @@ mod tests {
     use crate::Version;
     use bytes::Bytes;
 
+    const ID: DirId = DirId([3; 16]);
+
     fn sample_map() -> ShardedMap {
         let map = ShardedMap::default();
         for i in 0..50u64 {
@@ -342,7 +471,7 @@ mod tests {
             hlc: 777 << 16,
             node: 0,
         });
-        write_atomic(dir, &sample_map(), &clock, 9, 0).unwrap();
+        write_atomic(dir, &sample_map(), &clock, 9, 0, ID).unwrap();
         fs::read(dir.join(FILE_NAME)).unwrap()
     }
 
@@ -353,8 +482,8 @@ mod tests {
         assert!(!dir.path().join(TMP_FILE_NAME).exists());
         let (meta, records) = load_all(&dir.path().join(FILE_NAME)).unwrap();
         assert_eq!(
-            (meta.start_segment, meta.records, meta.clock_hlc),
-            (9, 50, 777 << 16)
+            (meta.start_segment, meta.records, meta.clock_hlc, meta.id),
+            (9, 50, 777 << 16, Some(ID))
         );
         let mut want = Vec::new();
         sample_map().scan(|k, e| {
@@ -374,7 +503,7 @@ mod tests {
     fn old_tombstones_are_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let map = sample_map();
-        let w = write_atomic(dir.path(), &map, &Clock::new(1), 1, 1_000).unwrap();
+        let w = write_atomic(dir.path(), &map, &Clock::new(1), 1, 1_000, ID).unwrap();
         assert_eq!((w.records, w.tombstones_dropped), (40, 10));
         assert_eq!(map.counts().tombstones, 0);
     }
@@ -416,5 +545,41 @@ mod tests {
             } => assert_eq!((p, offset), (path, HEADER_LEN as u64)),
             other => panic!("expected Corrupt, got {other}"),
         }
+    }
+
+    #[test]
+    fn the_replaced_snapshot_becomes_the_spare() {
+        let dir = tempfile::tempdir().unwrap();
+        let (map, clock) = (sample_map(), Clock::new(1));
+        let first = write_atomic(dir.path(), &map, &clock, 3, 0, ID).unwrap();
+        assert!(!first.kept_spare, "nothing to keep the first time");
+        assert!(!dir.path().join(SPARE_FILE_NAME).exists());
+        let second = write_atomic(dir.path(), &map, &clock, 5, 0, ID).unwrap();
+        assert!(second.kept_spare);
+        let spare = read_header(&dir.path().join(SPARE_FILE_NAME)).unwrap();
+        let current = read_header(&dir.path().join(FILE_NAME)).unwrap();
+        assert_eq!((spare.start_segment, current.start_segment), (3, 5));
+        assert_eq!((spare.id, current.len), (Some(ID), HEADER_LEN as u64));
+        write_atomic(dir.path(), &map, &clock, 8, 0, ID).unwrap();
+        let spare = read_header(&dir.path().join(SPARE_FILE_NAME)).unwrap();
+        assert_eq!(spare.start_segment, 5, "the older spare is replaced");
+        assert!(!dir.path().join(TMP_FILE_NAME).exists());
+    }
+
+    #[test]
+    fn version_1_files_are_read_without_an_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = written(dir.path());
+        let mut old = v1_header_bytes(9, 1234);
+        old.extend_from_slice(&bytes[HEADER_LEN..]);
+        let path = dir.path().join("old.db");
+        fs::write(&path, &old).unwrap();
+        let (meta, records) = load_all(&path).unwrap();
+        assert_eq!(
+            (meta.start_segment, meta.created_ms, meta.records, meta.id),
+            (9, 1234, 50, None)
+        );
+        assert_eq!(meta.header_len, 32);
+        assert_eq!(records, load_all(&dir.path().join(FILE_NAME)).unwrap().1);
     }
 }

@@ -1,5 +1,5 @@
-//! The store facade: opens a data folder (lock, recovery), runs the WAL writer and checkpoint
-//! threads, and offers get / apply / checkpoint / scan / status / shutdown to the node.
+//! The store facade: opens a data folder (lock, identity, recovery), runs the WAL writer and
+//! checkpoint threads, and offers get / apply / checkpoint / scan / status / shutdown to the node.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,6 +13,7 @@ use tracing::{debug, info, warn};
 
 use crate::backup::{self, BackupInfo};
 use crate::checkpoint::{CheckpointSignal, Checkpointer};
+use crate::identity::{self, DirId, Identity};
 use crate::lock::DirLock;
 use crate::map::{KeyRange, MapObserver, ShardedMap};
 use crate::wal::{self, WalCommand, WalState, WalWriter, WAL_QUEUE_CAPACITY};
@@ -75,6 +76,7 @@ struct Inner {
     closed: AtomicBool,
     tombstone_horizon: Arc<AtomicU64>,
     data_dir: PathBuf,
+    id: DirId,
     _lock: DirLock,
 }
 
@@ -128,22 +130,33 @@ impl std::fmt::Debug for Store {
 
 impl Store {
     /// Blocking: creates `data_dir` if missing, takes its lock file (a second store on the same
-    /// folder fails with [`Error::Locked`]), recovers (snapshot, then WAL replay), and starts the
-    /// WAL writer and checkpoint threads.
+    /// folder fails with [`Error::Locked`]), reads its `IDENTITY` (a folder of another owner
+    /// fails with [`Error::ForeignDataDir`]), recovers (snapshot or its spare, then WAL replay;
+    /// a file of another folder fails with [`Error::ForeignFile`]), writes the identity if the
+    /// folder had none, and starts the WAL writer and checkpoint threads.
     pub fn open(config: StoreConfig) -> Result<Store, Error> {
         let started = Instant::now();
         let dir = config.data_dir.clone();
         crate::files::create_private_dir(&dir).map_err(Error::io("create data folder", &dir))?;
         let lock = DirLock::acquire(&dir)?;
+        let found = identity::load(&dir)?;
+        if let (Some(found), Some(owner)) = (&found, &config.owner) {
+            identity::check_owner(&dir, found, owner)?;
+        }
+        let folder = recovery::FolderId {
+            id: found.as_ref().map_or_else(DirId::random, |f| f.id),
+            stored: found.is_some(),
+        };
         let map = Arc::new(ShardedMap::default());
         let reservation = Arc::new(crate::reservation::Reservation::load(&dir)?);
         let clock = Arc::new(Clock::reserved(config.node_id, reservation));
-        let recovered = recovery::recover(&dir, &map, &clock)?;
+        let recovered = recovery::recover(&dir, folder, &map, &clock)?;
         debug!(
             segments = recovered.synced_segments,
             "replayed WAL segments fsynced"
         );
-        let file = segment::create(&dir, recovered.next_segment)?;
+        record_identity(&dir, found, folder.id, config.owner.clone())?;
+        let file = segment::create(&dir, recovered.next_segment, folder.id)?;
         let wal = Arc::new(WalState::default());
         // A node started on a full disk is read-only from its first request.
         wal.space.probe(&dir, config.min_free_bytes);
@@ -165,6 +178,7 @@ impl Store {
         };
         let writer = WalWriter {
             dir: dir.clone(),
+            id: folder.id,
             sync: config.sync,
             sync_interval: config.sync_interval,
             wal_max_bytes: config.wal_max_bytes,
@@ -184,6 +198,8 @@ impl Store {
         *threads.writer.lock() = Some(spawn("kv-wal-writer", move || writer.run(rx))?);
         let checkpointer = Checkpointer {
             dir: dir.clone(),
+            id: folder.id,
+            covered_until: AtomicU64::new(recovered.replay_start),
             map: Arc::clone(&map),
             clock: Arc::clone(&clock),
             wal: Arc::clone(&wal),
@@ -231,12 +247,15 @@ impl Store {
                 closed: AtomicBool::new(false),
                 tombstone_horizon,
                 data_dir: dir,
+                id: folder.id,
                 _lock: lock,
             }),
         };
         let status = store.status();
         info!(
             dir = %status.data_dir.display(),
+            id = %folder.id,
+            from_spare = recovered.used_spare,
             keys = status.keys,
             tombstones = status.tombstones,
             sync = ?config.sync,
@@ -244,6 +263,11 @@ impl Store {
             "store open"
         );
         Ok(store)
+    }
+
+    /// The data folder's id (in its `IDENTITY`, stamped on its snapshots and WAL segments).
+    pub fn data_dir_id(&self) -> DirId {
+        self.inner.id
     }
 
     /// The key's newest entry; tombstones are returned too (the caller decides on 404).
@@ -301,7 +325,7 @@ impl Store {
     /// `snapshot.db` are not changed. A failed backup leaves no file.
     pub fn backup_to(&self, path: &Path) -> Result<BackupInfo, Error> {
         self.check_open()?;
-        let result = backup::write(path, &self.inner.map, &self.inner.clock);
+        let result = backup::write(path, &self.inner.map, &self.inner.clock, self.inner.id);
         let outcome = if result.is_ok() { "ok" } else { "error" };
         metrics::counter!("kv_backups_total", "result" => outcome).increment(1);
         match &result {
@@ -485,6 +509,24 @@ impl Store {
             .inject_write_failure
             .store(true, Ordering::Relaxed);
     }
+}
+
+/// Writes `IDENTITY` when the folder had none (a new folder, or one from before identities,
+/// whose files adopt the new id) or when it names no owner yet and `owner` is known; durable
+/// before any file stamped with the id is created.
+fn record_identity(
+    dir: &Path,
+    found: Option<Identity>,
+    id: DirId,
+    owner: Option<crate::DataOwner>,
+) -> Result<(), Error> {
+    let wanted = match found {
+        Some(found) if found.owner.is_some() || owner.is_none() => return Ok(()),
+        Some(found) => Identity { owner, ..found },
+        None => Identity { id, owner },
+    };
+    info!(dir = %dir.display(), id = %wanted.id, owner = ?wanted.owner, "recording the data folder's identity");
+    identity::store(dir, &wanted)
 }
 
 #[cfg(test)]

@@ -98,6 +98,8 @@ struct Pending {
 /// The writer thread's state.
 pub(crate) struct WalWriter {
     pub dir: PathBuf,
+    /// The data folder's id, stamped on each new segment.
+    pub id: crate::identity::DirId,
     pub sync: SyncMode,
     pub sync_interval: Duration,
     pub wal_max_bytes: u64,
@@ -352,7 +354,7 @@ impl WalWriter {
         self.sync()?;
         let next = self.segment + 1;
         // A failed creation leaves no file behind, so appending to the old segment stays safe.
-        self.file = segment::create(&self.dir, next)?;
+        self.file = segment::create(&self.dir, next, self.id)?;
         self.segment = next;
         self.len = segment::HEADER_LEN as u64;
         self.state
