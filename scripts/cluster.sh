@@ -6,7 +6,12 @@
 #   scripts/cluster.sh status
 #   scripts/cluster.sh logs [node1|node2|...|lb]
 #   scripts/cluster.sh add              # start one more node and join it (data moves to it)
-#   scripts/cluster.sh remove NAME      # drain NAME (its keys get N copies elsewhere), then stop it
+#   scripts/cluster.sh remove NAME [--force]  # drain NAME (its keys get N copies elsewhere), then
+#                                       # stop it; --force for a node that is down (its ranges
+#                                       # are copied from the surviving replicas)
+#   scripts/cluster.sh replace NAME     # start a new node (next port, new data dir) and move
+#                                       # NAME's ranges to it (from the survivors if NAME is down)
+#   scripts/cluster.sh abort            # abort the membership change in progress
 #   scripts/cluster.sh start NAME       # start a stopped (or killed) node again, same data
 #
 # Runs from the repository root (or $KV_ROOT). Logs and pid files go to ./run/, node data to
@@ -31,7 +36,7 @@ die() { echo "cluster.sh: $*" >&2; exit 1; }
 info() { echo "cluster.sh: $*"; }
 
 usage() {
-    sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 # True while process $1 runs (a zombie waiting to be reaped does not count).
@@ -289,6 +294,16 @@ admin() {
     die "no live node to ask"
 }
 
+# POSTs a membership change ($1, JSON) to a live member; dies with the node's message when it
+# is refused (a 4xx answer carries "error").
+admin_change() {
+    local answer
+    answer="$(admin POST /admin/members "$1")" || die "no answer to the membership change"
+    if [[ "$answer" == *'"error"'* ]]; then
+        die "membership change refused: $answer"
+    fi
+}
+
 # Polls /admin/members until no change is in progress, or WAIT_SECS * 4 pass.
 wait_committed() {
     local deadline=$((SECONDS + WAIT_SECS * 4))
@@ -310,21 +325,23 @@ cmd_add() {
     save_cluster_env
     wait_healthy "node$i"
     info "node$i is up at $url; joining it"
-    admin POST /admin/members "{\"add\": [\"$url\"]}" >/dev/null
+    admin_change "{\"add\": [\"$url\"]}"
     wait_committed
     info "node$i joined; keys per node:"
     cmd_status
 }
 
-cmd_remove() {
-    load_cluster_env
-    local name="${1:-}" pid
-    if ! [[ "$name" =~ ^node[0-9]+$ ]] || ((${name#node} > NODES)); then
-        die "remove: expected the name of a node of this cluster, like node2"
+# Dies unless $1 names a node of this cluster that was not removed.
+check_member_name() {
+    local name="$1" what="$2"
+    if ! [[ "$name" =~ ^node[0-9]+$ ]] || ((${name#node} > NODES)) || [[ " ${REMOVED:-} " == *" $name "* ]]; then
+        die "$what: expected the name of a node of this cluster, like node2"
     fi
-    info "draining $name (its keys get N copies on the others)"
-    SKIP="$name" admin POST /admin/members "{\"remove\": [\"$(scheme)://127.0.0.1:$(port_of "$name")\"]}" >/dev/null
-    SKIP="$name" wait_committed
+}
+
+# Stops node $1 if it still runs (SIGTERM, then SIGKILL after STOP_SECS) and records it removed.
+retire() {
+    local name="$1" pid
     pid="$(live_pid "$name")"
     if [[ -n "$pid" ]]; then
         kill -TERM "$pid" 2>/dev/null || true
@@ -335,7 +352,51 @@ cmd_remove() {
     rm -f "$RUN_DIR/$name.pid"
     REMOVED="${REMOVED:-} $name"
     save_cluster_env
+}
+
+cmd_remove() {
+    load_cluster_env
+    local name="${1:-}" force=false
+    check_member_name "$name" remove
+    [[ "${2:-}" != --force ]] || force=true
+    [[ -z "${2:-}" || "$2" == --force ]] || die "remove: unknown option '$2' (expected --force)"
+    if [[ -z "$(live_pid "$name")" ]]; then
+        info "$name is not running: its ranges are copied from the surviving replicas"
+    else
+        info "draining $name (its keys get N copies on the others)"
+    fi
+    SKIP="$name" admin_change "{\"remove\": [\"$(scheme)://127.0.0.1:$(port_of "$name")\"], \"force\": $force}"
+    SKIP="$name" wait_committed
+    retire "$name"
     info "$name left the cluster; its data dir ./data/$name is no longer needed"
+}
+
+cmd_replace() {
+    load_cluster_env
+    local name="${1:-}" i=$((NODES + 1)) port old new
+    check_member_name "$name" replace
+    port=$((BASE_PORT + i - 1))
+    ((port != LB_PORT)) || die "the next node port $port is the LB's"
+    ! port_in_use "$port" || die "port $port (for node$i) is already in use"
+    old="$(scheme)://127.0.0.1:$(port_of "$name")"
+    new="$(scheme)://127.0.0.1:$port"
+    launch_node "$i" "$new"
+    NODES="$i"
+    save_cluster_env
+    wait_healthy "node$i"
+    info "node$i is up at $new; moving $name's ranges to it"
+    SKIP="$name" admin_change "{\"replace\": {\"$old\": \"$new\"}}"
+    SKIP="$name" wait_committed
+    retire "$name"
+    info "node$i replaced $name; ./data/$name is no longer needed. Keys per node:"
+    cmd_status
+}
+
+cmd_abort() {
+    load_cluster_env
+    admin_change '{"abort": true}'
+    wait_committed
+    info "the membership change was aborted; the cluster is back to the previous members"
 }
 
 cmd_start() {
@@ -372,6 +433,8 @@ main() {
         logs) cmd_logs "$@" ;;
         add) cmd_add ;;
         remove) cmd_remove "$@" ;;
+        replace) cmd_replace "$@" ;;
+        abort) cmd_abort ;;
         start) cmd_start "$@" ;;
         help | -h | --help) usage ;;
         *) usage >&2; exit 2 ;;

@@ -60,7 +60,13 @@ fn write_all(c: &TestCluster, keys: &[String]) {
             let url = url.clone();
             s.spawn(move || {
                 for key in chunk {
-                    let answer = put(&url, key, json!(key), "?w=all");
+                    // A 503 wrote nothing (a peer briefly seen down on a loaded machine): retry.
+                    let deadline = Instant::now() + Duration::from_secs(20);
+                    let mut answer = put(&url, key, json!(key), "?w=all");
+                    while answer.status == 503 && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(50));
+                        answer = put(&url, key, json!(key), "?w=all");
+                    }
                     assert_eq!(answer.status, 200, "{key}: {}", answer.text);
                 }
             });
@@ -315,9 +321,14 @@ fn past_the_hint_window_a_down_replica_gets_no_hints_and_anti_entropy_heals_it()
         );
         let key = format!("away-{i}");
         let answer = put(&node1, &key, json!(i), "");
+        i += 1;
+        // A 503 wrote nothing (node2 briefly seen down on a loaded machine); anything else
+        // but 200 is a failure.
+        if answer.status == 503 {
+            continue;
+        }
         assert_eq!(answer.status, 200, "{}", answer.text);
         acked.push(key);
-        i += 1;
     }
     let pending =
         status_u64(&c.nodes[0], "hints_pending") + status_u64(&c.nodes[1], "hints_pending");

@@ -1,9 +1,13 @@
 //! Black-box tests of membership changes on real processes: nodes join and leave a running
 //! cluster under load through the LB, data moves, nothing is lost, crashes mid-transfer resume;
-//! forged views are refused and a view alone never makes a node drop keys (`membership/forged.rs`).
+//! forged views are refused and a view alone never makes a node drop keys (`membership/forged.rs`);
+//! dead nodes are removed with `force`, nodes replaced, changes aborted, and two changes fired at
+//! once end in one view with N copies of every key (`membership/dead.rs`).
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+#[path = "membership/dead.rs"]
+mod dead;
 #[path = "membership/forged.rs"]
 mod forged;
 

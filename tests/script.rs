@@ -299,3 +299,113 @@ fn assert_cluster_is_closed_over_tls(client: &reqwest::blocking::Client, root: &
         .unwrap()
         .contains("TLS=1"));
 }
+
+/// `replace NAME` swaps a node killed for good for a new one on the next port, and `remove NAME
+/// --force` drops a dead node: the cluster's data stays readable at r=all (every replica) through
+/// the LB, and a remove of a dead node without `--force` is refused with the node's message.
+#[test]
+fn cluster_sh_replaces_and_removes_dead_nodes() {
+    let root = tempfile::tempdir().unwrap();
+    let _cleanup = StopOnDrop(root.path());
+    let (base, lb) = free_port_run(6); // room for node4 and node5 before the LB port
+    let up = script(
+        root.path(),
+        &[
+            "up",
+            "--no-build",
+            "--nodes",
+            "4",
+            "--base-port",
+            &base.to_string(),
+            "--lb-port",
+            &lb.to_string(),
+        ],
+    );
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let lb_url = format!("http://127.0.0.1:{lb}");
+    for i in 0..50 {
+        let put = send(
+            "POST",
+            &format!("{lb_url}/v1/k{i}?w=all"),
+            Some(&format!(r#"{{"value": {i}}}"#)),
+        )
+        .unwrap();
+        assert_eq!(put.status, 200, "{}", put.text);
+    }
+    let kill = |name: &str| {
+        let pid: u32 = std::fs::read_to_string(root.path().join(format!("run/{name}.pid")))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .unwrap();
+        kv_tests::wait_until(
+            std::time::Duration::from_secs(10),
+            "the node is gone",
+            || !alive(pid),
+        );
+    };
+    let seen_down = |port: u16| {
+        kv_tests::wait_until(
+            std::time::Duration::from_secs(10),
+            "node1 sees the node down",
+            || {
+                send("GET", &format!("http://127.0.0.1:{base}/"), None).is_ok_and(|a| {
+                    a.json["peers"].as_array().is_some_and(|peers| {
+                        peers.iter().any(|p| {
+                            p["url"] == format!("http://127.0.0.1:{port}") && p["state"] == "down"
+                        })
+                    })
+                })
+            },
+        );
+    };
+    kill("node2");
+    seen_down(base + 1);
+    let replace = script(root.path(), &["replace", "node2"]);
+    assert!(
+        replace.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&replace.stdout),
+        String::from_utf8_lossy(&replace.stderr)
+    );
+    let table = String::from_utf8_lossy(&script(root.path(), &["status"]).stdout).into_owned();
+    assert!(
+        table.contains("node5") && !table.contains("node2"),
+        "{table}"
+    );
+
+    kill("node3");
+    seen_down(base + 2);
+    let refused = script(root.path(), &["remove", "node3"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("force"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let remove = script(root.path(), &["remove", "node3", "--force"]);
+    assert!(
+        remove.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&remove.stdout),
+        String::from_utf8_lossy(&remove.stderr)
+    );
+    for i in 0..50 {
+        let get = send("GET", &format!("{lb_url}/v1/k{i}?r=all"), None).unwrap();
+        assert_eq!(
+            (get.status, get.json["value"].clone()),
+            (200, serde_json::json!(i)),
+            "k{i}"
+        );
+    }
+    let down = script(root.path(), &["down"]);
+    assert!(down.status.success());
+}

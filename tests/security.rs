@@ -83,6 +83,11 @@ fn attack_everything(c: &TestCluster, auth: &[(&str, &str)]) {
                 ("POST", "/internal/entries", Some("junk")),
                 ("GET", "/internal/transfer", None),
                 ("POST", "/internal/estimate", Some(FORGED_VIEW)),
+                (
+                    "POST",
+                    "/internal/propose",
+                    Some(r#"{"view": {"epoch": 1, "members": []}, "proposer": "x"}"#),
+                ),
             ] {
                 let answer = send_with(method, &format!("{node}{path}"), body, headers).unwrap();
                 assert_eq!(

@@ -107,6 +107,9 @@ impl ApiError {
                 (StatusCode::PRECONDITION_FAILED, "precondition_failed")
             }
             ApiError::Cluster(C::BadPlan { .. }) => (StatusCode::BAD_REQUEST, "invalid_plan"),
+            ApiError::Cluster(C::ChangeInProgress { .. }) => {
+                (StatusCode::BAD_REQUEST, "change_in_progress")
+            }
             ApiError::Cluster(C::MalformedView { .. }) => (StatusCode::BAD_REQUEST, "view_refused"),
             ApiError::Cluster(C::ViewRefused { .. } | C::ViewNeedsMajority { .. }) => {
                 (StatusCode::CONFLICT, "view_refused")

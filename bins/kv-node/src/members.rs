@@ -1,6 +1,7 @@
 //! Membership endpoints: `GET /admin/members` (the view, its epoch and the progress of a change),
-//! `POST /admin/members` (plan, then apply, adding and removing nodes), and the node-to-node
-//! `/internal/members`, `/internal/transfer` and `/internal/estimate` they rely on.
+//! `POST /admin/members` (plan, then apply: add, remove, replace, or abort the change in
+//! progress), and the node-to-node `/internal/members`, `/internal/transfer`,
+//! `/internal/estimate` and `/internal/propose` they rely on.
 
 use crate::config::canonical_url;
 use crate::error::ApiError;
@@ -11,6 +12,8 @@ use axum::http::{Extensions, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use kv_cluster::peer::FROM_HEADER;
+use kv_cluster::proposal::{PromiseAnswer, Proposal};
+use kv_cluster::rebalance::ChangeRequest;
 use kv_cluster::{TransferState, View};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -24,6 +27,13 @@ struct ChangeBody {
     add: Vec<String>,
     #[serde(default)]
     remove: Vec<String>,
+    /// Old URL -> new URL.
+    #[serde(default)]
+    replace: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    force: bool,
+    #[serde(default)]
+    abort: bool,
 }
 
 /// The query of `POST /admin/members`.
@@ -43,12 +53,15 @@ pub async fn show(State(app): State<AppState>) -> Json<Value> {
         "members": view.members,
         "in_transition": view.in_transition(),
         "coordinator": view.coordinator,
+        "down": view.down,
+        "promised": cluster.promised(),
         "transfer": progress,
     }))
 }
 
-/// `POST /admin/members?dry_run=true` with `{"add": [url...], "remove": [url...]}`: the plan,
-/// and unless it is a dry run, its start.
+/// `POST /admin/members?dry_run=true` with `{"add": [url...], "remove": [url...], "replace":
+/// {old: new}, "force": bool}`: the plan, and unless it is a dry run, its start. `{"abort": true}`
+/// (alone) aborts the change in progress.
 pub async fn change(
     State(app): State<AppState>,
     Query(query): Query<ChangeQuery>,
@@ -67,9 +80,23 @@ pub async fn change(
     let parsed: ChangeBody = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(
             "invalid_json",
-            format!(r#"expected {{"add": [url...], "remove": [url...]}}: {e}"#),
+            format!(
+                r#"expected {{"add": [url...], "remove": [url...], "replace": {{old: new}}, "force": bool}} or {{"abort": true}}: {e}"#
+            ),
         )
     })?;
+    if parsed.abort {
+        if !(parsed.add.is_empty() && parsed.remove.is_empty() && parsed.replace.is_empty()) {
+            return Err(ApiError::bad_request(
+                "invalid_plan",
+                "abort takes no add, remove or replace: abort first, then plan again",
+            ));
+        }
+        let view = app.cluster().abort_change(dry_run).await?;
+        return Ok(
+            Json(json!({"aborted": !dry_run, "applied": !dry_run, "view": view})).into_response(),
+        );
+    }
     let canonical = |urls: Vec<String>| -> Result<Vec<String>, ApiError> {
         urls.iter()
             .map(|u| {
@@ -79,7 +106,15 @@ pub async fn change(
             .collect()
     };
     let (add, remove) = (canonical(parsed.add)?, canonical(parsed.remove)?);
-    let report = app.cluster().plan_change(add, remove, dry_run).await?;
+    let (old, new): (Vec<String>, Vec<String>) = parsed.replace.into_iter().unzip();
+    let replace = canonical(old)?.into_iter().zip(canonical(new)?).collect();
+    let request = ChangeRequest {
+        add,
+        remove,
+        replace,
+        force: parsed.force,
+    };
+    let report = app.cluster().plan_change(request, dry_run).await?;
     Ok(Json(report).into_response())
 }
 
@@ -129,4 +164,21 @@ pub async fn estimate(
             .await
             .unwrap_or_default(),
     )
+}
+
+/// `POST /internal/propose`: a peer proposes a next view (or gives back its promise); this node
+/// promises it or says why not (`kv_cluster::proposal`). Always 200 with `{"granted": bool}`
+/// for a well-formed proposal.
+pub async fn propose(
+    State(app): State<AppState>,
+    body: Bytes,
+) -> Result<Json<PromiseAnswer>, ApiError> {
+    let proposal: Proposal = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request("invalid_json", format!("not a membership proposal: {e}"))
+    })?;
+    proposal
+        .view
+        .check_shape()
+        .map_err(|reason| kv_cluster::Error::MalformedView { reason })?;
+    Ok(Json(app.cluster().consider_proposal(&proposal)))
 }

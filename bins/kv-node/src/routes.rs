@@ -119,6 +119,7 @@ pub fn app(state: AppState) -> Router {
         .route("/internal/members", get(members::view).post(members::offer))
         .route("/internal/transfer", get(members::transfer))
         .route("/internal/estimate", post(members::estimate))
+        .route(kv_cluster::peer::PROPOSE_PATH, post(members::propose))
         .route(
             kv_cluster::antientropy::ROOTS_PATH,
             post(internal::aae_roots),

@@ -77,6 +77,16 @@ impl View {
         if self.before().is_empty() || self.after().is_empty() {
             return Err("no member would hold data before or after the change".into());
         }
+        if self.down.windows(2).any(|w| w[0] >= w[1]) {
+            return Err("members marked down must be sorted, each named once".into());
+        }
+        if let Some(d) = self
+            .down
+            .iter()
+            .find(|d| self.state_of(d) != Some(MemberState::Leaving))
+        {
+            return Err(format!("{d:?} is marked down but is not a leaving member"));
+        }
         match (&self.coordinator, self.in_transition()) {
             (Some(c), true) if self.contains(c) => Ok(()),
             (Some(c), true) => Err(format!("coordinator {c:?} is not a member")),
@@ -109,6 +119,7 @@ impl View {
                 })
                 .collect(),
             coordinator: None,
+            down: Vec::new(),
         })
     }
 }
@@ -148,7 +159,7 @@ fn is_plan_of(base: &View, offered: &View) -> bool {
             .collect()
     };
     let (add, remove) = (with(MemberState::Joining), with(MemberState::Leaving));
-    base.plan(&add, &remove, coordinator)
+    base.plan_marking(&add, &remove, &offered.down, coordinator)
         .is_ok_and(|plan| plan == *offered)
 }
 
@@ -222,19 +233,25 @@ pub fn judge(current: &View, offered: &View, me: &str) -> Verdict {
             Verdict::Refused("it differs from this node's view of the same epoch".into())
         }
         (Some(1), None) => checked(is_plan_of(current, offered), adopt, "a plan"),
+        // The abort of a plan this node missed: the same members, nothing to carry out.
+        (Some(2), None) if !offered.in_transition() && offered.members == current.members => {
+            Verdict::Adopt
+        }
         (Some(2), None) => checked(
             is_commit_of_a_plan_of(current, offered),
             majority,
             "the commit of a plan",
         ),
         (Some(1), Some(_)) if *offered == current.committed() => Verdict::Adopt,
+        (Some(1), Some(_)) if offered.is_abort_of(current) => Verdict::Adopt,
         (Some(1), Some(base)) => checked(
             is_commit_of_a_plan_of(&base, offered),
             majority,
             "the commit of a plan",
         ),
         (Some(2), Some(_)) => checked(
-            is_plan_of(&current.committed(), offered),
+            is_plan_of(&current.committed(), offered)
+                || current.aborted().is_ok_and(|a| is_plan_of(&a, offered)),
             adopt,
             "a plan following the commit",
         ),
@@ -362,11 +379,84 @@ mod tests {
                 state: MemberState::Active,
             }],
             coordinator: None,
+            down: Vec::new(),
         };
         assert!(refused(judge(&current, &unknown_only, &url(1))));
         let mut same_epoch = seed(2);
         same_epoch.epoch = 0;
         assert!(refused(judge(&current, &same_epoch, &url(1))));
+    }
+
+    #[test]
+    fn aborts_are_steps_from_the_plan_and_from_a_node_that_missed_it() {
+        let current = seed(3);
+        let plan = current.plan(&[url(4)], &[url(3)], &url(2)).unwrap();
+        let abort = plan.aborted().unwrap();
+        assert_eq!(abort.epoch, plan.epoch + 1);
+        assert_eq!(
+            abort.members, current.members,
+            "back to the previous members"
+        );
+        assert_eq!(judge(&plan, &abort, &url(1)), Verdict::Adopt);
+        assert_eq!(
+            judge(&current, &abort, &url(1)),
+            Verdict::Adopt,
+            "missed the plan"
+        );
+        assert_eq!(
+            judge(&plan, &abort, &url(4)),
+            Verdict::Adopt,
+            "the joining node"
+        );
+        let after = abort.plan(&[url(5)], &[], &url(1)).unwrap();
+        assert_eq!(
+            judge(&plan, &after, &url(1)),
+            Verdict::Adopt,
+            "missed the abort"
+        );
+        assert!(current.aborted().is_err(), "nothing to abort");
+        let mut forged = abort.clone();
+        forged.members.pop();
+        assert_ne!(
+            judge(&plan, &forged, &url(1)),
+            Verdict::Adopt,
+            "not the abort"
+        );
+    }
+
+    #[test]
+    fn members_marked_down_must_be_leaving_and_survive_the_checks() {
+        let current = seed(4);
+        let dead = url(4);
+        let plan = current
+            .plan_marking(
+                &[],
+                std::slice::from_ref(&dead),
+                std::slice::from_ref(&dead),
+                &url(1),
+            )
+            .unwrap();
+        assert_eq!(plan.down, vec![dead.clone()]);
+        assert!(plan.is_down(&dead) && !plan.is_down(&url(1)));
+        assert!(plan.check_shape().is_ok());
+        assert_eq!(judge(&current, &plan, &url(2)), Verdict::Adopt);
+        assert_ne!(
+            plan.digest(),
+            current
+                .plan(&[], std::slice::from_ref(&dead), &url(1))
+                .unwrap()
+                .digest(),
+            "marking a node down is another plan"
+        );
+        assert!(plan.committed().down.is_empty());
+        assert!(current
+            .plan_marking(&[], &[], std::slice::from_ref(&dead), &url(1))
+            .is_err());
+        let mut stray = plan.clone();
+        stray.down = vec![url(1)];
+        assert!(stray.check_shape().is_err(), "marked down but not leaving");
+        let wire = serde_json::to_vec(&plan).unwrap();
+        assert_eq!(View::decode(&wire).unwrap(), plan);
     }
 
     #[test]

@@ -132,6 +132,9 @@ pub(crate) struct Inner {
     pub(crate) replaying: parking_lot::Mutex<std::collections::HashSet<Arc<str>>>,
     pub(crate) stop: watch::Sender<bool>,
     pub(crate) transfer: parking_lot::Mutex<crate::rebalance::TransferState>,
+    /// The promise this node gave a proposed membership change (see `proposal.rs`); taken
+    /// before the topology lock wherever both are held.
+    pub(crate) promises: parking_lot::Mutex<crate::proposal::Promises>,
     pub(crate) recent_writes: crate::recent_writes::RecentWrites,
     pub(crate) anti_entropy: crate::antientropy::AntiEntropy,
     key_locks: Vec<tokio::sync::Mutex<()>>,
@@ -250,6 +253,7 @@ impl Cluster {
             replaying: parking_lot::Mutex::new(Default::default()),
             stop,
             transfer: parking_lot::Mutex::new(transfer),
+            promises: parking_lot::Mutex::new(crate::proposal::Promises::default()),
             recent_writes,
             anti_entropy,
             key_locks: (0..KEY_LOCK_STRIPES)

@@ -109,6 +109,13 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A membership change refused because another one is in progress (or a member did not
+    /// promise it): the reason names the change in progress.
+    #[error("{reason}")]
+    ChangeInProgress {
+        /// Why, naming the change in progress.
+        reason: String,
+    },
     /// An offered membership view that is not a well-formed view at all.
     #[error("malformed membership view: {reason}")]
     MalformedView {

@@ -6,7 +6,8 @@
 //! - `listing`: cluster-wide key listing (scatter-gather, merged pages with a cursor).
 //! - [`membership`]: the membership view, its file, plans, and the rings during a change.
 //! - [`admission`]: which offered views a node adopts (shape, and steps of the plan protocol).
-//! - [`rebalance`]: carrying out a change: estimates, streaming keys, commit.
+//! - [`proposal`]: one change at a time: the promise a node gives a proposed view.
+//! - [`rebalance`]: carrying out a change: estimates, promises, streaming keys, commit, abort.
 //! - `cleanup`: dropping keys this node no longer owns, once their new owners confirm them.
 //! - `background`: the health-check loop and hint replay.
 //! - [`antientropy`]: background rounds that compare replicas' hash trees ([`merkle`]) and
@@ -39,6 +40,7 @@ mod listing;
 pub mod membership;
 pub mod merkle;
 pub mod peer;
+pub mod proposal;
 mod quorum;
 pub mod rebalance;
 pub mod recent_writes;

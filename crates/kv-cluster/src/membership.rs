@@ -11,6 +11,12 @@
 //! every node has finished (and no hint for a new replica is pending) the plan's coordinator
 //! commits epoch `e + 2`: joining nodes become active, leaving ones disappear. Newest view wins
 //! everywhere: by epoch, then by a digest of its members so two concurrent plans still agree.
+//!
+//! A plan may mark leaving members `down` (removed with `force`, or replaced while dead): they
+//! stream nothing, the first owner not marked down streams their keys, and the commit does not
+//! wait for them. [`View::aborted`] undoes a plan at `e + 2` (its base members, all active).
+//! Every plan, commit and abort is applied only once every live data-holding member promised it
+//! (`proposal.rs`), so only one change runs at a time.
 
 use crate::error::{Error, Result};
 use kv_ring::Ring;
@@ -52,6 +58,11 @@ pub struct View {
     /// The node that applied the plan in progress and will commit it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub coordinator: Option<String>,
+    /// Leaving members that were down when the plan was made (removed with `force`, or replaced):
+    /// they send nothing, the surviving replicas stream their ranges, and the commit does not
+    /// wait for them. Sorted; empty outside a change.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub down: Vec<String>,
 }
 
 impl View {
@@ -70,6 +81,7 @@ impl View {
             epoch: 0,
             members,
             coordinator: None,
+            down: Vec::new(),
         }
     }
 
@@ -79,14 +91,46 @@ impl View {
         (self.epoch, self.digest())
     }
 
-    /// A checksum of the members and their states.
+    /// A checksum of the members and their states (and of the members marked down, so two
+    /// plans that differ only there differ).
     pub fn digest(&self) -> u32 {
-        let text: String = self
+        let mut text: String = self
             .members
             .iter()
             .map(|m| format!("{}={:?};", m.url, m.state))
             .collect();
+        for url in &self.down {
+            text.push_str(&format!("{url}=down;"));
+        }
         crc32c::crc32c(text.as_bytes())
+    }
+
+    /// True when `url` is a leaving member marked down by the plan in progress.
+    pub fn is_down(&self, url: &str) -> bool {
+        self.down.iter().any(|d| d == url)
+    }
+
+    /// One line naming the change this view carries out, for operators and refusals:
+    /// `epoch 3 by http://..: add [..], remove [..] (down: [..])`.
+    pub fn describe(&self) -> String {
+        let with = |state| -> Vec<&str> {
+            self.members
+                .iter()
+                .filter(|m| m.state == state)
+                .map(|m| m.url.as_str())
+                .collect()
+        };
+        let mut text = format!(
+            "epoch {} by {}: add {:?}, remove {:?}",
+            self.epoch,
+            self.coordinator.as_deref().unwrap_or("?"),
+            with(MemberState::Joining),
+            with(MemberState::Leaving),
+        );
+        if !self.down.is_empty() {
+            text.push_str(&format!(" (down: {:?})", self.down));
+        }
+        text
     }
 
     /// True while a plan is being carried out.
@@ -124,12 +168,29 @@ impl View {
 
     /// The view that carries out a plan: `add` joining, `remove` leaving, epoch + 1.
     pub fn plan(&self, add: &[String], remove: &[String], coordinator: &str) -> Result<View> {
+        self.plan_marking(add, remove, &[], coordinator)
+    }
+
+    /// [`View::plan`] with `down`: removed members that are down, whose ranges the surviving
+    /// replicas stream instead (each must be in `remove`).
+    pub fn plan_marking(
+        &self,
+        add: &[String],
+        remove: &[String],
+        down: &[String],
+        coordinator: &str,
+    ) -> Result<View> {
         let bad = |reason: String| Error::BadPlan { reason };
+        if let Some(stray) = down.iter().find(|d| !remove.contains(d)) {
+            return Err(bad(format!("{stray} is marked down but not removed")));
+        }
         if self.in_transition() {
-            return Err(bad(format!(
-                "a membership change (epoch {}) is still in progress; wait until it is committed",
-                self.epoch
-            )));
+            return Err(Error::ChangeInProgress {
+                reason: format!(
+                    "a membership change is in progress ({}); wait until it is committed, or abort it with {{\"abort\": true}}",
+                    self.describe()
+                ),
+            });
         }
         if add.is_empty() && remove.is_empty() {
             return Err(bad("the plan adds and removes nothing".into()));
@@ -153,6 +214,19 @@ impl View {
         if !members.values().any(|s| *s != MemberState::Leaving) {
             return Err(bad("the plan would remove every node".into()));
         }
+        if members
+            .iter()
+            .filter(|(u, s)| **s != MemberState::Joining && !down.contains(u))
+            .count()
+            == 0
+        {
+            return Err(bad(
+                "no live member holds data to stream to the new owners".into()
+            ));
+        }
+        let mut down = down.to_vec();
+        down.sort();
+        down.dedup();
         Ok(View {
             epoch: self.epoch + 1,
             members: members
@@ -160,6 +234,34 @@ impl View {
                 .map(|(url, state)| Member { url, state })
                 .collect(),
             coordinator: Some(coordinator.to_owned()),
+            down,
+        })
+    }
+
+    /// The view that aborts the plan in progress: its base again (joining nodes gone, leaving
+    /// ones active), at epoch + 1 so that it wins over the plan everywhere.
+    pub fn aborted(&self) -> Result<View> {
+        if !self.in_transition() {
+            return Err(Error::BadPlan {
+                reason: format!(
+                    "no membership change is in progress (epoch {}); nothing to abort",
+                    self.epoch
+                ),
+            });
+        }
+        Ok(View {
+            epoch: self.epoch + 1,
+            members: self
+                .members
+                .iter()
+                .filter(|m| m.state != MemberState::Joining)
+                .map(|m| Member {
+                    url: m.url.clone(),
+                    state: MemberState::Active,
+                })
+                .collect(),
+            coordinator: None,
+            down: Vec::new(),
         })
     }
 
@@ -177,7 +279,13 @@ impl View {
                 })
                 .collect(),
             coordinator: None,
+            down: Vec::new(),
         }
+    }
+
+    /// True when `self` (committed, not in transition) is the abort of the plan `plan`.
+    pub fn is_abort_of(&self, plan: &View) -> bool {
+        plan.aborted().is_ok_and(|a| a == *self)
     }
 }
 
@@ -366,6 +474,36 @@ mod tests {
         assert!(
             (600..=900).contains(&moved),
             "with N=3 of 3 -> 4 most keys gain node 4: {moved}"
+        );
+    }
+
+    #[test]
+    fn a_replacement_moves_more_than_the_old_nodes_share() {
+        // Ring positions come from the URL, so the new node takes other arcs than the old one:
+        // the old node's keys move, and so do the keys the new node's arcs take from others.
+        let six = urls(6);
+        let base = View::seed(&six);
+        let new = "http://127.0.0.1:9001".to_owned();
+        let old = six[2].clone();
+        let plan = base
+            .plan(std::slice::from_ref(&new), std::slice::from_ref(&old), "x")
+            .unwrap();
+        let topology = Topology::new(plan, 3, 256);
+        let (mut held_by_old, mut copies_moved) = (0usize, 0usize);
+        for i in 0..20_000 {
+            let key = format!("k{i}");
+            held_by_old += usize::from(topology.owners(&key).iter().any(|o| **o == *old));
+            copies_moved += topology.pending(&key).len();
+        }
+        let ratio = copies_moved as f64 / held_by_old as f64;
+        assert!(
+            (1.2..=2.5).contains(&ratio),
+            "{copies_moved} / {held_by_old} = {ratio}"
+        );
+        let add_only = Topology::new(base.plan(&[new], &[], "x").unwrap(), 3, 256);
+        assert!(
+            (0..20_000).any(|i| !add_only.pending(&format!("k{i}")).is_empty()),
+            "adding a node moves keys"
         );
     }
 

@@ -42,6 +42,8 @@ pub const MEMBERS_PATH: &str = "/internal/members";
 pub const TRANSFER_PATH: &str = "/internal/transfer";
 /// Path where a node estimates what a proposed view would move.
 pub const ESTIMATE_PATH: &str = "/internal/estimate";
+/// Path of the promise step of a membership change.
+pub const PROPOSE_PATH: &str = "/internal/propose";
 /// Largest body a peer accepts in one `/internal` call (a record batch, a key list), and the
 /// largest listing page a node reads from a peer.
 pub const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
@@ -481,6 +483,15 @@ impl PeerClient {
         view: &crate::membership::View,
     ) -> Result<crate::rebalance::Estimate, CallError> {
         self.post_json(peer, ESTIMATE_PATH, view).await
+    }
+
+    /// Asks `peer` to promise (or, with `release`, to give back its promise of) a next view.
+    pub async fn propose(
+        &self,
+        peer: &str,
+        proposal: &crate::proposal::Proposal,
+    ) -> Result<crate::proposal::PromiseAnswer, CallError> {
+        self.post_json(peer, PROPOSE_PATH, proposal).await
     }
 
     /// Passes a client request on to `peer`, marked as forwarded, and returns its answer unchanged.
