@@ -27,12 +27,12 @@ const TMP_SUFFIX: &str = ".tmp";
 /// # What a backup contains
 ///
 /// A backup has the format of `snapshot.db` (header, one frame per entry, footer with the
-/// entry count and the clock). It is taken like a checkpoint: the map is exported one shard
-/// after the other, each shard under its own lock, while writes go on. So it holds every write
-/// that was applied (and therefore every write acknowledged) before the backup began, tombstones
-/// included, plus, shard by shard, some of the writes that arrived while it ran. It is not one
-/// point in time across keys: a write that landed during the backup may be in it while an
-/// earlier one to a key of a shard exported before is not. Each entry is whole.
+/// entry count and the clock). It is taken like a checkpoint: the map is exported in key order,
+/// 1,024 keys at a time, each entry under its shard's lock for that entry alone, while writes go
+/// on. So it holds every write that was applied (and therefore every write acknowledged) before
+/// the backup began, tombstones included, plus some of the writes that arrived while it ran. It
+/// is not one point in time across keys: a write that landed during the backup may be in it
+/// while an earlier one to a key exported before is not. Each entry is whole.
 #[derive(Clone, Debug)]
 pub struct BackupInfo {
     /// Entries in the file, tombstones included.

@@ -68,7 +68,7 @@ pub use checkpoint::CheckpointStats;
 pub use config::{StoreConfig, SyncMode};
 pub use error::Error;
 pub use identity::{DataOwner, DirId};
-pub use map::{Entry, MapObserver};
+pub use map::{Entry, KeyRange, MapObserver};
 pub use record::{Record, MAX_KEY_LEN, MAX_VALUE_LEN};
 pub use store::{Store, StoreStatus};
 pub use version::{node_id, Clock, Version};

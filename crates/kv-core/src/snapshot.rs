@@ -207,9 +207,13 @@ fn install(vfs: &impl Vfs, dir: &Path, tmp: &Path) -> Result<bool, Error> {
     Ok(kept_spare)
 }
 
+/// Entries per [`ShardedMap::export_chunk`] step of a snapshot or backup.
+const EXPORT_CHUNK: usize = 1024;
+
 /// Writes the map to `tmp` in the snapshot format and fsyncs it (no rename): the body of
-/// [`write_atomic`], and of backups. Shards are exported one after the other, each under its own
-/// lock, so writes go on meanwhile and the file is not one point in time across shards.
+/// [`write_atomic`], and of backups. The map is exported in key order, [`EXPORT_CHUNK`] keys at a
+/// time, each entry under its shard's lock for that entry alone, so writes go on meanwhile and
+/// the file is not one point in time across keys.
 pub(crate) fn write_file(
     vfs: &impl Vfs,
     tmp: &Path,
@@ -232,7 +236,8 @@ pub(crate) fn write_file(
     };
     let mut buf = Vec::new();
     let mut result = out.write_all(&header_bytes(start, created_ms, id));
-    for shard in 0..map.shard_count() {
+    let mut after: Option<String> = None;
+    loop {
         buf.clear();
         let mut framed = Ok(());
         let export = |version, key: &[u8], value: Option<&[u8]>, expiry| {
@@ -241,9 +246,20 @@ pub(crate) fn write_file(
             }
             written.records += 1;
         };
-        written.tombstones_dropped += map.export_shard(shard, created_ms, cutoff_ms, export);
+        let chunk = map.export_chunk(
+            after.as_deref(),
+            EXPORT_CHUNK,
+            created_ms,
+            cutoff_ms,
+            export,
+        );
+        written.tombstones_dropped += chunk.dropped;
         framed?;
         result = result.and_then(|()| out.write_all(&buf));
+        match chunk.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
     }
     result = result.and_then(|()| out.write_all(&footer_bytes(written.records, clock.last_hlc())));
     let file = result

@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 use crate::backup::{self, BackupInfo};
 use crate::checkpoint::{CheckpointSignal, Checkpointer};
 use crate::identity::{self, DirId, Identity};
-use crate::map::{MapObserver, ShardedMap};
+use crate::map::{KeyRange, MapObserver, ShardedMap};
 use crate::vfs::{OsFs, Vfs};
 use crate::wal::{self, WalCommand, WalState, WalWriter, WAL_QUEUE_CAPACITY};
 use crate::Version;
@@ -459,10 +459,16 @@ impl<V: Vfs> Store<V> {
         }
     }
 
-    /// Calls `f` for every entry (tombstones included), one shard at a time under its read
-    /// lock: `f` must be quick, and writes to that shard wait while it runs.
+    /// Calls `f` for every entry (tombstones included) in key order; `f` runs with no lock held
+    /// (see [`ShardedMap::scan`]).
     pub fn scan(&self, f: impl FnMut(&str, &Entry)) {
         self.inner.map.scan(f);
+    }
+
+    /// One page of entries (tombstones included) in key order, in O(log n + limit): see
+    /// [`ShardedMap::range`].
+    pub fn range(&self, range: &KeyRange<'_>) -> Vec<(String, Entry)> {
+        self.inner.map.range(range)
     }
 
     /// Clean shutdown: refuses new writes, finishes and fsyncs the queued ones, writes a final
