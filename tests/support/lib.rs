@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 /// How long a process gets to answer `/health` after it was started.
 pub const START_DEADLINE: Duration = Duration::from_secs(30);
 
-/// The folder holding the built binaries (`target/debug` or `target/release`), built once.
+/// The folder holding the built binaries (`target/debug` or `target/release`), built once:
+/// kv-node, kv-lb and kvctl, in one cargo command (building them apart would resolve the
+/// shared dependencies' features differently and rebuild the binaries back and forth).
 pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
@@ -34,12 +36,15 @@ pub fn bin_dir() -> &'static Path {
         let release = dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = Command::new(cargo);
-        build.args(["build", "-q", "-p", "kv-node", "-p", "kv-lb"]);
+        build.args(["build", "-q", "-p", "kv-node", "-p", "kv-lb", "-p", "kvctl"]);
         if release {
             build.arg("--release");
         }
         let status = build.status().expect("run cargo build");
-        assert!(status.success(), "cargo build of kv-node and kv-lb failed");
+        assert!(
+            status.success(),
+            "cargo build of kv-node, kv-lb and kvctl failed"
+        );
         dir
     })
 }

@@ -81,9 +81,13 @@ pub struct RunArgs {
     /// Bytes of the JSON string written as each value.
     #[arg(long, default_value_t = 100)]
     pub value_size: usize,
-    /// Operation weights, `read=95,write=5[,delete=0]`.
+    /// Operation weights, `read=95,write=5[,delete=0][,list=0]`; a `list` is one listing page
+    /// (`GET /v1?prefix=KEY-PREFIX&after=KEY&limit=LIST-LIMIT`) starting at a drawn key.
     #[arg(long, default_value = "read=95,write=5", value_parser = |s: &str| s.parse::<Mix>())]
     pub mix: Mix,
+    /// Keys per listing page of a `list` operation.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub list_limit: u32,
     /// Key distribution: `uniform` or `zipf:S` (for example `zipf:0.99`).
     #[arg(long, default_value = "uniform", value_parser = |s: &str| s.parse::<KeyDist>())]
     pub dist: KeyDist,
@@ -168,6 +172,7 @@ impl RunArgs {
             keys: self.keys,
             key_prefix: self.key_prefix.clone(),
             value_size: self.value_size,
+            list_limit: self.list_limit,
             mix: self.mix,
             dist: self.dist,
             w: self.w,

@@ -47,6 +47,8 @@ pub struct RunConfig {
     pub key_prefix: String,
     /// Bytes of the JSON string written by each write.
     pub value_size: usize,
+    /// Keys per listing page.
+    pub list_limit: u32,
     /// Operation weights.
     pub mix: Mix,
     /// How keys are drawn.
@@ -204,6 +206,7 @@ pub async fn run(config: &RunConfig) -> Result<RunResult, BenchError> {
         config.value_size,
         config.w,
         config.r,
+        config.list_limit,
     );
     let preload = match config.preload {
         true => Some(preload(config, &requests).await?),
@@ -383,6 +386,7 @@ mod tests {
             keys: 100,
             key_prefix: "t-".into(),
             value_size: 10,
+            list_limit: 100,
             mix: mix.parse().unwrap(),
             dist: KeyDist::Zipf(0.99),
             w: Some(Consistency::Quorum),

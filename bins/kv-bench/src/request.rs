@@ -1,5 +1,6 @@
 //! Turns the target URL and the workload settings into ready-to-send kv requests:
-//! `GET|POST|DELETE {base}/v1/{prefix}{index}?r=..|w=..` with a fixed-size JSON value.
+//! `GET|POST|DELETE {base}/v1/{prefix}{index}?r=..|w=..` with a fixed-size JSON value, and
+//! listing pages `GET {base}/v1?prefix={prefix}&after={prefix}{index}&limit=N`.
 
 use std::net::SocketAddr;
 
@@ -71,33 +72,50 @@ pub struct RequestFactory {
     read_query: String,
     write_query: String,
     write_body: Bytes,
+    /// `{base}/v1?limit=N&prefix={prefix}&after={prefix}`: the key index is appended to it.
+    list_path: String,
 }
 
 impl RequestFactory {
     /// Prepares requests for `target` with keys `{key_prefix}{index}` and values of
-    /// `value_size` bytes; `w` and `r` become query parameters only when given.
+    /// `value_size` bytes; `w` and `r` become query parameters only when given. Listing pages
+    /// ask for `list_limit` keys.
     pub fn new(
         target: &Target,
         key_prefix: &str,
         value_size: usize,
         w: Option<Consistency>,
         r: Option<Consistency>,
+        list_limit: u32,
     ) -> Self {
+        let prefix = encode_query(key_prefix);
         RequestFactory {
             host: target.host.clone(),
             key_path: format!("{}/v1/{}", target.base_path, encode_path(key_prefix)),
             read_query: r.map(|r| format!("?r={r}")).unwrap_or_default(),
             write_query: w.map(|w| format!("?w={w}")).unwrap_or_default(),
             write_body: write_body(value_size),
+            list_path: format!(
+                "{}/v1?limit={list_limit}&prefix={prefix}&after={prefix}",
+                target.base_path
+            ),
         }
     }
 
     /// The request for `op` on key number `key`.
     pub fn build(&self, op: Op, key: u64) -> Result<Request<Full<Bytes>>, http::Error> {
+        if op == Op::List {
+            return Request::builder()
+                .method(Method::GET)
+                .uri(format!("{}{key}", self.list_path))
+                .header(HOST, self.host.clone())
+                .body(Full::new(Bytes::new()));
+        }
         let (method, query, body) = match op {
             Op::Read => (Method::GET, &self.read_query, Bytes::new()),
             Op::Write => (Method::POST, &self.write_query, self.write_body.clone()),
             Op::Delete => (Method::DELETE, &self.write_query, Bytes::new()),
+            Op::List => (Method::GET, &self.read_query, Bytes::new()),
         };
         let mut builder = Request::builder()
             .method(method)
@@ -132,6 +150,19 @@ fn encode_path(raw: &str) -> String {
     out
 }
 
+/// Percent-encodes everything but unreserved characters, for a query parameter value.
+fn encode_query(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    for byte in raw.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,7 +177,7 @@ mod tests {
 
     #[test]
     fn builds_paths_queries_and_bodies() {
-        let f = RequestFactory::new(&target(), "b k/", 5, Some(Consistency::One), None);
+        let f = RequestFactory::new(&target(), "b k/", 5, Some(Consistency::One), None, 100);
         let get = f.build(Op::Read, 42).unwrap();
         assert_eq!(get.method(), Method::GET);
         assert_eq!(get.uri(), "/v1/b%20k/42");
@@ -157,6 +188,14 @@ mod tests {
         assert_eq!(
             (del.method(), del.uri().to_string()),
             (&Method::DELETE, "/v1/b%20k/1?w=one".into())
+        );
+        let list = f.build(Op::List, 12).unwrap();
+        assert_eq!(
+            (list.method(), list.uri().to_string()),
+            (
+                &Method::GET,
+                "/v1?limit=100&prefix=b%20k%2F&after=b%20k%2F12".into()
+            )
         );
     }
 

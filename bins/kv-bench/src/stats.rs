@@ -139,6 +139,8 @@ pub struct RunStats {
     pub write: OpStats,
     /// Deletes.
     pub delete: OpStats,
+    /// Listing pages.
+    pub list: OpStats,
 }
 
 impl RunStats {
@@ -148,6 +150,7 @@ impl RunStats {
             read: OpStats::new()?,
             write: OpStats::new()?,
             delete: OpStats::new()?,
+            list: OpStats::new()?,
         })
     }
 
@@ -157,6 +160,7 @@ impl RunStats {
             Op::Read => &self.read,
             Op::Write => &self.write,
             Op::Delete => &self.delete,
+            Op::List => &self.list,
         }
     }
 
@@ -166,6 +170,7 @@ impl RunStats {
             Op::Read => &mut self.read,
             Op::Write => &mut self.write,
             Op::Delete => &mut self.delete,
+            Op::List => &mut self.list,
         };
         stats.record(outcome, latency);
     }
@@ -174,7 +179,8 @@ impl RunStats {
     pub fn merge(&mut self, other: &RunStats) -> Result<(), BenchError> {
         self.read.merge(&other.read)?;
         self.write.merge(&other.write)?;
-        self.delete.merge(&other.delete)
+        self.delete.merge(&other.delete)?;
+        self.list.merge(&other.list)
     }
 
     /// All operations together.
@@ -182,6 +188,7 @@ impl RunStats {
         let mut all = self.read.clone();
         all.merge(&self.write)?;
         all.merge(&self.delete)?;
+        all.merge(&self.list)?;
         Ok(all)
     }
 }

@@ -16,11 +16,14 @@ pub enum Op {
     Write,
     /// `DELETE /v1/{key}`.
     Delete,
+    /// `GET /v1?prefix={prefix}&after={prefix}{key}&limit=N`: one listing page that starts at
+    /// a drawn key.
+    List,
 }
 
 impl Op {
     /// Every operation, in report order.
-    pub const ALL: [Op; 3] = [Op::Read, Op::Write, Op::Delete];
+    pub const ALL: [Op; 4] = [Op::Read, Op::Write, Op::Delete, Op::List];
 
     /// Name used in the table, the JSON results and the mix syntax.
     pub fn name(self) -> &'static str {
@@ -28,6 +31,7 @@ impl Op {
             Op::Read => "read",
             Op::Write => "write",
             Op::Delete => "delete",
+            Op::List => "list",
         }
     }
 
@@ -37,7 +41,7 @@ impl Op {
     }
 }
 
-/// Relative weights of reads, writes and deletes: `read=95,write=5[,delete=0]`.
+/// Relative weights of reads, writes, deletes and listings: `read=95,write=5[,delete=0][,list=0]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Mix {
     /// Weight of reads.
@@ -46,6 +50,8 @@ pub struct Mix {
     pub write: u32,
     /// Weight of deletes.
     pub delete: u32,
+    /// Weight of listing pages.
+    pub list: u32,
 }
 
 impl Mix {
@@ -55,12 +61,13 @@ impl Mix {
             Op::Read => self.read,
             Op::Write => self.write,
             Op::Delete => self.delete,
+            Op::List => self.list,
         }
     }
 
     /// Sum of the weights; never zero for a parsed mix.
     fn total(&self) -> u32 {
-        self.read + self.write + self.delete
+        self.read + self.write + self.delete + self.list
     }
 
     /// Picks an operation with probability proportional to its weight.
@@ -70,8 +77,10 @@ impl Mix {
             Op::Read
         } else if x < self.read + self.write {
             Op::Write
-        } else {
+        } else if x < self.read + self.write + self.delete {
             Op::Delete
+        } else {
+            Op::List
         }
     }
 }
@@ -84,6 +93,7 @@ impl FromStr for Mix {
             read: 0,
             write: 0,
             delete: 0,
+            list: 0,
         };
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (name, weight) = part
@@ -101,9 +111,10 @@ impl FromStr for Mix {
                 "read" | "get" => mix.read = weight,
                 "write" | "post" | "put" => mix.write = weight,
                 "delete" | "del" => mix.delete = weight,
+                "list" => mix.list = weight,
                 other => {
                     return Err(format!(
-                        "mix part {part:?}: unknown operation {other:?} (read, write, delete)"
+                        "mix part {part:?}: unknown operation {other:?} (read, write, delete, list)"
                     ))
                 }
             }
@@ -121,7 +132,11 @@ impl fmt::Display for Mix {
             f,
             "read={},write={},delete={}",
             self.read, self.write, self.delete
-        )
+        )?;
+        if self.list > 0 {
+            write!(f, ",list={}", self.list)?;
+        }
+        Ok(())
     }
 }
 
@@ -260,7 +275,8 @@ mod tests {
             Mix {
                 read: 95,
                 write: 5,
-                delete: 0
+                delete: 0,
+                list: 0
             }
         );
         let mix: Mix = " get=1, put=2 ,del=3".parse().unwrap();
@@ -269,9 +285,13 @@ mod tests {
             Mix {
                 read: 1,
                 write: 2,
-                delete: 3
+                delete: 3,
+                list: 0
             }
         );
+        let mix: Mix = "write=9,list=1".parse().unwrap();
+        assert_eq!((mix.write, mix.list), (9, 1));
+        assert_eq!(mix.to_string(), "read=0,write=9,delete=0,list=1");
     }
 
     #[test]
@@ -300,6 +320,8 @@ mod tests {
         assert!((29_000..31_000).contains(&reads), "reads = {reads}");
         let only_deletes: Mix = "delete=1".parse().unwrap();
         assert!((0..100).all(|_| only_deletes.pick(&mut rng) == Op::Delete));
+        let only_lists: Mix = "list=1".parse().unwrap();
+        assert!((0..100).all(|_| only_lists.pick(&mut rng) == Op::List));
     }
 
     #[test]

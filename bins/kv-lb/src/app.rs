@@ -1,5 +1,6 @@
 //! The router and the state every handler shares: which route goes where, which layers wrap
-//! them (request id, metrics and span on all; auth on data routes), and JSON 404/405.
+//! them (request id, metrics and span on all; auth on data routes and `/ui/stats`), and JSON
+//! 404/405.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use crate::metrics::metrics_route;
 use crate::routing::Routing;
 use crate::status::{status_route, Counters};
 use crate::upstream::Upstream;
-use crate::{auth, proxy, request_context};
+use crate::{auth, proxy, request_context, ui};
 
 /// Slack allowed above `MAX_VALUE_BYTES` for the JSON around the value (`{"value": ...}`).
 pub const BODY_MARGIN_BYTES: usize = 64 * 1024;
@@ -108,11 +109,17 @@ pub fn app(state: SharedState) -> Router {
         .route("/v1/{*key}", any(proxy::key_owner))
         .route("/batch", post(proxy::any_node).fallback(method_not_allowed))
         .route_layer(from_fn_with_state(Arc::clone(&state), auth::require_token));
+    // The page holds no data and is open; what it polls needs the token (README, Security).
+    let dashboard = Router::new()
+        .route("/ui/stats", get(ui::stats).fallback(method_not_allowed))
+        .route_layer(from_fn_with_state(Arc::clone(&state), auth::require_token))
+        .route("/ui", get(ui::page).fallback(method_not_allowed));
     Router::new()
         .route("/", get(status_route).fallback(method_not_allowed))
         .route("/health", get(health_route).fallback(method_not_allowed))
         .route("/metrics", get(metrics_route).fallback(method_not_allowed))
         .merge(data)
+        .merge(dashboard)
         .fallback(not_found)
         .layer(from_fn(request_context::track))
         .with_state(state)

@@ -19,6 +19,7 @@ mod proxy;
 mod request_context;
 mod routing;
 mod status;
+mod ui;
 mod upstream;
 
 use std::io::{IsTerminal, Write};
@@ -27,6 +28,8 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tracing::{info, warn};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LbConfig, LogFormat};
@@ -102,9 +105,11 @@ fn init_tracing(config: &LbConfig) {
         .with_env_filter(filter)
         .with_ansi(std::io::stdout().is_terminal());
     // A second subscriber cannot exist in this process; ignoring the error is safe.
+    // Recent warnings are also kept for the dashboard (`kv_http::dashboard`).
+    let warnings = kv_http::dashboard::WarningsLayer;
     let _ = match config.log_format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.finish().with(warnings).try_init(),
+        LogFormat::Json => builder.json().finish().with(warnings).try_init(),
     };
 }
 

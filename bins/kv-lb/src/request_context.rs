@@ -38,6 +38,7 @@ pub async fn track(mut request: Request, next: Next) -> Response {
     let status = response.status().as_u16();
     response.headers_mut().insert(X_REQUEST_ID, id);
     metrics::request_done(&route, method.as_str(), status, elapsed);
+    kv_http::dashboard::record_request(method.as_str(), &route, status, elapsed);
     span.in_scope(|| {
         debug!(
             status,

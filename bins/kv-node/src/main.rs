@@ -19,6 +19,7 @@ mod status;
 mod telemetry;
 mod tls;
 mod tls_certs;
+mod ui;
 mod watch;
 mod watch_merge;
 

@@ -5,8 +5,8 @@
 //! # Who may call what
 //! | routes | credential |
 //! |---|---|
-//! | `/`, `/health`, `/metrics`, `GET /admin/members` | none |
-//! | `/v1`, `/batch` | `Authorization: Bearer <AUTH_TOKEN>` when `AUTH_TOKEN` is set |
+//! | `/`, `/health`, `/metrics`, `GET /admin/members`, `GET /ui` (the page only) | none |
+//! | `/v1`, `/batch`, `GET /ui/stats` | `Authorization: Bearer <AUTH_TOKEN>` when `AUTH_TOKEN` is set |
 //! | `/admin` (backup, checkpoint, repair, membership changes) | bearer `AUTH_TOKEN` or bearer cluster secret |
 //! | `/internal` | `x-kv-secret: <cluster secret>` |
 //!
@@ -17,7 +17,7 @@
 
 use crate::config::NodeConfig;
 use crate::error::ApiError;
-use crate::{admin, api, batch, internal, list, members, status, telemetry, watch};
+use crate::{admin, api, batch, internal, list, members, status, telemetry, ui, watch};
 use axum::extract::{Request, State};
 use axum::http::HeaderMap;
 use axum::middleware::{self, Next};
@@ -103,6 +103,11 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/{*key}", any(api::data))
         .route("/batch", post(batch::batch))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    // The page holds no data and is open; what it polls needs the token (README, Security).
+    let dashboard = Router::new()
+        .route("/ui/stats", get(ui::stats))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .route("/ui", get(ui::page));
     let admin = Router::new()
         .route("/admin/backup", get(admin::backup))
         .route("/admin/checkpoint", post(admin::checkpoint))
@@ -139,6 +144,7 @@ pub fn app(state: AppState) -> Router {
         .route("/health", get(status::health))
         .route("/metrics", get(status::metrics))
         .merge(data)
+        .merge(dashboard)
         .merge(admin)
         .merge(internal)
         .fallback(status::no_route)

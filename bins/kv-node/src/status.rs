@@ -32,6 +32,7 @@ pub async fn status(State(app): State<AppState>) -> Json<Value> {
         "last_snapshot_unix_ms": last_snapshot,
         "writes_refused": store.failed,
         "read_only": store.read_only,
+        "min_free_bytes": config.min_free_bytes,
         "data_dir": config.data_dir,
         "replication_factor": cluster.replication_factor,
         "write_consistency": w.to_string(),

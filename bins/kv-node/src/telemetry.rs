@@ -10,6 +10,8 @@ use kv_cluster::{Cluster, REQUEST_ID_HEADER};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 use tracing::Instrument;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 /// Latency buckets in seconds: 100 µs to 10 s.
@@ -26,12 +28,16 @@ pub fn init_tracing(format: LogFormat) {
         .with_env_filter(filter)
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
+    // Recent warnings are also kept for the dashboard (`kv_http::dashboard`).
+    let warnings = kv_http::dashboard::WarningsLayer;
     let result = match format {
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Text => builder.finish().with(warnings).try_init(),
         LogFormat::Json => builder
             .json()
             .flatten_event(true)
             .with_current_span(true)
+            .finish()
+            .with(warnings)
             .try_init(),
     };
     if let Err(e) = result {
@@ -232,6 +238,7 @@ pub async fn observe(mut request: Request, next: Next) -> Response {
     });
     metrics::counter!("kv_http_requests_total", "route" => route.clone(), "method" => method.clone(), "status" => status)
         .increment(1);
+    kv_http::dashboard::record_request(&method, &route, response.status().as_u16(), elapsed);
     metrics::histogram!("kv_http_request_duration_seconds", "route" => route, "method" => method)
         .record(elapsed.as_secs_f64());
     response.headers_mut().insert(REQUEST_ID_HEADER, id);

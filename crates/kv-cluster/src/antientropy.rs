@@ -469,6 +469,8 @@ impl Cluster {
                 );
                 trees
             }
+            // Cancelled: the runtime is shutting down; nothing to report.
+            Err(e) if e.is_cancelled() => self.ae().trees.current(),
             Err(e) => {
                 warn!(error = %e, "building the anti-entropy hash trees failed");
                 self.ae().trees.current()

@@ -1,12 +1,17 @@
 //! After a committed membership change: dropping the keys this node no longer owns, but only the
 //! ones every new owner confirms it holds at the same or a newer version. A view alone never
 //! empties a node: what an owner lacks is sent to it and checked again on the next pass.
+//!
+//! A record can still reach this node after that cleanup scanned its keys: a write, hint, read
+//! repair or push coordinated under the transition view by a node that had not adopted the
+//! commit yet, or replayed late. Such a *straggler* is stored (refusing it could cost a copy the
+//! coordinator counted), remembered, and dropped by the same rule once its owners confirm it.
 
 use crate::cluster::Cluster;
 use crate::membership::Topology;
 use crate::peer::MAX_ENTRIES_KEYS;
-use kv_core::{Record, Version};
-use std::collections::BTreeMap;
+use kv_core::{Entry, Record, Version};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{info, warn};
@@ -64,7 +69,105 @@ struct Foreign {
     bytes: usize,
 }
 
+/// Keys stored for which this node is no owner under its committed view, waiting to be dropped.
+#[derive(Debug, Default)]
+pub(crate) struct Stragglers {
+    keys: BTreeSet<String>,
+    /// True while a task checks them.
+    running: bool,
+}
+
 impl Cluster {
+    /// Remembers the keys of records just stored here that this node does not own under its
+    /// committed view, and starts the task that drops them once their owners hold them. During a
+    /// change nothing is remembered: the cleanup after the commit scans every key.
+    pub(crate) fn note_stored<'a>(&self, keys: impl IntoIterator<Item = &'a str>) {
+        let topology = self.topology();
+        if topology.view.epoch == 0 || topology.view.in_transition() {
+            return;
+        }
+        let me = &self.inner.me;
+        let foreign: Vec<String> = keys
+            .into_iter()
+            .filter(|k| !topology.owners(k).contains(me))
+            .map(str::to_owned)
+            .collect();
+        if foreign.is_empty() {
+            return;
+        }
+        let start = {
+            let mut stragglers = self.inner.stragglers.lock();
+            stragglers.keys.extend(foreign);
+            !std::mem::replace(&mut stragglers.running, true)
+        };
+        if start {
+            info!(
+                epoch = topology.view.epoch,
+                "stored keys this node does not own after the change; dropping them once their owners hold them"
+            );
+            // Until they are gone, a restart must run the cleanup again.
+            crate::rebalance::TransferState::unsave(&self.inner.config.members_file);
+            tokio::spawn(self.clone().drop_stragglers());
+        }
+    }
+
+    /// Checks the remembered stragglers with their owners, pass after pass (the first after a
+    /// pause, so the other copies of a late write land first), until none is left.
+    async fn drop_stragglers(self) {
+        let mut stop = self.inner.stop.subscribe();
+        let mut pause = FIRST_RETRY_PAUSE;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                _ = stop.changed() => {
+                    self.inner.stragglers.lock().running = false;
+                    return;
+                }
+            }
+            let topology = self.topology();
+            let keys = std::mem::take(&mut self.inner.stragglers.lock().keys);
+            let kept = if topology.view.in_transition() {
+                // A new change: the cleanup after its commit scans every key.
+                Vec::new()
+            } else {
+                let foreign = self.foreign_among(&topology, keys);
+                self.drop_confirmed(&topology, &foreign).await
+            };
+            pause = if kept.is_empty() {
+                FIRST_RETRY_PAUSE
+            } else {
+                warn!(
+                    kept = kept.len(),
+                    "keeping late keys their owners have not confirmed; checking again"
+                );
+                (pause * 2).min(MAX_RETRY_PAUSE)
+            };
+            let mut stragglers = self.inner.stragglers.lock();
+            stragglers.keys.extend(kept);
+            if stragglers.keys.is_empty() {
+                stragglers.running = false;
+                drop(stragglers);
+                self.record_cleanup_if_finished(topology.view.epoch);
+                return;
+            }
+        }
+    }
+
+    /// Records the finished cleanup of `epoch` (so a restart skips it) once its full pass
+    /// dropped everything and no straggler waits.
+    fn record_cleanup_if_finished(&self, epoch: u64) {
+        let stragglers = self.inner.stragglers.lock();
+        let state = self.inner.transfer.lock();
+        if state.epoch == epoch
+            && state.cleaned
+            && !state.running
+            && !stragglers.running
+            && stragglers.keys.is_empty()
+        {
+            state.save(&self.inner.config.members_file);
+        }
+    }
+
     /// Drops, pass after pass (bounded), the keys this node no longer owns once their new owners
     /// confirm them; then forgets hints for departed nodes. Re-run at every start while keys
     /// remain unconfirmed (the finished state is recorded only once none is left).
@@ -103,11 +206,10 @@ impl Cluster {
             let mut state = self.inner.transfer.lock();
             if state.epoch == epoch {
                 state.running = false;
-                if kept == 0 {
-                    state.save(&self.inner.config.members_file);
-                }
+                state.cleaned = kept == 0;
             }
         }
+        self.record_cleanup_if_finished(epoch);
         if self.topology().view.epoch != epoch {
             self.resume_membership_work();
         }
@@ -117,22 +219,34 @@ impl Cluster {
     /// ones and checkpoints. Returns how many were kept.
     async fn cleanup_pass(&self, topology: &Topology) -> usize {
         let foreign = self.foreign_keys(topology);
-        let (mut dropped, mut kept) = (0, 0);
-        for batch in batches(&foreign) {
+        self.drop_confirmed(topology, &foreign).await.len()
+    }
+
+    /// Drops the keys of `foreign` their owners confirm, batch by batch, and checkpoints.
+    /// Returns the keys kept.
+    async fn drop_confirmed(&self, topology: &Topology, foreign: &[Foreign]) -> Vec<String> {
+        let (mut dropped, mut kept) = (0, Vec::new());
+        for batch in batches(foreign) {
             let confirmed = self.confirm(batch).await;
             // A key written again since it was checked keeps its newer copy until the next pass.
-            let still: Vec<String> = confirmed
+            let still: BTreeSet<&str> = confirmed
                 .into_iter()
                 .filter(|f| self.inner.store.get(&f.key).map(|e| e.version) == Some(f.version))
-                .map(|f| f.key.clone())
+                .map(|f| f.key.as_str())
                 .collect();
-            kept += batch.len() - still.len();
+            kept.extend(
+                batch
+                    .iter()
+                    .filter(|f| !still.contains(f.key.as_str()))
+                    .map(|f| f.key.clone()),
+            );
+            let still: Vec<String> = still.into_iter().map(str::to_owned).collect();
             dropped += self.inner.store.forget(&still);
         }
         if dropped > 0 {
             info!(
                 keys = dropped,
-                kept,
+                kept = kept.len(),
                 epoch = topology.view.epoch,
                 "dropped keys this node no longer owns"
             );
@@ -144,21 +258,32 @@ impl Cluster {
     }
 
     fn foreign_keys(&self, topology: &Topology) -> Vec<Foreign> {
-        let me = &self.inner.me;
         let mut foreign = Vec::new();
         self.inner.store.scan(|key, entry| {
-            let owners = topology.owners(key);
-            if !owners.contains(me) {
-                foreign.push(Foreign {
-                    key: key.to_owned(),
-                    version: entry.version,
-                    tombstone: entry.value.is_none(),
-                    owners,
-                    bytes: key.len() + entry.value.as_ref().map_or(0, |v| v.len()),
-                });
-            }
+            foreign.extend(self.foreign(topology, key, entry));
         });
         foreign
+    }
+
+    /// The keys of `keys` this node holds without owning them.
+    fn foreign_among(&self, topology: &Topology, keys: BTreeSet<String>) -> Vec<Foreign> {
+        keys.iter()
+            .filter_map(|key| {
+                let entry = self.inner.store.get(key)?;
+                self.foreign(topology, key, &entry)
+            })
+            .collect()
+    }
+
+    fn foreign(&self, topology: &Topology, key: &str, entry: &Entry) -> Option<Foreign> {
+        let owners = topology.owners(key);
+        (!owners.contains(&self.inner.me)).then(|| Foreign {
+            key: key.to_owned(),
+            version: entry.version,
+            tombstone: entry.value.is_none(),
+            owners,
+            bytes: key.len() + entry.value.as_ref().map_or(0, |v| v.len()),
+        })
     }
 
     /// Asks every owner of the batch's keys for its entries; returns the keys all owners hold,

@@ -134,6 +134,9 @@ pub(crate) struct Inner {
     pub(crate) replaying: parking_lot::Mutex<std::collections::HashSet<Arc<str>>>,
     pub(crate) stop: watch::Sender<bool>,
     pub(crate) transfer: parking_lot::Mutex<crate::rebalance::TransferState>,
+    /// Keys stored after the cleanup for the committed view (see `cleanup.rs`); taken before
+    /// `transfer` wherever both are held.
+    pub(crate) stragglers: parking_lot::Mutex<crate::cleanup::Stragglers>,
     /// The promise this node gave a proposed membership change (see `proposal.rs`); taken
     /// before the topology lock wherever both are held.
     pub(crate) promises: parking_lot::Mutex<crate::proposal::Promises>,
@@ -265,6 +268,7 @@ impl Cluster {
             replaying: parking_lot::Mutex::new(Default::default()),
             stop,
             transfer: parking_lot::Mutex::new(transfer),
+            stragglers: parking_lot::Mutex::new(Default::default()),
             promises: parking_lot::Mutex::new(crate::proposal::Promises::default()),
             recent_writes,
             anti_entropy,
@@ -520,6 +524,13 @@ impl Cluster {
         let versions: Vec<(String, Version)> =
             records.iter().map(|r| (r.key.clone(), r.version)).collect();
         let applied = self.inner.store.apply(records).await?;
+        self.note_stored(
+            versions
+                .iter()
+                .zip(&applied)
+                .filter(|(_, applied)| **applied)
+                .map(|((key, _), _)| key.as_str()),
+        );
         let ids = write_ids.into_iter().chain(std::iter::repeat(None));
         let held = versions
             .into_iter()

@@ -7,7 +7,6 @@
 use crate::cluster::Cluster;
 use crate::error::{Error, Result};
 use crate::peer::{batch_item_bytes, PageQuery, SEND_BATCH_BYTES};
-use bytes::Bytes;
 use kv_core::Record;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -37,7 +36,8 @@ pub struct LocalPage {
 impl Cluster {
     /// This node's entries (tombstones included) whose key starts with `prefix` and sorts after
     /// `after`: the first `limit` of them in key order, cut short at [`SEND_BATCH_BYTES`] (one
-    /// entry at least). Live entries carry their value only when `values` is asked for.
+    /// entry at least). Live entries carry their value only when `values` is asked for (values
+    /// are not even read otherwise). Costs O(log n + limit) through the store's ordered index.
     pub fn local_page(&self, query: &PageQuery<'_>) -> LocalPage {
         let PageQuery {
             prefix,
@@ -46,39 +46,22 @@ impl Cluster {
             values,
         } = *query;
         let limit = limit.max(1);
-        let mut page: BTreeMap<String, Record> = BTreeMap::new();
-        self.inner.store.scan(|key, entry| {
-            if !key.starts_with(prefix) || after.is_some_and(|a| key <= a) {
-                return;
-            }
-            if page.len() == limit
-                && page
-                    .last_key_value()
-                    .is_some_and(|(last, _)| key >= last.as_str())
-            {
-                return;
-            }
-            page.insert(
-                key.to_owned(),
-                Record {
-                    key: key.to_owned(),
-                    version: entry.version,
-                    value: match &entry.value {
-                        Some(value) if values => Some(value.clone()),
-                        Some(_) => Some(Bytes::new()),
-                        None => None,
-                    },
-                    expires_at_ms: entry.expires_at_ms,
-                },
-            );
-            if page.len() > limit {
-                page.pop_last();
-            }
+        let page = self.inner.store.range(&kv_core::KeyRange {
+            prefix,
+            after,
+            limit,
+            values,
         });
         let mut full = page.len() >= limit;
         let mut records = Vec::with_capacity(page.len());
         let mut bytes = 4;
-        for record in page.into_values() {
+        for (key, entry) in page {
+            let record = Record {
+                key,
+                version: entry.version,
+                value: entry.value,
+                expires_at_ms: entry.expires_at_ms,
+            };
             bytes += batch_item_bytes(&record);
             if !records.is_empty() && bytes > SEND_BATCH_BYTES {
                 full = true;

@@ -373,6 +373,10 @@ impl Cluster {
             return match inner.store.apply(vec![record.clone()]).await {
                 Ok(applied) => {
                     let applied = applied.first().copied().unwrap_or(false);
+                    if applied {
+                        // The view may have changed since this write chose its replicas.
+                        self.note_stored([record.key.as_str()]);
+                    }
                     let held = self.held_after(&record.key, record.version, applied);
                     if let (Some(id), true) = (id, held == record.version) {
                         inner.recent_writes.remember(&record.key, id, held);

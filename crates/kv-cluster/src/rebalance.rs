@@ -43,6 +43,9 @@ pub struct TransferState {
     pub(crate) running: bool,
     #[serde(skip)]
     committing: bool,
+    /// True once the cleanup after this (committed) view dropped every key this node lost.
+    #[serde(skip)]
+    pub(crate) cleaned: bool,
 }
 
 impl TransferState {
@@ -65,6 +68,18 @@ impl TransferState {
             .and_then(|bytes| kv_core::files::write_private(&path, &bytes));
         if let Err(e) = written {
             warn!(path = %path.display(), error = %e, "cannot record the finished transfer; a restart will redo it");
+        }
+    }
+
+    /// Forgets the recorded finished state, so the next start runs the cleanup again.
+    pub(crate) fn unsave(members_file: &Path) {
+        let path = Self::path(members_file);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "cannot forget the finished cleanup; keys stored after it may survive a restart")
+            }
         }
     }
 }

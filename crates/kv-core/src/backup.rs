@@ -13,6 +13,7 @@ use tracing::info;
 use crate::identity::{self, DirId};
 use crate::lock::{self, DirLock};
 use crate::map::ShardedMap;
+use crate::vfs::{OsFs, Vfs};
 use crate::{segment, snapshot, Clock, Error};
 
 /// Temporary backup files in the data folder are named `backup-<unix ms>-<n>.tmp`; recovery
@@ -26,12 +27,12 @@ const TMP_SUFFIX: &str = ".tmp";
 /// # What a backup contains
 ///
 /// A backup has the format of `snapshot.db` (header, one frame per entry, footer with the
-/// entry count and the clock). It is taken like a checkpoint: the map is exported one shard
-/// after the other, each shard under its own lock, while writes go on. So it holds every write
-/// that was applied (and therefore every write acknowledged) before the backup began, tombstones
-/// included, plus, shard by shard, some of the writes that arrived while it ran. It is not one
-/// point in time across keys: a write that landed during the backup may be in it while an
-/// earlier one to a key of a shard exported before is not. Each entry is whole.
+/// entry count and the clock). It is taken like a checkpoint: the map is exported in key order,
+/// 1,024 keys at a time, each entry under its shard's lock for that entry alone, while writes go
+/// on. So it holds every write that was applied (and therefore every write acknowledged) before
+/// the backup began, tombstones included, plus some of the writes that arrived while it ran. It
+/// is not one point in time across keys: a write that landed during the backup may be in it
+/// while an earlier one to a key exported before is not. Each entry is whole.
 #[derive(Clone, Debug)]
 pub struct BackupInfo {
     /// Entries in the file, tombstones included.
@@ -55,15 +56,13 @@ pub(crate) fn temp_path(dir: &Path) -> PathBuf {
 }
 
 /// Removes the temporary backup files a crash left in `dir`.
-pub(crate) fn remove_stale(dir: &Path) -> Result<(), Error> {
-    let entries = fs::read_dir(dir).map_err(Error::io("list", dir))?;
-    for entry in entries {
-        let entry = entry.map_err(Error::io("list", dir))?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
+pub(crate) fn remove_stale(vfs: &impl Vfs, dir: &Path) -> Result<(), Error> {
+    for path in vfs.list(dir).map_err(Error::io("list", dir))? {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        let name = name.unwrap_or_default();
         if name.starts_with(TMP_PREFIX) && name.ends_with(TMP_SUFFIX) {
-            info!(path = %entry.path().display(), "removing a backup file left by a crash");
-            fs::remove_file(entry.path()).map_err(Error::io("remove", entry.path()))?;
+            info!(path = %path.display(), "removing a backup file left by a crash");
+            vfs.remove(&path).map_err(Error::io("remove", &path))?;
         }
     }
     Ok(())
@@ -79,7 +78,7 @@ pub(crate) fn write(
 ) -> Result<BackupInfo, Error> {
     let started = Instant::now();
     // WAL replay after a restored backup starts at segment 1 unless restore says otherwise.
-    match snapshot::write_file(path, map, clock, 1, 0, id) {
+    match snapshot::write_file(&OsFs, path, map, clock, 1, 0, id) {
         Ok(written) => Ok(BackupInfo {
             entries: written.records,
             bytes: written.bytes,
@@ -103,7 +102,7 @@ pub fn verify_backup(path: &Path) -> Result<BackupInfo, Error> {
         path: path.to_owned(),
         reason,
     };
-    let meta = snapshot::load(path, |_| {}).map_err(|e| match e {
+    let meta = snapshot::load(&OsFs, path, |_| {}).map_err(|e| match e {
         Error::Corrupt { offset, reason, .. } => bad(format!("{reason} (byte offset {offset})")),
         Error::BadFormat { reason, .. } => bad(reason),
         Error::Io { op, source, .. } => bad(format!("cannot {op} it: {source}")),
@@ -162,22 +161,24 @@ pub fn restore_backup(file: &Path, data_dir: &Path, force: bool) -> Result<Resto
         });
     }
     let id = identity::load_or_create(data_dir)?.id;
-    let start = segment::list(data_dir)?.last().map_or(1, |(n, _)| n + 1);
+    let start = segment::list(&OsFs, data_dir)?
+        .last()
+        .map_or(1, |(n, _)| n + 1);
     let tmp = data_dir.join(snapshot::TMP_FILE_NAME);
     let installed = copy_with_start(file, &tmp, start, &info, id).and_then(|()| {
         // Check the bytes actually installed, not only the source read a moment ago.
-        snapshot::load(&tmp, |_| {})?;
+        snapshot::load(&OsFs, &tmp, |_| {})?;
         // The old spare needs WAL segments that are about to go: it must not outlive them.
         remove_old_snapshots(data_dir)?;
         let target = data_dir.join(snapshot::FILE_NAME);
         fs::rename(&tmp, &target).map_err(Error::io("rename into place", &target))?;
-        segment::sync_dir(data_dir)
+        segment::sync_dir(&OsFs, data_dir)
     });
     if let Err(e) = installed {
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }
-    segment::remove_before(data_dir, start)?;
+    segment::remove_before(&OsFs, data_dir, start)?;
     info!(
         file = %file.display(),
         dir = %data_dir.display(),
@@ -203,7 +204,7 @@ fn remove_old_snapshots(dir: &Path) -> Result<(), Error> {
             Err(e) => return Err(Error::io("remove", &path)(e)),
         }
     }
-    segment::sync_dir(dir)
+    segment::sync_dir(&OsFs, dir)
 }
 
 /// Names in the folder other than the lock file, at most a few, sorted.
@@ -230,7 +231,7 @@ fn copy_with_start(
     info: &BackupInfo,
     id: DirId,
 ) -> Result<(), Error> {
-    let header_len = snapshot::read_header(file)?.len;
+    let header_len = snapshot::read_header(&OsFs, file)?.len;
     let mut input = BufReader::new(File::open(file).map_err(Error::io("open", file))?);
     input
         .seek(SeekFrom::Start(header_len))
@@ -443,7 +444,8 @@ mod tests {
         let restored = restore_backup(&foreign, &dir.path().join("node"), true).unwrap();
         assert!(!restored.same_folder());
         assert_eq!(restored.data_dir_id, node_id, "the folder keeps its id");
-        let header = snapshot::read_header(&dir.path().join("node").join(snapshot::FILE_NAME));
+        let header =
+            snapshot::read_header(&OsFs, &dir.path().join("node").join(snapshot::FILE_NAME));
         assert_eq!(header.unwrap().id, Some(node_id), "re-stamped");
         let store = open(&dir.path().join("node"));
         assert_eq!(store.status().keys, 27);

@@ -15,6 +15,7 @@ use tracing::{error, info, warn};
 use crate::identity::DirId;
 use crate::map::ShardedMap;
 use crate::version::now_ms;
+use crate::vfs::Vfs;
 use crate::wal::{WalCommand, WalState};
 use crate::{segment, snapshot, Clock, Error};
 
@@ -142,7 +143,8 @@ impl CheckpointSignal {
 }
 
 /// The checkpoint thread's state.
-pub(crate) struct Checkpointer {
+pub(crate) struct Checkpointer<V: Vfs> {
+    pub vfs: V,
     pub dir: PathBuf,
     /// The data folder's id, stamped on each snapshot.
     pub id: DirId,
@@ -171,7 +173,7 @@ fn deadline_after(d: Duration) -> Instant {
         .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
 }
 
-impl Checkpointer {
+impl<V: Vfs> Checkpointer<V> {
     fn next_due(&self) -> Instant {
         deadline_after(if self.interval.is_zero() {
             Duration::MAX
@@ -245,6 +247,7 @@ impl Checkpointer {
         let horizon_ms = self.tombstone_horizon.load(Ordering::Acquire);
         let cutoff_ms = now_ms().saturating_sub(grace_ms).min(horizon_ms);
         let written = snapshot::write_atomic(
+            &self.vfs,
             &self.dir,
             &self.map,
             &self.clock,
@@ -258,8 +261,8 @@ impl Checkpointer {
             .unwrap_or(start_segment)
             .min(start_segment);
         let covered_from = self.covered_until.swap(start_segment, Ordering::Relaxed);
-        let covered = segment_bytes(&self.dir, covered_from, start_segment);
-        let freed = segment::remove_before(&self.dir, keep_from)?;
+        let covered = segment_bytes(&self.vfs, &self.dir, covered_from, start_segment);
+        let freed = segment::remove_before(&self.vfs, &self.dir, keep_from)?;
         let _ = self
             .wal
             .wal_bytes
@@ -290,10 +293,10 @@ impl Checkpointer {
     /// The spare's first WAL segment, if there is a readable spare.
     fn spare_start(&self) -> Option<u64> {
         let spare = self.dir.join(snapshot::SPARE_FILE_NAME);
-        if !spare.exists() {
+        if !self.vfs.exists(&spare) {
             return None;
         }
-        match snapshot::read_header(&spare) {
+        match snapshot::read_header(&self.vfs, &spare) {
             Ok(header) => Some(header.start_segment),
             Err(e) => {
                 warn!(error = %e, "the spare snapshot is unreadable; the next checkpoint replaces it");
@@ -314,12 +317,11 @@ impl Checkpointer {
 }
 
 /// Bytes of the segments numbered `from` up to (not including) `to`.
-fn segment_bytes(dir: &std::path::Path, from: u64, to: u64) -> u64 {
-    let listed = segment::list(dir).unwrap_or_default();
+fn segment_bytes(vfs: &impl Vfs, dir: &std::path::Path, from: u64, to: u64) -> u64 {
+    let listed = segment::list(vfs, dir).unwrap_or_default();
     listed
         .iter()
         .filter(|(n, _)| (from..to).contains(n))
-        .filter_map(|(_, path)| std::fs::metadata(path).ok())
-        .map(|m| m.len())
+        .filter_map(|(_, path)| vfs.len(path).ok())
         .sum()
 }

@@ -4,10 +4,10 @@
 //! another node's folder refuse to start.
 
 use std::fmt;
-use std::fs;
 use std::io::Write;
 use std::path::Path;
 
+use crate::vfs::{OsFs, Vfs, VfsFile};
 use crate::{segment, Error};
 
 /// File name of the identity in the data folder.
@@ -143,8 +143,13 @@ impl Identity {
 
 /// Reads `dir/IDENTITY`; `None` if the folder has none yet. A damaged file stops start-up.
 pub fn load(dir: &Path) -> Result<Option<Identity>, Error> {
+    load_with(&OsFs, dir)
+}
+
+/// [`load`] through the file system `vfs`.
+pub(crate) fn load_with(vfs: &impl Vfs, dir: &Path) -> Result<Option<Identity>, Error> {
     let path = dir.join(FILE_NAME);
-    let bytes = match fs::read(&path) {
+    let bytes = match vfs.read(&path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io("read", &path)(e)),
@@ -165,6 +170,11 @@ pub fn load(dir: &Path) -> Result<Option<Identity>, Error> {
 
 /// Writes `dir/IDENTITY` durably: temp file, fsync, rename, fsync of the folder.
 pub fn store(dir: &Path, identity: &Identity) -> Result<(), Error> {
+    store_with(&OsFs, dir, identity)
+}
+
+/// [`store`] through the file system `vfs`.
+pub(crate) fn store_with(vfs: &impl Vfs, dir: &Path, identity: &Identity) -> Result<(), Error> {
     let path = dir.join(FILE_NAME);
     if let Some(owner) = &identity.owner {
         if [&owner.name, &owner.url]
@@ -181,17 +191,18 @@ pub fn store(dir: &Path, identity: &Identity) -> Result<(), Error> {
         }
     }
     let tmp = dir.join(TMP_FILE_NAME);
-    let written = crate::files::create_private(&tmp)
+    let written = vfs
+        .create(&tmp)
         .and_then(|mut f| {
             f.write_all(identity.encode().as_bytes())?;
             f.sync_all()
         })
-        .and_then(|()| fs::rename(&tmp, &path));
+        .and_then(|()| vfs.rename(&tmp, &path));
     if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
+        let _ = vfs.remove(&tmp);
         return Err(Error::io("write", &path)(e));
     }
-    segment::sync_dir(dir)
+    segment::sync_dir(vfs, dir)
 }
 
 /// The folder's identity, created (durably, without an owner) if it has none yet.
@@ -224,6 +235,7 @@ pub fn check_owner(dir: &Path, found: &Identity, expected: &DataOwner) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     fn owner(name: &str) -> DataOwner {
         DataOwner {

@@ -7,7 +7,8 @@
 //! - `record`: what a record is and its bytes.
 //! - [`frame`]: `[len][crc32c][payload]` framing and the torn-tail rule.
 //! - [`map`]: the sharded in-memory map of newest entries (`Entry`).
-//! - `segment`, `wal`: WAL segment files and the writer thread (group commit).
+//! - `segment`, `wal`: WAL segment files and the writer thread (group commit); [`batch`]: the
+//!   batch header each group commit carries (format version 2) and its torn-versus-corrupt rule.
 //! - `snapshot`, `checkpoint`: `snapshot.db` and the thread that writes it.
 //! - `backup`: backups in the snapshot format (`Store::backup_to`), their check and restore.
 //! - `recovery`: snapshot load plus WAL replay at start-up.
@@ -15,6 +16,8 @@
 //! - `lock`: the data folder's lock file; [`files`]: owner-only (`0700`/`0600`) folders and files.
 //! - `identity`: `IDENTITY`, the folder's id (stamped on snapshots and segments) and owner.
 //! - `store`: the `Store` facade; `config`: `StoreConfig`, `SyncMode`; `error`: `Error`.
+//! - [`vfs`]: the file operations the engine uses (`Vfs`, the real `OsFs`); `sim` (tests
+//!   only): a simulated disk whose page cache a power cut tears, and the crash property test.
 //!
 //! # Files in the data folder
 //!
@@ -38,6 +41,7 @@
 //! `kv_disk_full_total` (times the store turned read-only).
 
 mod backup;
+pub mod batch;
 mod checkpoint;
 mod config;
 mod error;
@@ -50,10 +54,13 @@ mod record;
 mod recovery;
 mod reservation;
 mod segment;
+#[cfg(test)]
+mod sim;
 mod snapshot;
 mod space;
 mod store;
 pub mod version;
+pub mod vfs;
 mod wal;
 
 pub use backup::{restore_backup, verify_backup, BackupInfo, Restored};
@@ -61,7 +68,7 @@ pub use checkpoint::CheckpointStats;
 pub use config::{StoreConfig, SyncMode};
 pub use error::Error;
 pub use identity::{DataOwner, DirId};
-pub use map::{Entry, MapObserver, MapObservers};
+pub use map::{Entry, KeyRange, MapObserver, MapObservers};
 pub use record::{Record, MAX_KEY_LEN, MAX_VALUE_LEN};
 pub use store::{Store, StoreStatus};
 pub use version::{node_id, Clock, Version};

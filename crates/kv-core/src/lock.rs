@@ -13,7 +13,7 @@ pub(crate) const FILE_NAME: &str = "LOCK";
 
 /// An exclusive advisory lock (`flock`) on `data_dir/LOCK`, released when dropped.
 #[derive(Debug)]
-pub(crate) struct DirLock {
+pub struct DirLock {
     _file: File,
 }
 

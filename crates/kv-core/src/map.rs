@@ -1,12 +1,28 @@
 //! The in-memory map: every key's newest [`Entry`], in shards with one read-write lock each, so
 //! reads never wait for each other and writes to different shards never queue together.
+//!
+//! Beside the shards, an ordered index of every key (a lock-free skip list) serves listings,
+//! checkpoints and scans in key order without holding any shard lock for more than one entry.
+//!
+//! # How the index follows the map
+//!
+//! A key is added to the index *before* its first entry becomes visible in its shard, and removed
+//! from the index *after* its entry left the shard; both happen under that shard's write lock, so
+//! the changes of one key are ordered. Hence at every instant the index holds every key of the
+//! map (a superset: for the length of one write, it may hold a key whose entry is not in the
+//! shard yet, or no longer). A reader walks the index without locks and reads each key's entry
+//! from its shard, skipping keys it does not find. Overwrites do not touch the index. A deleted
+//! key stays in both as a tombstone until the tombstone is collected (checkpoint after its grace,
+//! [`ShardedMap::forget_if`], [`ShardedMap::forget`]), which removes it from both.
 
 use std::borrow::Borrow;
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
+use std::ops::Bound;
 
 use bytes::Bytes;
-use parking_lot::{RwLock, RwLockWriteGuard};
+use crossbeam_skiplist::SkipSet;
+use parking_lot::RwLock;
 
 use crate::{Record, Version};
 
@@ -232,9 +248,42 @@ impl MapObserver for MapObservers {
     }
 }
 
+/// Entries one [`ShardedMap::scan`] step copies before it calls back (without any lock held).
+pub const SCAN_CHUNK: usize = 1024;
+
+/// Which keys a [`ShardedMap::range`] returns: those that start with `prefix` and sort after
+/// `after`, the first `limit` of them in key order.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KeyRange<'a> {
+    /// Only keys that start with this (empty: all keys).
+    pub prefix: &'a str,
+    /// Only keys that sort strictly after this (the cursor of the previous page).
+    pub after: Option<&'a str>,
+    /// At most this many entries.
+    pub limit: usize,
+    /// Copy live values; when false a live entry's value is empty (`Some` of no bytes), so
+    /// the values are never read.
+    pub values: bool,
+}
+
+/// What one [`ShardedMap::export_chunk`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExportedChunk {
+    /// Cursor for the next chunk: the last key this chunk looked at; `None` when the map was
+    /// exhausted.
+    pub next: Option<String>,
+    /// Entries handed to `encode`.
+    pub exported: u64,
+    /// Tombstones dropped.
+    pub dropped: u64,
+}
+
 /// The sharded map from key to newest entry. Applying is last-writer-wins by [`Version`].
 pub struct ShardedMap {
     shards: Box<[RwLock<Shard>]>,
+    /// Every key of the map, in order (see the module documentation for how it stays a superset
+    /// of the shards' keys).
+    index: SkipSet<Box<str>>,
     observer: std::sync::OnceLock<std::sync::Arc<dyn MapObserver>>,
 }
 
@@ -250,6 +299,7 @@ impl Default for ShardedMap {
     fn default() -> Self {
         ShardedMap {
             shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            index: SkipSet::new(),
             observer: std::sync::OnceLock::new(),
         }
     }
@@ -307,6 +357,7 @@ impl ShardedMap {
         }
         if let Some(old) = shard.slots.take(key.as_bytes()) {
             shard.count(&old, false);
+            self.index.remove(key);
             self.notify(index, key, Some(version), None);
         }
         true
@@ -347,6 +398,10 @@ impl ShardedMap {
             record.value.as_deref(),
             record.expires_at_ms,
         );
+        if previous.is_none() {
+            // Indexed before the entry becomes visible (see the module documentation).
+            self.index.insert(record.key.as_str().into());
+        }
         shard.count(&slot, true);
         if let Some(old) = shard.slots.replace(slot) {
             shard.count(&old, false);
@@ -367,6 +422,7 @@ impl ShardedMap {
             let mut shard = self.shards[index].write();
             if let Some(old) = shard.slots.take(key.as_bytes()) {
                 shard.count(&old, false);
+                self.index.remove(key.as_str());
                 self.notify(index, key, Some(old.version()), None);
                 removed += 1;
             }
@@ -386,80 +442,163 @@ impl ShardedMap {
         })
     }
 
-    /// Calls `f` for every entry, one shard at a time under its read lock.
+    /// Calls `f` for every entry (tombstones included) in key order. Entries are copied
+    /// [`SCAN_CHUNK`] at a time, each under its shard's read lock for that entry alone, and `f`
+    /// runs with no lock held. Keys written while the scan runs may or may not be seen.
     pub fn scan(&self, mut f: impl FnMut(&str, &Entry)) {
-        for shard in self.shards.iter() {
-            for slot in shard.read().slots.iter() {
-                f(slot.key(), &slot.entry());
+        let mut after: Option<String> = None;
+        loop {
+            let chunk = self.range(&KeyRange {
+                prefix: "",
+                after: after.as_deref(),
+                limit: SCAN_CHUNK,
+                values: true,
+            });
+            for (key, entry) in &chunk {
+                f(key, entry);
             }
+            if chunk.len() < SCAN_CHUNK {
+                return;
+            }
+            after = chunk.into_iter().next_back().map(|(key, _)| key);
         }
     }
 
-    /// Number of shards (for [`ShardedMap::export_shard`]).
+    /// The first `range.limit` entries (tombstones included) whose key starts with
+    /// `range.prefix` and sorts after `range.after`, in key order. Costs O(log n + limit): the
+    /// index is walked from the first candidate key, and each entry is read under its shard's
+    /// read lock for that entry alone. Live values are copied only when `range.values` asks.
+    pub fn range(&self, range: &KeyRange<'_>) -> Vec<(String, Entry)> {
+        let mut out = Vec::with_capacity(range.limit.min(SCAN_CHUNK));
+        if range.limit == 0 {
+            return out;
+        }
+        let start = match range.after {
+            Some(after) if after >= range.prefix => Bound::Excluded(after),
+            _ => Bound::Included(range.prefix),
+        };
+        for indexed in self.index.range::<str, _>((start, Bound::Unbounded)) {
+            let key: &str = indexed.value();
+            if !key.starts_with(range.prefix) {
+                break;
+            }
+            let entry = self.shard(key).read().slots.get(key.as_bytes()).map(|s| {
+                let mut entry = Entry {
+                    version: s.version(),
+                    value: None,
+                    expires_at_ms: s.expires_at_ms(),
+                };
+                entry.value = match s.value() {
+                    Some(v) if range.values => Some(Bytes::copy_from_slice(v)),
+                    Some(_) => Some(Bytes::new()),
+                    None => None,
+                };
+                entry
+            });
+            // None: indexed, but its first write is not visible yet or it was just removed.
+            if let Some(entry) = entry {
+                out.push((key.to_owned(), entry));
+                if out.len() == range.limit {
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    /// Number of shards (for [`ShardedMap::visit_shard`]).
     pub fn shard_count(&self) -> usize {
         self.shards.len()
     }
 
-    /// For a checkpoint: turns the shard's values that expired by `now_ms` into tombstones
+    /// One step of a checkpoint or backup: for up to `max` keys after `after` (from the start
+    /// when `None`), in key order, turns a value that expired by `now_ms` into a tombstone
     /// (keeping version and expiry, so a stale replica cannot bring an older value back), drops
-    /// tombstones whose grace ended (written, or expired, before `drop_tombstones_before_ms`),
-    /// then calls `encode(version, key, value, expiry)` for every remaining entry under the read
-    /// lock. Returns the number of tombstones dropped.
-    pub fn export_shard(
+    /// a tombstone whose grace ended (written, or expired, before `drop_tombstones_before_ms`),
+    /// and calls `encode(version, key, value, expiry)` for every remaining entry. Each entry is
+    /// handled under its shard's write lock for that entry alone, so writes go on meanwhile.
+    /// Loop with `after = next` until `next` is `None`.
+    pub fn export_chunk(
         &self,
-        index: usize,
+        after: Option<&str>,
+        max: usize,
         now_ms: u64,
         drop_tombstones_before_ms: u64,
         mut encode: impl FnMut(Version, &[u8], Option<&[u8]>, Option<u64>),
-    ) -> u64 {
-        let Some(lock) = self.shards.get(index) else {
-            return 0;
-        };
-        let mut shard = lock.write();
-        expire_values(&mut shard, now_ms);
-        let before = shard.tombstones;
-        let Shard {
-            slots, tombstones, ..
-        } = &mut *shard;
-        let observer = self.observer.get();
-        slots.retain(|s| {
-            let since = s
+    ) -> ExportedChunk {
+        let mut chunk = ExportedChunk::default();
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut last = None;
+        for (seen, indexed) in self
+            .index
+            .range::<str, _>((start, Bound::Unbounded))
+            .enumerate()
+        {
+            if seen == max {
+                chunk.next = last;
+                return chunk;
+            }
+            let key: &str = indexed.value();
+            let index = Self::shard_index(key);
+            let mut shard = self.shards[index].write();
+            expire_value(&mut shard, key, now_ms);
+            let Some(slot) = shard.slots.get(key.as_bytes()) else {
+                continue;
+            };
+            let since = slot
                 .version()
                 .physical_ms()
-                .max(s.expires_at_ms().unwrap_or(0));
-            let collect = s.is_tombstone() && since < drop_tombstones_before_ms;
-            *tombstones = tombstones.saturating_sub(u64::from(collect));
-            if collect {
-                if let Some(observer) = observer {
-                    observer.changed(index, s.key(), Some(s.version()), None);
+                .max(slot.expires_at_ms().unwrap_or(0));
+            if slot.is_tombstone() && since < drop_tombstones_before_ms {
+                if let Some(old) = shard.slots.take(key.as_bytes()) {
+                    shard.count(&old, false);
+                    self.index.remove(key);
+                    self.notify(index, key, Some(old.version()), None);
+                    chunk.dropped += 1;
                 }
+            } else {
+                encode(
+                    slot.version(),
+                    slot.key_bytes(),
+                    slot.value(),
+                    slot.expires_at_ms(),
+                );
+                chunk.exported += 1;
             }
-            !collect
-        });
-        let dropped = before.saturating_sub(shard.tombstones);
-        let shard = RwLockWriteGuard::downgrade(shard);
-        for slot in shard.slots.iter() {
-            encode(
-                slot.version(),
-                slot.key_bytes(),
-                slot.value(),
-                slot.expires_at_ms(),
-            );
+            drop(shard);
+            last = Some(key.to_owned());
         }
-        dropped
+        chunk
+    }
+
+    /// Test hook: checks the index against the shards; with `exact`, also that it holds no key
+    /// the shards lack (true only when no write is under way). Returns the first discrepancy.
+    #[cfg(test)]
+    pub(crate) fn check_index(&self, exact: bool) -> Result<(), String> {
+        for (i, lock) in self.shards.iter().enumerate() {
+            let shard = lock.read();
+            if let Some(s) = shard.slots.iter().find(|s| !self.index.contains(s.key())) {
+                return Err(format!("shard {i} holds {:?}, the index does not", s.key()));
+            }
+        }
+        if exact {
+            let keys: usize = self.shards.iter().map(|s| s.read().slots.len()).sum();
+            if keys != self.index.len() {
+                return Err(format!("{keys} keys, {} indexed", self.index.len()));
+            }
+        }
+        Ok(())
     }
 }
 
-/// Replaces every value of the shard that expired by `now_ms` with a tombstone of the same
-/// version and expiry.
-fn expire_values(shard: &mut Shard, now_ms: u64) {
-    let expired: Vec<Slot> = shard
-        .slots
-        .iter()
-        .filter(|s| !s.is_tombstone() && s.expires_at_ms().is_some_and(|e| e <= now_ms))
-        .map(|s| Slot::new(s.version(), s.key(), None, s.expires_at_ms()))
-        .collect();
-    for tombstone in expired {
+/// Replaces the key's value with a tombstone of the same version and expiry when it expired by
+/// `now_ms`.
+fn expire_value(shard: &mut Shard, key: &str, now_ms: u64) {
+    let expired = shard.slots.get(key.as_bytes()).and_then(|s| {
+        (!s.is_tombstone() && s.expires_at_ms().is_some_and(|e| e <= now_ms))
+            .then(|| Slot::new(s.version(), s.key(), None, s.expires_at_ms()))
+    });
+    if let Some(tombstone) = expired {
         shard.count(&tombstone, true);
         if let Some(old) = shard.slots.replace(tombstone) {
             shard.count(&old, false);
@@ -547,6 +686,27 @@ mod tests {
         );
     }
 
+    /// An exported entry: key, live, expiry.
+    type Exported = (Vec<u8>, bool, Option<u64>);
+
+    /// Exports the whole map in chunks of `max`; returns the entries and the drops.
+    fn export_all(map: &ShardedMap, max: usize, now: u64, cutoff: u64) -> (Vec<Exported>, u64) {
+        let mut seen = Vec::new();
+        let mut dropped = 0;
+        let mut after: Option<String> = None;
+        loop {
+            let chunk = map.export_chunk(after.as_deref(), max, now, cutoff, |_, k, v, e| {
+                seen.push((k.to_vec(), v.is_some(), e))
+            });
+            assert!(chunk.exported as usize + chunk.dropped as usize <= max);
+            dropped += chunk.dropped;
+            match chunk.next {
+                Some(next) => after = Some(next),
+                None => return (seen, dropped),
+            }
+        }
+    }
+
     #[test]
     fn export_drops_only_old_tombstones() {
         let map = ShardedMap::default();
@@ -555,21 +715,47 @@ mod tests {
         map.apply(&rec("old-del", old, None));
         map.apply(&rec("new-del", new, None));
         map.apply(&rec("old-put", old, Some(b"v")));
-        let mut seen = Vec::new();
-        let mut dropped = 0;
-        for i in 0..map.shard_count() {
-            dropped += map.export_shard(i, 2000, 500, |_, k: &[u8], v: Option<&[u8]>, _| {
-                seen.push((k.to_vec(), v.is_some()))
-            });
-        }
-        seen.sort();
+        let (seen, dropped) = export_all(&map, 1024, 2000, 500);
         assert_eq!(dropped, 1);
         assert_eq!(
             seen,
-            vec![(b"new-del".to_vec(), false), (b"old-put".to_vec(), true)]
+            vec![
+                (b"new-del".to_vec(), false, None),
+                (b"old-put".to_vec(), true, None)
+            ]
         );
         assert!(map.get("old-del").is_none());
         assert_eq!(map.counts().tombstones, 1);
+        map.check_index(true).unwrap();
+    }
+
+    #[test]
+    fn export_in_small_chunks_sees_every_key_once_in_order() {
+        let map = ShardedMap::default();
+        for i in 0..2500 {
+            let value: Option<&'static [u8]> = if i % 3 == 0 { None } else { Some(b"v") };
+            map.apply(&rec(&format!("k{i:05}"), 10 << 16, value));
+        }
+        for max in [1, 7, 1024, 5000] {
+            let (seen, dropped) = export_all(&map, max, 0, 0);
+            assert_eq!(dropped, 0);
+            let keys: Vec<Vec<u8>> = seen.into_iter().map(|(k, _, _)| k).collect();
+            let expected: Vec<Vec<u8>> =
+                (0..2500).map(|i| format!("k{i:05}").into_bytes()).collect();
+            assert_eq!(keys, expected, "chunks of {max}");
+        }
+        // Every third key is a tombstone; collecting them in chunks of 7 drops each once.
+        let (seen, dropped) = export_all(&map, 7, 0, u64::MAX);
+        assert_eq!((seen.len(), dropped), (1666, 834));
+        assert_eq!(
+            map.counts(),
+            MapCounts {
+                live: 1666,
+                tombstones: 0,
+                value_bytes: 1666
+            }
+        );
+        map.check_index(true).unwrap();
     }
 
     #[test]
@@ -593,6 +779,175 @@ mod tests {
     }
 
     #[test]
+    fn scan_goes_in_key_order_across_chunks() {
+        let map = ShardedMap::default();
+        let n = SCAN_CHUNK * 2 + 5;
+        for i in (0..n).rev() {
+            map.apply(&rec(&format!("{i:06}"), 1, Some(b"x")));
+        }
+        let mut keys = Vec::new();
+        map.scan(|k, e| {
+            assert_eq!(e.value.as_deref(), Some(&b"x"[..]));
+            keys.push(k.to_owned());
+        });
+        let expected: Vec<String> = (0..n).map(|i| format!("{i:06}")).collect();
+        assert_eq!(keys, expected);
+    }
+
+    #[test]
+    fn range_pages_by_prefix_and_cursor_without_values_unless_asked() {
+        let map = ShardedMap::default();
+        for key in ["a", "b/1", "b/2", "b/3", "b0", "c"] {
+            map.apply(&rec(key, 1, Some(b"val")));
+        }
+        map.apply(&rec("b/2", 2, None));
+        let page = |prefix, after, limit, values| {
+            map.range(&KeyRange {
+                prefix,
+                after,
+                limit,
+                values,
+            })
+        };
+        let keys = |entries: Vec<(String, Entry)>| -> Vec<String> {
+            entries.into_iter().map(|(k, _)| k).collect()
+        };
+        assert_eq!(keys(page("b/", None, 10, false)), ["b/1", "b/2", "b/3"]);
+        assert_eq!(keys(page("b/", Some("b/1"), 10, false)), ["b/2", "b/3"]);
+        assert_eq!(keys(page("b/", Some("a"), 1, false)), ["b/1"]);
+        assert_eq!(
+            keys(page("b/", Some("b/3"), 10, false)),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            keys(page("b/", Some("zz"), 10, false)),
+            Vec::<String>::new()
+        );
+        assert_eq!(keys(page("", Some("b0"), 10, false)), ["c"]);
+        assert_eq!(keys(page("", None, 0, false)), Vec::<String>::new());
+        let with = page("b/", None, 10, true);
+        let without = page("b/", None, 10, false);
+        assert_eq!(with[0].1.value.as_deref(), Some(&b"val"[..]));
+        assert_eq!(without[0].1.value.as_deref(), Some(&b""[..]));
+        assert!(with[1].1.is_tombstone() && without[1].1.is_tombstone());
+        assert_eq!(with[1].1.version.hlc, 2);
+    }
+
+    #[test]
+    fn forget_and_forget_if_leave_the_index_too_and_the_observer_is_told() {
+        #[derive(Default)]
+        struct Log(parking_lot::Mutex<Vec<(String, Option<Version>)>>);
+        impl MapObserver for Log {
+            fn changed(&self, _: usize, key: &str, _: Option<Version>, new: Option<Version>) {
+                self.0.lock().push((key.to_owned(), new));
+            }
+        }
+        let map = ShardedMap::default();
+        let log = std::sync::Arc::new(Log::default());
+        assert!(map.set_observer(log.clone()));
+        map.apply(&rec("a", 1, Some(b"x")));
+        map.apply(&rec("b", 1, None));
+        map.apply(&rec("c", 1, None));
+        assert!(!map.forget_if("b", Version { hlc: 2, node: 1 }));
+        assert!(map.forget_if("b", Version { hlc: 1, node: 1 }));
+        assert_eq!(map.forget(&["a".to_owned(), "zz".to_owned()]), 1);
+        let (seen, dropped) = export_all(&map, 1024, 0, u64::MAX);
+        assert_eq!((seen, dropped), (vec![], 1));
+        assert!(map
+            .range(&KeyRange {
+                limit: 10,
+                ..KeyRange::default()
+            })
+            .is_empty());
+        map.check_index(true).unwrap();
+        let removed: Vec<String> = log
+            .0
+            .lock()
+            .iter()
+            .filter(|(_, new)| new.is_none())
+            .map(|(k, _)| k.clone())
+            .collect();
+        assert_eq!(removed, ["b", "a", "c"]);
+    }
+
+    /// Writers add, overwrite, delete, forget and collect keys while readers page through the
+    /// map: every key that stays present the whole time is listed by every pass, pages are in
+    /// order, and the index covers each shard at every instant a reader looks.
+    #[test]
+    fn index_stays_consistent_under_concurrent_writes() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let map = ShardedMap::default();
+        let stable: Vec<String> = (0..200).map(|i| format!("s{i:04}")).collect();
+        for key in &stable {
+            map.apply(&rec(key, 1, Some(b"x")));
+        }
+        let stop = AtomicBool::new(false);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(1500);
+        std::thread::scope(|scope| {
+            for w in 0..2u64 {
+                let (map, stop) = (&map, &stop);
+                scope.spawn(move || {
+                    let mut hlc = 10;
+                    let mut round = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        round += 1;
+                        for i in 0..300u64 {
+                            // Churning keys sort among the stable ones.
+                            let key = format!("s{:04}-{w}", (i * 7 + round) % 200);
+                            hlc += 1;
+                            let value: Option<&'static [u8]> =
+                                if i % 2 == 0 { Some(b"y") } else { None };
+                            map.apply(&rec(&key, hlc, value));
+                            if i % 5 == 0 {
+                                map.forget(std::slice::from_ref(&key));
+                            }
+                            if i % 7 == 0 {
+                                map.forget_if(&key, Version { hlc, node: 1 });
+                            }
+                        }
+                        map.export_chunk(None, 64, 0, u64::MAX, |_, _, _, _| {});
+                        // Stable keys are overwritten, never removed.
+                        let key = &format!("s{:04}", round % 200);
+                        hlc += 1;
+                        map.apply(&rec(key, hlc, Some(b"z")));
+                    }
+                });
+            }
+            let (map, stop, stable) = (&map, &stop, &stable);
+            scope.spawn(move || {
+                let mut passes = 0;
+                while std::time::Instant::now() < deadline {
+                    let mut listed = Vec::new();
+                    let mut after: Option<String> = None;
+                    loop {
+                        let page = map.range(&KeyRange {
+                            prefix: "s",
+                            after: after.as_deref(),
+                            limit: 37,
+                            values: false,
+                        });
+                        let Some((last, _)) = page.last() else { break };
+                        after = Some(last.clone());
+                        listed.extend(page.into_iter().map(|(k, _)| k));
+                    }
+                    assert!(listed.windows(2).all(|w| w[0] < w[1]), "pages out of order");
+                    for key in stable {
+                        assert!(listed.binary_search(key).is_ok(), "{key} missing");
+                    }
+                    for shard in 0..map.shard_count() {
+                        map.visit_shard(shard, |_| {});
+                    }
+                    map.check_index(false).unwrap();
+                    passes += 1;
+                }
+                stop.store(true, Ordering::Relaxed);
+                assert!(passes > 3, "only {passes} listing passes");
+            });
+        });
+        map.check_index(true).unwrap();
+    }
+
+    #[test]
     fn expired_values_become_tombstones_then_are_collected_after_their_grace() {
         let map = ShardedMap::default();
         let mut ttl = rec("ttl", 10 << 16, Some(b"v"));
@@ -601,15 +956,7 @@ mod tests {
         let entry = map.get("ttl").unwrap();
         assert_eq!(entry.expires_at_ms, Some(100));
         assert!(entry.is_live_at(99) && !entry.is_live_at(100));
-        let export = |now, cutoff| {
-            let mut seen = Vec::new();
-            for i in 0..map.shard_count() {
-                map.export_shard(i, now, cutoff, |_, k: &[u8], v: Option<&[u8]>, e| {
-                    seen.push((k.to_vec(), v.is_some(), e))
-                });
-            }
-            seen
-        };
+        let export = |now, cutoff| export_all(&map, 1024, now, cutoff).0;
         // Not expired yet: kept as a value.
         assert_eq!(export(50, 0), vec![(b"ttl".to_vec(), true, Some(100))]);
         // Expired: a tombstone that keeps version and expiry; its grace counts from the expiry.
@@ -618,5 +965,145 @@ mod tests {
         assert_eq!(map.counts().live, 0);
         assert_eq!(export(150, 101), vec![]);
         assert!(map.get("ttl").is_none());
+    }
+
+    mod model {
+        use super::*;
+        use proptest::prelude::*;
+        use std::collections::BTreeMap;
+
+        /// A key's model state: version and value (`None`: tombstone).
+        type Model = BTreeMap<String, (Version, Option<Vec<u8>>)>;
+
+        #[derive(Clone, Debug)]
+        enum Op {
+            Put(String, u64, Option<Vec<u8>>),
+            Forget(String),
+            ForgetIf(String, u64),
+            /// Collect tombstones written before this physical time, in chunks of the size.
+            Collect(u64, usize),
+            List(String, Option<String>, usize, bool),
+        }
+
+        fn key() -> impl Strategy<Value = String> {
+            "[ab/]{1,4}"
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                4 => (key(), 1..40u64, proptest::option::of(proptest::collection::vec(any::<u8>(), 0..3)))
+                    .prop_map(|(k, h, v)| Op::Put(k, h, v)),
+                1 => key().prop_map(Op::Forget),
+                1 => (key(), 1..40u64).prop_map(|(k, h)| Op::ForgetIf(k, h)),
+                1 => (0..45u64, 1..5usize).prop_map(|(c, n)| Op::Collect(c, n)),
+                2 => ("[ab/]{0,2}", proptest::option::of(key()), 1..6usize, any::<bool>())
+                    .prop_map(|(p, a, l, v)| Op::List(p, a, l, v)),
+            ]
+        }
+
+        fn version(physical: u64) -> Version {
+            Version {
+                hlc: physical << 16,
+                node: 1,
+            }
+        }
+
+        fn expected(
+            model: &Model,
+            range: &KeyRange<'_>,
+        ) -> Vec<(String, Version, Option<Vec<u8>>)> {
+            model
+                .iter()
+                .filter(|(k, _)| k.starts_with(range.prefix))
+                .filter(|(k, _)| range.after.is_none_or(|a| k.as_str() > a))
+                .take(range.limit)
+                .map(|(k, (ver, val))| {
+                    let val = val
+                        .as_ref()
+                        .map(|v| if range.values { v.clone() } else { Vec::new() });
+                    (k.clone(), *ver, val)
+                })
+                .collect()
+        }
+
+        fn actual(
+            map: &ShardedMap,
+            range: &KeyRange<'_>,
+        ) -> Vec<(String, Version, Option<Vec<u8>>)> {
+            map.range(range)
+                .into_iter()
+                .map(|(k, e)| (k, e.version, e.value.map(|v| v.to_vec())))
+                .collect()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// The map and its index against a BTreeMap under random puts, deletes, forgets,
+            /// collections (in chunks) and listings.
+            #[test]
+            fn index_matches_a_btreemap(ops in proptest::collection::vec(op(), 1..60)) {
+                let map = ShardedMap::default();
+                let mut model = Model::new();
+                for op in ops {
+                    match op {
+                        Op::Put(k, h, v) => {
+                            let newer = model.get(&k).is_none_or(|(old, _)| version(h) > *old);
+                            let record = Record {
+                                key: k.clone(),
+                                version: version(h),
+                                value: v.clone().map(Bytes::from),
+                                expires_at_ms: None,
+                            };
+                            prop_assert_eq!(map.apply(&record), newer);
+                            if newer {
+                                model.insert(k, (version(h), v));
+                            }
+                        }
+                        Op::Forget(k) => {
+                            let n = map.forget(std::slice::from_ref(&k));
+                            prop_assert_eq!(n, usize::from(model.remove(&k).is_some()));
+                        }
+                        Op::ForgetIf(k, h) => {
+                            let matches = model.get(&k).is_some_and(|(v, _)| *v == version(h));
+                            prop_assert_eq!(map.forget_if(&k, version(h)), matches);
+                            if matches {
+                                model.remove(&k);
+                            }
+                        }
+                        Op::Collect(cutoff, max) => {
+                            let mut exported = Vec::new();
+                            let mut after: Option<String> = None;
+                            let mut dropped = 0;
+                            loop {
+                                let chunk = map.export_chunk(after.as_deref(), max, 0, cutoff, |_, k, _, _| {
+                                    exported.push(String::from_utf8_lossy(k).into_owned());
+                                });
+                                dropped += chunk.dropped;
+                                match chunk.next {
+                                    Some(next) => after = Some(next),
+                                    None => break,
+                                }
+                            }
+                            let before = model.len() as u64;
+                            model.retain(|_, (v, val)| val.is_some() || v.physical_ms() >= cutoff);
+                            prop_assert_eq!(dropped, before - model.len() as u64);
+                            let kept: Vec<String> = model.keys().cloned().collect();
+                            prop_assert_eq!(exported, kept);
+                        }
+                        Op::List(prefix, after, limit, values) => {
+                            let range = KeyRange { prefix: &prefix, after: after.as_deref(), limit, values };
+                            prop_assert_eq!(actual(&map, &range), expected(&model, &range));
+                        }
+                    }
+                    map.check_index(true).map_err(TestCaseError::fail)?;
+                }
+                let all = KeyRange { limit: usize::MAX, values: true, ..KeyRange::default() };
+                prop_assert_eq!(actual(&map, &all), expected(&model, &all));
+                let counts = map.counts();
+                let live = model.values().filter(|(_, v)| v.is_some()).count() as u64;
+                prop_assert_eq!((counts.live, counts.tombstones), (live, model.len() as u64 - live));
+            }
+        }
     }
 }

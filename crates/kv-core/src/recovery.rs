@@ -7,16 +7,17 @@
 //! records written but never fsynced before a crash must not become the base that later,
 //! acknowledged writes count on, only to vanish at the next power cut.
 
-use std::fs::{self, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
 use tracing::{error, info, warn};
 
+use crate::batch::{self, BatchRead};
 use crate::frame::{self, FrameRead};
 use crate::identity::DirId;
 use crate::map::ShardedMap;
 use crate::snapshot::SnapshotMeta;
+use crate::vfs::{Vfs, VfsFile};
 use crate::{backup, segment, snapshot, Clock, Error, Record, Version};
 
 /// What recovery found.
@@ -47,6 +48,7 @@ pub(crate) struct FolderId {
 
 /// Rebuilds `map` and `clock` from the files in `dir`.
 pub(crate) fn recover(
+    vfs: &impl Vfs,
     dir: &Path,
     folder: FolderId,
     map: &ShardedMap,
@@ -57,9 +59,9 @@ pub(crate) fn recover(
         clock.observe(r.version);
         map.apply(&r);
     };
-    refuse_foreign(dir, folder)?;
-    remove_stale_tmp(dir)?;
-    let base = load_base(dir, map, &apply)?;
+    refuse_foreign(vfs, dir, folder)?;
+    remove_stale_tmp(vfs, dir)?;
+    let base = load_base(vfs, dir, map, &apply)?;
     if let Some(meta) = &base.meta {
         clock.observe(Version {
             hlc: meta.clock_hlc,
@@ -67,10 +69,10 @@ pub(crate) fn recover(
         });
     }
     let start = base.meta.as_ref().map_or(1, |m| m.start_segment);
-    let segments = match (live_segments(dir, start), base.damaged) {
+    let segments = match (live_segments(vfs, dir, start), base.damaged) {
         (Ok(segments), None) => segments,
         (Ok(segments), Some(damaged)) => {
-            set_damaged_aside(dir, &damaged)?;
+            set_damaged_aside(vfs, dir, &damaged)?;
             segments
         }
         (Err(e), None) => return Err(e),
@@ -81,14 +83,21 @@ pub(crate) fn recover(
     let mut last_kept = None;
     for (i, (number, path)) in segments.iter().enumerate() {
         let is_last = i + 1 == segments.len();
-        if let Some(kept) = replay_segment(path, *number, is_last, apply)? {
+        // A torn tail is possible in the newest segment holding records: later segments that
+        // hold only their header may be left over from a rotation that failed (its file's
+        // removal not yet durable) while appends went on in this one.
+        let later_empty = segments[i + 1..]
+            .iter()
+            .all(|(_, p)| vfs.len(p).is_ok_and(|n| n <= segment::HEADER_LEN as u64));
+        let tail = Tail::new(is_last, later_empty);
+        if let Some(kept) = replay_segment(vfs, path, *number, tail, apply)? {
             wal_bytes += kept.bytes;
             replayed += kept.records;
             last_kept = Some(*number);
         }
     }
     let next_segment = last_kept.map_or(start, |n| n + 1).max(start);
-    let synced_segments = sync_replayed(dir, &segments)?;
+    let synced_segments = sync_replayed(vfs, dir, &segments)?;
     info!(
         dir = %dir.display(),
         snapshot = if base.used_spare { snapshot::SPARE_FILE_NAME } else { snapshot::FILE_NAME },
@@ -111,15 +120,15 @@ pub(crate) fn recover(
 
 /// Refuses the first snapshot or segment whose header names another folder, before anything
 /// is changed. Headers that do not read are left to the load and replay, which report them.
-fn refuse_foreign(dir: &Path, folder: FolderId) -> Result<(), Error> {
+fn refuse_foreign(vfs: &impl Vfs, dir: &Path, folder: FolderId) -> Result<(), Error> {
     let snapshots = [snapshot::FILE_NAME, snapshot::SPARE_FILE_NAME]
         .map(|name| dir.join(name))
         .into_iter()
-        .filter(|p| p.exists())
-        .map(|p| (snapshot::read_header(&p).ok().and_then(|h| h.id), p));
-    let segments = segment::list(dir)?
+        .filter(|p| vfs.exists(p))
+        .map(|p| (snapshot::read_header(vfs, &p).ok().and_then(|h| h.id), p));
+    let segments = segment::list(vfs, dir)?
         .into_iter()
-        .map(|(n, p)| (segment::read_header(&p, n).ok().and_then(|h| h.id), p));
+        .map(|(n, p)| (segment::read_header(vfs, &p, n).ok().and_then(|h| h.id), p));
     for (id, path) in snapshots.chain(segments) {
         match id {
             Some(id) if id != folder.id => return Err(foreign(path, id, folder)),
@@ -162,11 +171,16 @@ struct Base {
 
 /// Loads `snapshot.db`; when it is damaged, or missing while a spare exists (a crash between
 /// the two renames of a checkpoint), loads the spare instead.
-fn load_base(dir: &Path, map: &ShardedMap, apply: &impl Fn(Record)) -> Result<Base, Error> {
+fn load_base(
+    vfs: &impl Vfs,
+    dir: &Path,
+    map: &ShardedMap,
+    apply: &impl Fn(Record),
+) -> Result<Base, Error> {
     let current = dir.join(snapshot::FILE_NAME);
     let spare = dir.join(snapshot::SPARE_FILE_NAME);
-    let damaged = if current.exists() {
-        match snapshot::load(&current, apply) {
+    let damaged = if vfs.exists(&current) {
+        match snapshot::load(vfs, &current, apply) {
             Ok(meta) => {
                 return Ok(Base {
                     meta: Some(meta),
@@ -174,10 +188,10 @@ fn load_base(dir: &Path, map: &ShardedMap, apply: &impl Fn(Record)) -> Result<Ba
                     used_spare: false,
                 })
             }
-            Err(e) if spare.exists() => Some(e),
+            Err(e) if vfs.exists(&spare) => Some(e),
             Err(e) => return Err(e),
         }
-    } else if spare.exists() {
+    } else if vfs.exists(&spare) {
         None
     } else {
         return Ok(Base {
@@ -190,7 +204,7 @@ fn load_base(dir: &Path, map: &ShardedMap, apply: &impl Fn(Record)) -> Result<Ba
         warn!(error = %e, spare = %spare.display(), "snapshot.db is damaged; trying its spare");
         clear(map);
     }
-    match snapshot::load(&spare, apply) {
+    match snapshot::load(vfs, &spare, apply) {
         Ok(meta) => Ok(Base {
             meta: Some(meta),
             damaged,
@@ -244,11 +258,12 @@ fn no_stand_in(damaged: Error, why: &str) -> Error {
 
 /// Renames the damaged `snapshot.db` to `snapshot.damaged.db` (so no checkpoint ever keeps it
 /// as a spare), durably, once the spare and the WAL after it are known to replace it.
-fn set_damaged_aside(dir: &Path, damaged: &Error) -> Result<(), Error> {
+fn set_damaged_aside(vfs: &impl Vfs, dir: &Path, damaged: &Error) -> Result<(), Error> {
     let current = dir.join(snapshot::FILE_NAME);
     let aside = dir.join(snapshot::DAMAGED_FILE_NAME);
-    fs::rename(&current, &aside).map_err(Error::io("rename the damaged snapshot to", &aside))?;
-    segment::sync_dir(dir)?;
+    vfs.rename(&current, &aside)
+        .map_err(Error::io("rename the damaged snapshot to", &aside))?;
+    segment::sync_dir(vfs, dir)?;
     metrics::counter!("kv_snapshot_fallbacks_total").increment(1);
     warn!(
         error = %damaged,
@@ -261,28 +276,28 @@ fn set_damaged_aside(dir: &Path, damaged: &Error) -> Result<(), Error> {
 
 /// Fsyncs every segment still present after replay, then the folder (removals and cuts made by
 /// recovery included). Returns how many segments were synced.
-fn sync_replayed(dir: &Path, segments: &[(u64, PathBuf)]) -> Result<u64, Error> {
+fn sync_replayed(vfs: &impl Vfs, dir: &Path, segments: &[(u64, PathBuf)]) -> Result<u64, Error> {
     let mut synced = 0;
     for (_, path) in segments {
         // The newest segment may have been removed (its creation was interrupted).
-        if !path.exists() {
+        if !vfs.exists(path) {
             continue;
         }
-        fs::File::open(path)
+        vfs.open_read(path)
             .and_then(|f| f.sync_all())
             .map_err(Error::io("fsync replayed segment", path))?;
         synced += 1;
     }
-    segment::sync_dir(dir)?;
+    segment::sync_dir(vfs, dir)?;
     Ok(synced)
 }
 
-fn remove_stale_tmp(dir: &Path) -> Result<(), Error> {
-    backup::remove_stale(dir)?;
+fn remove_stale_tmp(vfs: &impl Vfs, dir: &Path) -> Result<(), Error> {
+    backup::remove_stale(vfs, dir)?;
     let tmp = dir.join(snapshot::TMP_FILE_NAME);
-    if tmp.exists() {
+    if vfs.exists(&tmp) {
         info!(path = %tmp.display(), "removing a snapshot left unfinished by a crash");
-        fs::remove_file(&tmp).map_err(Error::io("remove", &tmp))?;
+        vfs.remove(&tmp).map_err(Error::io("remove", &tmp))?;
     }
     Ok(())
 }
@@ -290,8 +305,8 @@ fn remove_stale_tmp(dir: &Path) -> Result<(), Error> {
 /// The segments replay must read, in order: every one from `start` on, with no gap. Older
 /// segments are covered by the snapshot; they stay (the spare may need them) until the next
 /// checkpoint removes those it no longer needs.
-fn live_segments(dir: &Path, start: u64) -> Result<Vec<(u64, PathBuf)>, Error> {
-    let live: Vec<_> = segment::list(dir)?
+fn live_segments(vfs: &impl Vfs, dir: &Path, start: u64) -> Result<Vec<(u64, PathBuf)>, Error> {
+    let live: Vec<_> = segment::list(vfs, dir)?
         .into_iter()
         .filter(|(n, _)| *n >= start)
         .collect();
@@ -319,70 +334,140 @@ struct Kept {
 /// Replays one segment into `apply`. Returns `None` if it was the newest segment and held not
 /// even a whole header (a crash while creating it), in which case it was removed.
 fn replay_segment(
+    vfs: &impl Vfs,
     path: &Path,
     number: u64,
-    is_last: bool,
+    tail: Tail,
     mut apply: impl FnMut(Record),
 ) -> Result<Option<Kept>, Error> {
-    let buf = fs::read(path).map_err(Error::io("read", path))?;
-    if is_last
+    let buf = vfs.read(path).map_err(Error::io("read", path))?;
+    if tail == Tail::Last
         && buf.len() <= segment::HEADER_LEN
         && segment::check_header(path, &buf, number).is_err()
     {
         warn!(path = %path.display(), bytes = buf.len(), "removing a WAL segment whose creation was interrupted");
-        fs::remove_file(path).map_err(Error::io("remove", path))?;
+        vfs.remove(path).map_err(Error::io("remove", path))?;
         return Ok(None);
     }
-    let header = segment::check_header(path, &buf, number)?;
+    let head = segment::check_header(path, &buf, number)?;
     let corrupt = |offset: usize, reason: String| Error::Corrupt {
         path: path.to_owned(),
         offset: offset as u64,
         reason,
     };
-    let mut offset = header.len;
     let mut records = 0;
-    loop {
-        match frame::read(&buf, offset) {
-            FrameRead::Complete(payload, next) => {
-                apply(Record::decode(payload).map_err(|e| corrupt(offset, e.to_string()))?);
-                records += 1;
-                offset = next;
-            }
-            FrameRead::End => break,
-            FrameRead::TornTail { offset } if is_last => {
-                cut_torn_tail(path, offset, buf.len())?;
-                return Ok(Some(Kept {
-                    records,
-                    bytes: offset as u64,
-                }));
-            }
-            FrameRead::TornTail { offset } => {
-                return Err(corrupt(
-                    offset,
-                    "incomplete record in a WAL segment that is not the newest".into(),
-                ))
-            }
-            FrameRead::Corrupt { offset, reason } => return Err(corrupt(offset, reason)),
+    let mut decode = |payload: &[u8], offset: usize| {
+        apply(Record::decode(payload).map_err(|e| corrupt(offset, e.to_string()))?);
+        records += 1;
+        Ok(())
+    };
+    let end = if head.version == segment::FORMAT_VERSION {
+        replay_batches(path, &buf, head, &mut decode)?
+    } else {
+        replay_frames(&buf, head.len, &mut decode)
+    };
+    match end {
+        Ok(()) => Ok(Some(Kept {
+            records,
+            bytes: buf.len() as u64,
+        })),
+        Err(End::Torn { offset }) if tail != Tail::Sealed => {
+            cut_torn_tail(vfs, path, offset, buf.len())?;
+            Ok(Some(Kept {
+                records,
+                bytes: offset as u64,
+            }))
+        }
+        Err(End::Torn { offset }) => Err(corrupt(
+            offset,
+            "incomplete record in a WAL segment that is not the newest".into(),
+        )),
+        Err(End::Corrupt { offset, reason }) => Err(corrupt(offset, reason)),
+        Err(End::Decode(e)) => Err(e),
+    }
+}
+
+/// Where a segment stands, for the torn-tail rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tail {
+    /// The newest segment: a torn tail is cut; a half-made header means a creation a crash
+    /// interrupted (the file is removed).
+    Last,
+    /// Only header-only segments follow (a failed rotation's leftovers): a torn tail is cut.
+    NewestWithRecords,
+    /// Later segments hold records, so this one was fsynced whole: a torn tail is corruption.
+    Sealed,
+}
+
+impl Tail {
+    fn new(is_last: bool, later_empty: bool) -> Tail {
+        match (is_last, later_empty) {
+            (true, _) => Tail::Last,
+            (false, true) => Tail::NewestWithRecords,
+            (false, false) => Tail::Sealed,
         }
     }
-    Ok(Some(Kept {
-        records,
-        bytes: buf.len() as u64,
-    }))
+}
+
+/// How reading a segment stopped short of its end.
+enum End {
+    Torn { offset: usize },
+    Corrupt { offset: usize, reason: String },
+    Decode(Error),
+}
+
+/// Format version 1: frames from `offset` to the end; the frame-level torn-tail rule.
+fn replay_frames(
+    buf: &[u8],
+    mut offset: usize,
+    decode: &mut impl FnMut(&[u8], usize) -> Result<(), Error>,
+) -> Result<(), End> {
+    loop {
+        match frame::read(buf, offset) {
+            FrameRead::Complete(payload, next) => {
+                decode(payload, offset).map_err(End::Decode)?;
+                offset = next;
+            }
+            FrameRead::End => return Ok(()),
+            FrameRead::TornTail { offset } => return Err(End::Torn { offset }),
+            FrameRead::Corrupt { offset, reason } => return Err(End::Corrupt { offset, reason }),
+        }
+    }
+}
+
+/// Format version 2: batches after the header; the batch-level rule (see [`crate::batch`]).
+/// The outer error is a bad frame inside a valid batch.
+fn replay_batches(
+    path: &Path,
+    buf: &[u8],
+    head: segment::Header,
+    decode: &mut impl FnMut(&[u8], usize) -> Result<(), Error>,
+) -> Result<Result<(), End>, Error> {
+    let mut offset = head.len;
+    loop {
+        match batch::read(buf, offset, head.salt) {
+            BatchRead::Complete(body, next) => {
+                batch::frames(path, body, offset + batch::BATCH_HEADER_LEN, &mut *decode)?;
+                offset = next;
+            }
+            BatchRead::End => return Ok(Ok(())),
+            BatchRead::TornTail { offset } => return Ok(Err(End::Torn { offset })),
+            BatchRead::Corrupt { offset, reason } => {
+                return Ok(Err(End::Corrupt { offset, reason }))
+            }
+        }
+    }
 }
 
 /// Truncates a segment at the start of its torn tail, durably.
-fn cut_torn_tail(path: &Path, offset: usize, len: usize) -> Result<(), Error> {
+fn cut_torn_tail(vfs: &impl Vfs, path: &Path, offset: usize, len: usize) -> Result<(), Error> {
     warn!(
         path = %path.display(),
         offset,
         bytes_cut = len - offset,
         "cutting torn WAL tail (a crash interrupted an append that was never acknowledged)"
     );
-    let file = OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(Error::io("open", path))?;
+    let file = vfs.open_write(path).map_err(Error::io("open", path))?;
     file.set_len(offset as u64)
         .map_err(Error::io("truncate", path))?;
     file.sync_all().map_err(Error::io("fsync", path))

@@ -3,8 +3,10 @@
 
 use super::*;
 use crate::identity::{self, DataOwner, Identity};
+use crate::vfs::OsFs;
 use crate::{Store, StoreConfig};
 use bytes::Bytes;
+use std::fs::{self, OpenOptions};
 
 const ID: DirId = DirId([9; 16]);
 const FOLDER: FolderId = FolderId {
@@ -12,10 +14,25 @@ const FOLDER: FolderId = FolderId {
     stored: true,
 };
 
+/// A segment in the current format, one batch per record, as `SYNC=always` writes them.
 fn segment_with(dir: &Path, number: u64, records: &[Record]) -> PathBuf {
-    drop(segment::create(dir, number, ID).unwrap());
+    let (_, salt) = segment::create(&OsFs, dir, number, ID).unwrap();
     let path = segment::path(dir, number);
     let mut bytes = fs::read(&path).unwrap();
+    for r in records {
+        let durable = bytes.len() as u64;
+        let start = batch::begin(&mut bytes);
+        frame::append(&mut bytes, |b| r.encode(b)).unwrap();
+        batch::seal(&mut bytes, start, salt, durable);
+    }
+    fs::write(&path, bytes).unwrap();
+    path
+}
+
+/// A segment in format version 1 (frames, no batches), as older programs wrote it.
+fn v1_segment_with(dir: &Path, number: u64, records: &[Record]) -> PathBuf {
+    let path = segment::path(dir, number);
+    let mut bytes = segment::v1_header(number).to_vec();
     for r in records {
         frame::append(&mut bytes, |b| r.encode(b)).unwrap();
     }
@@ -35,7 +52,14 @@ fn rec(key: &str, hlc: u64) -> Record {
 #[test]
 fn empty_folder_starts_at_segment_one() {
     let dir = tempfile::tempdir().unwrap();
-    let got = recover(dir.path(), FOLDER, &ShardedMap::default(), &Clock::new(1)).unwrap();
+    let got = recover(
+        &OsFs,
+        dir.path(),
+        FOLDER,
+        &ShardedMap::default(),
+        &Clock::new(1),
+    )
+    .unwrap();
     assert_eq!(
         (got.next_segment, got.wal_bytes, got.last_snapshot),
         (1, 0, None)
@@ -48,7 +72,7 @@ fn replays_in_order_and_restores_the_clock() {
     segment_with(dir.path(), 1, &[rec("a", 10), rec("b", 11)]);
     segment_with(dir.path(), 2, &[rec("a", 12)]);
     let (map, clock) = (ShardedMap::default(), Clock::new(1));
-    let got = recover(dir.path(), FOLDER, &map, &clock).unwrap();
+    let got = recover(&OsFs, dir.path(), FOLDER, &map, &clock).unwrap();
     assert_eq!(got.next_segment, 3);
     assert_eq!(got.synced_segments, 2, "both replayed segments are fsynced");
     assert_eq!(map.get("a").unwrap().version.hlc, 12);
@@ -63,7 +87,7 @@ fn leftovers_of_a_crash_are_cleaned_up() {
     // The newest segment's creation was interrupted: a partial header only.
     fs::write(segment::path(dir.path(), 2), b"KVWAL").unwrap();
     let map = ShardedMap::default();
-    let got = recover(dir.path(), FOLDER, &map, &Clock::new(1)).unwrap();
+    let got = recover(&OsFs, dir.path(), FOLDER, &map, &Clock::new(1)).unwrap();
     assert_eq!(got.next_segment, 2);
     assert_eq!(
         got.synced_segments, 1,
@@ -86,7 +110,14 @@ fn torn_tail_in_an_older_segment_is_corrupt() {
         .unwrap()
         .set_len(len - 3)
         .unwrap();
-    let err = recover(dir.path(), FOLDER, &ShardedMap::default(), &Clock::new(1)).unwrap_err();
+    let err = recover(
+        &OsFs,
+        dir.path(),
+        FOLDER,
+        &ShardedMap::default(),
+        &Clock::new(1),
+    )
+    .unwrap_err();
     assert!(matches!(err, Error::Corrupt { path, .. } if path == first));
 }
 
@@ -141,9 +172,16 @@ fn a_foreign_segment_is_refused_before_anything_changes() {
     let dir = tempfile::tempdir().unwrap();
     segment_with(dir.path(), 1, &[rec("a", 10)]);
     let other = DirId([1; 16]);
-    drop(segment::create(dir.path(), 2, other).unwrap());
+    drop(segment::create(&OsFs, dir.path(), 2, other).unwrap());
     fs::write(dir.path().join(snapshot::TMP_FILE_NAME), b"half").unwrap();
-    let err = recover(dir.path(), FOLDER, &ShardedMap::default(), &Clock::new(1)).unwrap_err();
+    let err = recover(
+        &OsFs,
+        dir.path(),
+        FOLDER,
+        &ShardedMap::default(),
+        &Clock::new(1),
+    )
+    .unwrap_err();
     match &err {
         Error::ForeignFile { path, file_id, .. } => {
             assert_eq!(path, &segment::path(dir.path(), 2));
@@ -164,9 +202,15 @@ fn a_foreign_segment_is_refused_before_anything_changes() {
         stored: false,
         ..FOLDER
     };
-    let text = recover(dir.path(), unknown, &ShardedMap::default(), &Clock::new(1))
-        .unwrap_err()
-        .to_string();
+    let text = recover(
+        &OsFs,
+        dir.path(),
+        unknown,
+        &ShardedMap::default(),
+        &Clock::new(1),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(
         text.contains("no IDENTITY") && text.contains(&other.to_string()),
         "{text}"
@@ -185,8 +229,8 @@ async fn a_foreign_snapshot_is_refused_and_no_segment_is_deleted() {
     drop(store);
     // Another node's snapshot, covering WAL up to a later segment than this folder has.
     fs::copy(snapshot_path(theirs.path()), snapshot_path(mine.path())).unwrap();
-    let before = segment::list(mine.path()).unwrap();
-    let foreign_start = snapshot::read_header(&snapshot_path(mine.path()))
+    let before = segment::list(&OsFs, mine.path()).unwrap();
+    let foreign_start = snapshot::read_header(&OsFs, &snapshot_path(mine.path()))
         .unwrap()
         .start_segment;
     assert!(
@@ -200,7 +244,7 @@ async fn a_foreign_snapshot_is_refused_and_no_segment_is_deleted() {
     );
     assert!(err.to_string().contains("snapshot.db"), "{err}");
     assert_eq!(
-        segment::list(mine.path()).unwrap(),
+        segment::list(&OsFs, mine.path()).unwrap(),
         before,
         "no segment deleted"
     );
@@ -226,7 +270,7 @@ async fn a_damaged_snapshot_falls_back_to_the_spare_and_loses_nothing() {
     put_all(&store, 310..320).await;
     store.checkpoint().await.unwrap();
     drop(store);
-    let spare = snapshot::read_header(&dir.path().join(snapshot::SPARE_FILE_NAME)).unwrap();
+    let spare = snapshot::read_header(&OsFs, &dir.path().join(snapshot::SPARE_FILE_NAME)).unwrap();
     assert_eq!(
         spare.id,
         Some(identity::load(dir.path()).unwrap().unwrap().id)
@@ -244,11 +288,11 @@ async fn the_wal_is_kept_back_to_the_spare_and_dropped_after() {
         put_all(&store, round * 50..round * 50 + 50).await;
         store.checkpoint().await.unwrap();
         starts.push(
-            snapshot::read_header(&snapshot_path(dir.path()))
+            snapshot::read_header(&OsFs, &snapshot_path(dir.path()))
                 .unwrap()
                 .start_segment,
         );
-        let oldest = segment::list(dir.path()).unwrap()[0].0;
+        let oldest = segment::list(&OsFs, dir.path()).unwrap()[0].0;
         let spare_start = if round == 0 {
             starts[0]
         } else {
@@ -288,7 +332,7 @@ async fn both_snapshots_damaged_stops_start_up_naming_both() {
 async fn a_spare_without_its_wal_cannot_stand_in() {
     let dir = tempfile::tempdir().unwrap();
     two_checkpoints_then_crash(dir.path()).await;
-    let spare_start = snapshot::read_header(&dir.path().join(snapshot::SPARE_FILE_NAME))
+    let spare_start = snapshot::read_header(&OsFs, &dir.path().join(snapshot::SPARE_FILE_NAME))
         .unwrap()
         .start_segment;
     fs::remove_file(segment::path(dir.path(), spare_start)).unwrap();
@@ -322,7 +366,7 @@ async fn old_format_files_are_read_and_adopt_the_folders_id() {
         map.apply(&r);
     }
     let tmp = dir.path().join("new.db");
-    snapshot::write_file(&tmp, &map, &Clock::new(1), 3, 0, ID).unwrap();
+    snapshot::write_file(&OsFs, &tmp, &map, &Clock::new(1), 3, 0, ID).unwrap();
     let mut old = snapshot::v1_header_bytes(3, 1);
     old.extend_from_slice(&fs::read(&tmp).unwrap()[snapshot::HEADER_LEN..]);
     fs::write(snapshot_path(dir.path()), old).unwrap();
@@ -343,10 +387,13 @@ async fn old_format_files_are_read_and_adopt_the_folders_id() {
         .unwrap()
         .expect("IDENTITY written")
         .id;
-    let (newest, path) = segment::list(dir.path()).unwrap().pop().unwrap();
-    assert_eq!(segment::read_header(&path, newest).unwrap().id, Some(id));
+    let (newest, path) = segment::list(&OsFs, dir.path()).unwrap().pop().unwrap();
+    assert_eq!(
+        segment::read_header(&OsFs, &path, newest).unwrap().id,
+        Some(id)
+    );
     store.checkpoint().await.unwrap();
-    let spare = snapshot::read_header(&dir.path().join(snapshot::SPARE_FILE_NAME)).unwrap();
+    let spare = snapshot::read_header(&OsFs, &dir.path().join(snapshot::SPARE_FILE_NAME)).unwrap();
     assert_eq!(spare.id, None, "the old snapshot is the spare now");
     drop(store);
     let store = Store::open(config(dir.path())).unwrap();
@@ -379,6 +426,121 @@ async fn a_folder_of_another_node_is_refused_and_an_unowned_one_adopted() {
         found,
         "unchanged"
     );
+}
+
+#[test]
+fn version_1_segments_are_replayed_and_their_torn_tail_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    v1_segment_with(dir.path(), 1, &[rec("a", 10), rec("b", 11)]);
+    let last = v1_segment_with(dir.path(), 2, &[rec("a", 12), rec("c", 13)]);
+    let len = fs::metadata(&last).unwrap().len();
+    OpenOptions::new()
+        .write(true)
+        .open(&last)
+        .unwrap()
+        .set_len(len - 2)
+        .unwrap();
+    let map = ShardedMap::default();
+    let got = recover(&OsFs, dir.path(), FOLDER, &map, &Clock::new(1)).unwrap();
+    assert_eq!(got.next_segment, 3);
+    assert_eq!(map.get("a").unwrap().version.hlc, 12);
+    assert!(map.get("b").is_some());
+    assert!(map.get("c").is_none(), "the torn record is cut");
+    assert!(fs::metadata(&last).unwrap().len() < len - 2);
+}
+
+#[test]
+fn a_key_holding_a_valid_frame_does_not_turn_a_torn_batch_into_corruption() {
+    // The key of the last record is the bytes of a whole, valid frame of another record
+    // (one whose bytes happen to be ASCII, so that they make a key).
+    let key = (1..10_000)
+        .find_map(|hlc| {
+            let mut lookalike = Vec::new();
+            frame::append(&mut lookalike, |b| rec("inner", hlc).encode(b)).unwrap();
+            String::from_utf8(lookalike).ok().filter(|k| k.is_ascii())
+        })
+        .unwrap();
+    let mut inner = Vec::new();
+    frame::append(&mut inner, |b| rec(&key, 98).encode(b)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = segment_with(dir.path(), 1, &[rec("a", 10), rec(&key, 11)]);
+    let mut bytes = fs::read(&path).unwrap();
+    let last = bytes.len() - batch::BATCH_HEADER_LEN - inner.len();
+    // A power cut lost the page holding the last batch's header, not the ones after it.
+    bytes[last..last + batch::BATCH_HEADER_LEN].fill(0);
+    fs::write(&path, &bytes).unwrap();
+    let frame_inside = (last + 1..bytes.len())
+        .any(|at| matches!(frame::read(&bytes, at), FrameRead::Complete(..)));
+    assert!(
+        frame_inside,
+        "the torn batch holds a valid frame (format 1 would refuse)"
+    );
+    let map = ShardedMap::default();
+    recover(&OsFs, dir.path(), FOLDER, &map, &Clock::new(1)).unwrap();
+    assert!(map.get("a").is_some());
+    assert!(map.get(&key).is_none(), "the torn batch is cut");
+    assert_eq!(fs::metadata(&path).unwrap().len(), last as u64);
+}
+
+#[test]
+fn damage_in_an_earlier_batch_names_file_and_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = segment_with(dir.path(), 1, &[rec("a", 10), rec("b", 11), rec("c", 12)]);
+    let mut bytes = fs::read(&path).unwrap();
+    // Three batches of equal length; flip a byte inside the second.
+    let second = segment::HEADER_LEN + (bytes.len() - segment::HEADER_LEN) / 3;
+    bytes[second + 30] ^= 0x20;
+    fs::write(&path, &bytes).unwrap();
+    match recover(
+        &OsFs,
+        dir.path(),
+        FOLDER,
+        &ShardedMap::default(),
+        &Clock::new(1),
+    ) {
+        Err(Error::Corrupt {
+            path: p,
+            offset,
+            reason,
+        }) => {
+            assert_eq!((p, offset), (path, second as u64), "{reason}");
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
+/// Found by the crash simulation (seed 17819626002198564837): a rotation whose folder fsync
+/// failed removed the new segment, appends went on in the old one, and a power cut brought
+/// the header-only segment back (its removal was not durable) and tore the old one's tail.
+#[test]
+fn torn_tail_before_header_only_segments_is_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = segment_with(dir.path(), 1, &[rec("a", 10), rec("b", 11)]);
+    let intact = fs::metadata(&first).unwrap().len();
+    let mut bytes = fs::read(&first).unwrap();
+    bytes.extend_from_slice(&[0x17; 30]);
+    fs::write(&first, bytes).unwrap();
+    drop(segment::create(&OsFs, dir.path(), 2, ID).unwrap());
+    drop(segment::create(&OsFs, dir.path(), 3, ID).unwrap());
+    let map = ShardedMap::default();
+    let got = recover(&OsFs, dir.path(), FOLDER, &map, &Clock::new(1)).unwrap();
+    assert_eq!(got.next_segment, 4);
+    assert!(map.get("b").is_some());
+    assert_eq!(fs::metadata(&first).unwrap().len(), intact, "torn tail cut");
+    // With records after it, the same tail is corruption.
+    let mut bytes = fs::read(&first).unwrap();
+    bytes.extend_from_slice(&[0x17; 30]);
+    fs::write(&first, bytes).unwrap();
+    segment_with(dir.path(), 4, &[rec("c", 12)]);
+    let err = recover(
+        &OsFs,
+        dir.path(),
+        FOLDER,
+        &ShardedMap::default(),
+        &Clock::new(1),
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::Corrupt { path, .. } if path == first));
 }
 
 /// One step of the spare model test.

@@ -4,9 +4,10 @@
 //! version, even when the node's last writes are on its peers only and its wall clock went back.
 //! Timestamp oracles (Percolator's, TiKV's PD) reserve ahead the same way.
 
-use crate::{segment, Error};
+use crate::vfs::Vfs;
+use crate::Error;
 use parking_lot::Mutex;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tracing::error;
 
@@ -22,10 +23,12 @@ const FILE_NAME: &str = "clock";
 /// The file: this magic, then the reserved hlc, little-endian.
 const MAGIC: &[u8; 8] = b"KVCLOCK1";
 
+/// Writes a new bound durably (through the store's file system).
+type Persist = Box<dyn Fn(u64) -> Result<(), Error> + Send + Sync>;
+
 /// The persisted upper bound of the clock, and the lock that serialises extending it.
-#[derive(Debug)]
 pub struct Reservation {
-    dir: PathBuf,
+    persist: Persist,
     /// Every hlc up to this one may be issued without writing the file.
     reserved: AtomicU64,
     extending: Mutex<()>,
@@ -34,9 +37,9 @@ pub struct Reservation {
 impl Reservation {
     /// Reads `dir/clock` (absent on a new node: 0). A damaged file stops start-up: guessing
     /// could reissue versions.
-    pub fn load(dir: &Path) -> Result<Reservation, Error> {
+    pub fn load(vfs: &impl Vfs, dir: &Path) -> Result<Reservation, Error> {
         let path = dir.join(FILE_NAME);
-        let reserved = match std::fs::read(&path) {
+        let reserved = match vfs.read(&path) {
             Ok(bytes) => decode(&bytes).ok_or_else(|| Error::Corrupt {
                 path: path.clone(),
                 offset: 0,
@@ -47,8 +50,9 @@ impl Reservation {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
             Err(e) => return Err(Error::io("read clock reservation", &path)(e)),
         };
+        let (vfs, dir) = (vfs.clone(), dir.to_owned());
         Ok(Reservation {
-            dir: dir.to_owned(),
+            persist: Box::new(move |hlc| store(&vfs, &dir, hlc)),
             reserved: AtomicU64::new(reserved),
             extending: Mutex::new(()),
         })
@@ -71,27 +75,29 @@ impl Reservation {
             return;
         }
         let next = hlc.saturating_add(RESERVATION_WINDOW_HLC);
-        match self.store(next) {
+        match (self.persist)(next) {
             Ok(()) => self.reserved.store(next, Ordering::Release),
             Err(e) => error!(error = %e, "cannot extend the clock reservation"),
         }
     }
+}
 
-    fn store(&self, hlc: u64) -> Result<(), Error> {
-        let path = self.dir.join(FILE_NAME);
-        let temp = self.dir.join("clock.tmp");
-        let mut bytes = Vec::with_capacity(16);
-        bytes.extend_from_slice(MAGIC);
-        bytes.extend_from_slice(&hlc.to_le_bytes());
-        let write = || -> std::io::Result<()> {
-            let mut file = crate::files::create_private(&temp)?;
-            std::io::Write::write_all(&mut file, &bytes)?;
-            file.sync_all()?;
-            std::fs::rename(&temp, &path)
-        };
-        write().map_err(Error::io("write clock reservation", &path))?;
-        segment::sync_dir(&self.dir)
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservation")
+            .field("reserved", &self.reserved())
+            .finish_non_exhaustive()
     }
+}
+
+/// Writes the bound `hlc` to `dir/clock` atomically (temp file, fsync, rename, folder fsync).
+fn store(vfs: &impl Vfs, dir: &Path, hlc: u64) -> Result<(), Error> {
+    let path = dir.join(FILE_NAME);
+    let mut bytes = Vec::with_capacity(16);
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&hlc.to_le_bytes());
+    crate::vfs::write_atomic(vfs, dir, &dir.join("clock.tmp"), &path, &bytes)
+        .map_err(Error::io("write clock reservation", &path))
 }
 
 fn decode(bytes: &[u8]) -> Option<u64> {
@@ -103,18 +109,19 @@ fn decode(bytes: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vfs::OsFs;
 
     #[test]
     fn a_new_folder_reserves_nothing_and_cover_persists_ahead() {
         let dir = tempfile::tempdir().unwrap();
-        let reservation = Reservation::load(dir.path()).unwrap();
+        let reservation = Reservation::load(&OsFs, dir.path()).unwrap();
         assert_eq!(reservation.reserved(), 0);
         reservation.cover(1000);
         assert_eq!(reservation.reserved(), 1000 + RESERVATION_WINDOW_HLC);
         // Inside the window: no new write.
         reservation.cover(2000);
         assert_eq!(reservation.reserved(), 1000 + RESERVATION_WINDOW_HLC);
-        let again = Reservation::load(dir.path()).unwrap();
+        let again = Reservation::load(&OsFs, dir.path()).unwrap();
         assert_eq!(again.reserved(), 1000 + RESERVATION_WINDOW_HLC);
     }
 
@@ -122,9 +129,11 @@ mod tests {
     fn a_damaged_reservation_stops_start_up() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(FILE_NAME), b"KVCLOCK1\x01").unwrap();
-        let err = Reservation::load(dir.path()).unwrap_err().to_string();
+        let err = Reservation::load(&OsFs, dir.path())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("clock"), "{err}");
         std::fs::write(dir.path().join(FILE_NAME), b"XXXXXXXX12345678").unwrap();
-        assert!(Reservation::load(dir.path()).is_err());
+        assert!(Reservation::load(&OsFs, dir.path()).is_err());
     }
 }

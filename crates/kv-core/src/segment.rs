@@ -1,37 +1,64 @@
 //! WAL segment files `wal-00000001.log`: names, the file header, listing, creation and removal.
 //! A segment holds frames of records after its header; only the newest segment is appended to.
 
-use std::fs::{self, File};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::identity::DirId;
+use crate::vfs::{Vfs, VfsFile};
 use crate::Error;
 
 /// First bytes of every WAL segment.
 const MAGIC: [u8; 8] = *b"KVWALSEG";
-/// Version of the WAL format this program writes; version 1 (no folder id) is still read.
-const FORMAT_VERSION: u32 = 2;
+/// Version of the WAL format this program writes: the folder id, and records in batches (see
+/// [`crate::batch`]).
+pub const FORMAT_VERSION: u32 = 3;
+/// Format 2, still read: the folder id, frames one after the other, no batches.
+pub const FORMAT_V2: u32 = 2;
+/// Format 1, still read: no folder id, frames one after the other, no batches.
+pub const FORMAT_V1: u32 = 1;
 /// Length of the segment header this program writes.
 ///
 /// ```text
+/// version 3: [magic "KVWALSEG" 8][format version u32 LE = 3][segment number u64 LE]
+///            [data folder id 16][salt u64 LE][crc32c of the 44 bytes before u32 LE]
 /// version 2: [magic "KVWALSEG" 8][format version u32 LE = 2][segment number u64 LE]
 ///            [data folder id 16][crc32c of the 36 bytes before u32 LE]
 /// version 1: [magic "KVWALSEG" 8][format version u32 LE = 1][segment number u64 LE]
 ///            [crc32c of the 20 bytes before u32 LE]
 /// ```
-pub const HEADER_LEN: usize = 40;
+///
+/// The salt is random per segment and seeds every batch header's checksum.
+pub const HEADER_LEN: usize = 48;
+/// Length of a version 2 header.
+pub const V2_HEADER_LEN: usize = 40;
 /// Length of a version 1 header.
-const V1_HEADER_LEN: usize = 24;
+pub const V1_HEADER_LEN: usize = 24;
 
 /// What a segment's header says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {
-    /// Where the first frame starts.
+    /// [`FORMAT_VERSION`], [`FORMAT_V2`] or [`FORMAT_V1`].
+    pub version: u32,
+    /// Where the first frame (or batch) starts.
     pub len: usize,
     /// The data folder the segment was written in; `None` for a version 1 segment, which
     /// belongs to whatever folder holds it.
     pub id: Option<DirId>,
+    /// Seeds the batch header checksums (0 before version 3).
+    pub salt: u64,
+}
+
+/// A fresh salt: random enough that no key or value can predict it.
+pub fn new_salt() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.finish()
 }
 
 /// Path of segment `number` in `dir`.
@@ -49,22 +76,39 @@ fn parse_name(name: &str) -> Option<u64> {
 }
 
 /// All segments in `dir`, oldest first.
-pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, Error> {
+pub fn list(vfs: &impl Vfs, dir: &Path) -> Result<Vec<(u64, PathBuf)>, Error> {
     let mut found = Vec::new();
-    for item in fs::read_dir(dir).map_err(Error::io("list", dir))? {
-        let item = item.map_err(Error::io("list", dir))?;
-        if let Some(number) = item.file_name().to_str().and_then(parse_name) {
-            found.push((number, item.path()));
+    for item in vfs.list(dir).map_err(Error::io("list", dir))? {
+        let number = item
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(parse_name);
+        if let Some(number) = number {
+            found.push((number, item));
         }
     }
     found.sort();
     Ok(found)
 }
 
-fn header(number: u64, id: DirId) -> [u8; HEADER_LEN] {
+fn header(number: u64, id: DirId, salt: u64) -> [u8; HEADER_LEN] {
     let mut out = [0; HEADER_LEN];
     out[..8].copy_from_slice(&MAGIC);
     out[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out[12..20].copy_from_slice(&number.to_le_bytes());
+    out[20..36].copy_from_slice(&id.0);
+    out[36..44].copy_from_slice(&salt.to_le_bytes());
+    let crc = crc32c::crc32c(&out[..44]);
+    out[44..].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// A version 2 header (a folder id, no batches), as the program before batches wrote it.
+#[cfg(test)]
+pub(crate) fn v2_header(number: u64, id: DirId) -> [u8; V2_HEADER_LEN] {
+    let mut out = [0; V2_HEADER_LEN];
+    out[..8].copy_from_slice(&MAGIC);
+    out[8..12].copy_from_slice(&FORMAT_V2.to_le_bytes());
     out[12..20].copy_from_slice(&number.to_le_bytes());
     out[20..36].copy_from_slice(&id.0);
     let crc = crc32c::crc32c(&out[..36]);
@@ -72,7 +116,19 @@ fn header(number: u64, id: DirId) -> [u8; HEADER_LEN] {
     out
 }
 
-/// Checks that `buf` starts with a valid header (version 1 or 2) for segment `number`.
+/// A version 1 header, as older programs wrote it (tests of the upgrade path).
+#[cfg(test)]
+pub(crate) fn v1_header(number: u64) -> [u8; V1_HEADER_LEN] {
+    let mut out = [0; V1_HEADER_LEN];
+    out[..8].copy_from_slice(&MAGIC);
+    out[8..12].copy_from_slice(&FORMAT_V1.to_le_bytes());
+    out[12..20].copy_from_slice(&number.to_le_bytes());
+    let crc = crc32c::crc32c(&out[..20]);
+    out[20..].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// Checks that `buf` starts with a valid header (version 1, 2 or 3) for segment `number`.
 pub fn check_header(file: &Path, buf: &[u8], number: u64) -> Result<Header, Error> {
     let bad_format = |reason: String| Error::BadFormat {
         path: file.to_owned(),
@@ -83,122 +139,130 @@ pub fn check_header(file: &Path, buf: &[u8], number: u64) -> Result<Header, Erro
         offset: 0,
         reason,
     };
-    let Some(head) = buf.first_chunk::<V1_HEADER_LEN>() else {
-        return Err(corrupt(format!(
+    let short = || {
+        corrupt(format!(
             "{} bytes is shorter than the segment header",
             buf.len()
-        )));
+        ))
+    };
+    let Some(head) = buf.first_chunk::<12>() else {
+        return Err(short());
     };
     if head[..8] != MAGIC {
         return Err(bad_format(
             "wrong magic number: not a kv WAL segment".into(),
         ));
     }
-    let mut word = [0; 4];
-    word.copy_from_slice(&head[8..12]);
-    let version = u32::from_le_bytes(word);
+    let version = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
     let len = match version {
-        1 => V1_HEADER_LEN,
         FORMAT_VERSION => HEADER_LEN,
+        FORMAT_V2 => V2_HEADER_LEN,
+        FORMAT_V1 => V1_HEADER_LEN,
         _ => {
             return Err(bad_format(format!(
-                "WAL format version {version}, this program reads 1 and {FORMAT_VERSION}"
+                "WAL format version {version}, this program reads {FORMAT_V1} to {FORMAT_VERSION}"
             )))
         }
     };
     let Some(head) = buf.get(..len) else {
-        return Err(corrupt(format!(
-            "{} bytes is shorter than the segment header",
-            buf.len()
-        )));
+        return Err(short());
     };
-    word.copy_from_slice(&head[len - 4..]);
-    if crc32c::crc32c(&head[..len - 4]) != u32::from_le_bytes(word) {
+    let word = |at: usize| {
+        let mut w = [0; 8];
+        w.copy_from_slice(&head[at..at + 8]);
+        u64::from_le_bytes(w)
+    };
+    let mut crc = [0; 4];
+    crc.copy_from_slice(&head[len - 4..]);
+    if crc32c::crc32c(&head[..len - 4]) != u32::from_le_bytes(crc) {
         return Err(corrupt("segment header checksum mismatch".into()));
     }
-    let mut long = [0; 8];
-    long.copy_from_slice(&head[12..20]);
-    let stored = u64::from_le_bytes(long);
+    let stored = word(12);
     if stored != number {
         return Err(corrupt(format!(
             "header says segment {stored}, the file name says {number}"
         )));
     }
-    let id = (len == HEADER_LEN).then(|| {
+    let id = (version != FORMAT_V1).then(|| {
         let mut id = [0; 16];
         id.copy_from_slice(&head[20..36]);
         DirId(id)
     });
-    Ok(Header { len, id })
+    let salt = if version == FORMAT_VERSION {
+        word(36)
+    } else {
+        0
+    };
+    Ok(Header {
+        version,
+        len,
+        id,
+        salt,
+    })
 }
 
 /// Reads and checks only the header of segment `number` at `file`.
-pub fn read_header(file: &Path, number: u64) -> Result<Header, Error> {
+pub fn read_header(vfs: &impl Vfs, file: &Path, number: u64) -> Result<Header, Error> {
+    use std::io::Read;
     let mut head = Vec::with_capacity(HEADER_LEN);
-    File::open(file)
+    vfs.open_read(file)
         .and_then(|f| f.take(HEADER_LEN as u64).read_to_end(&mut head))
         .map_err(Error::io("read", file))?;
     check_header(file, &head, number)
 }
 
 /// Creates segment `number` with its header stamped with the folder's `id`, durable (file and
-/// folder fsynced), ready to append.
-pub fn create(dir: &Path, number: u64, id: DirId) -> Result<File, Error> {
+/// folder fsynced), ready to append. Returns the file and the segment's salt.
+pub fn create<V: Vfs>(
+    vfs: &V,
+    dir: &Path,
+    number: u64,
+    id: DirId,
+) -> Result<(V::File, u64), Error> {
     let file_path = path(dir, number);
-    let mut file = crate::files::private_options()
-        .create_new(true)
-        .append(true)
-        .open(&file_path)
+    let salt = new_salt();
+    let mut file = vfs
+        .create_new(&file_path)
         .map_err(Error::io("create", &file_path))?;
     let written = file
-        .write_all(&header(number, id))
+        .write_all(&header(number, id, salt))
         .and_then(|()| file.sync_all())
         .map_err(Error::io("write header of", &file_path))
-        .and_then(|()| sync_dir(dir));
+        .and_then(|()| sync_dir(vfs, dir));
     if let Err(e) = written {
-        // Leave no half-made segment behind: it would become "the last segment" at recovery.
-        let _ = fs::remove_file(&file_path);
+        // Leave no half-made segment behind (durably if the folder fsync works): it would
+        // become "the last segment" at recovery. If it comes back after a crash anyway, it holds
+        // no records, and recovery still treats the segment before it as the newest.
+        let _ = vfs.remove(&file_path).and_then(|()| vfs.sync_dir(dir));
         return Err(e);
     }
-    Ok(file)
+    Ok((file, salt))
 }
 
 /// Removes every segment numbered below `number`; returns how many bytes they held.
-pub fn remove_before(dir: &Path, number: u64) -> Result<u64, Error> {
+pub fn remove_before(vfs: &impl Vfs, dir: &Path, number: u64) -> Result<u64, Error> {
     let mut freed = 0;
-    for (n, file) in list(dir)? {
+    for (n, file) in list(vfs, dir)? {
         if n >= number {
             break;
         }
-        freed += fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
-        fs::remove_file(&file).map_err(Error::io("remove", &file))?;
+        freed += vfs.len(&file).unwrap_or(0);
+        vfs.remove(&file).map_err(Error::io("remove", &file))?;
     }
-    sync_dir(dir)?;
+    sync_dir(vfs, dir)?;
     Ok(freed)
 }
 
 /// Fsyncs a folder, making file creations, renames and removals in it durable.
-pub fn sync_dir(dir: &Path) -> Result<(), Error> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(Error::io("fsync folder", dir))
-}
-
-/// A version 1 header (no folder id), as older kv versions wrote: for tests of old files.
-#[cfg(test)]
-pub(crate) fn v1_header(number: u64) -> [u8; V1_HEADER_LEN] {
-    let mut out = [0; V1_HEADER_LEN];
-    out[..8].copy_from_slice(&MAGIC);
-    out[8..12].copy_from_slice(&1u32.to_le_bytes());
-    out[12..20].copy_from_slice(&number.to_le_bytes());
-    let crc = crc32c::crc32c(&out[..20]);
-    out[20..].copy_from_slice(&crc.to_le_bytes());
-    out
+pub fn sync_dir(vfs: &impl Vfs, dir: &Path) -> Result<(), Error> {
+    vfs.sync_dir(dir).map_err(Error::io("fsync folder", dir))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vfs::OsFs;
+    use std::fs;
 
     const ID: DirId = DirId([7; 16]);
 
@@ -224,45 +288,45 @@ mod tests {
     fn create_list_check_and_remove() {
         let dir = tempfile::tempdir().unwrap();
         for n in [3, 1, 2] {
-            drop(create(dir.path(), n, ID).unwrap());
+            drop(create(&OsFs, dir.path(), n, ID).unwrap());
         }
         assert!(
-            create(dir.path(), 2, ID).is_err(),
+            create(&OsFs, dir.path(), 2, ID).is_err(),
             "segments are never overwritten"
         );
-        let listed: Vec<u64> = list(dir.path())
+        let listed: Vec<u64> = list(&OsFs, dir.path())
             .unwrap()
             .into_iter()
             .map(|(n, _)| n)
             .collect();
         assert_eq!(listed, vec![1, 2, 3]);
         let bytes = fs::read(path(dir.path(), 2)).unwrap();
-        let got = check_header(&path(dir.path(), 2), &bytes, 2).unwrap();
+        let head = check_header(&path(dir.path(), 2), &bytes, 2).unwrap();
         assert_eq!(
-            got,
-            Header {
-                len: HEADER_LEN,
-                id: Some(ID)
-            }
+            (head.version, head.len, head.id),
+            (FORMAT_VERSION, HEADER_LEN, Some(ID))
         );
-        assert_eq!(read_header(&path(dir.path(), 2), 2).unwrap(), got);
+        assert_eq!(read_header(&OsFs, &path(dir.path(), 2), 2).unwrap(), head);
         assert!(matches!(
             check_header(Path::new("x"), &bytes, 3),
             Err(Error::Corrupt { .. })
         ));
-        assert_eq!(remove_before(dir.path(), 3).unwrap(), 2 * HEADER_LEN as u64);
-        assert_eq!(list(dir.path()).unwrap().len(), 1);
+        assert_eq!(
+            remove_before(&OsFs, dir.path(), 3).unwrap(),
+            2 * HEADER_LEN as u64
+        );
+        assert_eq!(list(&OsFs, dir.path()).unwrap().len(), 1);
     }
 
     #[test]
     fn bad_magic_and_version_are_bad_format() {
-        let mut bytes = header(1, ID).to_vec();
+        let mut bytes = header(1, ID, 7).to_vec();
         bytes[0] = b'X';
         assert!(matches!(
             check_header(Path::new("x"), &bytes, 1),
             Err(Error::BadFormat { .. })
         ));
-        let mut bytes = header(1, ID).to_vec();
+        let mut bytes = header(1, ID, 7).to_vec();
         bytes[8] = 9;
         assert!(matches!(
             check_header(Path::new("x"), &bytes, 1),
@@ -275,24 +339,44 @@ mod tests {
     }
 
     #[test]
-    fn version_1_headers_are_read_without_an_id() {
-        let mut bytes = v1_header(4).to_vec();
-        bytes.extend_from_slice(b"frames");
-        let got = check_header(Path::new("x"), &bytes, 4).unwrap();
-        assert_eq!(got, Header { len: 24, id: None });
-        bytes[21] ^= 1;
+    fn versions_1_and_2_are_still_read_and_the_id_and_salt_are_checked() {
+        let v1 = v1_header(5);
+        assert_eq!(
+            check_header(Path::new("x"), &v1, 5).unwrap(),
+            Header {
+                version: FORMAT_V1,
+                len: V1_HEADER_LEN,
+                id: None,
+                salt: 0,
+            }
+        );
+        let v2 = v2_header(5, ID);
+        assert_eq!(
+            check_header(Path::new("x"), &v2, 5).unwrap(),
+            Header {
+                version: FORMAT_V2,
+                len: V2_HEADER_LEN,
+                id: Some(ID),
+                salt: 0,
+            }
+        );
+        let v3 = header(5, ID, 0xfeed);
+        assert_eq!(check_header(Path::new("x"), &v3, 5).unwrap().salt, 0xfeed);
+        for at in [22, 38] {
+            let mut bad = v3;
+            bad[at] ^= 1;
+            assert!(
+                matches!(
+                    check_header(Path::new("x"), &bad, 5),
+                    Err(Error::Corrupt { .. })
+                ),
+                "id and salt are under the checksum"
+            );
+        }
         assert!(matches!(
-            check_header(Path::new("x"), &bytes, 4),
+            check_header(Path::new("x"), &v3[..46], 5),
             Err(Error::Corrupt { .. })
         ));
-        let mut bytes = header(4, ID).to_vec();
-        bytes[25] ^= 1;
-        assert!(
-            matches!(
-                check_header(Path::new("x"), &bytes, 4),
-                Err(Error::Corrupt { .. })
-            ),
-            "the id is under the checksum"
-        );
+        assert_ne!(new_salt(), new_salt());
     }
 }

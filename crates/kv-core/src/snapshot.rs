@@ -3,7 +3,6 @@
 //! the spare, rename, fsync of the folder) and loaded at start-up, where any defect is reported
 //! with the file and offset (recovery then falls back to the spare).
 
-use std::fs::{self, File};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -12,6 +11,7 @@ use crate::frame::{self, FRAME_HEADER_LEN, MAX_FRAME_LEN};
 use crate::identity::DirId;
 use crate::map::ShardedMap;
 use crate::record::encode_parts;
+use crate::vfs::{Vfs, VfsFile};
 use crate::{segment, Clock, Error, Record};
 
 /// File name of the snapshot in the data folder.
@@ -141,6 +141,7 @@ fn footer_bytes(records: u64, clock_hlc: u64) -> Vec<u8> {
 /// the new file take its place. A crash between the two renames leaves the spare and no
 /// `snapshot.db`, which recovery handles like a damaged snapshot.
 pub fn write_atomic(
+    vfs: &impl Vfs,
     dir: &Path,
     map: &ShardedMap,
     clock: &Clock,
@@ -149,15 +150,16 @@ pub fn write_atomic(
     id: DirId,
 ) -> Result<Written, Error> {
     let tmp = dir.join(TMP_FILE_NAME);
-    let result = write_file(&tmp, map, clock, start_segment, cutoff_ms, id).and_then(|written| {
-        verify_written(&tmp, &written, start_segment, id)?;
-        install(dir, &tmp).map(|kept_spare| Written {
-            kept_spare,
-            ..written
-        })
-    });
+    let result =
+        write_file(vfs, &tmp, map, clock, start_segment, cutoff_ms, id).and_then(|written| {
+            verify_written(vfs, &tmp, &written, start_segment, id)?;
+            install(vfs, dir, &tmp).map(|kept_spare| Written {
+                kept_spare,
+                ..written
+            })
+        });
     if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+        let _ = vfs.remove(&tmp);
     }
     result
 }
@@ -165,16 +167,15 @@ pub fn write_atomic(
 /// Reads the fsynced `tmp` back, from the disk rather than the page cache where the kernel lets
 /// us drop it, and checks every byte the way recovery will, and that it is the file just written.
 fn verify_written(
+    vfs: &impl Vfs,
     tmp: &Path,
     written: &Written,
     start_segment: u64,
     id: DirId,
 ) -> Result<(), Error> {
-    if let Ok(file) = File::open(tmp) {
-        // Advice only: where it is not followed, the read below checks the cached pages.
-        let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed);
-    }
-    let meta = load(tmp, |_| {})?;
+    // Advice only: where it is not followed, the read below checks the cached pages.
+    vfs.drop_cache(tmp);
+    let meta = load(vfs, tmp, |_| {})?;
     let expected = (written.records, start_segment, Some(id));
     if (meta.records, meta.start_segment, meta.id) != expected {
         return Err(Error::Corrupt {
@@ -192,22 +193,29 @@ fn verify_written(
 
 /// Moves the verified `tmp` into place: `snapshot.db` (if any) becomes the spare, then `tmp`
 /// becomes `snapshot.db`, then the folder is fsynced. Returns whether a spare was kept.
-fn install(dir: &Path, tmp: &Path) -> Result<bool, Error> {
+fn install(vfs: &impl Vfs, dir: &Path, tmp: &Path) -> Result<bool, Error> {
     let target = dir.join(FILE_NAME);
-    let kept_spare = target.exists();
+    let kept_spare = vfs.exists(&target);
     if kept_spare {
         let spare = dir.join(SPARE_FILE_NAME);
-        fs::rename(&target, &spare).map_err(Error::io("rename to the spare", &spare))?;
+        vfs.rename(&target, &spare)
+            .map_err(Error::io("rename to the spare", &spare))?;
     }
-    fs::rename(tmp, &target).map_err(Error::io("rename into place", &target))?;
-    segment::sync_dir(dir)?;
+    vfs.rename(tmp, &target)
+        .map_err(Error::io("rename into place", &target))?;
+    segment::sync_dir(vfs, dir)?;
     Ok(kept_spare)
 }
 
+/// Entries per [`ShardedMap::export_chunk`] step of a snapshot or backup.
+const EXPORT_CHUNK: usize = 1024;
+
 /// Writes the map to `tmp` in the snapshot format and fsyncs it (no rename): the body of
-/// [`write_atomic`], and of backups. Shards are exported one after the other, each under its own
-/// lock, so writes go on meanwhile and the file is not one point in time across shards.
+/// [`write_atomic`], and of backups. The map is exported in key order, [`EXPORT_CHUNK`] keys at a
+/// time, each entry under its shard's lock for that entry alone, so writes go on meanwhile and
+/// the file is not one point in time across keys.
 pub(crate) fn write_file(
+    vfs: &impl Vfs,
     tmp: &Path,
     map: &ShardedMap,
     clock: &Clock,
@@ -216,7 +224,7 @@ pub(crate) fn write_file(
     id: DirId,
 ) -> Result<Written, Error> {
     let write_err = Error::io("write", tmp);
-    let file = crate::files::create_private(tmp).map_err(Error::io("create", tmp))?;
+    let file = vfs.create(tmp).map_err(Error::io("create", tmp))?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
     let created_ms = crate::version::now_ms();
     let mut written = Written {
@@ -228,7 +236,8 @@ pub(crate) fn write_file(
     };
     let mut buf = Vec::new();
     let mut result = out.write_all(&header_bytes(start, created_ms, id));
-    for shard in 0..map.shard_count() {
+    let mut after: Option<String> = None;
+    loop {
         buf.clear();
         let mut framed = Ok(());
         let export = |version, key: &[u8], value: Option<&[u8]>, expiry| {
@@ -237,24 +246,39 @@ pub(crate) fn write_file(
             }
             written.records += 1;
         };
-        written.tombstones_dropped += map.export_shard(shard, created_ms, cutoff_ms, export);
+        let chunk = map.export_chunk(
+            after.as_deref(),
+            EXPORT_CHUNK,
+            created_ms,
+            cutoff_ms,
+            export,
+        );
+        written.tombstones_dropped += chunk.dropped;
         framed?;
         result = result.and_then(|()| out.write_all(&buf));
+        match chunk.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
     }
     result = result.and_then(|()| out.write_all(&footer_bytes(written.records, clock.last_hlc())));
     let file = result
         .and_then(|()| out.into_inner().map_err(|e| e.into_error()))
         .map_err(write_err)?;
     file.sync_all().map_err(Error::io("fsync", tmp))?;
-    written.bytes = file.metadata().map_err(Error::io("stat", tmp))?.len();
+    written.bytes = file.size().map_err(Error::io("stat", tmp))?;
     Ok(written)
 }
 
 /// Streams `snapshot.db`, calling `apply` for each entry. Any defect is [`Error::Corrupt`] (or
 /// [`Error::BadFormat`] for a foreign or newer file), with the file and the byte offset.
-pub fn load(path: &Path, mut apply: impl FnMut(Record)) -> Result<SnapshotMeta, Error> {
-    let file = File::open(path).map_err(Error::io("open", path))?;
-    let len = file.metadata().map_err(Error::io("stat", path))?.len();
+pub fn load(
+    vfs: &impl Vfs,
+    path: &Path,
+    mut apply: impl FnMut(Record),
+) -> Result<SnapshotMeta, Error> {
+    let file = vfs.open_read(path).map_err(Error::io("open", path))?;
+    let len = file.size().map_err(Error::io("stat", path))?;
     let mut reader = SnapshotReader {
         path: path.to_owned(),
         input: BufReader::with_capacity(1 << 20, file),
@@ -284,9 +308,9 @@ pub fn load(path: &Path, mut apply: impl FnMut(Record)) -> Result<SnapshotMeta, 
 }
 
 /// Reads and checks only the header of the snapshot at `path` (magic, version, checksum).
-pub fn read_header(path: &Path) -> Result<SnapshotHeader, Error> {
-    let file = File::open(path).map_err(Error::io("open", path))?;
-    let len = file.metadata().map_err(Error::io("stat", path))?.len();
+pub fn read_header(vfs: &impl Vfs, path: &Path) -> Result<SnapshotHeader, Error> {
+    let file = vfs.open_read(path).map_err(Error::io("open", path))?;
+    let len = file.size().map_err(Error::io("stat", path))?;
     let mut reader = SnapshotReader {
         path: path.to_owned(),
         input: BufReader::with_capacity(HEADER_LEN, file),
@@ -300,13 +324,13 @@ pub fn created_at(meta: &SnapshotMeta) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(meta.created_ms)
 }
 
-struct SnapshotReader {
+struct SnapshotReader<R> {
     path: PathBuf,
-    input: BufReader<File>,
+    input: BufReader<R>,
     offset: u64,
 }
 
-impl SnapshotReader {
+impl<R: Read> SnapshotReader<R> {
     fn corrupt(&self, reason: String) -> Error {
         Error::Corrupt {
             path: self.path.clone(),
@@ -420,8 +444,10 @@ fn le_u64(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vfs::OsFs;
     use crate::Version;
     use bytes::Bytes;
+    use std::fs;
 
     const ID: DirId = DirId([3; 16]);
 
@@ -444,7 +470,7 @@ mod tests {
 
     fn load_all(path: &Path) -> Result<(SnapshotMeta, Vec<Record>), Error> {
         let mut records = Vec::new();
-        let meta = load(path, |r| records.push(r))?;
+        let meta = load(&OsFs, path, |r| records.push(r))?;
         records.sort_by(|a, b| a.key.cmp(&b.key));
         Ok((meta, records))
     }
@@ -455,7 +481,7 @@ mod tests {
             hlc: 777 << 16,
             node: 0,
         });
-        write_atomic(dir, &sample_map(), &clock, 9, 0, ID).unwrap();
+        write_atomic(&OsFs, dir, &sample_map(), &clock, 9, 0, ID).unwrap();
         fs::read(dir.join(FILE_NAME)).unwrap()
     }
 
@@ -487,7 +513,7 @@ mod tests {
     fn old_tombstones_are_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let map = sample_map();
-        let w = write_atomic(dir.path(), &map, &Clock::new(1), 1, 1_000, ID).unwrap();
+        let w = write_atomic(&OsFs, dir.path(), &map, &Clock::new(1), 1, 1_000, ID).unwrap();
         assert_eq!((w.records, w.tombstones_dropped), (40, 10));
         assert_eq!(map.counts().tombstones, 0);
     }
@@ -535,17 +561,17 @@ mod tests {
     fn the_replaced_snapshot_becomes_the_spare() {
         let dir = tempfile::tempdir().unwrap();
         let (map, clock) = (sample_map(), Clock::new(1));
-        let first = write_atomic(dir.path(), &map, &clock, 3, 0, ID).unwrap();
+        let first = write_atomic(&OsFs, dir.path(), &map, &clock, 3, 0, ID).unwrap();
         assert!(!first.kept_spare, "nothing to keep the first time");
         assert!(!dir.path().join(SPARE_FILE_NAME).exists());
-        let second = write_atomic(dir.path(), &map, &clock, 5, 0, ID).unwrap();
+        let second = write_atomic(&OsFs, dir.path(), &map, &clock, 5, 0, ID).unwrap();
         assert!(second.kept_spare);
-        let spare = read_header(&dir.path().join(SPARE_FILE_NAME)).unwrap();
-        let current = read_header(&dir.path().join(FILE_NAME)).unwrap();
+        let spare = read_header(&OsFs, &dir.path().join(SPARE_FILE_NAME)).unwrap();
+        let current = read_header(&OsFs, &dir.path().join(FILE_NAME)).unwrap();
         assert_eq!((spare.start_segment, current.start_segment), (3, 5));
         assert_eq!((spare.id, current.len), (Some(ID), HEADER_LEN as u64));
-        write_atomic(dir.path(), &map, &clock, 8, 0, ID).unwrap();
-        let spare = read_header(&dir.path().join(SPARE_FILE_NAME)).unwrap();
+        write_atomic(&OsFs, dir.path(), &map, &clock, 8, 0, ID).unwrap();
+        let spare = read_header(&OsFs, &dir.path().join(SPARE_FILE_NAME)).unwrap();
         assert_eq!(spare.start_segment, 5, "the older spare is replaced");
         assert!(!dir.path().join(TMP_FILE_NAME).exists());
     }

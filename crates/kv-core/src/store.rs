@@ -14,8 +14,8 @@ use tracing::{debug, info, warn};
 use crate::backup::{self, BackupInfo};
 use crate::checkpoint::{CheckpointSignal, Checkpointer};
 use crate::identity::{self, DirId, Identity};
-use crate::lock::DirLock;
-use crate::map::{MapObserver, ShardedMap};
+use crate::map::{KeyRange, MapObserver, ShardedMap};
+use crate::vfs::{OsFs, Vfs};
 use crate::wal::{self, WalCommand, WalState, WalWriter, WAL_QUEUE_CAPACITY};
 use crate::Version;
 use crate::{
@@ -58,14 +58,24 @@ pub struct StoreStatus {
 /// Cheap to clone (all clones share one store). Dropping the last clone without
 /// [`Store::shutdown`] behaves like a crash as far as the files go: no final checkpoint is
 /// written, but queued writes are still finished and the background threads are joined.
-#[derive(Clone)]
-pub struct Store {
-    inner: Arc<Inner>,
+///
+/// `V` is the file system: [`OsFs`] (the default) in production; the tests run the same code
+/// on a simulated disk.
+pub struct Store<V: Vfs = OsFs> {
+    inner: Arc<Inner<V>>,
+}
+
+impl<V: Vfs> Clone for Store<V> {
+    fn clone(&self) -> Self {
+        Store {
+            inner: Arc::clone(&self.inner),
+        }
+    }
 }
 
 /// Field order matters for drop: `tx` goes first (the writer drains its queue and exits),
 /// then `threads` joins the threads, and the lock is released last.
-struct Inner {
+struct Inner<V: Vfs> {
     tx: mpsc::Sender<WalCommand>,
     threads: Threads,
     map: Arc<ShardedMap>,
@@ -77,7 +87,10 @@ struct Inner {
     tombstone_horizon: Arc<AtomicU64>,
     data_dir: PathBuf,
     id: DirId,
-    _lock: DirLock,
+    /// The file system (read by the test hooks only; the threads hold their own clones).
+    #[cfg_attr(not(test), allow(dead_code))]
+    vfs: V,
+    _lock: V::Lock,
 }
 
 /// The background threads; joined on shutdown or drop.
@@ -120,7 +133,7 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>
         })
 }
 
-impl std::fmt::Debug for Store {
+impl<V: Vfs> std::fmt::Debug for Store<V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
             .field("data_dir", &self.inner.data_dir)
@@ -135,11 +148,19 @@ impl Store {
     /// a file of another folder fails with [`Error::ForeignFile`]), writes the identity if the
     /// folder had none, and starts the WAL writer and checkpoint threads.
     pub fn open(config: StoreConfig) -> Result<Store, Error> {
+        Store::open_with(config, OsFs)
+    }
+}
+
+impl<V: Vfs> Store<V> {
+    /// [`Store::open`] on the file system `vfs` (the tests' simulated disk).
+    pub fn open_with(config: StoreConfig, vfs: V) -> Result<Store<V>, Error> {
         let started = Instant::now();
         let dir = config.data_dir.clone();
-        crate::files::create_private_dir(&dir).map_err(Error::io("create data folder", &dir))?;
-        let lock = DirLock::acquire(&dir)?;
-        let found = identity::load(&dir)?;
+        vfs.create_dir_all(&dir)
+            .map_err(Error::io("create data folder", &dir))?;
+        let lock = vfs.lock(&dir)?;
+        let found = identity::load_with(&vfs, &dir)?;
         if let (Some(found), Some(owner)) = (&found, &config.owner) {
             identity::check_owner(&dir, found, owner)?;
         }
@@ -148,15 +169,15 @@ impl Store {
             stored: found.is_some(),
         };
         let map = Arc::new(ShardedMap::default());
-        let reservation = Arc::new(crate::reservation::Reservation::load(&dir)?);
+        let reservation = Arc::new(crate::reservation::Reservation::load(&vfs, &dir)?);
         let clock = Arc::new(Clock::reserved(config.node_id, reservation));
-        let recovered = recovery::recover(&dir, folder, &map, &clock)?;
+        let recovered = recovery::recover(&vfs, &dir, folder, &map, &clock)?;
         debug!(
             segments = recovered.synced_segments,
             "replayed WAL segments fsynced"
         );
-        record_identity(&dir, found, folder.id, config.owner.clone())?;
-        let file = segment::create(&dir, recovered.next_segment, folder.id)?;
+        record_identity(&vfs, &dir, found, folder.id, config.owner.clone())?;
+        let (file, salt) = segment::create(&vfs, &dir, recovered.next_segment, folder.id)?;
         let wal = Arc::new(WalState::default());
         // A node started on a full disk is read-only from its first request.
         wal.space.probe(&dir, config.min_free_bytes);
@@ -177,6 +198,7 @@ impl Store {
             signal: Arc::clone(&signal),
         };
         let writer = WalWriter {
+            vfs: vfs.clone(),
             dir: dir.clone(),
             id: folder.id,
             sync: config.sync,
@@ -184,7 +206,9 @@ impl Store {
             wal_max_bytes: config.wal_max_bytes,
             segment: recovered.next_segment,
             file,
+            salt,
             len: segment::HEADER_LEN as u64,
+            durable: segment::HEADER_LEN as u64,
             min_free_bytes: config.min_free_bytes,
             since_probe: 0,
             map: Arc::clone(&map),
@@ -197,6 +221,7 @@ impl Store {
         };
         *threads.writer.lock() = Some(spawn("kv-wal-writer", move || writer.run(rx))?);
         let checkpointer = Checkpointer {
+            vfs: vfs.clone(),
             dir: dir.clone(),
             id: folder.id,
             covered_until: AtomicU64::new(recovered.replay_start),
@@ -248,6 +273,7 @@ impl Store {
                 tombstone_horizon,
                 data_dir: dir,
                 id: folder.id,
+                vfs,
                 _lock: lock,
             }),
         };
@@ -433,10 +459,16 @@ impl Store {
         }
     }
 
-    /// Calls `f` for every entry (tombstones included), one shard at a time under its read
-    /// lock: `f` must be quick, and writes to that shard wait while it runs.
+    /// Calls `f` for every entry (tombstones included) in key order; `f` runs with no lock held
+    /// (see [`ShardedMap::scan`]).
     pub fn scan(&self, f: impl FnMut(&str, &Entry)) {
         self.inner.map.scan(f);
+    }
+
+    /// One page of entries (tombstones included) in key order, in O(log n + limit): see
+    /// [`ShardedMap::range`].
+    pub fn range(&self, range: &KeyRange<'_>) -> Vec<(String, Entry)> {
+        self.inner.map.range(range)
     }
 
     /// Clean shutdown: refuses new writes, finishes and fsyncs the queued ones, writes a final
@@ -489,7 +521,7 @@ impl Store {
     /// Test hook: the WAL's current segment file.
     #[cfg(test)]
     pub(crate) fn current_segment_path(&self) -> Option<PathBuf> {
-        segment::list(&self.inner.data_dir)
+        segment::list(&self.inner.vfs, &self.inner.data_dir)
             .ok()?
             .pop()
             .map(|(_, p)| p)
@@ -509,6 +541,7 @@ impl Store {
 /// whose files adopt the new id) or when it names no owner yet and `owner` is known; durable
 /// before any file stamped with the id is created.
 fn record_identity(
+    vfs: &impl Vfs,
     dir: &Path,
     found: Option<Identity>,
     id: DirId,
@@ -520,7 +553,7 @@ fn record_identity(
         None => Identity { id, owner },
     };
     info!(dir = %dir.display(), id = %wanted.id, owner = ?wanted.owner, "recording the data folder's identity");
-    identity::store(dir, &wanted)
+    identity::store_with(vfs, dir, &wanted)
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! the failed state, the lock, checkpoints, and a model-based property test.
 
 use super::*;
-use crate::{frame, snapshot, Version};
+use crate::{snapshot, Version};
 use bytes::Bytes;
 use proptest::prelude::*;
 use std::collections::HashMap;
@@ -329,7 +329,7 @@ async fn checkpoint_drops_covered_wal_while_writes_go_on() {
     assert!(stats.keys >= 200 && stats.bytes > 0, "{stats:?}");
     writer.await.unwrap();
     assert!(store.status().last_snapshot.is_some());
-    let segments = segment::list(dir.path()).unwrap();
+    let segments = segment::list(&crate::vfs::OsFs, dir.path()).unwrap();
     assert_eq!(segments.len(), 1, "older segments removed: {segments:?}");
     drop(store);
     let store = Store::open(config(dir.path())).unwrap();
@@ -391,17 +391,24 @@ async fn interval_mode_fsyncs_without_further_writes() {
     store.shutdown().await.unwrap();
 }
 
-/// Writes three records through a store and crashes; returns the segment and frame offsets.
+/// Writes three records through a store and crashes; returns the segment and the offsets of
+/// its batches (one record each) and of its end.
 async fn three_record_wal(dir: &Path) -> (PathBuf, Vec<usize>) {
     let store = Store::open(config(dir)).unwrap();
     for key in ["first", "second", "third"] {
         store.apply(vec![put(&store, key, "value")]).await.unwrap();
     }
     drop(store);
-    let (_, path) = segment::list(dir).unwrap().pop().unwrap();
+    let (number, path) = segment::list(&crate::vfs::OsFs, dir)
+        .unwrap()
+        .pop()
+        .unwrap();
     let bytes = fs::read(&path).unwrap();
+    let salt = segment::check_header(&path, &bytes, number).unwrap().salt;
     let mut starts = vec![segment::HEADER_LEN];
-    while let frame::FrameRead::Complete(_, next) = frame::read(&bytes, *starts.last().unwrap()) {
+    while let crate::batch::BatchRead::Complete(_, next) =
+        crate::batch::read(&bytes, *starts.last().unwrap(), salt)
+    {
         starts.push(next);
     }
     assert_eq!(starts.len(), 4);
@@ -429,7 +436,10 @@ async fn wal_cut_anywhere_in_its_last_record_recovers_the_records_before() {
         );
         drop(store);
         // Each open adds an empty segment; remove it so the damaged one is the newest again.
-        let (_, newest) = segment::list(dir.path()).unwrap().pop().unwrap();
+        let (_, newest) = segment::list(&crate::vfs::OsFs, dir.path())
+            .unwrap()
+            .pop()
+            .unwrap();
         fs::remove_file(newest).unwrap();
     }
 }

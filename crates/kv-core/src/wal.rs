@@ -4,7 +4,6 @@
 //! A write that meets a full disk (ENOSPC) is cut back to the end of the last whole batch and
 //! the store turns read-only (see `space`); any other write or fsync failure is final.
 
-use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,7 +16,8 @@ use tracing::{debug, error};
 
 use crate::checkpoint::CheckpointSignal;
 use crate::map::ShardedMap;
-use crate::{frame, record, segment, Error, Record, SyncMode};
+use crate::vfs::{Vfs, VfsFile};
+use crate::{batch, frame, record, segment, Error, Record, SyncMode};
 
 /// Commands queued to the writer; the queue is bounded (see [`WAL_QUEUE_CAPACITY`]).
 pub(crate) enum WalCommand {
@@ -96,7 +96,8 @@ struct Pending {
 }
 
 /// The writer thread's state.
-pub(crate) struct WalWriter {
+pub(crate) struct WalWriter<V: Vfs> {
+    pub vfs: V,
     pub dir: PathBuf,
     /// The data folder's id, stamped on each new segment.
     pub id: crate::identity::DirId,
@@ -104,9 +105,13 @@ pub(crate) struct WalWriter {
     pub sync_interval: Duration,
     pub wal_max_bytes: u64,
     pub segment: u64,
-    pub file: File,
+    pub file: V::File,
+    /// The current segment's salt (seeds its batch header checksums).
+    pub salt: u64,
     /// Length of the current segment up to the end of its last whole batch.
     pub len: u64,
+    /// Length of the current segment known durable (fsynced); each batch header carries it.
+    pub durable: u64,
     /// The `MIN_FREE_BYTES` reserve.
     pub min_free_bytes: u64,
     /// Bytes written since free space was last checked.
@@ -121,7 +126,7 @@ pub(crate) struct WalWriter {
     pub buf: Vec<u8>,
 }
 
-impl WalWriter {
+impl<V: Vfs> WalWriter<V> {
     /// Runs until `Shutdown` or until every sender is gone (the store was dropped).
     pub fn run(mut self, mut rx: mpsc::Receiver<WalCommand>) {
         let mut next = None;
@@ -195,11 +200,13 @@ impl WalWriter {
         self.clock.reserve_ahead();
     }
 
-    /// Frames every record that is newer than the map's into the write buffer. Older ones are
-    /// left out: they would change nothing, and leaving them out keeps replay equal to the live
-    /// map even after a checkpoint dropped the tombstone that made them stale.
+    /// Frames every record that is newer than the map's into the write buffer, in batches (one
+    /// per [`batch::BATCH_SPLIT_BYTES`], usually one per group commit). Older records are left
+    /// out: they would change nothing, and leaving them out keeps replay equal to the live map
+    /// even after a checkpoint dropped the tombstone that made them stale.
     fn encode_batch(&mut self, batch: &mut [Pending]) -> Result<u64, Error> {
         self.buf.clear();
+        let mut start = batch::begin(&mut self.buf);
         let mut count = 0;
         for pending in batch {
             pending.newer = pending
@@ -218,8 +225,13 @@ impl WalWriter {
                     return Err(self.fail(format!("encoding a record: {e}")));
                 }
                 count += 1;
+                if self.buf.len() - start - batch::BATCH_HEADER_LEN >= batch::BATCH_SPLIT_BYTES {
+                    batch::seal(&mut self.buf, start, self.salt, self.durable);
+                    start = batch::begin(&mut self.buf);
+                }
             }
         }
+        batch::seal(&mut self.buf, start, self.salt, self.durable);
         Ok(count)
     }
 
@@ -276,6 +288,7 @@ impl WalWriter {
         }
         // Anything written before this batch is durable now too.
         self.unsynced = false;
+        self.durable = self.len;
         let free = self.state.space.free_bytes(&self.dir).unwrap_or(0);
         let cause = format!("write {}: {cause}", path.display());
         self.state
@@ -334,6 +347,7 @@ impl WalWriter {
             return Err(self.fail(format!("fsync {}: {e}", self.path().display())));
         }
         self.unsynced = false;
+        self.durable = self.len;
         self.last_sync = Instant::now();
         self.state.fsyncs.fetch_add(1, Ordering::Relaxed);
         let elapsed = started.elapsed();
@@ -353,10 +367,12 @@ impl WalWriter {
     fn rotate(&mut self) -> Result<u64, Error> {
         self.sync()?;
         let next = self.segment + 1;
-        // A failed creation leaves no file behind, so appending to the old segment stays safe.
-        self.file = segment::create(&self.dir, next, self.id)?;
+        // A failed creation removes its file, so appending to the old segment stays safe (should
+        // the removal not be durable, the file comes back header-only, which recovery ignores).
+        (self.file, self.salt) = segment::create(&self.vfs, &self.dir, next, self.id)?;
         self.segment = next;
         self.len = segment::HEADER_LEN as u64;
+        self.durable = self.len;
         self.state
             .wal_bytes
             .fetch_add(segment::HEADER_LEN as u64, Ordering::Relaxed);

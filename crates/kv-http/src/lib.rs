@@ -9,10 +9,12 @@
 //! - [`shutdown_signal`]: resolves on SIGTERM or Ctrl-C.
 //! - [`bearer_matches`]: the `Authorization: Bearer` check (RFC 7235, constant time).
 //! - [`error_body`]: the JSON error body `{"error": code, "message": text}`.
+//! - [`dashboard`]: the `/ui` page, the per-route request window and recent warnings it shows.
 //! - [`Error`]: the crate's one error enum.
 
 mod bearer;
 mod connection;
+pub mod dashboard;
 mod error;
 mod error_body;
 pub mod serve;

@@ -180,6 +180,28 @@ impl Ring {
         self.nodes.get(*owner as usize).map(String::as_str)
     }
 
+    /// Each node's share of the hash space as primary (indexed like [`Ring::nodes`], summing to
+    /// 1 on a non-empty ring): the widths of the arcs whose points it owns. Shown by `/ui`.
+    pub fn primary_shares(&self) -> Vec<f64> {
+        let mut shares = vec![0.0; self.nodes.len()];
+        if self.hashes.len() == 1 {
+            if let Some(share) = shares.first_mut() {
+                *share = 1.0;
+            }
+            return shares;
+        }
+        let full = 2f64.powi(64);
+        let mut previous = self.hashes.last().copied().unwrap_or_default();
+        for (&hash, &owner) in self.hashes.iter().zip(&self.owners) {
+            let width = hash.wrapping_sub(previous);
+            previous = hash;
+            if let Some(share) = shares.get_mut(owner as usize) {
+                *share += width as f64 / full;
+            }
+        }
+        shares
+    }
+
     /// Index of the first point whose hash is `>= hash`, wrapping to 0 past the last point.
     fn first_point_at(&self, hash: u64) -> usize {
         let index = self.hashes.partition_point(|&point| point < hash);
@@ -225,6 +247,20 @@ fn first_visit(owner: usize, chosen: &[usize], seen: &mut [bool]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn primary_shares_cover_the_whole_ring() {
+        let ring = Ring::new(["http://a:1", "http://b:1", "http://c:1"], 128);
+        let shares = ring.primary_shares();
+        assert_eq!(shares.len(), 3);
+        let total: f64 = shares.iter().sum();
+        assert!((total - 1.0).abs() < 1e-9, "{shares:?}");
+        assert!(shares.iter().all(|&s| s > 0.15 && s < 0.5), "{shares:?}");
+        assert_eq!(Ring::new(["http://a:1"], 1).primary_shares(), vec![1.0]);
+        assert!(Ring::new(Vec::<String>::new(), 8)
+            .primary_shares()
+            .is_empty());
+    }
 
     const KEYS: usize = 100_000;
 
