@@ -651,8 +651,9 @@ fn completions_help_and_watch_need_no_cluster() {
     kvctl(&nowhere, None, &["completions", "tcsh"], None).expect(2);
     let help = kvctl(&nowhere, None, &["--help"], None).expect(0);
     assert!(help.stdout.contains("Exit codes:") && help.stdout.contains("precondition failed"));
-    let watch = kvctl(&nowhere, None, &["watch", "k"], None).expect(2);
-    assert!(watch.stderr.contains("not available yet"), "{watch:?}");
+    // No node to watch, no reconnection allowed: unavailable.
+    kvctl(&nowhere, None, &["watch", "k", "--reconnects", "0"], None).expect(4);
+    kvctl(&nowhere, None, &["watch", "k", "--prefix", "p"], None).expect(2);
     kvctl(&nowhere, None, &["frobnicate"], None).expect(2);
     kvctl("localhost:9000", None, &["get", "k"], None).expect(2);
     let path = Path::new("/nonexistent/kvctl-ca.pem");
@@ -726,4 +727,55 @@ fn https_with_the_cluster_ca() {
     )
     .expect(2);
     node.kill9();
+}
+
+#[test]
+fn watch_prints_the_changes_of_a_prefix_as_they_happen() {
+    let c = TestCluster::start(3);
+    let node = c.url(1).to_owned();
+    let watcher = {
+        let node = node.clone();
+        std::thread::spawn(move || {
+            kvctl(
+                &node,
+                None,
+                &["watch", "--prefix", "w/", "--count", "3", "--json"],
+                None,
+            )
+        })
+    };
+    // Writes go on until the watcher has printed its 3 events (it may connect after the first).
+    let mut i = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !watcher.is_finished() {
+        assert!(Instant::now() < deadline, "kvctl watch saw fewer than 3 events");
+        let answer = send(
+            "POST",
+            &format!("{}/v1/w/{i}", c.url(0)),
+            Some(&json!({ "value": i }).to_string()),
+        )
+        .unwrap();
+        assert_eq!(answer.status, 200, "{}", answer.text);
+        send(
+            "POST",
+            &format!("{}/v1/other/{i}", c.url(0)),
+            Some(&json!({ "value": i }).to_string()),
+        )
+        .unwrap();
+        i += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let run = watcher.join().unwrap().expect(0);
+    let events: Vec<Value> = run
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 3, "{run:?}");
+    for event in &events {
+        assert_eq!(event["event"], "put", "{event}");
+        let key = event["data"]["key"].as_str().unwrap();
+        assert!(key.starts_with("w/"), "only the prefix: {event}");
+        assert_eq!(event["id"], event["data"]["version"], "{event}");
+    }
 }

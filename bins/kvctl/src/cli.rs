@@ -98,14 +98,25 @@ pub enum Command {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
-    /// Not yet: watching keys needs the change streams still being built.
-    Watch {
-        /// Key to watch.
-        key: Option<String>,
-        /// Prefix to watch.
-        #[arg(long)]
-        prefix: Option<String>,
-    },
+    /// Follow changes of a key or a prefix (Server-Sent Events); resumes after a dropped
+    /// connection; exits 4 when the node cut the watch off (`lagged`: list, then watch again).
+    Watch(WatchArgs),
+}
+
+/// `watch`.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Key to watch.
+    pub key: Option<String>,
+    /// Prefix to watch (empty: every key).
+    #[arg(long, conflicts_with = "key")]
+    pub prefix: Option<String>,
+    /// Stop after this many events (exit 0).
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Reconnections in a row that may fail before giving up (exit 4).
+    #[arg(long, default_value_t = 10)]
+    pub reconnects: u32,
 }
 
 /// `get`.

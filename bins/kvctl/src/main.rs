@@ -9,6 +9,7 @@ mod doctor;
 mod error;
 mod ops;
 mod out;
+mod watch;
 
 use clap::Parser;
 use cli::{Cli, Command};
@@ -48,10 +49,6 @@ fn run(cli: Cli) -> Result<(), CtlError> {
             cli::completions(shell);
             Ok(())
         }
-        Command::Watch { .. } => Err(CtlError::Usage(
-            "watch is not available yet: change streams are still being built (issue 19 item 3)"
-                .into(),
-        )),
         Command::Restore(args) => ops::restore(&global, &args),
         Command::Doctor(args) => doctor::run(&global, &args),
         command => {
@@ -66,10 +63,8 @@ fn run(cli: Cli) -> Result<(), CtlError> {
                 Command::Members(args) => ops::members(&http, &global, args),
                 Command::Repair(args) => ops::repair(&http, &global, &args),
                 Command::Backup(args) => ops::backup(&http, &global, &args),
-                Command::Completions { .. }
-                | Command::Watch { .. }
-                | Command::Restore(_)
-                | Command::Doctor(_) => Ok(()),
+                Command::Watch(args) => watch::run(&http, &global, &args),
+                Command::Completions { .. } | Command::Restore(_) | Command::Doctor(_) => Ok(()),
             }
         }
     }
