@@ -748,7 +748,10 @@ fn watch_prints_the_changes_of_a_prefix_as_they_happen() {
     let mut i = 0;
     let deadline = Instant::now() + Duration::from_secs(60);
     while !watcher.is_finished() {
-        assert!(Instant::now() < deadline, "kvctl watch saw fewer than 3 events");
+        assert!(
+            Instant::now() < deadline,
+            "kvctl watch saw fewer than 3 events"
+        );
         let answer = send(
             "POST",
             &format!("{}/v1/w/{i}", c.url(0)),

@@ -148,12 +148,14 @@ pub fn run(http: &Http, global: &Global, args: &WatchArgs) -> Result<(), CtlErro
             };
             match seen.step(&event) {
                 Step::Skip => {}
-                Step::Lagged(message) => return Err(CtlError::Reported {
-                    code: code::UNAVAILABLE,
-                    message: format!(
+                Step::Lagged(message) => {
+                    return Err(CtlError::Reported {
+                        code: code::UNAVAILABLE,
+                        message: format!(
                         "kvctl watch: {message}; list the keys again, then watch from the listing"
                     ),
-                }),
+                    })
+                }
                 Step::Print(value) => {
                     if let Some(id) = &event.id {
                         last_id = Some(id.clone());
