@@ -115,24 +115,50 @@ pub fn mark_restored(data_dir: &Path) -> std::io::Result<()> {
 }
 
 /// One peer's part of a round.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct PeerRepair {
-    /// The peer.
-    pub peer: String,
-    /// Arcs compared with it (summed over the passes).
+/// What an exchange compared and moved: per peer, and summed over the peers for a round.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct RepairCounts {
+    /// Arcs compared (summed over the passes).
     pub ranges_compared: u64,
     /// Arcs whose roots differed.
     pub ranges_differed: u64,
     /// Leaves whose hashes differed.
     pub segments_differed: u64,
-    /// Records this node sent it.
+    /// Records this node sent.
     pub records_sent: u64,
-    /// Records this node took from it.
+    /// Records this node took.
     pub records_received: u64,
     /// Copies this node dropped as zombies (older than the peer's horizon, absent there).
     pub zombies_dropped: u64,
     /// Bytes of records sent and received.
     pub bytes: u64,
+}
+
+impl RepairCounts {
+    fn add(&mut self, other: &RepairCounts) {
+        self.ranges_compared += other.ranges_compared;
+        self.ranges_differed += other.ranges_differed;
+        self.segments_differed += other.segments_differed;
+        self.records_sent += other.records_sent;
+        self.records_received += other.records_received;
+        self.zombies_dropped += other.zombies_dropped;
+        self.bytes += other.bytes;
+    }
+
+    /// Records that changed a side: sent, received or dropped.
+    pub fn moved(&self) -> u64 {
+        self.records_sent + self.records_received + self.zombies_dropped
+    }
+}
+
+/// One peer's part of a round.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PeerRepair {
+    /// The peer.
+    pub peer: String,
+    /// What was compared and moved with it.
+    #[serde(flatten)]
+    pub counts: RepairCounts,
     /// Why the exchange did not finish, if it did not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -157,19 +183,8 @@ pub struct RepairReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub skipped: Option<String>,
     /// Totals over the peers.
-    pub ranges_compared: u64,
-    /// Arcs whose roots differed.
-    pub ranges_differed: u64,
-    /// Leaves that differed.
-    pub segments_differed: u64,
-    /// Records sent.
-    pub records_sent: u64,
-    /// Records received.
-    pub records_received: u64,
-    /// Zombie copies dropped.
-    pub zombies_dropped: u64,
-    /// Record bytes moved.
-    pub bytes: u64,
+    #[serde(flatten)]
+    pub counts: RepairCounts,
     /// Bytes of tree data (roots, leaves, key lists) received from peers.
     pub tree_bytes: u64,
     /// This node's horizon after the round (Unix ms; 0: none yet).
@@ -186,16 +201,6 @@ impl RepairReport {
             skipped: Some(why.into()),
             ..RepairReport::default()
         }
-    }
-
-    fn add(&mut self, p: &PeerRepair) {
-        self.ranges_compared += p.ranges_compared;
-        self.ranges_differed += p.ranges_differed;
-        self.segments_differed += p.segments_differed;
-        self.records_sent += p.records_sent;
-        self.records_received += p.records_received;
-        self.zombies_dropped += p.zombies_dropped;
-        self.bytes += p.bytes;
     }
 }
 
@@ -548,20 +553,25 @@ impl Cluster {
             (None, false) => "incomplete",
         };
         metrics::counter!("kv_repair_rounds_total", "outcome" => outcome).increment(1);
-        metrics::counter!("kv_repair_ranges_compared_total").increment(report.ranges_compared);
-        metrics::counter!("kv_repair_ranges_differed_total").increment(report.ranges_differed);
-        metrics::counter!("kv_repair_records_sent_total").increment(report.records_sent);
-        metrics::counter!("kv_repair_records_received_total").increment(report.records_received);
-        metrics::counter!("kv_repair_zombies_dropped_total").increment(report.zombies_dropped);
-        metrics::counter!("kv_repair_bytes_total").increment(report.bytes + report.tree_bytes);
+        metrics::counter!("kv_repair_ranges_compared_total")
+            .increment(report.counts.ranges_compared);
+        metrics::counter!("kv_repair_ranges_differed_total")
+            .increment(report.counts.ranges_differed);
+        metrics::counter!("kv_repair_records_sent_total").increment(report.counts.records_sent);
+        metrics::counter!("kv_repair_records_received_total")
+            .increment(report.counts.records_received);
+        metrics::counter!("kv_repair_zombies_dropped_total")
+            .increment(report.counts.zombies_dropped);
+        metrics::counter!("kv_repair_bytes_total")
+            .increment(report.counts.bytes + report.tree_bytes);
         metrics::gauge!("kv_tombstone_horizon_ms").set(report.tombstone_horizon_ms as f64);
-        if report.records_sent + report.records_received + report.zombies_dropped > 0 {
+        if report.counts.moved() > 0 {
             info!(
                 trigger,
                 complete = report.complete,
-                sent = report.records_sent,
-                received = report.records_received,
-                zombies = report.zombies_dropped,
+                sent = report.counts.records_sent,
+                received = report.counts.records_received,
+                zombies = report.counts.zombies_dropped,
                 ms = report.duration_ms,
                 "anti-entropy round moved records"
             );
@@ -619,14 +629,14 @@ impl Cluster {
                     peer: peer.clone(),
                     ..PeerRepair::default()
                 });
-                let before = entry.records_sent + entry.records_received + entry.zombies_dropped;
+                let before = entry.counts.moved();
                 let result = self
                     .exchange(
                         peer,
                         &trees,
                         arcs,
                         rank,
-                        entry,
+                        &mut entry.counts,
                         &mut pace,
                         &mut report.tree_bytes,
                     )
@@ -635,8 +645,7 @@ impl Cluster {
                     report.complete = false;
                     entry.error = Some(e);
                 }
-                moved +=
-                    entry.records_sent + entry.records_received + entry.zombies_dropped - before;
+                moved += entry.counts.moved() - before;
             }
             if moved == 0 || !report.complete {
                 break;
@@ -649,7 +658,7 @@ impl Cluster {
         let mut peers_out: Vec<PeerRepair> = by_peer.into_values().collect();
         peers_out.sort_by(|a, b| a.peer.cmp(&b.peer));
         for p in &peers_out {
-            report.add(p);
+            report.counts.add(&p.counts);
         }
         report.peers = peers_out;
         if report.complete {
@@ -672,7 +681,7 @@ impl Cluster {
         trees: &Trees,
         arcs: &[u32],
         rank: (u64, u32),
-        stats: &mut PeerRepair,
+        stats: &mut RepairCounts,
         pace: &mut Pace,
         tree_bytes: &mut u64,
     ) -> Result<(), String> {
@@ -829,7 +838,7 @@ impl Cluster {
         &self,
         peer: &str,
         keys: &[String],
-        stats: &mut PeerRepair,
+        stats: &mut RepairCounts,
         pace: &mut Pace,
     ) -> Result<(), String> {
         for chunk in keys.chunks(PUSH_BATCH) {
@@ -854,7 +863,7 @@ impl Cluster {
         &self,
         peer: &str,
         keys: &[String],
-        stats: &mut PeerRepair,
+        stats: &mut RepairCounts,
         pace: &mut Pace,
     ) -> Result<(), String> {
         for chunk in keys.chunks(PULL_BATCH) {

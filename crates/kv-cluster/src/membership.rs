@@ -249,30 +249,22 @@ impl View {
                 ),
             });
         }
-        Ok(View {
-            epoch: self.epoch + 1,
-            members: self
-                .members
-                .iter()
-                .filter(|m| m.state != MemberState::Joining)
-                .map(|m| Member {
-                    url: m.url.clone(),
-                    state: MemberState::Active,
-                })
-                .collect(),
-            coordinator: None,
-            down: Vec::new(),
-        })
+        Ok(self.settled(MemberState::Joining))
     }
 
     /// The view once the plan is done: joining nodes active, leaving ones gone, epoch + 1.
     pub fn committed(&self) -> View {
+        self.settled(MemberState::Leaving)
+    }
+
+    /// The view at epoch + 1 without the members in state `gone`, every other one active.
+    fn settled(&self, gone: MemberState) -> View {
         View {
             epoch: self.epoch + 1,
             members: self
                 .members
                 .iter()
-                .filter(|m| m.state != MemberState::Leaving)
+                .filter(|m| m.state != gone)
                 .map(|m| Member {
                     url: m.url.clone(),
                     state: MemberState::Active,
