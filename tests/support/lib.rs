@@ -149,15 +149,20 @@ pub fn send_with(
 /// Waits until every running node of `nodes` sees its running peers up and the others down.
 pub fn wait_converged(nodes: &[Node], within: Duration) {
     wait_until(within, "every node sees its running peers up", || {
-        nodes.iter().filter(|n| n.is_running()).all(|n| {
-            n.status()["peers"].as_array().is_some_and(|peers| {
-                peers.iter().all(|p| {
-                    let running = nodes.iter().any(|m| m.url == p["url"] && m.is_running());
-                    (p["state"] == "up") == running
-                })
+        converged(nodes)
+    });
+}
+
+/// True when every running node of `nodes` sees its running peers up and the others down.
+fn converged(nodes: &[Node]) -> bool {
+    nodes.iter().filter(|n| n.is_running()).all(|n| {
+        n.status()["peers"].as_array().is_some_and(|peers| {
+            peers.iter().all(|p| {
+                let running = nodes.iter().any(|m| m.url == p["url"] && m.is_running());
+                (p["state"] == "up") == running
             })
         })
-    });
+    })
 }
 
 /// One kv-node process and what is needed to restart it the same way.
@@ -431,6 +436,13 @@ impl TestCluster {
         }
         for node in &mut nodes {
             node.wait_healthy();
+        }
+        // Healthy is not yet "sees its peers up": on a loaded machine the first health checks
+        // can lag, and a test's first w=all write would get 503. Best effort (a test may start
+        // nodes that cannot reach each other on purpose): wait a bounded time, then go on.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !converged(&nodes) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
         }
         let mut cluster = TestCluster {
             nodes,
