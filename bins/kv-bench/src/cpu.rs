@@ -40,11 +40,14 @@ impl FromStr for Process {
 #[derive(Debug, Clone)]
 pub struct Sample(Vec<u64>);
 
-/// Reads the CPU time of a fixed set of processes, plus kv-bench's own.
+/// Reads the CPU time of a fixed set of processes, plus kv-bench's own where /proc has it.
 #[derive(Debug, Clone)]
 pub struct CpuProbe {
-    /// The servers, in `--server-pid` order, then kv-bench itself last.
+    /// The servers, in `--server-pid` order, then kv-bench itself last if `with_client`.
     processes: Vec<Process>,
+    /// Whether kv-bench's own CPU is measured (not where there is no /proc, when no server
+    /// was named either: a run without `--server-pid` works anywhere).
+    with_client: bool,
     /// Clock ticks per second of `/proc/PID/stat` times (`getconf CLK_TCK`).
     ticks_per_sec: u64,
 }
@@ -65,8 +68,8 @@ pub struct ProcessCpu {
 pub struct CpuUsage {
     /// One entry per `--server-pid` (empty when none was given).
     pub servers: Vec<ProcessCpu>,
-    /// The load generator itself.
-    pub client: ProcessCpu,
+    /// The load generator itself, where /proc has it.
+    pub client: Option<ProcessCpu>,
 }
 
 impl CpuProbe {
@@ -77,8 +80,10 @@ impl CpuProbe {
             name: "kv-bench".into(),
             pid: std::process::id(),
         };
+        let with_client = !servers.is_empty() || read_stat(me.pid).is_ok();
+        let client = with_client.then_some(&me);
         let mut processes = Vec::with_capacity(servers.len() + 1);
-        for process in servers.iter().chain([&me]) {
+        for process in servers.iter().chain(client) {
             let stat = read_stat(process.pid)
                 .map_err(|e| BenchError::Invalid(format!("--server-pid {}: {e}", process.pid)))?;
             let name = match process.name.is_empty() {
@@ -92,6 +97,7 @@ impl CpuProbe {
         }
         Ok(CpuProbe {
             processes,
+            with_client,
             ticks_per_sec: rustix::param::clock_ticks_per_second().max(1),
         })
     }
@@ -126,11 +132,10 @@ impl CpuProbe {
                 secs: b.saturating_sub(*a) as f64 / self.ticks_per_sec as f64,
             })
             .collect();
-        let client = used.pop().unwrap_or(ProcessCpu {
-            name: "kv-bench".into(),
-            pid: std::process::id(),
-            secs: 0.0,
-        });
+        let client = match self.with_client {
+            true => used.pop(),
+            false => None,
+        };
         CpuUsage {
             servers: used,
             client,
@@ -212,7 +217,8 @@ mod tests {
                 x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
             }
             let usage = probe.usage(&start, &probe.sample().unwrap());
-            if usage.client.secs >= 0.05 || begun.elapsed() > std::time::Duration::from_secs(10) {
+            let client = usage.client.as_ref().map_or(0.0, |c| c.secs);
+            if client >= 0.05 || begun.elapsed() > std::time::Duration::from_secs(10) {
                 break usage;
             }
         };
@@ -220,7 +226,7 @@ mod tests {
         assert_eq!(usage.servers.len(), 1);
         assert!(!usage.servers[0].name.is_empty());
         // The process is both the "server" and the client here.
-        for used in [&usage.client, &usage.servers[0]] {
+        for used in [usage.client.as_ref().unwrap(), &usage.servers[0]] {
             assert!(used.secs >= 0.04, "{usage:?} in {wall} s");
             assert!(used.secs <= wall * 64.0 + 0.05, "{usage:?} in {wall} s");
         }

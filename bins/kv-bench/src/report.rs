@@ -180,7 +180,10 @@ impl Report {
         let (server_cpu, client_cpu, cpu_error) = match &result.cpu {
             Ok(usage) => (
                 CpuReport::new(usage, successes),
-                Some(ProcessCpuReport::new(&usage.client, successes)),
+                usage
+                    .client
+                    .as_ref()
+                    .map(|c| ProcessCpuReport::new(c, successes)),
                 None,
             ),
             Err(e) => (None, None, Some(e.clone())),
