@@ -4,9 +4,12 @@
 #   scripts/bench.sh
 #
 # Builds the release binaries, starts a fresh 3-node cluster (N=3, WAL_SYNC=always) with kv-lb,
-# a separate 1-node kv-node (REPLICATION_FACTOR=1) and the kv-bench limit server, all on free
-# ports with temporary data folders, then runs each scenario twice with the same settings: once
-# against kv, once against the limit server. Everything it started is stopped on exit.
+# a separate 1-node kv-node (REPLICATION_FACTOR=1), the kv-bench limit server and, when `etcd` is
+# installed (Debian: apt-get install etcd-server), a 3-member etcd, all on free ports with
+# temporary data folders, then runs each scenario twice with the same settings: once against kv
+# (or etcd), once against the limit server. Every row shows the servers' CPU per successful
+# request (user + system time from /proc/PID/stat, read by kv-bench at the edges of the measured
+# phase). Everything it started is stopped on exit.
 #
 # Environment:
 #   BENCH_SCENARIOS   comma-separated names or numbers (default: all), e.g. 1,2,3 or get-lb-one
@@ -16,6 +19,8 @@
 #                     steadies the numbers on a machine shared with other work
 #   BENCH_OUT         folder for JSON results and logs (default: a new temp folder, kept)
 #   BENCH_NO_BUILD=1  use the binaries already in $CARGO_TARGET_DIR/release (or target/release)
+#   BENCH_ETCD        the etcd binary (default: etcd on PATH); the etcd scenarios are reported as
+#                     not run when there is none
 #
 # Scenarios:
 #   1 get-lb-quorum   GET through the LB, r=quorum, preloaded keys
@@ -34,6 +39,15 @@
 #                     round with the replicas in step (bytes, server CPU), wipes node3 and runs
 #                     get-lb-quorum's load while anti-entropy refills it; prints the heal rate
 #                     (keys/s) and the p99 during the heal beside get-lb-quorum's
+#  11 etcd-put        reference, not kv: durable writes to a 3-member etcd (fsync on, the
+#                     default), via its leader, through the v3 JSON gateway (kv-bench --target etcd)
+#  12 etcd-get        linearizable ranges on the 3-member etcd via its leader, preloaded keys
+#
+# Server CPU of each row (the "CPU µs/req" columns): kv rows through the LB and get-lb-repair:
+# the three nodes + kv-lb; get-owner-one: the three nodes; single-*: the single node;
+# get-proxy-one: limit-proxy + node1; etcd-*: the three etcd members; limit runs: the limit
+# server. The table is followed by the same per process, the targets of issue 18 (MET/MISSED)
+# and kv against etcd; $OUT/summary.json holds all of it.
 #
 #   BENCH_REPAIR_KEYS keys loaded for get-lb-repair (1000000)
 #   BENCH_NODE_ENV    extra VAR=VALUE settings for every kv-node, space-separated, e.g.
@@ -54,7 +68,9 @@ HEALTH_WAIT_SECS=30   # how long a process may take to answer /health
 STOP_WAIT_SECS=10     # how long a process may take to exit after SIGTERM
 
 ALL_SCENARIOS=(get-lb-quorum get-lb-one get-owner-one post-lb-quorum post-lb-one mix-lb-zipf
-    single-get single-post get-proxy-one get-lb-repair)
+    single-get single-post get-proxy-one get-lb-repair etcd-put etcd-get)
+ETCD_BIN="${BENCH_ETCD:-etcd}"
+ETCD_MISSING="etcd not installed (apt-get install etcd-server)"
 REPAIR_KEYS="${BENCH_REPAIR_KEYS:-1000000}"
 STARTED_PIDS=()
 DATA_DIRS=()
@@ -142,6 +158,7 @@ ensure_cluster() {
     for i in 1 2 3; do wait_healthy "node$i" "${pids[i - 1]}" "http://127.0.0.1:${ports[i - 1]}"; done
     launch lb env DATABASE_NODES="$cluster" LB_PORT="$lb" REPLICATION_FACTOR=3 \
         RUST_LOG="${RUST_LOG:-warn}" "$BIN_DIR/kv-lb"
+    LB_PID="$LAST_PID"
     wait_healthy lb "$LAST_PID" "http://127.0.0.1:$lb"
     NODE1_URL="http://127.0.0.1:$p1"
     LB_URL="http://127.0.0.1:$lb"
@@ -154,6 +171,7 @@ ensure_single() {
     local port
     port="$(free_ports 1)"
     start_node single "$port" "http://127.0.0.1:$port" 1
+    SINGLE_PID="$LAST_PID"
     wait_healthy single "$LAST_PID" "http://127.0.0.1:$port"
     SINGLE_URL="http://127.0.0.1:$port"
     info "1-node kv-node up: $SINGLE_URL"
@@ -165,6 +183,7 @@ ensure_limit() {
     local port
     port="$(free_ports 1)"
     launch limit "$BIN_DIR/kv-bench" limit-server --port "$port"
+    LIMIT_PID="$LAST_PID"
     wait_for_port limit "$LAST_PID" "$port"
     LIMIT_URL="http://127.0.0.1:$port"
 }
@@ -176,8 +195,58 @@ ensure_proxy() {
     local port
     port="$(free_ports 1)"
     launch proxy "$BIN_DIR/kv-bench" limit-proxy --port "$port" --upstream "${NODE1_URL#http://}"
+    PROXY_PID="$LAST_PID"
     wait_for_port proxy "$LAST_PID" "$port"
     PROXY_URL="http://127.0.0.1:$port"
+}
+
+# Starts a 3-member etcd once (fresh data folders, its default fsync on every commit) and sets
+# ETCD_URL to its leader's client URL and ETCD_PIDS; returns 1 when there is no etcd binary.
+ensure_etcd() {
+    [[ -n "${ETCD_URL:-}" ]] && return 0
+    command -v "$ETCD_BIN" >/dev/null 2>&1 || return 1
+    local ports i data initial="" token urls=() pids=()
+    read -ra ports <<<"$(free_ports 6)"   # client, peer for etcd1, etcd2, etcd3
+    for i in 1 2 3; do
+        initial+="${initial:+,}etcd$i=http://127.0.0.1:${ports[2 * i - 1]}"
+    done
+    token="kv-bench-$$-$RANDOM$RANDOM"
+    for i in 1 2 3; do
+        data="$(mktemp -d -t "kv-bench-etcd$i.XXXXXX")"
+        DATA_DIRS+=("$data")
+        urls+=("http://127.0.0.1:${ports[2 * i - 2]}")
+        launch "etcd$i" "$ETCD_BIN" --name "etcd$i" --data-dir "$data" \
+            --listen-client-urls "${urls[i - 1]}" --advertise-client-urls "${urls[i - 1]}" \
+            --listen-peer-urls "http://127.0.0.1:${ports[2 * i - 1]}" \
+            --initial-advertise-peer-urls "http://127.0.0.1:${ports[2 * i - 1]}" \
+            --initial-cluster "$initial" --initial-cluster-state new \
+            --initial-cluster-token "$token" --logger zap --log-level warn
+        pids+=("$LAST_PID")
+    done
+    for i in 1 2 3; do wait_healthy "etcd$i" "${pids[i - 1]}" "${urls[i - 1]}"; done
+    ETCD_PIDS="etcd1=${pids[0]},etcd2=${pids[1]},etcd3=${pids[2]}"
+    ETCD_URLS=("${urls[@]}")
+    ETCD_URL="$(etcd_leader "${urls[@]}")" || die "no etcd member says it is the leader"
+    ETCD_VERSION="etcd $("$ETCD_BIN" --version 2>/dev/null | sed -n "s/^etcd Version: //p")"
+    info "3-member etcd up ($ETCD_VERSION): ${urls[*]}, leader $ETCD_URL"
+}
+
+# etcd_leader URL...: the client URL of the member whose own id is the leader's, from
+# POST /v3/maintenance/status on each (bounded: a few seconds for an election to settle).
+etcd_leader() {
+    local url status deadline=$((SECONDS + HEALTH_WAIT_SECS))
+    while ((SECONDS < deadline)); do
+        for url in "$@"; do
+            status="$(curl -fsS --max-time 2 -X POST "$url/v3/maintenance/status" -d '{}' 2>/dev/null)" || continue
+            if python3 -c 'import json,sys; s=json.loads(sys.argv[1]); sys.exit(s.get("leader") != s["header"]["member_id"])' \
+                "$status" 2>/dev/null; then
+                echo "$url"
+                return 0
+            fi
+        done
+        sleep 0.2
+    done
+    return 1
 }
 
 # The limit server has no /health: wait until it answers anything.
@@ -190,28 +259,31 @@ wait_for_port() {
     done
 }
 
-# bench LABEL URL ARGS...: one kv-bench run writing $OUT/LABEL.json; a run without any
-# successful request is reported, not fatal, so the table still shows what happened.
+# bench LABEL URL PIDS ARGS...: one kv-bench run writing $OUT/LABEL.json, charging the measured
+# phase's CPU to PIDS (NAME=PID,...); a run without any successful request is reported, not
+# fatal, so the table still shows what happened.
 bench() {
-    local label="$1" url="$2"
-    shift 2
+    local label="$1" url="$2" pids="$3"
+    shift 3
     info "run $label -> $url $*"
     if ! "$BIN_DIR/kv-bench" run --url "$url" --conns "$CONNS" --duration "$DURATION" \
-        --warmup "$WARMUP" --keys "$KEYS" --label "$label" --json "$OUT/$label.json" "$@" \
+        --warmup "$WARMUP" --keys "$KEYS" --label "$label" --json "$OUT/$label.json" \
+        --server-pid "$pids" "$@" \
         >>"$OUT/runs.txt" 2>"$OUT/logs/run-$label.log"; then
         info "run $label had no successful request (see $OUT/runs.txt)"
     fi
 }
 
-# preload TARGET URL W: writes every key once per target, before its first read scenario.
+# preload TARGET URL ARGS...: writes every key once per target, before its first read scenario.
 preload() {
-    local marker="$OUT/.preloaded-$1"
+    local marker="$OUT/.preloaded-$1" target="$1" url="$2"
+    shift 2
     [[ -e "$marker" ]] && return
-    info "preloading $KEYS keys on $1"
-    "$BIN_DIR/kv-bench" run --url "$2" --conns "$CONNS" --keys "$KEYS" --mix write=1 --w "$3" \
-        --preload --requests 1 --warmup 0s --quiet >/dev/null 2>"$OUT/logs/preload-$1.log" ||
-        die "preload of $1 failed (log: $OUT/logs/preload-$1.log)"
-    grep -q "(0 failed)" "$OUT/logs/preload-$1.log" || info "preload of $1: $(tail -n 1 "$OUT/logs/preload-$1.log")"
+    info "preloading $KEYS keys on $target"
+    "$BIN_DIR/kv-bench" run --url "$url" --conns "$CONNS" --keys "$KEYS" --mix write=1 "$@" \
+        --preload --requests 1 --warmup 0s --quiet >/dev/null 2>"$OUT/logs/preload-$target.log" ||
+        die "preload of $target failed (log: $OUT/logs/preload-$target.log)"
+    grep -q "(0 failed)" "$OUT/logs/preload-$target.log" || info "preload of $target: $(tail -n 1 "$OUT/logs/preload-$target.log")"
     touch "$marker"
 }
 
@@ -319,26 +391,55 @@ if during is not None:
 PY
 }
 
-# scenario NAME: runs one scenario against kv, then the same load against the limit server,
-# BENCH_ROUNDS times.
+# The three nodes' NAME=PID list (node3's PID changes when get-lb-repair restarts it).
+node_pids() {
+    echo "node1=${NODE_PIDS[1]},node2=${NODE_PIDS[2]},node3=${NODE_PIDS[3]}"
+}
+
+# scenario NAME: runs one scenario against kv (or etcd), then the same load against the limit
+# server, BENCH_ROUNDS times. An etcd scenario without etcd is recorded as not run, with why.
 scenario() {
-    local args=() round
+    local args=() round url pids
     case "$1" in
-        get-lb-quorum) ensure_cluster; preload lb "$LB_URL" quorum; url="$LB_URL"; args=(--mix read=100 --r quorum) ;;
-        get-lb-one) ensure_cluster; preload lb "$LB_URL" quorum; url="$LB_URL"; args=(--mix read=100 --r one) ;;
-        get-owner-one) ensure_cluster; preload lb "$LB_URL" quorum; url="$NODE1_URL"; args=(--mix read=100 --r one) ;;
+        get-lb-quorum | get-lb-one | get-owner-one | mix-lb-zipf | get-proxy-one | get-lb-repair)
+            ensure_cluster; preload lb "$LB_URL" --w quorum ;;&
+        get-lb-quorum) url="$LB_URL"; args=(--mix read=100 --r quorum) ;;
+        get-lb-one) url="$LB_URL"; args=(--mix read=100 --r one) ;;
+        get-owner-one) url="$NODE1_URL"; args=(--mix read=100 --r one) ;;
         post-lb-quorum) ensure_cluster; url="$LB_URL"; args=(--mix write=100 --w quorum) ;;
         post-lb-one) ensure_cluster; url="$LB_URL"; args=(--mix write=100 --w one) ;;
-        mix-lb-zipf) ensure_cluster; preload lb "$LB_URL" quorum; url="$LB_URL"; args=(--mix "read=95,write=5" --dist zipf:0.99) ;;
-        single-get) ensure_single; preload single "$SINGLE_URL" one; url="$SINGLE_URL"; args=(--mix read=100) ;;
+        mix-lb-zipf) url="$LB_URL"; args=(--mix "read=95,write=5" --dist zipf:0.99) ;;
+        single-get) ensure_single; preload single "$SINGLE_URL" --w one; url="$SINGLE_URL"; args=(--mix read=100) ;;
         single-post) ensure_single; url="$SINGLE_URL"; args=(--mix write=100) ;;
-        get-proxy-one) ensure_proxy; preload lb "$LB_URL" quorum; url="$PROXY_URL"; args=(--mix read=100 --r one) ;;
-        get-lb-repair) ensure_cluster; preload lb "$LB_URL" quorum; repair_setup; url="$LB_URL"; args=(--mix read=100 --r quorum) ;;
+        get-proxy-one) ensure_proxy; url="$PROXY_URL"; args=(--mix read=100 --r one) ;;
+        get-lb-repair) repair_setup; url="$LB_URL"; args=(--mix read=100 --r quorum) ;;
+        etcd-put | etcd-get)
+            if ! ensure_etcd; then
+                info "$1: not run: $ETCD_MISSING"
+                echo "$ETCD_MISSING" >"$OUT/$1.not-run"
+                RAN+=("$1")
+                return
+            fi
+            pids="$ETCD_PIDS"; url="$ETCD_URL" ;;&
+        etcd-put) args=(--target etcd --mix write=100) ;;
+        etcd-get) preload etcd "$ETCD_URL" --target etcd; args=(--target etcd --mix read=100) ;;
         *) die "unknown scenario $1 (known: ${ALL_SCENARIOS[*]})" ;;
     esac
+    case "$1" in
+        get-owner-one) pids="$(node_pids)" ;;
+        single-*) pids="single=$SINGLE_PID" ;;
+        get-proxy-one) pids="proxy=$PROXY_PID,node1=${NODE_PIDS[1]}" ;;
+        etcd-*) ;;
+        *) pids="$(node_pids),lb=$LB_PID" ;;
+    esac
     for ((round = 1; round <= ROUNDS; round++)); do
-        bench "$1.r$round" "$url" "${args[@]}"
-        bench "$1.limit.r$round" "$LIMIT_URL" "${args[@]}"
+        if [[ "$1" == etcd-* ]]; then
+            # A loaded machine can make etcd elect another leader: ask again before each run.
+            ETCD_URL="$(etcd_leader "${ETCD_URLS[@]}")" || die "no etcd member says it is the leader"
+            url="$ETCD_URL"
+        fi
+        bench "$1.r$round" "$url" "$pids" "${args[@]}"
+        bench "$1.limit.r$round" "$LIMIT_URL" "limit=$LIMIT_PID" "${args[@]}"
     done
     RAN+=("$1")
 }
@@ -357,52 +458,191 @@ selected_scenarios() {
     done
 }
 
-# Prints the comparison table from the JSON results of the scenarios that ran.
+# Prints the comparison table from the JSON results of the scenarios that ran, then each row's
+# server CPU per process, the targets of issue 18 and kv against etcd; writes all of it to
+# $OUT/summary.json.
 print_table() {
-    python3 - "$OUT" "$@" <<'EOF'
+    ETCD_VERSION="${ETCD_VERSION:-}" python3 - "$OUT" "$@" <<'EOF'
 import json, os, statistics, sys
 
 out, names = sys.argv[1], sys.argv[2:]
-# Project targets: minimum kv/limit throughput ratio and, where set, a p99 bound in ms.
+etcd_version = os.environ.get("ETCD_VERSION") or "etcd"
+# Round-one targets: minimum kv/limit throughput ratio and, where set, a p99 bound in ms.
 targets = {"get-lb-quorum": (0.30, 5.0), "get-lb-one": (0.45, None),
            "get-owner-one": (0.70, None), "post-lb-quorum": (0.20, None)}
+median = statistics.median
 
 def rounds(label):
-    """The `all` row of every round's JSON results for `label`, in round order."""
+    """The JSON results of every round of `label`, in round order."""
     found, n = [], 1
     while os.path.exists(path := os.path.join(out, f"{label}.r{n}.json")):
         with open(path) as f:
-            found.append(next(op for op in json.load(f)["ops"] if op["op"] == "all"))
+            found.append(json.load(f))
         n += 1
     return found
 
-def ms(us):
-    return f"{us / 1000:.2f}"
+def all_row(doc):
+    return next(op for op in doc["ops"] if op["op"] == "all")
 
-head = (f"{'scenario':<15}{'kv ops/s':>10}{'limit ops/s':>12}{'kv/limit':>9}{'kv p50':>8}{'kv p99':>8}"
-        f"{'lim p50':>8}{'lim p99':>8}{'kv errors':>10}  target")
-print(head)
-print("-" * len(head))
+def cpu(doc, process=None):
+    """Server CPU µs per successful request of one run (of one process of it), or None."""
+    s = doc.get("server_cpu") or {}
+    if process is None:
+        return s.get("us_per_request")
+    return next((p["us_per_request"] for p in s.get("processes", []) if p["name"] == process), None)
+
+def med(values):
+    values = [v for v in values if v is not None]
+    return median(values) if values else None
+
+def not_run(name):
+    try:
+        with open(os.path.join(out, f"{name}.not-run")) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+rows = {}
 for name in names:
     kv, limit = rounds(name), rounds(name + ".limit")
     if not kv or len(kv) != len(limit):
-        print(f"{name:<15}  (no results)")
+        rows[name] = {"not_run": not_run(name) or "no results (see runs.txt and the logs)"}
         continue
-    med = lambda rows, f: statistics.median(f(r) for r in rows)
-    ratio = statistics.median(k["throughput"] / l["throughput"] if l["throughput"] else 0.0
-                              for k, l in zip(kv, limit))
-    p50, p99 = med(kv, lambda r: r["latency_us"]["p50"]), med(kv, lambda r: r["latency_us"]["p99"])
+    kva, lima = [all_row(d) for d in kv], [all_row(d) for d in limit]
+    procs = [p["name"] for p in (kv[0].get("server_cpu") or {}).get("processes", [])]
+    rows[name] = {
+        "ops_per_sec": med(r["throughput"] for r in kva),
+        "limit_ops_per_sec": med(r["throughput"] for r in lima),
+        "ratio": med(k["throughput"] / l["throughput"] if l["throughput"] else 0.0
+                     for k, l in zip(kva, lima)),
+        "p50_ms": med(r["latency_us"]["p50"] for r in kva) / 1000,
+        "p99_ms": med(r["latency_us"]["p99"] for r in kva) / 1000,
+        "limit_p50_ms": med(r["latency_us"]["p50"] for r in lima) / 1000,
+        "limit_p99_ms": med(r["latency_us"]["p99"] for r in lima) / 1000,
+        "cpu_us_per_req": med(cpu(d) for d in kv),
+        "limit_cpu_us_per_req": med(cpu(d) for d in limit),
+        "cpu_us_per_req_by_process": {p: med(cpu(d, p) for d in kv) for p in procs},
+        "client_cpu_us_per_req": med((d.get("client_cpu") or {}).get("us_per_request") for d in kv),
+        "errors": sum(r["errors"] for r in kva),
+        "rounds": len(kv),
+    }
+
+def f(v, spec):
+    return "-" if v is None else format(v, spec)
+
+head = (f"{'scenario':<15}{'kv ops/s':>10}{'limit ops/s':>12}{'kv/limit':>9}{'kv p50':>8}{'kv p99':>8}"
+        f"{'lim p50':>8}{'lim p99':>8}{'kv CPU µs/req':>14}{'lim CPU µs/req':>15}{'kv errors':>10}  target")
+print(head)
+print("-" * len(head))
+for name in names:
+    r = rows[name]
+    if "ops_per_sec" not in r:
+        print(f"{name:<15}  not run: {r['not_run']}")
+        continue
     verdict = ""
     if name in targets:
         want, p99_ms = targets[name]
-        ok = ratio >= want and (p99_ms is None or p99 / 1000 < p99_ms)
-        verdict = f">={want:.0%}" + (f", p99<{p99_ms:g}ms" if p99_ms else "") + (": met" if ok else ": MISSED")
-    print(f"{name:<15}{med(kv, lambda r: r['throughput']):>10.0f}{med(limit, lambda r: r['throughput']):>12.0f}"
-          f"{ratio:>9.0%}{ms(p50):>8}{ms(p99):>8}{ms(med(limit, lambda r: r['latency_us']['p50'])):>8}"
-          f"{ms(med(limit, lambda r: r['latency_us']['p99'])):>8}{sum(r['errors'] for r in kv):>10}  {verdict}")
-if any(len(rounds(n)) > 1 for n in names):
+        ok = r["ratio"] >= want and (p99_ms is None or r["p99_ms"] < p99_ms)
+        verdict = f">={want:.0%}" + (f", p99<{p99_ms:g}ms" if p99_ms else "") + (": MET" if ok else ": MISSED")
+    print(f"{name:<15}{r['ops_per_sec']:>10.0f}{r['limit_ops_per_sec']:>12.0f}{r['ratio']:>9.0%}"
+          f"{r['p50_ms']:>8.2f}{r['p99_ms']:>8.2f}{r['limit_p50_ms']:>8.2f}{r['limit_p99_ms']:>8.2f}"
+          f"{f(r['cpu_us_per_req'], '.1f'):>14}{f(r['limit_cpu_us_per_req'], '.1f'):>15}"
+          f"{r['errors']:>10}  {verdict}")
+if any(r.get("rounds", 1) > 1 for r in rows.values()):
     print("medians over rounds; kv/limit is the median of the per-round ratios; errors are summed")
-print("latencies in ms; ops/s = successful requests per second")
+print("latencies in ms; ops/s = successful requests per second; etcd-* rows: the kv columns show etcd")
+print("CPU µs/req = user+system CPU of the row's server processes over the measured phase (/proc)"
+      " per successful request")
+
+measured = [n for n in names if "ops_per_sec" in rows[n]]
+if measured:
+    print("\nserver CPU µs per successful request, by process (kv-bench's own in brackets):")
+    for name in measured:
+        r = rows[name]
+        each = ", ".join(f"{p} {f(v, '.1f')}" for p, v in r["cpu_us_per_req_by_process"].items())
+        print(f"  {name:<15}{f(r['cpu_us_per_req'], '.1f'):>7} = {each}"
+              f"  [{f(r['client_cpu_us_per_req'], '.1f')}]")
+
+def value(name, key, process=None):
+    """A figure of a scenario, or the reason it is missing."""
+    r = rows.get(name)
+    if r is None:
+        return None, f"{name} not in BENCH_SCENARIOS"
+    if "ops_per_sec" not in r:
+        return None, f"{name} not run: {r['not_run']}"
+    v = r["cpu_us_per_req_by_process"].get(process) if process else r[key]
+    return (v, None) if v is not None else (None, f"{name}: no {process or key}")
+
+def check(text, parts, combine, shown, ok):
+    """One target: `parts` are (scenario, key[, process]); `combine` makes the measured figure."""
+    got = [value(*p) for p in parts]
+    missing = [why for v, why in got if v is None]
+    if missing:
+        return {"target": text, "measured": None, "verdict": "not measured: " + "; ".join(missing)}
+    m = combine(*[v for v, _ in got])
+    return {"target": text, "measured": m, "shown": shown(m, *[v for v, _ in got]),
+            "verdict": "MET" if ok(m) else "MISSED"}
+
+results = [
+    check("get-lb-one >= 90% of get-proxy-one (GET/s)",
+          [("get-lb-one", "ops_per_sec"), ("get-proxy-one", "ops_per_sec")],
+          lambda a, b: a / b if b else 0.0, lambda m, a, b: f"{a:.0f} / {b:.0f} = {m:.0%}",
+          lambda m: m >= 0.90),
+    check("kv-lb CPU per GET <= 1.15x limit-proxy's (get-lb-one lb vs get-proxy-one proxy)",
+          [("get-lb-one", None, "lb"), ("get-proxy-one", None, "proxy")],
+          lambda a, b: a / b if b else float("inf"),
+          lambda m, a, b: f"{a:.1f} / {b:.1f} µs = {m:.2f}x", lambda m: m <= 1.15),
+    check("server CPU per GET, r=quorum via the LB <= 100 µs (get-lb-quorum)",
+          [("get-lb-quorum", "cpu_us_per_req")], lambda a: a, lambda m, a: f"{m:.1f} µs",
+          lambda m: m <= 100),
+    check("server CPU per durable POST via the LB <= 160 µs (post-lb-quorum)",
+          [("post-lb-quorum", "cpu_us_per_req")], lambda a: a, lambda m, a: f"{m:.1f} µs",
+          lambda m: m <= 160),
+    check("mix-lb-zipf >= 90% of get-lb-quorum (ops/s, both r=quorum)",
+          [("mix-lb-zipf", "ops_per_sec"), ("get-lb-quorum", "ops_per_sec")],
+          lambda a, b: a / b if b else 0.0, lambda m, a, b: f"{a:.0f} / {b:.0f} = {m:.0%}",
+          lambda m: m >= 0.90),
+    check("kv >= 3x etcd, durable writes (post-lb-quorum / etcd-put)",
+          [("post-lb-quorum", "ops_per_sec"), ("etcd-put", "ops_per_sec")],
+          lambda a, b: a / b if b else float("inf"),
+          lambda m, a, b: f"{a:.0f} / {b:.0f} = {m:.2f}x", lambda m: m >= 3.0),
+    check("kv >= 3x etcd, linearizable reads (get-lb-quorum / etcd-get)",
+          [("get-lb-quorum", "ops_per_sec"), ("etcd-get", "ops_per_sec")],
+          lambda a, b: a / b if b else float("inf"),
+          lambda m, a, b: f"{a:.0f} / {b:.0f} = {m:.2f}x", lambda m: m >= 3.0),
+]
+print("\nissue 18 targets:")
+for t in results:
+    shown = f"{t['shown']:>24}  " if "shown" in t else ""
+    print(f"  {t['target']:<82} {shown}{t['verdict']}")
+
+comparison = []
+print(f"\nkv vs etcd, same client ({etcd_version}: 3 members, via the leader, fsync on; kv: 3 nodes"
+      " + LB, N=3, quorum, WAL_SYNC=always):")
+for what, kv_name, etcd_name in [("durable writes", "post-lb-quorum", "etcd-put"),
+                                 ("linearizable reads", "get-lb-quorum", "etcd-get")]:
+    (k, why_k), (e, why_e) = value(kv_name, "ops_per_sec"), value(etcd_name, "ops_per_sec")
+    if k is None or e is None:
+        print(f"  {what:<19} not measured: {'; '.join(w for w in (why_k, why_e) if w)}")
+        comparison.append({"what": what, "kv": kv_name, "etcd": etcd_name, "ratio": None,
+                           "verdict": "not measured: " + "; ".join(w for w in (why_k, why_e) if w)})
+        continue
+    ratio = k / e if e else float("inf")
+    kc, ec = rows[kv_name]["cpu_us_per_req"], rows[etcd_name]["cpu_us_per_req"]
+    verdict = "MET" if ratio >= 3.0 else "MISSED"
+    # Server CPU per request, etcd's over kv's: what the throughput ratio would be if both were
+    # CPU-bound on the same cores; steadier than ops/s on a machine shared with other work.
+    cpu_ratio = ec / kc if kc and ec else None
+    print(f"  {what:<19} {kv_name} {k:>8.0f}/s {f(kc, '.1f'):>7} µs/req | {etcd_name} {e:>8.0f}/s"
+          f" {f(ec, '.1f'):>7} µs/req | kv/etcd {ratio:.2f}x (CPU per request {f(cpu_ratio, '.2f')}x)"
+          f"  target >= 3x: {verdict}")
+    comparison.append({"what": what, "kv": kv_name, "etcd": etcd_name, "kv_ops_per_sec": k,
+                       "etcd_ops_per_sec": e, "kv_cpu_us_per_req": kc, "etcd_cpu_us_per_req": ec,
+                       "ratio": ratio, "cpu_ratio": cpu_ratio, "verdict": verdict})
+
+with open(os.path.join(out, "summary.json"), "w") as fh:
+    json.dump({"scenarios": rows, "issue18_targets": results, "kv_vs_etcd": comparison,
+               "etcd_version": os.environ.get("ETCD_VERSION") or None}, fh, indent=2)
 EOF
 }
 
@@ -416,9 +656,13 @@ main() {
     for name in kv-node kv-lb kv-bench; do [[ -x "$BIN_DIR/$name" ]] || die "missing $BIN_DIR/$name"; done
     ensure_limit
     RAN=()
+    local load_before started
+    load_before="$(cut -d ' ' -f 1-3 /proc/loadavg)"
+    started="$(date -u '+%Y-%m-%d %H:%M')"
     for name in $(selected_scenarios); do scenario "$name"; done
     echo "kv-bench: $CONNS conns, $DURATION measured after $WARMUP warm-up, $KEYS keys," \
-        "$ROUNDS round(s); $(nproc) cores"
+        "$ROUNDS round(s); $(nproc) cores; $started-$(date -u '+%H:%M') UTC;" \
+        "load average $load_before before, $(cut -d ' ' -f 1-3 /proc/loadavg) after"
     print_table "${RAN[@]}"
     repair_report
     info "JSON results, per-run tables (runs.txt) and logs in $OUT"
