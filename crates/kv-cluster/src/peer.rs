@@ -5,6 +5,7 @@
 
 use crate::clock::ClockSample;
 use crate::coalesce::{Coalescer, SendBatch};
+use crate::read_lane::{LaneConfig, ReadKind, ReadLanes};
 use crate::recent_writes::{encode_write_ids, Seen, WriteId, BATCH_WRITE_IDS_HEADER};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kv_core::{Record, Version};
@@ -173,6 +174,39 @@ pub struct PeerClient {
     transport: Transport,
     replicate_one: Arc<Coalescer<ReplicateItem, Version>>,
     fetch_one: Arc<Coalescer<String, Option<Record>>>,
+    /// Quorum reads from `http://` peers (the lean path); `fetch_one` serves the others.
+    read_entries: Arc<ReadLanes<EntriesRead>>,
+}
+
+/// A quorum read of whole entries: `POST /internal/entries`.
+pub(crate) struct EntriesRead;
+
+impl ReadKind for EntriesRead {
+    type Answer = Option<Record>;
+    const PATH: &'static str = ENTRIES_PATH;
+
+    fn encode(keys: &[String]) -> Bytes {
+        encode_keys(keys)
+    }
+
+    fn decode(keys: &[String], body: &[u8]) -> Result<Vec<Option<Record>>, String> {
+        let entries = decode_entries(body)?;
+        check_entries(keys, &entries)?;
+        Ok(entries)
+    }
+}
+
+/// An `/internal/entries` answer must hold one entry (or none) per key asked, for that key.
+fn check_entries(keys: &[String], entries: &[Option<Record>]) -> Result<(), String> {
+    if entries.len() != keys.len() {
+        return Err(format!("{} entries for {} keys", entries.len(), keys.len()));
+    }
+    for (key, entry) in keys.iter().zip(entries) {
+        if entry.as_ref().is_some_and(|r| r.key != *key) {
+            return Err(format!("an entry for another key than {key:?}"));
+        }
+    }
+    Ok(())
 }
 
 impl std::fmt::Debug for PeerClient {
@@ -220,6 +254,12 @@ impl PeerClient {
             ),
             None => None,
         };
+        let lane_config = Arc::new(LaneConfig {
+            secret: secret.clone(),
+            connect_timeout,
+            request_timeout,
+            local_address,
+        });
         let transport = Transport { http, secret };
         let sender = transport.clone();
         let replicate: SendBatch<ReplicateItem, Version> = Arc::new(move |peer, items, ids| {
@@ -240,6 +280,7 @@ impl PeerClient {
                     .with_byte_cap(|(record, _)| batch_item_bytes(record), SEND_BATCH_BYTES),
             ),
             fetch_one: Arc::new(Coalescer::new(fetch)),
+            read_entries: Arc::new(ReadLanes::new(lane_config)),
         })
     }
 
@@ -301,6 +342,9 @@ impl PeerClient {
         key: &str,
         request_id: Arc<str>,
     ) -> Result<Option<Record>, CallError> {
+        if let Some(answer) = self.read_entries.call(peer, key, request_id.clone()).await {
+            return answer;
+        }
         self.fetch_one.call(peer, key.to_owned(), request_id).await
     }
 
@@ -664,20 +708,7 @@ impl Transport {
             .await
             .map_err(|e| CallError::from_reqwest(peer, &e))?;
         let entries = decode_entries(&body).map_err(|e| CallError::failed(peer, e))?;
-        if entries.len() != keys.len() {
-            return Err(CallError::failed(
-                peer,
-                format!("{} entries for {} keys", entries.len(), keys.len()),
-            ));
-        }
-        for (key, entry) in keys.iter().zip(&entries) {
-            if entry.as_ref().is_some_and(|r| r.key != *key) {
-                return Err(CallError::failed(
-                    peer,
-                    format!("an entry for another key than {key:?}"),
-                ));
-            }
-        }
+        check_entries(keys, &entries).map_err(|e| CallError::failed(peer, e))?;
         Ok(entries)
     }
 }

@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::recent_writes::{Resend, WriteId};
 use crate::resend::ResendCheck;
 use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
 use kv_core::{Entry, Record, Version};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -496,6 +497,9 @@ impl Cluster {
 
     /// Asks replicas for their entry until `needed` answered: `needed` at first, one more for each
     /// failure, and all the rest if the first ones are slow. Fails once `needed` is out of reach.
+    /// The remote reads are polled on this task (no task per read): a read's peer calls are
+    /// queued on the peer's lane, whose own task sends them, so nothing is left half-sent when
+    /// the client hangs up and this future is dropped.
     async fn gather(
         &self,
         key: &str,
@@ -504,7 +508,6 @@ impl Cluster {
         request_id: &str,
     ) -> Result<Vec<(Arc<str>, Option<Record>)>> {
         let total = replicas.len();
-        let (tx, mut rx) = mpsc::channel(total.max(1));
         let mut answers = Vec::with_capacity(total);
         let mut pending = replicas.into_iter().peekable();
         let mut launched = 0;
@@ -513,20 +516,17 @@ impl Cluster {
             answers.push((me, self.local_record(key)));
             launched += 1;
         }
+        let rid: Arc<str> = Arc::from(request_id);
+        let mut in_flight = FuturesUnordered::new();
         let launch = |node: Arc<str>| {
-            let (cluster, key, rid, tx) = (
-                self.clone(),
-                key.to_owned(),
-                request_id.to_owned(),
-                tx.clone(),
-            );
-            tokio::spawn(async move {
-                let answer = cluster.fetch_from(&node, &key, &rid).await;
-                let _ = tx.send((node, answer)).await;
-            });
+            let rid = rid.clone();
+            async move {
+                let answer = self.fetch_from(&node, key, rid).await;
+                (node, answer)
+            }
         };
         for node in pending.by_ref().take(needed.saturating_sub(launched)) {
-            launch(node);
+            in_flight.push(launch(node));
             launched += 1;
         }
         let (mut failed, mut timed_out) = (0, false);
@@ -539,12 +539,12 @@ impl Cluster {
             } else {
                 speculate_at.min(deadline)
             };
-            match tokio::time::timeout_at(wake, rx.recv()).await {
+            match tokio::time::timeout_at(wake, in_flight.next()).await {
                 Ok(Some((node, Ok(record)))) => answers.push((node, record)),
                 Ok(Some((_, Err(())))) => {
                     failed += 1;
                     if let Some(node) = pending.next() {
-                        launch(node);
+                        in_flight.push(launch(node));
                         launched += 1;
                     }
                 }
@@ -552,7 +552,7 @@ impl Cluster {
                 Err(_) if !speculated && tokio::time::Instant::now() < deadline => {
                     speculated = true;
                     for node in pending.by_ref() {
-                        launch(node);
+                        in_flight.push(launch(node));
                         launched += 1;
                     }
                 }
@@ -581,19 +581,15 @@ impl Cluster {
         &self,
         node: &Arc<str>,
         key: &str,
-        rid: &str,
+        rid: Arc<str>,
     ) -> Result<Option<Record>, ()> {
         if *node == self.inner.me {
             return Ok(self.local_record(key));
         }
-        self.inner
-            .peers
-            .fetch(node, key, Arc::from(rid))
-            .await
-            .map_err(|e| {
-                debug!(peer = %node, error = %e, "replica read failed");
-                self.inner.detector.record_failure(node, e.is_connect());
-            })
+        self.inner.peers.fetch(node, key, rid).await.map_err(|e| {
+            debug!(peer = %node, error = %e, "replica read failed");
+            self.inner.detector.record_failure(node, e.is_connect());
+        })
     }
 
     /// Writes `newest` to `targets` and waits until `more` of them confirmed it (the rest finish
