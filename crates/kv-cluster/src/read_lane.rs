@@ -348,6 +348,15 @@ impl<K: ReadKind> Worker<K> {
         let bytes = collected
             .map_err(|e| fail(e.to_string(), false))?
             .to_bytes();
+        if status == StatusCode::NOT_FOUND {
+            return Err(Failure {
+                error: CallError::Unsupported {
+                    peer: self.peer.to_string(),
+                    path: K::PATH,
+                },
+                retry: false,
+            });
+        }
         if status != StatusCode::OK {
             let text = String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned();
             return Err(fail(
