@@ -153,13 +153,18 @@ fn a_coordinator_behind_its_peers_fetches_their_newer_record_and_catches_up() {
         let read = send("GET", &format!("{node}/v1/{key}"), None).unwrap();
         assert_eq!(read.status, 200, "{}", read.text);
         assert_eq!(read.json["value"], "new", "{}", read.text);
-        // The coordinator's own copy was written back before the answer left.
-        let own = local_entry(node, &key).unwrap();
-        assert!(
-            String::from_utf8_lossy(&own).contains("new"),
-            "node{} still holds the old record",
-            coordinator + 1
+        // The coordinator's own copy is written back (the two peers already made a quorum, so
+        // the answer may leave before that write lands).
+        wait_until(
+            Duration::from_secs(5),
+            &format!("node{} holds the newer record", coordinator + 1),
+            || local_entry(node, &key).is_some_and(|e| String::from_utf8_lossy(&e).contains("new")),
         );
+        // And every quorum read, through any node, returns it.
+        for n in 0..3 {
+            let again = send("GET", &format!("{}/v1/{key}", c.url(n)), None).unwrap();
+            assert_eq!(again.json["value"], "new", "through node{}", n + 1);
+        }
     }
 }
 

@@ -675,6 +675,7 @@ impl Cluster {
     /// The whole record of the newest version a digest read saw, from one of the replicas that
     /// reported it (a second round trip, only when this node is behind). The replica may hold a
     /// newer version by now: that one is returned, and written back like any newest record.
+    /// Within one peer-call deadline: past it 504 `timeout`; 503 when no holder answered with it.
     async fn fetch_newest(
         &self,
         key: &str,
@@ -695,7 +696,13 @@ impl Cluster {
                 Ok(Ok(other)) => {
                     debug!(peer = %node, %version, held = ?other.version(), "replica no longer holds the version it reported");
                 }
-                Ok(Err(())) | Err(_) => {}
+                Ok(Err(())) => {}
+                Err(_) => {
+                    // Up, but too slow: a timeout (504), as for any replica read.
+                    let ms = u64::try_from(self.inner.config.peer_timeout.as_millis())
+                        .unwrap_or(u64::MAX);
+                    return Err(Error::Timeout { ms });
+                }
             }
         }
         Err(Error::Unavailable {
