@@ -81,6 +81,7 @@ fn attack_everything(c: &TestCluster, auth: &[(&str, &str)]) {
                 ("GET", "/internal/keys?values=true", None),
                 ("GET", "/internal/entry/key-1", None),
                 ("POST", "/internal/entries", Some("junk")),
+                ("POST", "/internal/versions", Some("junk")),
                 ("GET", "/internal/transfer", None),
                 ("POST", "/internal/estimate", Some(FORGED_VIEW)),
                 (

@@ -133,6 +133,66 @@ fn a_quorum_read_that_sees_disagreement_writes_back_before_answering() {
     }
 }
 
+#[test]
+fn a_coordinator_behind_its_peers_fetches_their_newer_record_and_catches_up() {
+    let c = TestCluster::start(3);
+    c.wait_converged();
+    for coordinator in 0..3usize {
+        let key = format!("behind-{coordinator}");
+        let node = c.url(coordinator);
+        assert_eq!(put(node, &key, json!("old"), "?w=all").status, 200);
+        // The two other replicas hold a newer record (a write the coordinator missed): its
+        // digest read learns only their version, so it must fetch their record to answer it.
+        let version = Version {
+            hlc: now_ms() << 16,
+            node: 9,
+        };
+        for other in (0..3).filter(|n| *n != coordinator) {
+            inject(c.url(other), &key, version, "new");
+        }
+        let read = send("GET", &format!("{node}/v1/{key}"), None).unwrap();
+        assert_eq!(read.status, 200, "{}", read.text);
+        assert_eq!(read.json["value"], "new", "{}", read.text);
+        // The coordinator's own copy is written back (the two peers already made a quorum, so
+        // the answer may leave before that write lands).
+        wait_until(
+            Duration::from_secs(5),
+            &format!("node{} holds the newer record", coordinator + 1),
+            || local_entry(node, &key).is_some_and(|e| String::from_utf8_lossy(&e).contains("new")),
+        );
+        // And every quorum read, through any node, returns it.
+        for n in 0..3 {
+            let again = send("GET", &format!("{}/v1/{key}", c.url(n)), None).unwrap();
+            assert_eq!(again.json["value"], "new", "through node{}", n + 1);
+        }
+    }
+}
+
+#[test]
+fn the_digest_endpoint_answers_versions_and_refuses_a_bad_key_list() {
+    let c = TestCluster::start(1);
+    let node = c.url(0);
+    let bad = kv_tests::client()
+        .post(format!("{node}/internal/versions"))
+        .body("junk")
+        .send()
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let error: serde_json::Value = bad.json().unwrap();
+    assert_eq!(error["error"], "invalid_batch", "{error}");
+    assert_eq!(put(node, "d-1", json!("x"), "").status, 200);
+    let keys = kv_cluster::peer::encode_keys(&["d-1".to_owned(), "d-2".to_owned()]);
+    let answer = kv_tests::client()
+        .post(format!("{node}/internal/versions"))
+        .body(keys.to_vec())
+        .send()
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let versions = kv_cluster::peer::decode_versions(&answer.bytes().unwrap(), 2).unwrap();
+    assert!(versions[0].is_some(), "{versions:?}");
+    assert_eq!(versions[1], None);
+}
+
 fn now_ms() -> u64 {
     let since = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -10,8 +10,8 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use kv_cluster::antientropy::{ArcsQuery, SegmentsQuery, MAX_ARCS_PER_CALL, MAX_SEGMENTS_PER_CALL};
 use kv_cluster::peer::{
-    decode_batch, decode_keys, encode_batch, encode_entries, PageQuery, BATCH_REQUEST_IDS_HEADER,
-    ENTRY_PATH, MAX_BATCH_BYTES, PAGE_FULL_HEADER,
+    decode_batch, decode_keys, encode_batch, encode_entries, encode_versions, PageQuery,
+    BATCH_REQUEST_IDS_HEADER, ENTRY_PATH, MAX_BATCH_BYTES, PAGE_FULL_HEADER,
 };
 use kv_cluster::recent_writes::{decode_write_ids, BATCH_WRITE_IDS_HEADER};
 use kv_cluster::{WriteId, WRITE_ID_WINDOW};
@@ -153,6 +153,26 @@ pub async fn entries(State(app): State<AppState>, request: Request) -> Result<Re
     let cluster = app.cluster();
     let entries: Vec<_> = keys.iter().map(|key| cluster.local_record(key)).collect();
     Ok(octets(encode_entries(&entries)))
+}
+
+/// `POST /internal/versions`: the version of this node's entry for each key of a list
+/// (tombstones included; none for a key it does not hold), in the order asked, without values:
+/// the digest read of a coordinator that holds the value itself.
+pub async fn versions(State(app): State<AppState>, request: Request) -> Result<Response, ApiError> {
+    let ids = request.headers().get(BATCH_REQUEST_IDS_HEADER).cloned();
+    let body = body(request, "key list").await?;
+    let keys = decode_keys(&body, app.config().max_key_bytes)
+        .map_err(|e| ApiError::bad_request("invalid_batch", e))?;
+    if let Some(ids) = ids {
+        debug!(
+            keys = keys.len(),
+            request_ids = ids.to_str().unwrap_or_default(),
+            "versions batch"
+        );
+    }
+    let cluster = app.cluster();
+    let versions: Vec<_> = keys.iter().map(|key| cluster.local_version(key)).collect();
+    Ok(octets(encode_versions(&versions)))
 }
 
 /// `GET /internal/entry/{key}`: this node's entry for the key as an encoded record (tombstones

@@ -119,6 +119,7 @@ pub fn app(state: AppState) -> Router {
         .route("/internal/replicate", post(internal::replicate))
         .route("/internal/entry/{*key}", get(internal::entry))
         .route("/internal/entries", post(internal::entries))
+        .route(kv_cluster::peer::VERSIONS_PATH, post(internal::versions))
         .route("/internal/seen", post(internal::seen))
         .route("/internal/keys", get(internal::keys))
         .route("/internal/members", get(members::view).post(members::offer))

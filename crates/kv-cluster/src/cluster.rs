@@ -512,6 +512,11 @@ impl Cluster {
         })
     }
 
+    /// The version of this node's own entry for `key` (tombstones included), without its value.
+    pub fn local_version(&self, key: &str) -> Option<Version> {
+        self.inner.store.get(key).map(|entry| entry.version)
+    }
+
     /// Applies records sent by a coordinator (replication, read repair, hints), durably; answers
     /// how many changed this node and, per record, the version this node now holds for its key.
     /// A record older than what is here is not applied, and the answer says so: the coordinator

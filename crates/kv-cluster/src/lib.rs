@@ -19,7 +19,8 @@
 //! - [`detector`]: the failure detector, what this node believes about each peer.
 //! - [`hints`]: durable hinted-handoff files for peers that missed writes; `hint_file`: streaming
 //!   them back in byte-capped batches.
-//! - [`peer`]: the HTTP client for `/internal` calls and forwarding, and the batch wire format.
+//! - [`peer`]: the HTTP client for `/internal` calls and forwarding, and the batch wire format;
+//!   `read_lane`: the lean hyper path of quorum reads to `http://` peers.
 //! - [`error`]: this crate's one error type.
 //! - [`watch`]: change streams: the bounded history of applied changes that watchers read.
 //! - [`recent_writes`]: write ids applied recently, so a resent write applies at most once;
@@ -43,6 +44,7 @@ pub mod merkle;
 pub mod peer;
 pub mod proposal;
 mod quorum;
+mod read_lane;
 pub mod rebalance;
 pub mod recent_writes;
 mod resend;

@@ -5,6 +5,7 @@
 
 use crate::clock::ClockSample;
 use crate::coalesce::{Coalescer, SendBatch};
+use crate::read_lane::{LaneConfig, ReadKind, ReadLanes};
 use crate::recent_writes::{encode_write_ids, Seen, WriteId, BATCH_WRITE_IDS_HEADER};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kv_core::{Record, Version};
@@ -30,6 +31,9 @@ pub const BATCH_REQUEST_IDS_HEADER: &str = "x-kv-request-ids";
 pub const REPLICATE_PATH: &str = "/internal/replicate";
 /// Path prefix of the single-entry read endpoint; the percent-encoded key follows.
 pub const ENTRY_PATH: &str = "/internal/entry/";
+/// Path of the digest read endpoint: a list of keys in, the version (or none) per key out, no
+/// values (see [`encode_versions`]).
+pub const VERSIONS_PATH: &str = "/internal/versions";
 /// Path where a node says whether it stored a write id for a key (a resend's check).
 pub const SEEN_PATH: &str = "/internal/seen";
 /// Path of the many-entry read endpoint: a list of keys in, one entry (or none) per key out.
@@ -93,6 +97,14 @@ pub enum CallError {
         peer: String,
         /// The transport's words.
         reason: String,
+    },
+    /// The peer does not serve the path called (404): a node from before it existed.
+    #[error("{peer} does not serve {path}")]
+    Unsupported {
+        /// The peer's URL.
+        peer: String,
+        /// The path called.
+        path: &'static str,
     },
     /// The request may have reached the peer but no usable answer came back.
     #[error("call to {peer} failed: {reason}")]
@@ -173,6 +185,57 @@ pub struct PeerClient {
     transport: Transport,
     replicate_one: Arc<Coalescer<ReplicateItem, Version>>,
     fetch_one: Arc<Coalescer<String, Option<Record>>>,
+    /// Quorum reads from `http://` peers (the lean path); `fetch_one` serves the others.
+    read_entries: Arc<ReadLanes<EntriesRead>>,
+    /// Digest reads (versions only) from `http://` peers.
+    read_versions: Arc<ReadLanes<VersionsRead>>,
+}
+
+/// A digest read: `POST /internal/versions`, the version of each key without its value.
+pub(crate) struct VersionsRead;
+
+impl ReadKind for VersionsRead {
+    type Answer = Option<Version>;
+    const PATH: &'static str = VERSIONS_PATH;
+
+    fn encode(keys: &[String]) -> Bytes {
+        encode_keys(keys)
+    }
+
+    fn decode(keys: &[String], body: &[u8]) -> Result<Vec<Option<Version>>, String> {
+        decode_versions(body, keys.len())
+    }
+}
+
+/// A quorum read of whole entries: `POST /internal/entries`.
+pub(crate) struct EntriesRead;
+
+impl ReadKind for EntriesRead {
+    type Answer = Option<Record>;
+    const PATH: &'static str = ENTRIES_PATH;
+
+    fn encode(keys: &[String]) -> Bytes {
+        encode_keys(keys)
+    }
+
+    fn decode(keys: &[String], body: &[u8]) -> Result<Vec<Option<Record>>, String> {
+        let entries = decode_entries(body)?;
+        check_entries(keys, &entries)?;
+        Ok(entries)
+    }
+}
+
+/// An `/internal/entries` answer must hold one entry (or none) per key asked, for that key.
+fn check_entries(keys: &[String], entries: &[Option<Record>]) -> Result<(), String> {
+    if entries.len() != keys.len() {
+        return Err(format!("{} entries for {} keys", entries.len(), keys.len()));
+    }
+    for (key, entry) in keys.iter().zip(entries) {
+        if entry.as_ref().is_some_and(|r| r.key != *key) {
+            return Err(format!("an entry for another key than {key:?}"));
+        }
+    }
+    Ok(())
 }
 
 impl std::fmt::Debug for PeerClient {
@@ -220,6 +283,12 @@ impl PeerClient {
             ),
             None => None,
         };
+        let lane_config = Arc::new(LaneConfig {
+            secret: secret.clone(),
+            connect_timeout,
+            request_timeout,
+            local_address,
+        });
         let transport = Transport { http, secret };
         let sender = transport.clone();
         let replicate: SendBatch<ReplicateItem, Version> = Arc::new(move |peer, items, ids| {
@@ -240,6 +309,8 @@ impl PeerClient {
                     .with_byte_cap(|(record, _)| batch_item_bytes(record), SEND_BATCH_BYTES),
             ),
             fetch_one: Arc::new(Coalescer::new(fetch)),
+            read_entries: Arc::new(ReadLanes::new(lane_config.clone())),
+            read_versions: Arc::new(ReadLanes::new(lane_config)),
         })
     }
 
@@ -301,7 +372,28 @@ impl PeerClient {
         key: &str,
         request_id: Arc<str>,
     ) -> Result<Option<Record>, CallError> {
+        if let Some(answer) = self.read_entries.call(peer, key, request_id.clone()).await {
+            return answer;
+        }
         self.fetch_one.call(peer, key.to_owned(), request_id).await
+    }
+
+    /// Reads the version of `peer`'s local entry for `key` (tombstones included), `None` when it
+    /// has none: a digest read, without the value. A peer that does not know
+    /// [`VERSIONS_PATH`] (a node from before digest reads, during an upgrade) and an `https://`
+    /// peer are asked for the whole entry instead.
+    pub async fn fetch_version(
+        &self,
+        peer: &Arc<str>,
+        key: &str,
+        request_id: Arc<str>,
+    ) -> Result<Option<Version>, CallError> {
+        match self.read_versions.call(peer, key, request_id.clone()).await {
+            Some(Err(CallError::Unsupported { .. })) | None => {}
+            Some(answer) => return answer,
+        }
+        let entry = self.fetch(peer, key, request_id).await?;
+        Ok(entry.map(|record| record.version))
     }
 
     /// Asks `peer` for its local page of keys (tombstones included) after `after` with `prefix`;
@@ -664,20 +756,7 @@ impl Transport {
             .await
             .map_err(|e| CallError::from_reqwest(peer, &e))?;
         let entries = decode_entries(&body).map_err(|e| CallError::failed(peer, e))?;
-        if entries.len() != keys.len() {
-            return Err(CallError::failed(
-                peer,
-                format!("{} entries for {} keys", entries.len(), keys.len()),
-            ));
-        }
-        for (key, entry) in keys.iter().zip(&entries) {
-            if entry.as_ref().is_some_and(|r| r.key != *key) {
-                return Err(CallError::failed(
-                    peer,
-                    format!("an entry for another key than {key:?}"),
-                ));
-            }
-        }
+        check_entries(keys, &entries).map_err(|e| CallError::failed(peer, e))?;
         Ok(entries)
     }
 }
@@ -851,6 +930,59 @@ pub fn decode_entries(buf: &[u8]) -> Result<Vec<Option<Record>>, String> {
     })
 }
 
+/// Bytes of one present version in [`encode_versions`]: the marker, `hlc` and `node`.
+const VERSION_ITEM_BYTES: usize = 1 + 8 + 4;
+
+/// Encodes the answer of an `/internal/versions` call: `[count: u32 LE]`, then per key either
+/// `[0]` (no entry) or `[1][hlc: u64 LE][node: u32 LE]`. 13 bytes per key, whatever the value.
+pub fn encode_versions(versions: &[Option<Version>]) -> Bytes {
+    let mut out = BytesMut::with_capacity(4 + versions.len() * VERSION_ITEM_BYTES);
+    out.put_u32_le(u32::try_from(versions.len()).unwrap_or(u32::MAX));
+    for version in versions {
+        match version {
+            None => out.put_u8(0),
+            Some(v) => {
+                out.put_u8(1);
+                out.put_u64_le(v.hlc);
+                out.put_u32_le(v.node);
+            }
+        }
+    }
+    out.freeze()
+}
+
+/// Decodes [`encode_versions`] holding exactly `expected` items; any other count, a cut item,
+/// an unknown marker or bytes after the last item are errors, never a panic.
+pub fn decode_versions(mut buf: &[u8], expected: usize) -> Result<Vec<Option<Version>>, String> {
+    if buf.remaining() < 4 {
+        return Err("version list shorter than its header".into());
+    }
+    let count = buf.get_u32_le() as usize;
+    if count != expected {
+        return Err(format!("{count} versions for {expected} keys"));
+    }
+    let mut versions = Vec::with_capacity(count.min(MAX_ENTRIES_KEYS));
+    for i in 0..count {
+        if !buf.has_remaining() {
+            return Err(format!("version {i} is missing"));
+        }
+        match buf.get_u8() {
+            0 => versions.push(None),
+            1 if buf.remaining() >= VERSION_ITEM_BYTES - 1 => {
+                let hlc = buf.get_u64_le();
+                let node = buf.get_u32_le();
+                versions.push(Some(Version { hlc, node }));
+            }
+            1 => return Err(format!("version {i} is cut short")),
+            other => return Err(format!("version {i} has the unknown marker {other}")),
+        }
+    }
+    if buf.has_remaining() {
+        return Err(format!("{} bytes after the last version", buf.remaining()));
+    }
+    Ok(versions)
+}
+
 /// The frame of every list on the peer wire: `[count: u32 LE]`, then per item
 /// `[len: u32 LE][bytes written by put]`.
 fn encode_list<T>(items: &[T], mut put: impl FnMut(&T, &mut Vec<u8>)) -> Bytes {
@@ -953,6 +1085,49 @@ mod tests {
         let mut extra = bytes.to_vec();
         extra.push(0);
         assert!(decode_entries(&extra).is_err());
+    }
+
+    #[test]
+    fn version_lists_round_trip_and_refuse_damage() {
+        let versions = vec![
+            Some(Version {
+                hlc: 7 << 16,
+                node: 3,
+            }),
+            None,
+            Some(Version {
+                hlc: u64::MAX,
+                node: u32::MAX,
+            }),
+            Some(Version::ZERO),
+        ];
+        let bytes = encode_versions(&versions);
+        assert_eq!(bytes.len(), 4 + 3 * VERSION_ITEM_BYTES + 1);
+        assert_eq!(decode_versions(&bytes, versions.len()).unwrap(), versions);
+        assert!(decode_versions(&encode_versions(&[]), 0)
+            .unwrap()
+            .is_empty());
+        for cut in 0..bytes.len() {
+            assert!(
+                decode_versions(&bytes[..cut], versions.len()).is_err(),
+                "cut at {cut}"
+            );
+        }
+        assert!(
+            decode_versions(&bytes, 3).is_err(),
+            "another count than asked"
+        );
+        assert!(
+            decode_versions(&bytes, 5).is_err(),
+            "another count than asked"
+        );
+        let mut extra = bytes.to_vec();
+        extra.push(0);
+        assert!(decode_versions(&extra, versions.len()).is_err());
+        let mut marker = bytes.to_vec();
+        marker[4] = 2;
+        assert!(decode_versions(&marker, versions.len()).is_err());
+        assert!(decode_versions(&[255, 255, 255, 255], u32::MAX as usize).is_err());
     }
 
     #[test]

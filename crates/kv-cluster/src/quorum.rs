@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::recent_writes::{Resend, WriteId};
 use crate::resend::ResendCheck;
 use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
 use kv_core::{Entry, Record, Version};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -217,6 +218,74 @@ fn held_answer(version: Version, held: Version) -> ReplicaAnswer {
     } else {
         ReplicaAnswer::Stored
     }
+}
+
+/// One replica's answer to a read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Reply {
+    /// Its whole entry (tombstones included), `None` when it has none.
+    Entry(Option<Record>),
+    /// Only the version of its entry (a digest read).
+    Version(Option<Version>),
+}
+
+impl Reply {
+    fn version(&self) -> Option<Version> {
+        match self {
+            Reply::Entry(record) => record.as_ref().map(|r| r.version),
+            Reply::Version(version) => *version,
+        }
+    }
+}
+
+/// Where the newest version among a read's answers is.
+#[derive(Debug, PartialEq, Eq)]
+enum Newest<'a> {
+    /// No replica asked has an entry.
+    Nothing,
+    /// An answer holds the whole newest record.
+    Held(&'a Record),
+    /// Only digests report the newest version: its record must be fetched from one of these.
+    Elsewhere {
+        version: Version,
+        holders: Vec<Arc<str>>,
+    },
+}
+
+/// The newest version the answers report, and whether one of them carries its record.
+fn newest_answer(answers: &[(Arc<str>, Reply)]) -> Newest<'_> {
+    let Some(version) = answers
+        .iter()
+        .filter_map(|(_, reply)| reply.version())
+        .max()
+    else {
+        return Newest::Nothing;
+    };
+    let held = answers.iter().find_map(|(_, reply)| match reply {
+        Reply::Entry(Some(record)) if record.version == version => Some(record),
+        _ => None,
+    });
+    match held {
+        Some(record) => Newest::Held(record),
+        None => Newest::Elsewhere {
+            version,
+            holders: answers
+                .iter()
+                .filter(|(_, reply)| reply.version() == Some(version))
+                .map(|(node, _)| node.clone())
+                .collect(),
+        },
+    }
+}
+
+/// The replicas whose answer is older than `newest` (or that have no entry): the ones a read
+/// writes back to.
+fn stale_answers(answers: &[(Arc<str>, Reply)], newest: Version) -> Vec<Arc<str>> {
+    answers
+        .iter()
+        .filter(|(_, reply)| reply.version().is_none_or(|v| v < newest))
+        .map(|(node, _)| node.clone())
+        .collect()
 }
 
 impl Cluster {
@@ -435,24 +504,23 @@ impl Cluster {
         let answers = self
             .gather(key, replicas.clone(), needed, request_id)
             .await?;
-        let newest = answers
-            .iter()
-            .filter_map(|(_, record)| record.as_ref())
-            .max_by_key(|record| record.version)
-            .cloned();
+        let newest = match newest_answer(&answers) {
+            Newest::Nothing => None,
+            Newest::Held(record) => Some(record.clone()),
+            Newest::Elsewhere { version, holders } => {
+                Some(self.fetch_newest(key, holders, version, request_id).await?)
+            }
+        };
         if let Some(newest) = &newest {
             let mine = answers.iter().find(|(node, _)| *node == self.inner.me);
-            if mine.is_some_and(|(_, own)| own.is_none()) && self.is_zombie(newest, false) {
+            if mine.is_some_and(|(_, own)| own.version().is_none()) && self.is_zombie(newest, false)
+            {
                 // Deleted and collected here before this copy was written back from an old
                 // backup: not a value (see `antientropy.rs`, the horizon).
                 return Ok(None);
             }
             self.inner.store.clock().observe(newest.version);
-            let stale: Vec<Arc<str>> = answers
-                .iter()
-                .filter(|(_, rec)| rec.as_ref().is_none_or(|r| r.version < newest.version))
-                .map(|(node, _)| node.clone())
-                .collect();
+            let stale = stale_answers(&answers, newest.version);
             let quorum = Consistency::Quorum.required(n);
             if !stale.is_empty() && needed >= quorum {
                 let holders = answers.len() - stale.len();
@@ -498,37 +566,38 @@ impl Cluster {
 
     /// Asks replicas for their entry until `needed` answered: `needed` at first, one more for each
     /// failure, and all the rest if the first ones are slow. Fails once `needed` is out of reach.
+    /// The remote reads are polled on this task (no task per read): a read's peer calls are
+    /// queued on the peer's lane, whose own task sends them, so nothing is left half-sent when
+    /// the client hangs up and this future is dropped.
     async fn gather(
         &self,
         key: &str,
         replicas: Vec<Arc<str>>,
         needed: usize,
         request_id: &str,
-    ) -> Result<Vec<(Arc<str>, Option<Record>)>> {
+    ) -> Result<Vec<(Arc<str>, Reply)>> {
         let total = replicas.len();
-        let (tx, mut rx) = mpsc::channel(total.max(1));
         let mut answers = Vec::with_capacity(total);
         let mut pending = replicas.into_iter().peekable();
         let mut launched = 0;
         // This node's own copy needs no task and no network: answer it inline.
         if let Some(me) = pending.next_if(|node| *node == self.inner.me) {
-            answers.push((me, self.local_record(key)));
+            answers.push((me, Reply::Entry(self.local_record(key))));
             launched += 1;
         }
+        // Holding the value here, this node asks the others for versions only (digest reads).
+        let digest = launched == 1;
+        let rid: Arc<str> = Arc::from(request_id);
+        let mut in_flight = FuturesUnordered::new();
         let launch = |node: Arc<str>| {
-            let (cluster, key, rid, tx) = (
-                self.clone(),
-                key.to_owned(),
-                request_id.to_owned(),
-                tx.clone(),
-            );
-            tokio::spawn(async move {
-                let answer = cluster.fetch_from(&node, &key, &rid).await;
-                let _ = tx.send((node, answer)).await;
-            });
+            let rid = rid.clone();
+            async move {
+                let answer = self.fetch_from(&node, key, rid, digest).await;
+                (node, answer)
+            }
         };
         for node in pending.by_ref().take(needed.saturating_sub(launched)) {
-            launch(node);
+            in_flight.push(launch(node));
             launched += 1;
         }
         let (mut failed, mut timed_out) = (0, false);
@@ -541,12 +610,12 @@ impl Cluster {
             } else {
                 speculate_at.min(deadline)
             };
-            match tokio::time::timeout_at(wake, rx.recv()).await {
+            match tokio::time::timeout_at(wake, in_flight.next()).await {
                 Ok(Some((node, Ok(record)))) => answers.push((node, record)),
                 Ok(Some((_, Err(())))) => {
                     failed += 1;
                     if let Some(node) = pending.next() {
-                        launch(node);
+                        in_flight.push(launch(node));
                         launched += 1;
                     }
                 }
@@ -554,7 +623,7 @@ impl Cluster {
                 Err(_) if !speculated && tokio::time::Instant::now() < deadline => {
                     speculated = true;
                     for node in pending.by_ref() {
-                        launch(node);
+                        in_flight.push(launch(node));
                         launched += 1;
                     }
                 }
@@ -579,23 +648,69 @@ impl Cluster {
         }
     }
 
+    /// One replica's answer: its whole entry, or with `digest` only its version.
     async fn fetch_from(
         &self,
         node: &Arc<str>,
         key: &str,
-        rid: &str,
-    ) -> Result<Option<Record>, ()> {
+        rid: Arc<str>,
+        digest: bool,
+    ) -> Result<Reply, ()> {
         if *node == self.inner.me {
-            return Ok(self.local_record(key));
+            return Ok(Reply::Entry(self.local_record(key)));
         }
-        self.inner
-            .peers
-            .fetch(node, key, Arc::from(rid))
-            .await
-            .map_err(|e| {
-                debug!(peer = %node, error = %e, "replica read failed");
-                self.inner.detector.record_failure(node, e.is_connect());
-            })
+        let peers = &self.inner.peers;
+        let answer = if digest {
+            peers
+                .fetch_version(node, key, rid)
+                .await
+                .map(Reply::Version)
+        } else {
+            peers.fetch(node, key, rid).await.map(Reply::Entry)
+        };
+        answer.map_err(|e| {
+            debug!(peer = %node, error = %e, "replica read failed");
+            self.inner.detector.record_failure(node, e.is_connect());
+        })
+    }
+
+    /// The whole record of the newest version a digest read saw, from one of the replicas that
+    /// reported it (a second round trip, only when this node is behind). The replica may hold a
+    /// newer version by now: that one is returned, and written back like any newest record.
+    /// Within one peer-call deadline: past it 504 `timeout`; 503 when no holder answered with it.
+    async fn fetch_newest(
+        &self,
+        key: &str,
+        holders: Vec<Arc<str>>,
+        version: Version,
+        request_id: &str,
+    ) -> Result<Record> {
+        let rid: Arc<str> = Arc::from(request_id);
+        let deadline = tokio::time::Instant::now() + self.inner.config.peer_timeout;
+        for node in &holders {
+            let fetched =
+                tokio::time::timeout_at(deadline, self.fetch_from(node, key, rid.clone(), false))
+                    .await;
+            match fetched {
+                Ok(Ok(Reply::Entry(Some(record)))) if record.version >= version => {
+                    return Ok(record)
+                }
+                Ok(Ok(other)) => {
+                    debug!(peer = %node, %version, held = ?other.version(), "replica no longer holds the version it reported");
+                }
+                Ok(Err(())) => {}
+                Err(_) => {
+                    // Up, but too slow: a timeout (504), as for any replica read.
+                    let ms = u64::try_from(self.inner.config.peer_timeout.as_millis())
+                        .unwrap_or(u64::MAX);
+                    return Err(Error::Timeout { ms });
+                }
+            }
+        }
+        Err(Error::Unavailable {
+            needed: 1,
+            answered: 0,
+        })
     }
 
     /// Writes `newest` to `targets` and waits until `more` of them confirmed it (the rest finish
@@ -752,6 +867,86 @@ mod tests {
             newer,
             newest: v(newest),
         }
+    }
+
+    fn node(name: &str) -> Arc<str> {
+        Arc::from(name)
+    }
+
+    fn rec(hlc: u64) -> Record {
+        Record {
+            key: "k".into(),
+            version: v(hlc),
+            value: Some(Bytes::from_static(b"1")),
+            expires_at_ms: None,
+        }
+    }
+
+    #[test]
+    fn a_digest_read_answers_from_the_local_record_when_no_replica_is_newer() {
+        let local = rec(5);
+        let answers = vec![
+            (node("me"), Reply::Entry(Some(local.clone()))),
+            (node("b"), Reply::Version(Some(v(5)))),
+        ];
+        assert_eq!(newest_answer(&answers), Newest::Held(&local));
+        assert!(
+            stale_answers(&answers, v(5)).is_empty(),
+            "agreement: no write-back"
+        );
+        // An older or absent peer copy is written back to.
+        let answers = vec![
+            (node("me"), Reply::Entry(Some(local.clone()))),
+            (node("b"), Reply::Version(Some(v(3)))),
+            (node("c"), Reply::Version(None)),
+        ];
+        assert_eq!(newest_answer(&answers), Newest::Held(&local));
+        assert_eq!(stale_answers(&answers, v(5)), vec![node("b"), node("c")]);
+    }
+
+    #[test]
+    fn a_digest_read_fetches_the_record_when_a_replica_reports_a_newer_version() {
+        let answers = vec![
+            (node("me"), Reply::Entry(Some(rec(5)))),
+            (node("b"), Reply::Version(Some(v(8)))),
+            (node("c"), Reply::Version(Some(v(8)))),
+        ];
+        assert_eq!(
+            newest_answer(&answers),
+            Newest::Elsewhere {
+                version: v(8),
+                holders: vec![node("b"), node("c")]
+            }
+        );
+        assert_eq!(stale_answers(&answers, v(8)), vec![node("me")]);
+        // Nothing here, something there: fetched too (never answered as absent).
+        let answers = vec![
+            (node("me"), Reply::Entry(None)),
+            (node("b"), Reply::Version(Some(v(2)))),
+        ];
+        assert!(matches!(
+            newest_answer(&answers),
+            Newest::Elsewhere { version, .. } if version == v(2)
+        ));
+        // A fetched record newer than reported makes every answer stale.
+        assert_eq!(stale_answers(&answers, v(9)), vec![node("me"), node("b")]);
+    }
+
+    #[test]
+    fn a_read_where_nobody_has_the_key_answers_nothing_and_full_answers_still_work() {
+        let answers = vec![
+            (node("me"), Reply::Entry(None)),
+            (node("b"), Reply::Version(None)),
+        ];
+        assert_eq!(newest_answer(&answers), Newest::Nothing);
+        // Full entries (no local copy asked): the newest record is held by its answer.
+        let newer = rec(7);
+        let answers = vec![
+            (node("b"), Reply::Entry(Some(rec(4)))),
+            (node("c"), Reply::Entry(Some(newer.clone()))),
+        ];
+        assert_eq!(newest_answer(&answers), Newest::Held(&newer));
+        assert_eq!(stale_answers(&answers, v(7)), vec![node("b")]);
     }
 
     #[test]
