@@ -11,7 +11,10 @@ use std::path::Path;
 use std::time::Duration;
 
 fn config(dir: &Path) -> StoreConfig {
-    StoreConfig::new(dir.to_owned(), 1)
+    let mut config = StoreConfig::new(dir.to_owned(), 1);
+    // Small preallocated segments: some tests fill them and they grow past it.
+    config.wal_prealloc_bytes = 64 * 1024;
+    config
 }
 
 fn put(store: &Store, key: &str, value: &str) -> Record {
@@ -204,6 +207,8 @@ async fn a_full_disk_cuts_the_batch_back_and_makes_the_store_read_only_until_spa
     let mut cfg = config(dir.path());
     cfg.min_free_bytes = 0;
     cfg.disk_probe_interval = Duration::from_millis(20);
+    // Not preallocated: the file's length is where the batches end.
+    cfg.wal_prealloc_bytes = 0;
     let store = Store::open(cfg.clone()).unwrap();
     store.apply(vec![put(&store, "kept", "yes")]).await.unwrap();
     let segment = store.current_segment_path().unwrap();
