@@ -51,7 +51,7 @@ pub struct StoreConfig {
     pub wal_prealloc_bytes: u64,
     /// With [`SyncMode::Always`], how long a group commit may wait for more writes to share
     /// its fsync, when the previous commit was recent (writes are flowing) and waiting has been
-    /// gathering writes lately. Default 300 µs; zero never waits (commits as soon as the writer
+    /// gathering writes lately. Default 100 µs; zero never waits (commits as soon as the writer
     /// is free).
     pub wal_batch_delay: Duration,
     /// Tombstones written longer ago than this are dropped at checkpoint. Default 24 h.
@@ -80,7 +80,7 @@ impl StoreConfig {
             snapshot_interval: Duration::from_secs(300),
             wal_max_bytes: 64 * 1024 * 1024,
             wal_prealloc_bytes: 64 * 1024 * 1024,
-            wal_batch_delay: Duration::from_micros(300),
+            wal_batch_delay: Duration::from_micros(100),
             tombstone_grace: Duration::from_secs(24 * 60 * 60),
             min_free_bytes: 64 * 1024 * 1024,
             disk_probe_interval: Duration::from_secs(1),
@@ -117,7 +117,7 @@ mod tests {
         assert_eq!(c.snapshot_interval, Duration::from_secs(300));
         assert_eq!(c.wal_max_bytes, 64 << 20);
         assert_eq!(c.wal_prealloc_bytes, 64 << 20);
-        assert_eq!(c.wal_batch_delay, Duration::from_micros(300));
+        assert_eq!(c.wal_batch_delay, Duration::from_micros(100));
         assert_eq!(c.tombstone_grace, Duration::from_secs(86_400));
         assert_eq!(c.min_free_bytes, 67_108_864);
         assert_eq!(c.disk_probe_interval, Duration::from_secs(1));

@@ -636,3 +636,60 @@ fn a_restart_never_reissues_a_version_the_clock_handed_out() {
     let ahead_ms = next.physical_ms().saturating_sub(crate::version::now_ms());
     assert!(ahead_ms <= 4 * 250, "{ahead_ms} ms ahead of the wall clock");
 }
+
+/// Writers a millisecond apart share fsyncs when a commit may wait for them, and do not when
+/// it may not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_batch_delay_lets_paced_writers_share_fsyncs() {
+    async fn paced(delay: Duration) -> (u64, u64) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.wal_batch_delay = delay;
+        let store = Store::open(cfg).unwrap();
+        let before = store.status().wal_fsyncs;
+        let mut tasks = tokio::task::JoinSet::new();
+        for w in 0..4 {
+            let store = store.clone();
+            tasks.spawn(async move {
+                for i in 0..25 {
+                    let r = put(&store, &format!("w{w}/{i}"), "v");
+                    store.apply(vec![r]).await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap();
+        }
+        let fsyncs = store.status().wal_fsyncs - before;
+        let delayed = store.inner.wal.delayed_commits.load(Ordering::Relaxed);
+        (fsyncs, delayed)
+    }
+    let (fsyncs, delayed) = paced(Duration::from_millis(5)).await;
+    assert!(delayed > 0, "no commit waited");
+    assert!(
+        fsyncs * 2 <= 100,
+        "100 writes took {fsyncs} fsyncs with a 5 ms delay"
+    );
+    let (_, delayed) = paced(Duration::ZERO).await;
+    assert_eq!(delayed, 0, "a zero delay never waits");
+}
+
+/// A lone writer, whom waiting never helps, pays the delay on few commits.
+#[tokio::test]
+async fn a_lone_writer_rarely_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.wal_batch_delay = Duration::from_millis(2);
+    let store = Store::open(cfg).unwrap();
+    for i in 0..100 {
+        store
+            .apply(vec![put(&store, &format!("k{i}"), "v")])
+            .await
+            .unwrap();
+    }
+    let delayed = store.inner.wal.delayed_commits.load(Ordering::Relaxed);
+    // Waits at the 1st, 3rd, 7th, 15th, 31st, 63rd chance, then one in 64.
+    assert!(delayed <= 8, "{delayed} of 100 lone commits waited");
+    assert!(delayed >= 1, "the first chance is taken");
+}

@@ -165,7 +165,9 @@ impl<V: Vfs> WalWriter<V> {
                         reply,
                     }];
                     next = drain_appends(&mut rx, &mut batch);
-                    if next.is_none() && self.should_wait() {
+                    // Only a lone append waits: when several were queued, writes are arriving
+                    // faster than commits and batch by themselves.
+                    if next.is_none() && batch.len() == 1 && self.should_wait() {
                         next = self.gather(&mut rx, &mut batch);
                     }
                     self.commit(batch);
@@ -186,8 +188,9 @@ impl<V: Vfs> WalWriter<V> {
         let _ = self.sync();
     }
 
-    /// Whether this commit should wait for more writes: fsync per commit, a delay configured,
-    /// the previous fsync recent (writes are flowing), and waiting not found useless lately.
+    /// Whether this commit (a lone append) should wait for more writes: fsync per commit, a
+    /// delay configured, the previous fsync recent (writes are flowing), and waiting not found
+    /// useless lately.
     fn should_wait(&mut self) -> bool {
         if self.sync != SyncMode::Always
             || self.batch_delay.is_zero()
