@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::identity::DirId;
 use crate::map::ShardedMap;
@@ -153,6 +153,8 @@ pub(crate) struct Checkpointer<V: Vfs> {
     pub covered_until: AtomicU64,
     /// Size WAL segments are preallocated to; 0: no spare segments, no recycling.
     pub prealloc: u64,
+    /// `MIN_FREE_BYTES`: no spare is preallocated when it would bring free space near it.
+    pub reserve: u64,
     /// The spare segment made ready ahead of the next rotation.
     pub spare: Mutex<Option<segment::Spare<V::File>>>,
     pub map: Arc<ShardedMap>,
@@ -327,6 +329,10 @@ impl<V: Vfs> Checkpointer<V> {
             return;
         }
         *spare = None;
+        if !segment::room_to_preallocate(&self.dir, self.prealloc, self.reserve) {
+            debug!("no room on the disk for a spare WAL segment; rotations create plain ones");
+            return;
+        }
         match segment::prepare_spare(&self.vfs, &self.dir, next, self.id, self.prealloc) {
             Ok(ready) => *spare = Some(ready),
             Err(e) => warn!(error = %e, "could not prepare the spare WAL segment"),

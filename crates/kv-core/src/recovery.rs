@@ -81,16 +81,18 @@ pub(crate) fn recover(
     let mut wal_bytes = 0;
     let mut replayed = 0;
     let mut last_kept = None;
+    // A torn tail is possible in the newest segment holding records: later segments that hold
+    // no record (only their header, and zeros or a recycled segment's old bytes after it) may be
+    // left over from a rotation that failed (its file's removal not yet durable) while appends
+    // went on in this one. Worked out from the newest back, reading as few segments as needed.
+    let mut later_empty = vec![true; segments.len()];
+    for i in (0..segments.len().saturating_sub(1)).rev() {
+        let (n, p) = &segments[i + 1];
+        later_empty[i] = later_empty[i + 1] && !segment::holds_records(vfs, p, *n);
+    }
     for (i, (number, path)) in segments.iter().enumerate() {
         let is_last = i + 1 == segments.len();
-        // A torn tail is possible in the newest segment holding records: later segments that
-        // hold no record (only their header, and zeros or a recycled segment's old bytes after
-        // it) may be left over from a rotation that failed (its file's removal not yet durable)
-        // while appends went on in this one.
-        let later_empty = segments[i + 1..]
-            .iter()
-            .all(|(n, p)| !segment::holds_records(vfs, p, *n));
-        let tail = Tail::new(is_last, later_empty);
+        let tail = Tail::new(is_last, later_empty[i]);
         if let Some(kept) = replay_segment(vfs, path, *number, tail, apply)? {
             wal_bytes += kept.bytes;
             replayed += kept.records;

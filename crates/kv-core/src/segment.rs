@@ -353,17 +353,27 @@ pub fn activate<V: Vfs>(
     Ok((spare.file, spare.salt))
 }
 
+/// Whether the disk has room to preallocate `size` bytes: twice that on top of the `reserve`
+/// (`MIN_FREE_BYTES`), so that preallocation never brings a small disk to its reserve. True when
+/// free space cannot be read (the simulated disk).
+pub fn room_to_preallocate(dir: &Path, size: u64, reserve: u64) -> bool {
+    crate::space::available(dir).map_or(true, |free| {
+        free >= size.saturating_mul(2).saturating_add(reserve)
+    })
+}
+
 /// The first segment of a store: the spare (preallocated to `prealloc` bytes) made ready and
-/// activated as segment `number`, or, when `prealloc` is 0 or that fails, a plain new segment
-/// ([`create`]).
+/// activated as segment `number`, or, when `prealloc` is 0, the disk has no room for it
+/// ([`room_to_preallocate`]) or that fails, a plain new segment ([`create`]).
 pub fn start<V: Vfs>(
     vfs: &V,
     dir: &Path,
     number: u64,
     id: DirId,
     prealloc: u64,
+    reserve: u64,
 ) -> Result<(V::File, u64), Error> {
-    if prealloc > 0 {
+    if prealloc > 0 && room_to_preallocate(dir, prealloc, reserve) {
         match prepare_spare(vfs, dir, number, id, prealloc).and_then(|s| activate(vfs, dir, s)) {
             Ok(done) => return Ok(done),
             Err(e) => warn!(error = %e, "no preallocated WAL segment; creating a plain one"),

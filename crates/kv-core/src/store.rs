@@ -183,6 +183,7 @@ impl<V: Vfs> Store<V> {
             recovered.next_segment,
             folder.id,
             config.wal_prealloc_bytes,
+            config.min_free_bytes,
         )?;
         let wal = Arc::new(WalState::default());
         wal.segment.store(recovered.next_segment, Ordering::Relaxed);
@@ -236,6 +237,7 @@ impl<V: Vfs> Store<V> {
             id: folder.id,
             covered_until: AtomicU64::new(recovered.replay_start),
             prealloc: config.wal_prealloc_bytes,
+            reserve: config.min_free_bytes,
             spare: Mutex::new(None),
             map: Arc::clone(&map),
             clock: Arc::clone(&clock),
