@@ -23,6 +23,8 @@ struct NodeEnv {
     wal_sync: Option<String>,
     wal_sync_interval_ms: Option<String>,
     wal_max_bytes: Option<String>,
+    wal_prealloc_bytes: Option<String>,
+    wal_batch_delay_us: Option<String>,
     min_free_bytes: Option<String>,
     tombstone_grace_secs: Option<String>,
     anti_entropy_interval_secs: Option<String>,
@@ -86,6 +88,10 @@ pub struct NodeConfig {
     pub wal_sync_interval: Duration,
     /// WAL size that triggers a checkpoint.
     pub wal_max_bytes: u64,
+    /// Size WAL segments are preallocated to (0: off).
+    pub wal_prealloc_bytes: u64,
+    /// Longest wait of a group commit for more writes to share its fsync (0: none).
+    pub wal_batch_delay: Duration,
     /// Free disk space below which the node turns read-only (507) until space returns.
     pub min_free_bytes: u64,
     /// Age after which tombstones are collected (once anti-entropy knows every replica holds
@@ -412,6 +418,21 @@ impl NodeEnv {
                 4096,
                 1 << 40,
             )?,
+            wal_prealloc_bytes: parse_num(
+                "WAL_PREALLOC_BYTES",
+                self.wal_prealloc_bytes.as_deref(),
+                64 << 20,
+                0,
+                1 << 40,
+            )?,
+            wal_batch_delay: parse_num(
+                "WAL_BATCH_DELAY_US",
+                self.wal_batch_delay_us.as_deref(),
+                100,
+                0,
+                100_000,
+            )
+            .map(Duration::from_micros)?,
             min_free_bytes: parse_num(
                 "MIN_FREE_BYTES",
                 self.min_free_bytes.as_deref(),
@@ -590,6 +611,8 @@ mod tests {
         assert_eq!(c.listen.to_string(), "127.0.0.1:8000");
         assert_eq!(c.data_dir, PathBuf::from("./data/node1"));
         assert_eq!(c.wal_sync, SyncMode::Always);
+        assert_eq!(c.wal_prealloc_bytes, 64 << 20);
+        assert_eq!(c.wal_batch_delay, Duration::from_micros(100));
         assert_eq!(c.write_consistency, Consistency::Quorum);
     }
 
@@ -686,6 +709,10 @@ mod tests {
             (
                 &[("WAL_SYNC", "sometimes")],
                 "WAL_SYNC=sometimes: expected always, interval or never",
+            ),
+            (
+                &[("WAL_BATCH_DELAY_US", "200000")],
+                "WAL_BATCH_DELAY_US=200000: expected a whole number from 0 to 100000",
             ),
             (
                 &[("WRITE_CONSISTENCY", "4")],

@@ -58,6 +58,16 @@ pub const HELP_VARIABLES: &[(&str, &str, &str)] = &[
         "checkpoint when the WAL grows past this many bytes",
     ),
     (
+        "WAL_PREALLOC_BYTES",
+        "67108864",
+        "WAL segments are preallocated (and recycled) at this size; 0 = off",
+    ),
+    (
+        "WAL_BATCH_DELAY_US",
+        "100",
+        "WAL_SYNC=always: a group commit may wait this long for more writes; 0 = never",
+    ),
+    (
         "MIN_FREE_BYTES",
         "67108864",
         "below this much free disk the node turns read-only (507) until space returns; 0: off",

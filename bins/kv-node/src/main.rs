@@ -111,6 +111,8 @@ async fn run(config: NodeConfig, tls: tls::NodeTls) -> Result<(), Failure> {
     store_config.sync_interval = config.wal_sync_interval;
     store_config.snapshot_interval = config.snapshot_interval;
     store_config.wal_max_bytes = config.wal_max_bytes;
+    store_config.wal_prealloc_bytes = config.wal_prealloc_bytes;
+    store_config.wal_batch_delay = config.wal_batch_delay;
     store_config.min_free_bytes = config.min_free_bytes;
     store_config.tombstone_grace = config.tombstone_grace;
     // Before the store opens, so that what kv-core records from its threads is kept.

@@ -2,7 +2,10 @@
 //! disk's raw fsync rate, in-memory get/put, memory per key, checkpoint and recovery times.
 //!
 //! Run: `CARGO_TARGET_DIR=/work/target-core cargo bench -p kv-core` (set `KV_BENCH_DIR` to test
-//! another disk; the default is the system temp folder).
+//! another disk; the default is the system temp folder). `KV_BENCH_ONLY=commit` prints only
+//! the group-commit table: fsyncs and CPU per write with and without segment preallocation and
+//! the batch delay, at 1, 4 and 32 writers back to back and 32 paced writers
+//! (`KV_BENCH_SECS` per run, default 2).
 
 use std::io::Write;
 use std::sync::Arc;
@@ -90,6 +93,124 @@ async fn durable_rate(writers: usize) -> Result<(f64, f64), Box<dyn std::error::
     let per_fsync = s.wal_appends as f64 / s.wal_fsyncs.max(1) as f64;
     store.shutdown().await?;
     Ok((rate, per_fsync))
+}
+
+/// CPU time (user + system) this process has used, in microseconds (from `/proc/self/stat`,
+/// clock ticks of 10 ms).
+fn cpu_micros() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after_name = stat.rsplit(')').next().unwrap_or("");
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // Fields 14 and 15 of the line (utime, stime) are 11 and 12 after the name.
+    (ticks(11) + ticks(12)) * 10_000
+}
+
+/// One group-commit run: `writers` tasks apply single-record puts for `secs`; with `think`
+/// each waits a random 0..2x`think` between its writes (independent clients at a low rate)
+/// instead of writing back to back. Returns writes/s, fsyncs per write, CPU µs per write,
+/// and the mean latency of a write in µs.
+async fn commit_run(
+    writers: usize,
+    delay: Duration,
+    prealloc: u64,
+    think: Option<Duration>,
+    secs: u64,
+) -> Result<(f64, f64, f64, f64), Box<dyn std::error::Error>> {
+    let dir = bench_dir()?;
+    let mut config = StoreConfig::new(dir.path().to_owned(), 1);
+    config.wal_batch_delay = delay;
+    config.wal_prealloc_bytes = prealloc;
+    let store = Store::open(config)?;
+    // Let the checkpointer prepare its spare before measuring.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = store.status();
+    let cpu_before = cpu_micros();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..writers {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let mut i = 0u64;
+            let mut waited = Duration::ZERO;
+            let mut seed = (w as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            while Instant::now() < deadline {
+                if let Some(think) = think {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    let pause = think.mul_f64((seed % 2000) as f64 / 1000.0);
+                    tokio::time::sleep(pause).await;
+                }
+                let r = Record {
+                    key: format!("w{w}/{i}"),
+                    version: store.clock().tick(),
+                    value: Some(Bytes::from_static(&[1; VALUE_LEN])),
+                    expires_at_ms: None,
+                };
+                let sent = Instant::now();
+                store.apply(vec![r]).await?;
+                waited += sent.elapsed();
+                i += 1;
+            }
+            Ok::<(u64, Duration), kv_core::Error>((i, waited))
+        });
+    }
+    let (mut total, mut waited) = (0, Duration::ZERO);
+    while let Some(done) = tasks.join_next().await {
+        let (n, w) = done??;
+        total += n;
+        waited += w;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_micros().saturating_sub(cpu_before) as f64;
+    let after = store.status();
+    let fsyncs = (after.wal_fsyncs - before.wal_fsyncs) as f64;
+    store.shutdown().await?;
+    let n = total.max(1) as f64;
+    Ok((
+        total as f64 / elapsed,
+        fsyncs / n,
+        cpu / n,
+        waited.as_secs_f64() * 1e6 / n,
+    ))
+}
+
+/// `KV_BENCH_ONLY=commit`: group commit with and without preallocation and batch delay.
+async fn commit_table() -> BenchResult {
+    let secs = std::env::var("KV_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    out("| writers | load | prealloc | delay µs | writes/s | fsyncs/write | CPU µs/write | mean latency µs |");
+    out("|---:|---|---|---:|---:|---:|---:|---:|");
+    let loads = [
+        (1, None),
+        (4, None),
+        (32, None),
+        (32, Some(Duration::from_millis(5))),
+    ];
+    for (writers, think) in loads {
+        for (prealloc, delay) in [(0, 0), (64 << 20, 0), (64 << 20, 100), (64 << 20, 300)] {
+            let (rate, fsyncs, cpu, latency) =
+                commit_run(writers, Duration::from_micros(delay), prealloc, think, secs).await?;
+            let load = match think {
+                Some(t) => format!("paced, {} ms apart", t.as_millis()),
+                None => "back to back".into(),
+            };
+            let prealloc = if prealloc > 0 { "64 MiB" } else { "off" };
+            out(&format!(
+                "| {writers} | {load} | {prealloc} | {delay} | {rate:.0} | {fsyncs:.2} | {cpu:.1} | {latency:.0} |"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn value_for(i: u64) -> Bytes {
@@ -224,6 +345,10 @@ fn main() -> BenchResult {
         .build()?;
     // KV_BENCH_ONLY=durable runs just the group-commit part (for profiling).
     let only_durable = std::env::var("KV_BENCH_ONLY").is_ok_and(|v| v == "durable");
+    // KV_BENCH_ONLY=commit: preallocation and batch delay, fsyncs and CPU per write.
+    if std::env::var("KV_BENCH_ONLY").is_ok_and(|v| v == "commit") {
+        return rt.block_on(commit_table());
+    }
     out("| benchmark | result |");
     out("|---|---|");
     if !only_durable {

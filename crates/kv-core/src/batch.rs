@@ -56,7 +56,12 @@ pub enum BatchRead<'a> {
 }
 
 fn header_crc(salt: u64, fields: &[u8]) -> u32 {
-    crc32c::crc32c_append(crc32c::crc32c(&salt.to_le_bytes()), fields)
+    crc32c::crc32c_append(salt_seed(salt), fields)
+}
+
+/// The crc32c of the salt, where every batch header checksum of the segment starts.
+fn salt_seed(salt: u64) -> u32 {
+    crc32c::crc32c(&salt.to_le_bytes())
 }
 
 /// Starts a batch in `out`: reserves its header, to be filled by [`seal`]. Returns where it starts.
@@ -120,14 +125,14 @@ fn le_u32(b: &[u8]) -> u32 {
 fn check<'a>(
     buf: &'a [u8],
     offset: usize,
-    salt: u64,
+    seed: u32,
     work: &mut usize,
 ) -> Result<(&'a [u8], usize, u64), Defect> {
     let head = buf
         .get(offset..)
         .and_then(|b| b.first_chunk::<BATCH_HEADER_LEN>())
         .ok_or(Defect::ShortHeader)?;
-    if header_crc(salt, &head[..16]) != le_u32(&head[16..]) {
+    if crc32c::crc32c_append(seed, &head[..16]) != le_u32(&head[16..]) {
         return Err(Defect::BadHeader);
     }
     let len = le_u32(&head[..4]) as usize;
@@ -156,7 +161,7 @@ pub fn read(buf: &[u8], offset: usize, salt: u64) -> BatchRead<'_> {
         return BatchRead::End;
     }
     let mut work = 0;
-    match check(buf, offset, salt, &mut work) {
+    match check(buf, offset, salt_seed(salt), &mut work) {
         Ok((body, next, _)) => BatchRead::Complete(body, next),
         Err(defect) => classify(buf, offset, salt, &defect),
     }
@@ -165,8 +170,14 @@ pub fn read(buf: &[u8], offset: usize, salt: u64) -> BatchRead<'_> {
 /// Decides whether the bad batch at `offset` is a torn tail or corruption: corruption when a
 /// later valid batch vouches that the segment was durable past `offset`.
 fn classify(buf: &[u8], offset: usize, salt: u64, defect: &Defect) -> BatchRead<'static> {
+    // A batch starts with its length, never 0: none starts after the last nonzero byte. So the
+    // unused (zero) end of a preallocated segment costs no search.
+    let Some(last_nonzero) = buf.iter().rposition(|b| *b != 0) else {
+        return BatchRead::TornTail { offset };
+    };
+    let seed = salt_seed(salt);
     let mut work = 0;
-    let last = buf.len().saturating_sub(BATCH_HEADER_LEN);
+    let last = buf.len().saturating_sub(BATCH_HEADER_LEN).min(last_nonzero);
     for candidate in offset + 1..=last {
         if work > SCAN_BUDGET_BYTES {
             return BatchRead::Corrupt {
@@ -177,7 +188,7 @@ fn classify(buf: &[u8], offset: usize, salt: u64, defect: &Defect) -> BatchRead<
                 ),
             };
         }
-        if let Ok((_, _, durable)) = check(buf, candidate, salt, &mut work) {
+        if let Ok((_, _, durable)) = check(buf, candidate, seed, &mut work) {
             if durable > offset as u64 {
                 return BatchRead::Corrupt {
                     offset,

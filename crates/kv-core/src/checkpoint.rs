@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::identity::DirId;
 use crate::map::ShardedMap;
@@ -151,10 +151,16 @@ pub(crate) struct Checkpointer<V: Vfs> {
     /// Segments from here on are not covered by `snapshot.db` yet (their bytes count in
     /// `wal_bytes`, which triggers checkpoints).
     pub covered_until: AtomicU64,
+    /// Size WAL segments are preallocated to; 0: no spare segments, no recycling.
+    pub prealloc: u64,
+    /// `MIN_FREE_BYTES`: no spare is preallocated when it would bring free space near it.
+    pub reserve: u64,
+    /// The spare segment made ready ahead of the next rotation.
+    pub spare: Mutex<Option<segment::Spare<V::File>>>,
     pub map: Arc<ShardedMap>,
     pub clock: Arc<Clock>,
     pub wal: Arc<WalState>,
-    pub wal_tx: mpsc::WeakSender<WalCommand>,
+    pub wal_tx: mpsc::WeakSender<WalCommand<V::File>>,
     pub signal: Arc<CheckpointSignal>,
     /// Zero disables the periodic checkpoint.
     pub interval: Duration,
@@ -189,6 +195,7 @@ impl<V: Vfs> Checkpointer<V> {
     }
 
     fn run_until_stopped(&self, wake: Receiver<()>) {
+        self.prepare_spare();
         let mut due = self.next_due();
         let mut wal_full_gate = Instant::now();
         loop {
@@ -239,6 +246,7 @@ impl<V: Vfs> Checkpointer<V> {
 
     fn write_checkpoint(&self, start_segment: Option<u64>) -> Result<CheckpointStats, Error> {
         let started = Instant::now();
+        let final_checkpoint = start_segment.is_some();
         let start_segment = match start_segment {
             Some(s) => s,
             None => self.rotate()?,
@@ -262,7 +270,10 @@ impl<V: Vfs> Checkpointer<V> {
             .min(start_segment);
         let covered_from = self.covered_until.swap(start_segment, Ordering::Relaxed);
         let covered = segment_bytes(&self.vfs, &self.dir, covered_from, start_segment);
-        let freed = segment::remove_before(&self.vfs, &self.dir, keep_from)?;
+        let freed = segment::retire_before(&self.vfs, &self.dir, keep_from, self.prealloc > 0)?;
+        if !final_checkpoint {
+            self.prepare_spare();
+        }
         let _ = self
             .wal
             .wal_bytes
@@ -305,11 +316,37 @@ impl<V: Vfs> Checkpointer<V> {
         }
     }
 
-    /// Asks the writer to start a new segment; returns its number.
+    /// Makes the spare segment ready for the writer's next rotation, off the write path: the
+    /// segment a checkpoint just recycled, or a new preallocated file. A failure is logged
+    /// only (the rotation then creates a plain segment).
+    fn prepare_spare(&self) {
+        if self.prealloc == 0 {
+            return;
+        }
+        let next = self.wal.segment.load(Ordering::Relaxed) + 1;
+        let mut spare = self.spare.lock();
+        if spare.as_ref().is_some_and(|s| s.number == next) {
+            return;
+        }
+        *spare = None;
+        if !segment::room_to_preallocate(&self.dir, self.prealloc, self.reserve) {
+            debug!("no room on the disk for a spare WAL segment; rotations create plain ones");
+            return;
+        }
+        match segment::prepare_spare(&self.vfs, &self.dir, next, self.id, self.prealloc) {
+            Ok(ready) => *spare = Some(ready),
+            Err(e) => warn!(error = %e, "could not prepare the spare WAL segment"),
+        }
+    }
+
+    /// Asks the writer to start a new segment (the spare, made ready now if it was not);
+    /// returns its number.
     fn rotate(&self) -> Result<u64, Error> {
         let tx = self.wal_tx.upgrade().ok_or(Error::Closed)?;
+        self.prepare_spare();
+        let spare = self.spare.lock().take();
         let (reply, answer) = oneshot::channel();
-        tx.blocking_send(WalCommand::Rotate { reply })
+        tx.blocking_send(WalCommand::Rotate { spare, reply })
             .map_err(|_| Error::Closed)?;
         drop(tx);
         answer.blocking_recv().map_err(|_| Error::Closed)?

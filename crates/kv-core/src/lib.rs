@@ -23,7 +23,8 @@
 //!
 //! `LOCK` (held while open), `IDENTITY` (the folder's id and owner), `wal-00000001.log`,
 //! `wal-00000002.log`, ... (WAL segments; only the newest is appended to; kept back to the
-//! spare's first segment), `snapshot.db` (the map at the last checkpoint, naming the first
+//! spare's first segment; preallocated), `wal-spare.log` (the next segment, preallocated and
+//! headed ahead of time, often a recycled old one; never read by recovery), `snapshot.db` (the map at the last checkpoint, naming the first
 //! segment to replay after it), `snapshot.prev.db` (the spare: the snapshot before, which
 //! recovery falls back to), `snapshot.damaged.db` (a damaged snapshot recovery replaced by the
 //! spare, kept for the operator) and, briefly, `snapshot.db.tmp` and `backup-*.tmp` (a backup

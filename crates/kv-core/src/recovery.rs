@@ -81,15 +81,18 @@ pub(crate) fn recover(
     let mut wal_bytes = 0;
     let mut replayed = 0;
     let mut last_kept = None;
+    // A torn tail is possible in the newest segment holding records: later segments that hold
+    // no record (only their header, and zeros or a recycled segment's old bytes after it) may be
+    // left over from a rotation that failed (its file's removal not yet durable) while appends
+    // went on in this one. Worked out from the newest back, reading as few segments as needed.
+    let mut later_empty = vec![true; segments.len()];
+    for i in (0..segments.len().saturating_sub(1)).rev() {
+        let (n, p) = &segments[i + 1];
+        later_empty[i] = later_empty[i + 1] && !segment::holds_records(vfs, p, *n);
+    }
     for (i, (number, path)) in segments.iter().enumerate() {
         let is_last = i + 1 == segments.len();
-        // A torn tail is possible in the newest segment holding records: later segments that
-        // hold only their header may be left over from a rotation that failed (its file's
-        // removal not yet durable) while appends went on in this one.
-        let later_empty = segments[i + 1..]
-            .iter()
-            .all(|(_, p)| vfs.len(p).is_ok_and(|n| n <= segment::HEADER_LEN as u64));
-        let tail = Tail::new(is_last, later_empty);
+        let tail = Tail::new(is_last, later_empty[i]);
         if let Some(kept) = replay_segment(vfs, path, *number, tail, apply)? {
             wal_bytes += kept.bytes;
             replayed += kept.records;
@@ -372,7 +375,7 @@ fn replay_segment(
             bytes: buf.len() as u64,
         })),
         Err(End::Torn { offset }) if tail != Tail::Sealed => {
-            cut_torn_tail(vfs, path, offset, buf.len())?;
+            cut_torn_tail(vfs, path, offset, &buf)?;
             Ok(Some(Kept {
                 records,
                 bytes: offset as u64,
@@ -459,14 +462,26 @@ fn replay_batches(
     }
 }
 
-/// Truncates a segment at the start of its torn tail, durably.
-fn cut_torn_tail(vfs: &impl Vfs, path: &Path, offset: usize, len: usize) -> Result<(), Error> {
-    warn!(
-        path = %path.display(),
-        offset,
-        bytes_cut = len - offset,
-        "cutting torn WAL tail (a crash interrupted an append that was never acknowledged)"
-    );
+/// Truncates a segment at the start of its torn tail, durably. A tail of zeros is the unused
+/// part of a preallocated segment, not worth a warning.
+fn cut_torn_tail(vfs: &impl Vfs, path: &Path, offset: usize, buf: &[u8]) -> Result<(), Error> {
+    let len = buf.len();
+    if buf[offset..].iter().all(|b| *b == 0) {
+        info!(
+            path = %path.display(),
+            offset,
+            bytes_cut = len - offset,
+            "cutting the unused preallocated end of a WAL segment"
+        );
+    } else {
+        warn!(
+            path = %path.display(),
+            offset,
+            bytes_cut = len - offset,
+            "cutting torn WAL tail (a crash interrupted an append that was never acknowledged; \
+             in a recycled segment, or the old bytes of the segment it reuses)"
+        );
+    }
     let file = vfs.open_write(path).map_err(Error::io("open", path))?;
     file.set_len(offset as u64)
         .map_err(Error::io("truncate", path))?;

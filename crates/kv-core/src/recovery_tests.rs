@@ -124,6 +124,7 @@ fn torn_tail_in_an_older_segment_is_corrupt() {
 fn config(dir: &Path) -> StoreConfig {
     let mut config = StoreConfig::new(dir.to_owned(), 1);
     config.snapshot_interval = std::time::Duration::ZERO;
+    config.wal_prealloc_bytes = 64 * 1024;
     config
 }
 

@@ -4,6 +4,8 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use tracing::{debug, warn};
+
 use crate::identity::DirId;
 use crate::vfs::{Vfs, VfsFile};
 use crate::Error;
@@ -241,16 +243,164 @@ pub fn create<V: Vfs>(
 
 /// Removes every segment numbered below `number`; returns how many bytes they held.
 pub fn remove_before(vfs: &impl Vfs, dir: &Path, number: u64) -> Result<u64, Error> {
+    retire_before(vfs, dir, number, false)
+}
+
+/// Retires every segment numbered below `number`: when `recycle` is set and there is no spare
+/// yet, the largest becomes the spare (renamed to [`SPARE_FILE_NAME`], its blocks kept for the
+/// next segment); the others are removed. Durable (folder fsynced). Returns how many bytes they
+/// held.
+pub fn retire_before(vfs: &impl Vfs, dir: &Path, number: u64, recycle: bool) -> Result<u64, Error> {
+    let retired: Vec<(u64, PathBuf, u64)> = list(vfs, dir)?
+        .into_iter()
+        .filter(|(n, _)| *n < number)
+        .map(|(n, p)| {
+            let len = vfs.len(&p).unwrap_or(0);
+            (n, p, len)
+        })
+        .collect();
+    let spare = dir.join(SPARE_FILE_NAME);
+    let recycled = if recycle && !vfs.exists(&spare) {
+        retired
+            .iter()
+            .max_by_key(|(_, _, len)| *len)
+            .map(|(n, _, _)| *n)
+    } else {
+        None
+    };
     let mut freed = 0;
-    for (n, file) in list(vfs, dir)? {
-        if n >= number {
-            break;
+    for (n, file, len) in &retired {
+        freed += len;
+        if Some(*n) == recycled {
+            vfs.rename(file, &spare)
+                .map_err(Error::io("rename to the spare segment", file))?;
+            debug!(segment = n, "recycled WAL segment as the spare");
+        } else {
+            vfs.remove(file).map_err(Error::io("remove", file))?;
         }
-        freed += vfs.len(&file).unwrap_or(0);
-        vfs.remove(&file).map_err(Error::io("remove", &file))?;
     }
     sync_dir(vfs, dir)?;
     Ok(freed)
+}
+
+/// Name of the spare segment: a file preallocated (or recycled) and headed ahead of time, off
+/// the write path, that becomes the next segment by a rename. Not a segment: recovery never
+/// reads it.
+pub const SPARE_FILE_NAME: &str = "wal-spare.log";
+
+/// A spare segment made ready for segment `number` by [`prepare_spare`].
+#[derive(Debug)]
+pub struct Spare<F> {
+    /// The open spare file, positioned after its header.
+    pub file: F,
+    /// The segment number its header names.
+    pub number: u64,
+    /// Its new salt.
+    pub salt: u64,
+}
+
+/// Makes [`SPARE_FILE_NAME`] ready to become segment `number`: reuses the file if there is one
+/// (a segment a checkpoint recycled, or a spare made earlier) or creates it, reserves `size`
+/// bytes (`fallocate`), writes a fresh header for `number` with a NEW salt over its first bytes
+/// (so the old batches after it, sealed with the old salt, can never validate again), and
+/// fsyncs the file and the folder. A crash at any point leaves only a spare, which recovery
+/// never reads and the next preparation redoes.
+pub fn prepare_spare<V: Vfs>(
+    vfs: &V,
+    dir: &Path,
+    number: u64,
+    id: DirId,
+    size: u64,
+) -> Result<Spare<V::File>, Error> {
+    let spare = dir.join(SPARE_FILE_NAME);
+    let mut file = if vfs.exists(&spare) {
+        vfs.open_write(&spare)
+    } else {
+        vfs.create(&spare)
+    }
+    .map_err(Error::io("open", &spare))?;
+    let salt = new_salt();
+    file.allocate(size.max(HEADER_LEN as u64))
+        .and_then(|()| file.seek_to(0))
+        .and_then(|()| file.write_all(&header(number, id, salt)))
+        .and_then(|()| file.sync_all())
+        .map_err(Error::io("prepare", &spare))?;
+    sync_dir(vfs, dir)?;
+    Ok(Spare { file, number, salt })
+}
+
+/// Turns a prepared spare into segment `spare.number` (a rename, made durable by the folder
+/// fsync before anything is appended). Returns the file, positioned after the header, and the
+/// salt. On failure the new name is removed again (best effort), as [`create`] does.
+pub fn activate<V: Vfs>(
+    vfs: &V,
+    dir: &Path,
+    spare: Spare<V::File>,
+) -> Result<(V::File, u64), Error> {
+    let from = dir.join(SPARE_FILE_NAME);
+    let to = path(dir, spare.number);
+    if vfs.exists(&to) {
+        return Err(Error::io("activate the spare as", &to)(
+            std::io::Error::new(std::io::ErrorKind::AlreadyExists, "the segment exists"),
+        ));
+    }
+    vfs.rename(&from, &to)
+        .map_err(Error::io("rename the spare segment to", &to))?;
+    if let Err(e) = sync_dir(vfs, dir) {
+        let _ = vfs.remove(&to).and_then(|()| vfs.sync_dir(dir));
+        return Err(e);
+    }
+    Ok((spare.file, spare.salt))
+}
+
+/// Whether the disk has room to preallocate `size` bytes: twice that on top of the `reserve`
+/// (`MIN_FREE_BYTES`), so that preallocation never brings a small disk to its reserve. True when
+/// free space cannot be read (the simulated disk).
+pub fn room_to_preallocate(dir: &Path, size: u64, reserve: u64) -> bool {
+    crate::space::available(dir).map_or(true, |free| {
+        free >= size.saturating_mul(2).saturating_add(reserve)
+    })
+}
+
+/// The first segment of a store: the spare (preallocated to `prealloc` bytes) made ready and
+/// activated as segment `number`, or, when `prealloc` is 0, the disk has no room for it
+/// ([`room_to_preallocate`]) or that fails, a plain new segment ([`create`]).
+pub fn start<V: Vfs>(
+    vfs: &V,
+    dir: &Path,
+    number: u64,
+    id: DirId,
+    prealloc: u64,
+    reserve: u64,
+) -> Result<(V::File, u64), Error> {
+    if prealloc > 0 && room_to_preallocate(dir, prealloc, reserve) {
+        match prepare_spare(vfs, dir, number, id, prealloc).and_then(|s| activate(vfs, dir, s)) {
+            Ok(done) => return Ok(done),
+            Err(e) => warn!(error = %e, "no preallocated WAL segment; creating a plain one"),
+        }
+    }
+    create(vfs, dir, number, id)
+}
+
+/// Whether segment `number` at `file` holds a record: for the batch format, whether a valid
+/// batch follows the header (or a bad one that a later batch vouches for); for the older
+/// formats, whether it is longer than its header. A segment left by a rotation that did not
+/// complete holds only its header, followed by zeros or a recycled segment's old bytes.
+pub fn holds_records(vfs: &impl Vfs, file: &Path, number: u64) -> bool {
+    if vfs.len(file).is_ok_and(|n| n <= HEADER_LEN as u64) {
+        return false;
+    }
+    let Ok(buf) = vfs.read(file) else {
+        return true;
+    };
+    match check_header(file, &buf, number) {
+        Ok(head) if head.version == FORMAT_VERSION => !matches!(
+            crate::batch::read(&buf, head.len, head.salt),
+            crate::batch::BatchRead::End | crate::batch::BatchRead::TornTail { .. }
+        ),
+        Ok(head) => buf.len() > head.len,
+        Err(_) => true,
+    }
 }
 
 /// Fsyncs a folder, making file creations, renames and removals in it durable.

@@ -547,6 +547,28 @@ impl VfsFile for SimFile {
         let state = self.fs.state.lock();
         Ok(state.nodes.get(&self.inode).map_or(0, |n| n.data.len()) as u64)
     }
+
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        // The file grows to `len` (zeros), unsynced until the next fsync like any extension.
+        let inode = self.inode;
+        self.fs.state.lock().op("fallocate", |s| {
+            let full = s.full;
+            let node = s.nodes.entry(inode).or_default();
+            if len as usize <= node.data.len() {
+                return Ok(());
+            }
+            if full {
+                return Err(io::Error::from_raw_os_error(ENOSPC));
+            }
+            node.data.resize(len as usize, 0);
+            Ok(())
+        })
+    }
+
+    fn seek_to(&mut self, pos: u64) -> io::Result<()> {
+        self.pos = pos as usize;
+        Ok(())
+    }
 }
 
 /// The simulated folder lock: released when dropped.

@@ -76,7 +76,7 @@ impl<V: Vfs> Clone for Store<V> {
 /// Field order matters for drop: `tx` goes first (the writer drains its queue and exits),
 /// then `threads` joins the threads, and the lock is released last.
 struct Inner<V: Vfs> {
-    tx: mpsc::Sender<WalCommand>,
+    tx: mpsc::Sender<WalCommand<V::File>>,
     threads: Threads,
     map: Arc<ShardedMap>,
     clock: Arc<Clock>,
@@ -177,8 +177,16 @@ impl<V: Vfs> Store<V> {
             "replayed WAL segments fsynced"
         );
         record_identity(&vfs, &dir, found, folder.id, config.owner.clone())?;
-        let (file, salt) = segment::create(&vfs, &dir, recovered.next_segment, folder.id)?;
+        let (file, salt) = segment::start(
+            &vfs,
+            &dir,
+            recovered.next_segment,
+            folder.id,
+            config.wal_prealloc_bytes,
+            config.min_free_bytes,
+        )?;
         let wal = Arc::new(WalState::default());
+        wal.segment.store(recovered.next_segment, Ordering::Relaxed);
         // A node started on a full disk is read-only from its first request.
         wal.space.probe(&dir, config.min_free_bytes);
         wal.wal_bytes.store(
@@ -203,6 +211,9 @@ impl<V: Vfs> Store<V> {
             id: folder.id,
             sync: config.sync,
             sync_interval: config.sync_interval,
+            batch_delay: config.wal_batch_delay,
+            idle_waits: 0,
+            skip_waits: 0,
             wal_max_bytes: config.wal_max_bytes,
             segment: recovered.next_segment,
             file,
@@ -225,6 +236,9 @@ impl<V: Vfs> Store<V> {
             dir: dir.clone(),
             id: folder.id,
             covered_until: AtomicU64::new(recovered.replay_start),
+            prealloc: config.wal_prealloc_bytes,
+            reserve: config.min_free_bytes,
+            spare: Mutex::new(None),
             map: Arc::clone(&map),
             clock: Arc::clone(&clock),
             wal: Arc::clone(&wal),

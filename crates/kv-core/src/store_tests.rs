@@ -11,7 +11,10 @@ use std::path::Path;
 use std::time::Duration;
 
 fn config(dir: &Path) -> StoreConfig {
-    StoreConfig::new(dir.to_owned(), 1)
+    let mut config = StoreConfig::new(dir.to_owned(), 1);
+    // Small preallocated segments: some tests fill them and they grow past it.
+    config.wal_prealloc_bytes = 64 * 1024;
+    config
 }
 
 fn put(store: &Store, key: &str, value: &str) -> Record {
@@ -204,6 +207,8 @@ async fn a_full_disk_cuts_the_batch_back_and_makes_the_store_read_only_until_spa
     let mut cfg = config(dir.path());
     cfg.min_free_bytes = 0;
     cfg.disk_probe_interval = Duration::from_millis(20);
+    // Not preallocated: the file's length is where the batches end.
+    cfg.wal_prealloc_bytes = 0;
     let store = Store::open(cfg.clone()).unwrap();
     store.apply(vec![put(&store, "kept", "yes")]).await.unwrap();
     let segment = store.current_segment_path().unwrap();
@@ -630,4 +635,61 @@ fn a_restart_never_reissues_a_version_the_clock_handed_out() {
     // handed out), so even three restarts within one millisecond stay within what peers accept.
     let ahead_ms = next.physical_ms().saturating_sub(crate::version::now_ms());
     assert!(ahead_ms <= 4 * 250, "{ahead_ms} ms ahead of the wall clock");
+}
+
+/// Writers a millisecond apart share fsyncs when a commit may wait for them, and do not when
+/// it may not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_batch_delay_lets_paced_writers_share_fsyncs() {
+    async fn paced(delay: Duration) -> (u64, u64) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.wal_batch_delay = delay;
+        let store = Store::open(cfg).unwrap();
+        let before = store.status().wal_fsyncs;
+        let mut tasks = tokio::task::JoinSet::new();
+        for w in 0..4 {
+            let store = store.clone();
+            tasks.spawn(async move {
+                for i in 0..25 {
+                    let r = put(&store, &format!("w{w}/{i}"), "v");
+                    store.apply(vec![r]).await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap();
+        }
+        let fsyncs = store.status().wal_fsyncs - before;
+        let delayed = store.inner.wal.delayed_commits.load(Ordering::Relaxed);
+        (fsyncs, delayed)
+    }
+    let (fsyncs, delayed) = paced(Duration::from_millis(5)).await;
+    assert!(delayed > 0, "no commit waited");
+    assert!(
+        fsyncs * 2 <= 100,
+        "100 writes took {fsyncs} fsyncs with a 5 ms delay"
+    );
+    let (_, delayed) = paced(Duration::ZERO).await;
+    assert_eq!(delayed, 0, "a zero delay never waits");
+}
+
+/// A lone writer, whom waiting never helps, pays the delay on few commits.
+#[tokio::test]
+async fn a_lone_writer_rarely_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.wal_batch_delay = Duration::from_millis(2);
+    let store = Store::open(cfg).unwrap();
+    for i in 0..100 {
+        store
+            .apply(vec![put(&store, &format!("k{i}"), "v")])
+            .await
+            .unwrap();
+    }
+    let delayed = store.inner.wal.delayed_commits.load(Ordering::Relaxed);
+    // Waits at the 1st, 3rd, 7th, 15th, 31st, 63rd chance, then one in 64.
+    assert!(delayed <= 8, "{delayed} of 100 lone commits waited");
+    assert!(delayed >= 1, "the first chance is taken");
 }

@@ -22,6 +22,12 @@ pub trait VfsFile: Read + Write + Send + 'static {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// The file's current length.
     fn size(&self) -> io::Result<u64>;
+    /// Reserves disk blocks up to `len` bytes (`fallocate`; the file grows to `len` and reads
+    /// zeros there), so later writes below `len` change no file size or block map and an
+    /// `fdatasync` after them has no metadata to journal. Never shrinks the file.
+    fn allocate(&self, len: u64) -> io::Result<()>;
+    /// Moves the position the next `write` writes at.
+    fn seek_to(&mut self, pos: u64) -> io::Result<()>;
 }
 
 /// A file system: the few operations kv-core needs, with POSIX meaning (a rename, creation or
@@ -82,6 +88,24 @@ impl VfsFile for File {
 
     fn size(&self) -> io::Result<u64> {
         Ok(self.metadata()?.len())
+    }
+
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        let size = self.metadata()?.len();
+        if len <= size {
+            return Ok(());
+        }
+        match rustix::fs::fallocate(self, rustix::fs::FallocateFlags::empty(), size, len - size) {
+            Ok(()) => Ok(()),
+            // A file system without fallocate: a sparse extension (correct, only not reserved).
+            Err(e) if e == rustix::io::Errno::OPNOTSUPP => File::set_len(self, len),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn seek_to(&mut self, pos: u64) -> io::Result<()> {
+        use std::io::Seek;
+        self.seek(io::SeekFrom::Start(pos)).map(drop)
     }
 }
 

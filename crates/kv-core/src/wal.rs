@@ -19,15 +19,18 @@ use crate::map::ShardedMap;
 use crate::vfs::{Vfs, VfsFile};
 use crate::{batch, frame, record, segment, Error, Record, SyncMode};
 
-/// Commands queued to the writer; the queue is bounded (see [`WAL_QUEUE_CAPACITY`]).
-pub(crate) enum WalCommand {
+/// Commands queued to the writer; the queue is bounded (see [`WAL_QUEUE_CAPACITY`]). `F` is
+/// the file type of the store's [`Vfs`].
+pub(crate) enum WalCommand<F> {
     /// Make records durable, apply them, answer which ones were newer.
     Append {
         records: Vec<Record>,
         reply: oneshot::Sender<Result<Vec<bool>, Error>>,
     },
-    /// Fsync and close the current segment, start the next; answers the new segment's number.
+    /// Fsync and close the current segment, start the next (the prepared spare when it is
+    /// for that number, else a new file); answers the new segment's number.
     Rotate {
+        spare: Option<segment::Spare<F>>,
         reply: oneshot::Sender<Result<u64, Error>>,
     },
     /// Interval mode: fsync if the interval has passed.
@@ -42,6 +45,13 @@ pub(crate) enum WalCommand {
 pub(crate) const WAL_QUEUE_CAPACITY: usize = 4096;
 /// Most records one group commit takes; the rest wait for the next.
 const MAX_BATCH_RECORDS: usize = 16 * 1024;
+/// A commit waits for more writes (`wal_batch_delay`) only when the previous fsync ended less
+/// than this many delays ago: an isolated write after a quiet spell goes at once.
+const RECENT_DELAYS: u32 = 10;
+/// After a wait that gathered nothing the writer skips the next 1, 3, 7, .. chances to wait,
+/// up to 2^this - 1 (a lone closed-loop writer, whom waiting never helps, pays the delay on
+/// about one commit in 64).
+const MAX_IDLE_WAITS: u32 = 6;
 
 /// State the writer shares with the store: failure and counters.
 #[derive(Debug, Default)]
@@ -50,6 +60,10 @@ pub(crate) struct WalState {
     pub failed: OnceLock<String>,
     /// Bytes in all live segments.
     pub wal_bytes: AtomicU64,
+    /// The segment the writer appends to (read by the checkpointer to prepare the next one).
+    pub segment: AtomicU64,
+    /// Group commits that waited `wal_batch_delay` for more writes.
+    pub delayed_commits: AtomicU64,
     pub fsyncs: AtomicU64,
     pub fsync_micros: AtomicU64,
     pub batches: AtomicU64,
@@ -103,6 +117,11 @@ pub(crate) struct WalWriter<V: Vfs> {
     pub id: crate::identity::DirId,
     pub sync: SyncMode,
     pub sync_interval: Duration,
+    /// How long a group commit may wait for more writes (see `StoreConfig::wal_batch_delay`).
+    pub batch_delay: Duration,
+    /// Consecutive waits that gathered no write, and chances to wait still to skip.
+    pub idle_waits: u32,
+    pub skip_waits: u32,
     pub wal_max_bytes: u64,
     pub segment: u64,
     pub file: V::File,
@@ -128,7 +147,7 @@ pub(crate) struct WalWriter<V: Vfs> {
 
 impl<V: Vfs> WalWriter<V> {
     /// Runs until `Shutdown` or until every sender is gone (the store was dropped).
-    pub fn run(mut self, mut rx: mpsc::Receiver<WalCommand>) {
+    pub fn run(mut self, mut rx: mpsc::Receiver<WalCommand<V::File>>) {
         let mut next = None;
         loop {
             let command = match next.take() {
@@ -146,14 +165,20 @@ impl<V: Vfs> WalWriter<V> {
                         reply,
                     }];
                     next = drain_appends(&mut rx, &mut batch);
+                    // Only a lone append waits: when several were queued, writes are arriving
+                    // faster than commits and batch by themselves.
+                    if next.is_none() && batch.len() == 1 && self.should_wait() {
+                        next = self.gather(&mut rx, &mut batch);
+                    }
                     self.commit(batch);
                 }
-                WalCommand::Rotate { reply } => {
-                    let _ = reply.send(self.rotate());
+                WalCommand::Rotate { spare, reply } => {
+                    let _ = reply.send(self.rotate(spare));
                 }
                 WalCommand::SyncTick => self.sync_if_due(),
                 WalCommand::Shutdown { reply } => {
-                    let _ = reply.send(self.sync().map(|()| self.segment));
+                    let done = self.sync().and_then(|()| self.seal());
+                    let _ = reply.send(done.map(|()| self.segment));
                     refuse_rest(rx);
                     return;
                 }
@@ -161,6 +186,43 @@ impl<V: Vfs> WalWriter<V> {
         }
         // Dropped without shutdown: flush what was written, as a clean process exit would.
         let _ = self.sync();
+    }
+
+    /// Whether this commit (a lone append) should wait for more writes: fsync per commit, a
+    /// delay configured, the previous fsync recent (writes are flowing), and waiting not found
+    /// useless lately.
+    fn should_wait(&mut self) -> bool {
+        if self.sync != SyncMode::Always
+            || self.batch_delay.is_zero()
+            || self.last_sync.elapsed() > self.batch_delay * RECENT_DELAYS
+        {
+            return false;
+        }
+        if self.skip_waits > 0 {
+            self.skip_waits -= 1;
+            return false;
+        }
+        true
+    }
+
+    /// Waits `batch_delay`, then takes the appends queued meanwhile into `batch`; returns the
+    /// first other command met. A wait that gathered nothing makes the next ones rarer.
+    fn gather(
+        &mut self,
+        rx: &mut mpsc::Receiver<WalCommand<V::File>>,
+        batch: &mut Vec<Pending>,
+    ) -> Option<WalCommand<V::File>> {
+        let before = batch.len();
+        std::thread::sleep(self.batch_delay);
+        let next = drain_appends(rx, batch);
+        self.state.delayed_commits.fetch_add(1, Ordering::Relaxed);
+        if batch.len() > before {
+            self.idle_waits = 0;
+        } else {
+            self.idle_waits = (self.idle_waits + 1).min(MAX_IDLE_WAITS);
+            self.skip_waits = (1 << self.idle_waits) - 1;
+        }
+        next
     }
 
     fn path(&self) -> PathBuf {
@@ -275,9 +337,11 @@ impl<V: Vfs> WalWriter<V> {
     /// [`Error::DiskFull`]. If the cut itself fails, the WAL fails for good.
     fn disk_full(&mut self, cause: &std::io::Error) -> Error {
         let path = self.path();
+        let len = self.len;
         let cut = self
             .file
-            .set_len(self.len)
+            .set_len(len)
+            .and_then(|()| self.file.seek_to(len))
             .and_then(|()| self.file.sync_data());
         if let Err(e) = cut {
             return self.fail(format!(
@@ -363,14 +427,43 @@ impl<V: Vfs> WalWriter<V> {
         }
     }
 
-    /// Fsyncs the current segment and switches to a new one.
-    fn rotate(&mut self) -> Result<u64, Error> {
+    /// Cuts a preallocated segment back to the end of its last batch, durably, so a segment
+    /// that is not the newest ends where its data ends (recovery's torn-tail rule for it). A
+    /// failed cut leaves the segment as it was (appends go on in it); a failed fsync is final.
+    fn seal(&mut self) -> Result<(), Error> {
+        let len = self.len;
+        let size = self
+            .file
+            .size()
+            .map_err(Error::io("size of", self.path()))?;
+        if size <= len {
+            return Ok(());
+        }
+        self.file
+            .set_len(len)
+            .and_then(|()| self.file.seek_to(len))
+            .map_err(Error::io("cut the preallocated tail of", self.path()))?;
+        if let Err(e) = self.file.sync_all() {
+            return Err(self.fail(format!("fsync {}: {e}", self.path().display())));
+        }
+        Ok(())
+    }
+
+    /// Fsyncs and seals the current segment and switches to the next: the prepared `spare`
+    /// (renamed into place) when it is for that number, else a new file.
+    fn rotate(&mut self, spare: Option<segment::Spare<V::File>>) -> Result<u64, Error> {
         self.sync()?;
+        self.seal()?;
         let next = self.segment + 1;
-        // A failed creation removes its file, so appending to the old segment stays safe (should
-        // the removal not be durable, the file comes back header-only, which recovery ignores).
-        (self.file, self.salt) = segment::create(&self.vfs, &self.dir, next, self.id)?;
+        // A failed creation or activation removes its file, so appending to the old segment
+        // stays safe (should the removal not be durable, the file comes back holding no batch,
+        // which recovery ignores).
+        (self.file, self.salt) = match spare {
+            Some(spare) if spare.number == next => segment::activate(&self.vfs, &self.dir, spare)?,
+            _ => segment::create(&self.vfs, &self.dir, next, self.id)?,
+        };
         self.segment = next;
+        self.state.segment.store(next, Ordering::Relaxed);
         self.len = segment::HEADER_LEN as u64;
         self.durable = self.len;
         self.state
@@ -382,10 +475,10 @@ impl<V: Vfs> WalWriter<V> {
 }
 
 /// Moves queued appends into `batch`; returns the first other command met, to run after it.
-fn drain_appends(
-    rx: &mut mpsc::Receiver<WalCommand>,
+fn drain_appends<F>(
+    rx: &mut mpsc::Receiver<WalCommand<F>>,
     batch: &mut Vec<Pending>,
-) -> Option<WalCommand> {
+) -> Option<WalCommand<F>> {
     let mut records: usize = batch.iter().map(|p| p.records.len()).sum();
     while records < MAX_BATCH_RECORDS {
         match rx.try_recv() {
@@ -414,12 +507,12 @@ fn answer_all(batch: Vec<Pending>, error: &Error) {
 }
 
 /// After shutdown: closes the queue and answers whatever slipped in with `Closed`.
-fn refuse_rest(mut rx: mpsc::Receiver<WalCommand>) {
+fn refuse_rest<F>(mut rx: mpsc::Receiver<WalCommand<F>>) {
     rx.close();
     while let Ok(command) = rx.try_recv() {
         match command {
             WalCommand::Append { reply, .. } => drop(reply.send(Err(Error::Closed))),
-            WalCommand::Rotate { reply } | WalCommand::Shutdown { reply } => {
+            WalCommand::Rotate { reply, .. } | WalCommand::Shutdown { reply } => {
                 drop(reply.send(Err(Error::Closed)))
             }
             WalCommand::SyncTick => {}
@@ -429,8 +522,8 @@ fn refuse_rest(mut rx: mpsc::Receiver<WalCommand>) {
 
 /// Interval mode: a thread that asks the writer to check its fsync deadline every `interval`.
 /// It holds only a weak sender, so it never keeps the writer alive; it stops on `stop`.
-pub(crate) fn spawn_sync_ticker(
-    tx: mpsc::WeakSender<WalCommand>,
+pub(crate) fn spawn_sync_ticker<F: Send + 'static>(
+    tx: mpsc::WeakSender<WalCommand<F>>,
     interval: Duration,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<JoinHandle<()>> {
