@@ -31,21 +31,27 @@ fn segments(dir: &Path) -> Vec<PathBuf> {
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("wal-") && n.ends_with(".log"))
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with("wal-") && n.ends_with(".log") && n != "wal-spare.log"
+            })
         })
         .collect();
     found.sort();
     found
 }
 
-/// The largest segment (the one holding the records just written).
+/// The segment holding the most batches (the one the records just written went to). Segments
+/// are preallocated (`WAL_PREALLOC_BYTES`), so the file length says nothing of the data.
 fn fullest_segment(dir: &Path) -> PathBuf {
     segments(dir)
         .into_iter()
-        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .max_by_key(|p| data_end(&std::fs::read(p).unwrap()))
         .expect("a WAL segment")
+}
+
+/// Where a segment's batches end (the rest of a preallocated file is zeros).
+fn data_end(bytes: &[u8]) -> usize {
+    *batch_starts(bytes).last().unwrap()
 }
 
 fn flip_byte(path: &Path, at: usize) -> u8 {
@@ -86,9 +92,6 @@ fn torn_tail_is_cut_and_corruption_or_a_bad_snapshot_stops_start_up() {
     let mut c = ChaosCluster::start(&ChaosOptions {
         nodes: 1,
         replication_factor: 1,
-        // Plain segments, whose length is where their data ends: this test damages the end and
-        // the middle of the file (preallocated segments are covered by kv-core's crash tests).
-        env: vec![("WAL_PREALLOC_BYTES".into(), "0".into())],
         ..ChaosOptions::default()
     });
     let url = c.url(0).to_owned();
@@ -101,9 +104,11 @@ fn torn_tail_is_cut_and_corruption_or_a_bad_snapshot_stops_start_up() {
     c.nodes[0].kill9();
     let segment = fullest_segment(&dir);
     let mut bytes = std::fs::read(&segment).unwrap();
-    let intact = bytes.len();
-    bytes.extend_from_slice(&200u32.to_le_bytes());
-    bytes.extend_from_slice(&[0xab; 4 + 37]);
+    let intact = data_end(&bytes);
+    let mut torn = 200u32.to_le_bytes().to_vec();
+    torn.extend_from_slice(&[0xab; 4 + 37]);
+    bytes.resize(bytes.len().max(intact + torn.len()), 0);
+    bytes[intact..intact + torn.len()].copy_from_slice(&torn);
     std::fs::write(&segment, &bytes).unwrap();
     c.nodes[0].restart();
     for i in 0..40 {
@@ -125,7 +130,7 @@ fn torn_tail_is_cut_and_corruption_or_a_bad_snapshot_stops_start_up() {
     // 2. Corruption followed by valid records: refuse to start, name the file and offset.
     c.nodes[0].kill9();
     let segment = fullest_segment(&dir);
-    let len = std::fs::metadata(&segment).unwrap().len() as usize;
+    let len = data_end(&std::fs::read(&segment).unwrap());
     assert!(
         len > 1000,
         "segment too small to corrupt in the middle: {len}"
@@ -274,18 +279,26 @@ fn a_node_started_on_another_nodes_data_folder_exits_2_and_changes_nothing() {
 }
 
 /// Batch starts of a format-3 WAL segment: `[header 48][batch: [len u32][crc][durable u64][crc]
-/// body]...`; the last entry is the end of the file.
+/// body]...`; the last entry is the end of the data: the end of the file, or where the zeros of
+/// a preallocated segment begin.
 fn batch_starts(bytes: &[u8]) -> Vec<usize> {
     assert_eq!(&bytes[..8], b"KVWALSEG");
     assert_eq!(bytes[8..12], 3u32.to_le_bytes(), "WAL format version 3");
     let mut starts = vec![48];
     let mut at = 48;
-    while at < bytes.len() {
+    while at + 20 <= bytes.len() && bytes[at..at + 20] != [0; 20] {
         let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
         at += 20 + len;
         starts.push(at);
     }
-    assert_eq!(at, bytes.len(), "batches end at the end of the file");
+    assert!(
+        at <= bytes.len(),
+        "the last batch runs past the end of the file"
+    );
+    assert!(
+        bytes[at..].iter().all(|&b| b == 0),
+        "after the batches only the zeros of preallocation"
+    );
     starts
 }
 
@@ -294,8 +307,6 @@ fn flipped_byte_in_an_old_batch_is_refused_and_a_hole_in_the_last_batch_is_cut()
     let mut c = ChaosCluster::start(&ChaosOptions {
         nodes: 1,
         replication_factor: 1,
-        // Plain segments: this test walks the batches to the end of the file.
-        env: vec![("WAL_PREALLOC_BYTES".into(), "0".into())],
         ..ChaosOptions::default()
     });
     let url = c.url(0).to_owned();
