@@ -109,13 +109,13 @@ impl Drop for RequestGuard {
 
 /// A response body that holds its request's [`RequestGuard`] until it is dropped.
 #[derive(Debug)]
-pub(crate) struct GuardedBody {
-    inner: Body,
+pub(crate) struct GuardedBody<B = Body> {
+    inner: B,
     _guard: RequestGuard,
 }
 
-impl GuardedBody {
-    pub(crate) fn new(inner: Body, guard: RequestGuard) -> GuardedBody {
+impl<B> GuardedBody<B> {
+    pub(crate) fn new(inner: B, guard: RequestGuard) -> GuardedBody<B> {
         GuardedBody {
             inner,
             _guard: guard,
@@ -123,14 +123,17 @@ impl GuardedBody {
     }
 }
 
-impl http_body::Body for GuardedBody {
+impl<B> http_body::Body for GuardedBody<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
     type Data = Bytes;
-    type Error = axum::Error;
+    type Error = B::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 

@@ -13,6 +13,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::Router;
+use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -61,12 +62,50 @@ impl Default for ServeLimits {
     }
 }
 
+/// What the serve loop hands each request to: an axum [`Router`], or a binary's own hot path
+/// (kv-lb answers its data routes with hyper directly and passes the rest to a `Router`).
+pub trait Handler: Clone + Send + Sync + 'static {
+    /// The response body.
+    type Body: http_body::Body<Data = Bytes, Error = Self::BodyError> + Send + Unpin + 'static;
+    /// The response body's error.
+    type BodyError: Into<Box<dyn std::error::Error + Send + Sync>>;
+
+    /// Answers one request that arrived from `peer`.
+    fn handle(
+        &self,
+        request: hyper::Request<Incoming>,
+        peer: SocketAddr,
+    ) -> impl Future<Output = hyper::Response<Self::Body>> + Send + use<Self>;
+}
+
+impl Handler for Router {
+    type Body = Body;
+    type BodyError = axum::Error;
+
+    fn handle(
+        &self,
+        request: hyper::Request<Incoming>,
+        peer: SocketAddr,
+    ) -> impl Future<Output = hyper::Response<Body>> + Send + use<> {
+        let mut request = request.map(Body::new);
+        // The client's address, for handlers that log who sent what.
+        request.extensions_mut().insert(ConnectInfo(peer));
+        let app = self.clone();
+        async move {
+            match app.oneshot(request).await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            }
+        }
+    }
+}
+
 /// Serves `app` on `listener` (over TLS when `tls` is given) until `shutdown` resolves, then
 /// stops accepting and waits up to `grace` for open connections to finish their requests.
 /// Returns whether they all did.
-pub async fn serve(
+pub async fn serve<H: Handler>(
     listener: TcpListener,
-    app: Router,
+    app: H,
     limits: ServeLimits,
     tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
@@ -145,14 +184,14 @@ fn http1_builder(limits: &ServeLimits) -> http1::Builder {
 }
 
 /// What one connection task needs.
-struct Door {
-    app: Router,
+struct Door<H> {
+    app: H,
     http: Arc<http1::Builder>,
     limits: ServeLimits,
     stop: watch::Receiver<bool>,
 }
 
-impl Door {
+impl<H: Handler> Door<H> {
     /// Serves one connection until the client closes it, a deadline of [`ServeLimits`] passes
     /// (the connection is dropped), or shutdown drains it.
     async fn serve_connection<S>(mut self, stream: S, peer: SocketAddr)
@@ -164,12 +203,9 @@ impl Door {
         let (app, requests) = (self.app.clone(), Arc::clone(&activity));
         let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
             let guard = RequestGuard::new(Arc::clone(&requests));
-            let app = app.clone();
+            let answer = app.handle(request, peer);
             async move {
-                let mut request = request.map(Body::new);
-                // The client's address, for handlers that log who sent what.
-                request.extensions_mut().insert(ConnectInfo(peer));
-                let response = app.oneshot(request).await?;
+                let response = answer.await;
                 Ok::<_, std::convert::Infallible>(
                     response.map(|body| GuardedBody::new(body, guard)),
                 )
