@@ -34,6 +34,8 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Default largest request head, in bytes.
 pub const DEFAULT_MAX_HEAD_BYTES: usize = 32 * 1024;
+/// Shortest time between two looks of a connection's watchdog.
+const MIN_LOOK: Duration = Duration::from_millis(1);
 /// Pause after a failed `accept` (such as too many open files) before the next one.
 const ACCEPT_RETRY_PAUSE: Duration = Duration::from_millis(50);
 
@@ -217,11 +219,20 @@ impl<H: Handler> Door<H> {
         if draining {
             connection.as_mut().graceful_shutdown();
         }
+        // One watchdog timer per connection, never re-armed per request: it wakes at the
+        // connection's deadline, and never later than one head timeout from its last look, so
+        // a head that starts in between is caught exactly at its own deadline (the look after
+        // it finds the head's deadline ahead and sleeps until then).
+        let (head_timeout, idle_timeout) = (self.limits.head_timeout, self.limits.idle_timeout);
+        let next_look = |now: tokio::time::Instant| {
+            let limit = now + head_timeout.max(MIN_LOOK);
+            activity
+                .deadline(head_timeout, idle_timeout)
+                .map_or(limit, |deadline| deadline.min(limit))
+        };
+        let watchdog = tokio::time::sleep_until(next_look(tokio::time::Instant::now()));
+        tokio::pin!(watchdog);
         loop {
-            let deadline = activity.deadline(self.limits.head_timeout, self.limits.idle_timeout);
-            // Busy: no deadline of ours; look again after an idle period at the latest.
-            let wake =
-                deadline.unwrap_or_else(|| tokio::time::Instant::now() + self.limits.idle_timeout);
             tokio::select! {
                 ended = connection.as_mut() => {
                     if let Err(e) = ended {
@@ -229,14 +240,14 @@ impl<H: Handler> Door<H> {
                     }
                     return;
                 }
-                () = activity.head_started() => {}
-                () = tokio::time::sleep_until(wake) => {
+                () = &mut watchdog => {
                     let now = tokio::time::Instant::now();
-                    let current = activity.deadline(self.limits.head_timeout, self.limits.idle_timeout);
+                    let current = activity.deadline(head_timeout, idle_timeout);
                     if current.is_some_and(|d| d <= now) {
                         debug!("closing a connection: idle, or its request head is late");
                         return;
                     }
+                    watchdog.as_mut().reset(next_look(now));
                 }
                 changed = self.stop.changed(), if !draining => {
                     draining = true;
@@ -339,6 +350,29 @@ mod tests {
         assert!(
             after >= HEAD - Duration::from_millis(50),
             "closed too early: {after:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_head_half_sent_after_a_request_is_cut_at_its_own_deadline() {
+        let (addr, _stop) = start(8).await;
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(GET).await.unwrap();
+        let mut buf = [0u8; 1024];
+        assert!(stream.read(&mut buf).await.unwrap() > 0);
+        tokio::time::sleep(HEAD / 3).await;
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let (_, after) = read_until_closed(&mut stream, IDLE * 2).await;
+        assert!(
+            after >= HEAD - Duration::from_millis(50),
+            "closed too early: {after:?}"
+        );
+        assert!(
+            after < HEAD + HEAD / 2,
+            "the head's own deadline, not the next look: {after:?}"
         );
     }
 
