@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::cpu::{CpuProbe, Process};
 use crate::error::BenchError;
 use crate::load::{RunConfig, StopAt};
 use crate::progress::ProgressMode;
-use crate::request::Target;
+use crate::request::{Api, Target};
 use crate::workload::{Consistency, KeyDist, Mix};
 
 /// Length of the measured phase when neither `--duration` nor `--requests` is given.
@@ -30,7 +31,8 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Closed-loop HTTP/1.1 load against a kv node or load balancer; prints a result table.
+    /// Closed-loop HTTP/1.1 load against a kv node or load balancer (or an etcd member, with
+    /// `--target etcd`); prints a result table.
     Run(Box<RunArgs>),
     /// Minimal HTTP server answering every request with a fixed ~70-byte JSON body: the HTTP
     /// limit of this machine, to compare kv against.
@@ -57,9 +59,24 @@ pub struct LimitProxyArgs {
 /// Arguments of `kv-bench run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Base URL of a kv load balancer or node.
+    /// Base URL of a kv load balancer or node; with `--target etcd`, the client URL of one etcd
+    /// member (its leader, for the fewest hops: `etcdctl endpoint status` shows which).
     #[arg(long, default_value = "http://127.0.0.1:9000")]
     pub url: String,
+    /// API of the target: `kv` (`/v1/{key}`) or `etcd` (the v3 JSON gateway: `POST
+    /// /v3/kv/range`, `/v3/kv/put`, `/v3/kv/deleterange` with base64 keys and values; reads are
+    /// linearizable ranges). Keys and values are the same as for kv: etcd stores the JSON value
+    /// text kv would store. A range that finds nothing counts as `not_found`, like kv's 404;
+    /// any status but 200 is an error. `--w` and `--r` are kv-only.
+    #[arg(long, value_enum, default_value_t = Api::Kv)]
+    pub target: Api,
+    /// A server process whose CPU time (user + system, from /proc/PID/stat) the measured phase
+    /// is charged: `NAME=PID` or `PID`; repeat or separate with commas. The table and the JSON
+    /// results then show the servers' CPU µs per successful request, in all and per process
+    /// (kv-bench's own CPU is always shown). Linux only.
+    #[arg(long = "server-pid", value_name = "[NAME=]PID", value_delimiter = ',',
+          value_parser = |s: &str| s.parse::<Process>())]
+    pub server_pids: Vec<Process>,
     /// Concurrent workers, each with one keep-alive connection.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub conns: u32,
@@ -159,13 +176,22 @@ impl RunArgs {
         if self.timeout.is_zero() {
             return Err(BenchError::Invalid("--timeout must be above 0".into()));
         }
+        if self.target == Api::Etcd && (self.w.is_some() || self.r.is_some()) {
+            return Err(BenchError::Invalid(
+                "--w and --r are kv's: etcd has no per-request consistency (a put commits \
+                 through raft to a majority, a range is linearizable)"
+                    .into(),
+            ));
+        }
         let stop = match (self.requests, self.duration) {
             (Some(n), _) => StopAt::Requests(n),
             (None, Some(d)) => StopAt::Elapsed(d),
             (None, None) => StopAt::Elapsed(DEFAULT_DURATION),
         };
         Ok(RunConfig {
+            api: self.target,
             target: Target::resolve(&self.url).await?,
+            cpu: CpuProbe::new(&self.server_pids)?,
             conns: self.conns as usize,
             stop,
             warmup: self.warmup,

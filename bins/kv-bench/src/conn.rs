@@ -11,6 +11,7 @@ use hyper::client::conn::http1::{handshake, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use crate::request::Api;
 use crate::stats::Outcome;
 use crate::workload::Op;
 
@@ -19,6 +20,8 @@ use crate::workload::Op;
 pub struct Conn {
     addr: SocketAddr,
     timeout: Duration,
+    /// How answers are classified.
+    api: Api,
     sender: Option<SendRequest<Full<Bytes>>>,
 }
 
@@ -32,11 +35,13 @@ enum Failure {
 }
 
 impl Conn {
-    /// A connection to `addr` whose exchanges give up after `timeout` (connecting included).
-    pub fn new(addr: SocketAddr, timeout: Duration) -> Self {
+    /// A connection to `addr` whose exchanges give up after `timeout` (connecting included) and
+    /// whose answers are classified as `api` answers.
+    pub fn new(addr: SocketAddr, timeout: Duration, api: Api) -> Self {
         Conn {
             addr,
             timeout,
+            api,
             sender: None,
         }
     }
@@ -47,7 +52,7 @@ impl Conn {
     /// the next call reconnects.
     pub async fn exchange(&mut self, op: Op, req: Request<Full<Bytes>>) -> Outcome {
         match tokio::time::timeout(self.timeout, self.send(req)).await {
-            Ok(Ok(status)) => Outcome::from_status(op, status),
+            Ok(Ok((status, body))) => self.api.classify(op, status, &body),
             Ok(Err(failure)) => {
                 self.sender = None;
                 match failure {
@@ -62,17 +67,26 @@ impl Conn {
         }
     }
 
-    /// Sends on the open connection (opening one if needed) and drains the body.
-    async fn send(&mut self, req: Request<Full<Bytes>>) -> Result<u16, Failure> {
+    /// Sends on the open connection (opening one if needed) and reads the whole body; returns
+    /// the status and the body when the API's classification needs it (an empty one otherwise).
+    async fn send(&mut self, req: Request<Full<Bytes>>) -> Result<(u16, Bytes), Failure> {
+        let needs_body = self.api.needs_body();
         let sender = self.ready_sender().await?;
         let response = sender.send_request(req).await.map_err(|_| Failure::Io)?;
         let status = response.status().as_u16();
-        response
+        let body = response
             .into_body()
             .collect()
             .await
             .map_err(|_| Failure::Io)?;
-        Ok(status)
+        Ok((
+            status,
+            if needs_body {
+                body.to_bytes()
+            } else {
+                Bytes::new()
+            },
+        ))
     }
 
     /// The sender of a live connection: the kept-alive one if the server has not closed it,

@@ -12,9 +12,10 @@ use rand::SeedableRng;
 use tokio::task::JoinHandle;
 
 use crate::conn::Conn;
+use crate::cpu::{CpuProbe, CpuUsage};
 use crate::error::BenchError;
 use crate::progress::{LiveCounters, Progress, ProgressMode};
-use crate::request::{RequestFactory, Target};
+use crate::request::{Api, RequestFactory, Target};
 use crate::stats::{Outcome, RunStats};
 use crate::workload::{Consistency, KeyDist, KeySampler, Mix, Op};
 
@@ -33,8 +34,12 @@ pub enum StopAt {
 /// Everything one `kv-bench run` needs, validated.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
+    /// The API requests speak.
+    pub api: Api,
     /// Where requests go.
     pub target: Target,
+    /// The processes whose CPU time the measured phase is charged.
+    pub cpu: CpuProbe,
     /// Number of workers, each with one connection.
     pub conns: usize,
     /// End of the measured phase.
@@ -76,6 +81,9 @@ pub struct RunResult {
     pub elapsed: Duration,
     /// What the preload did, when asked for.
     pub preload: Option<PreloadResult>,
+    /// CPU time used during the measured phase, or why it could not be measured (a server
+    /// process exited).
+    pub cpu: Result<CpuUsage, String>,
 }
 
 /// Outcome of `--preload`.
@@ -151,6 +159,7 @@ impl Pacer {
 /// What every worker shares.
 #[derive(Debug)]
 struct WorkerContext {
+    api: Api,
     target: Target,
     timeout: Duration,
     requests: RequestFactory,
@@ -172,6 +181,7 @@ impl WorkerContext {
             false => Phase::Warmup,
         };
         Ok(WorkerContext {
+            api: config.api,
             target: config.target.clone(),
             timeout: config.timeout,
             requests,
@@ -201,6 +211,7 @@ impl WorkerContext {
 /// Runs the whole benchmark: optional preload, warm-up, measured phase.
 pub async fn run(config: &RunConfig) -> Result<RunResult, BenchError> {
     let requests = RequestFactory::new(
+        config.api,
         &config.target,
         &config.key_prefix,
         config.value_size,
@@ -218,6 +229,8 @@ pub async fn run(config: &RunConfig) -> Result<RunResult, BenchError> {
         .collect();
     let progress = Progress::start(config, Arc::clone(&ctx.live), Arc::clone(&ctx.phase));
     tokio::time::sleep(config.warmup).await;
+    // CPU is sampled right at the edges of the measured phase.
+    let cpu_start = config.cpu.sample();
     ctx.phase.set(Phase::Measure);
     let start = Instant::now();
     let stats = match config.stop {
@@ -225,28 +238,30 @@ pub async fn run(config: &RunConfig) -> Result<RunResult, BenchError> {
             tokio::time::sleep(duration).await;
             ctx.phase.set(Phase::Done);
             let elapsed = start.elapsed();
+            let cpu_end = config.cpu.sample();
             // Requests still in flight finish (or time out) but are no longer recorded.
-            (join_workers(workers).await?, elapsed)
+            (join_workers(workers).await?, elapsed, cpu_end)
         }
         StopAt::Requests(_) => {
             let stats = join_workers(workers).await?;
-            (stats, start.elapsed())
+            (stats, start.elapsed(), config.cpu.sample())
         }
     };
     ctx.phase.set(Phase::Done);
     progress.finish();
-    let (stats, elapsed) = stats;
+    let (stats, elapsed, cpu_end) = stats;
     Ok(RunResult {
         stats,
         elapsed,
         preload,
+        cpu: cpu_start.and_then(|start| Ok(config.cpu.usage(&start, &cpu_end?))),
     })
 }
 
 /// One closed-loop worker: pick an operation and a key, send, wait, record, repeat.
 async fn worker(ctx: Arc<WorkerContext>) -> Result<RunStats, BenchError> {
     let mut stats = RunStats::new()?;
-    let mut conn = Conn::new(ctx.target.addr, ctx.timeout);
+    let mut conn = Conn::new(ctx.target.addr, ctx.timeout, ctx.api);
     let mut rng = SmallRng::from_os_rng();
     loop {
         let started_in = ctx.phase.get();
@@ -303,7 +318,7 @@ async fn preload(
     let tasks = (config.conns as u64).clamp(1, config.keys.max(1));
     let handles: Vec<_> = (0..tasks)
         .map(|_| {
-            let conn = Conn::new(config.target.addr, config.timeout);
+            let conn = Conn::new(config.target.addr, config.timeout, config.api);
             tokio::spawn(preload_keys(
                 conn,
                 requests.clone(),
@@ -375,11 +390,13 @@ mod tests {
 
     fn config(addr: SocketAddr, stop: StopAt, mix: &str) -> RunConfig {
         RunConfig {
+            api: Api::Kv,
             target: Target {
                 addr,
                 host: HeaderValue::from_str(&addr.to_string()).unwrap(),
                 base_path: String::new(),
             },
+            cpu: CpuProbe::new(&[]).unwrap(),
             conns: 4,
             stop,
             warmup: Duration::from_millis(200),
@@ -437,6 +454,28 @@ mod tests {
             all.ok
         );
         assert_eq!(all.error_count(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn etcd_answers_are_read_from_their_bodies_and_cpu_is_charged() {
+        // The limit server answers 200 with a body that has no `kvs`: to etcd reads that is
+        // an empty range (not_found, a success), to etcd writes a success.
+        let addr = limit_server(StatusCode::OK).await;
+        let mut config = config(addr, StopAt::Requests(600), "read=1,write=1");
+        (config.api, config.w) = (Api::Etcd, None);
+        config.cpu = CpuProbe::new(&[crate::cpu::Process {
+            name: "me".into(),
+            pid: std::process::id(),
+        }])
+        .unwrap();
+        let result = run(&config).await.unwrap();
+        let stats = &result.stats;
+        assert_eq!(stats.read.ok + stats.write.not_found, 0);
+        assert_eq!(stats.read.not_found + stats.write.ok, 600);
+        assert!(stats.read.not_found > 0 && stats.write.ok > 0);
+        let usage = result.cpu.unwrap();
+        assert_eq!(usage.servers.len(), 1);
+        assert_eq!(usage.servers[0].name, "me");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

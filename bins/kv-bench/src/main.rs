@@ -3,13 +3,14 @@
 //! costs (`limit-proxy`). This file is wiring: parse the command line,
 //! build the tokio runtime, call the subcommand, print the result.
 //!
-//! Modules: `cli` (arguments), `workload` (mix, keys, consistency), `request` (target and
-//! requests), `conn` (one keep-alive connection), `load` (workers and phases), `stats` (counts and
-//! histograms), `progress` (stderr display), `report` (table and JSON), `limit_server`,
-//! `limit_proxy`.
+//! Modules: `cli` (arguments), `workload` (mix, keys, consistency), `request` (target, kv and
+//! etcd requests, classification of answers), `conn` (one keep-alive connection), `load`
+//! (workers and phases), `cpu` (server CPU time from /proc), `stats` (counts and histograms),
+//! `progress` (stderr display), `report` (table and JSON), `limit_server`, `limit_proxy`.
 
 mod cli;
 mod conn;
+mod cpu;
 mod error;
 mod limit_proxy;
 mod limit_server;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::cpu::{CpuUsage, ProcessCpu};
 use crate::error::BenchError;
 use crate::load::{RunConfig, RunResult};
 use crate::stats::{OpStats, RunStats};
@@ -20,6 +21,8 @@ pub struct Report {
     pub label: String,
     /// Target URL.
     pub url: String,
+    /// API of the target: `kv` or `etcd`.
+    pub target: String,
     /// Workers (= connections).
     pub conns: usize,
     /// `--rate`: requests per second of an open-loop run; `None` for a closed loop.
@@ -46,6 +49,72 @@ pub struct Report {
     pub preload: Option<PreloadReport>,
     /// One entry per operation in the mix, then `all`.
     pub ops: Vec<OpReport>,
+    /// CPU of the `--server-pid` processes during the measured phase; `None` without any, or
+    /// when it could not be measured (`cpu_error` says why).
+    pub server_cpu: Option<CpuReport>,
+    /// CPU of kv-bench itself during the measured phase.
+    pub client_cpu: Option<ProcessCpuReport>,
+    /// Why the CPU could not be measured (a server process exited during the run).
+    pub cpu_error: Option<String>,
+}
+
+/// CPU time of a set of server processes during the measured phase.
+#[derive(Debug, Serialize)]
+pub struct CpuReport {
+    /// Seconds of CPU (user + system) of all of them together.
+    pub secs: f64,
+    /// Microseconds of their CPU per successful request; `None` when none succeeded.
+    pub us_per_request: Option<f64>,
+    /// The same per process, in `--server-pid` order.
+    pub processes: Vec<ProcessCpuReport>,
+}
+
+/// CPU time of one process during the measured phase.
+#[derive(Debug, Serialize)]
+pub struct ProcessCpuReport {
+    /// Name given with `--server-pid NAME=PID`, or the process's command.
+    pub name: String,
+    /// Process id.
+    pub pid: u32,
+    /// Seconds of CPU (user + system).
+    pub secs: f64,
+    /// Microseconds of CPU per successful request; `None` when none succeeded.
+    pub us_per_request: Option<f64>,
+}
+
+impl ProcessCpuReport {
+    fn new(used: &ProcessCpu, successes: u64) -> Self {
+        ProcessCpuReport {
+            name: used.name.clone(),
+            pid: used.pid,
+            secs: used.secs,
+            us_per_request: per_request(used.secs, successes),
+        }
+    }
+}
+
+/// Microseconds of `secs` per one of `successes`, if any.
+fn per_request(secs: f64, successes: u64) -> Option<f64> {
+    (successes > 0).then(|| secs * 1e6 / successes as f64)
+}
+
+impl CpuReport {
+    /// The servers' part of `usage`, per successful request; `None` when no server was given.
+    fn new(usage: &CpuUsage, successes: u64) -> Option<Self> {
+        if usage.servers.is_empty() {
+            return None;
+        }
+        let secs = usage.servers.iter().map(|p| p.secs).sum();
+        Some(CpuReport {
+            secs,
+            us_per_request: per_request(secs, successes),
+            processes: usage
+                .servers
+                .iter()
+                .map(|p| ProcessCpuReport::new(p, successes))
+                .collect(),
+        })
+    }
 }
 
 /// What `--preload` did.
@@ -106,9 +175,23 @@ impl Report {
         threads: usize,
         result: &RunResult,
     ) -> Result<Self, BenchError> {
+        let ops = summarize(&result.stats, &config.mix, result.elapsed)?;
+        let successes = ops.last().map_or(0, |all| all.ok + all.not_found);
+        let (server_cpu, client_cpu, cpu_error) = match &result.cpu {
+            Ok(usage) => (
+                CpuReport::new(usage, successes),
+                usage
+                    .client
+                    .as_ref()
+                    .map(|c| ProcessCpuReport::new(c, successes)),
+                None,
+            ),
+            Err(e) => (None, None, Some(e.clone())),
+        };
         Ok(Report {
             label: label.unwrap_or(url).to_string(),
             url: url.to_string(),
+            target: config.api.name().to_string(),
             conns: config.conns,
             rate: config.rate,
             threads,
@@ -125,7 +208,10 @@ impl Report {
                 failed: p.failed,
                 secs: p.elapsed.as_secs_f64(),
             }),
-            ops: summarize(&result.stats, &config.mix, result.elapsed)?,
+            ops,
+            server_cpu,
+            client_cpu,
+            cpu_error,
         })
     }
 
@@ -227,7 +313,36 @@ pub fn render_table(report: &Report) -> String {
             error_summary(op),
         );
     }
+    if let Some(line) = cpu_line(report) {
+        let _ = writeln!(out, "{line}");
+    }
     out
+}
+
+/// `CPU per successful request: servers 151.2 µs (node1 50.1, lb 30.2, ...), kv-bench 20.3 µs`,
+/// or why it could not be measured.
+fn cpu_line(report: &Report) -> Option<String> {
+    if let Some(e) = &report.cpu_error {
+        return Some(format!("CPU not measured: {e}"));
+    }
+    let us = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+    let mut parts = Vec::new();
+    if let Some(s) = &report.server_cpu {
+        let each: Vec<String> = s
+            .processes
+            .iter()
+            .map(|p| format!("{} {}", p.name, us(p.us_per_request)))
+            .collect();
+        parts.push(format!(
+            "servers {} µs ({})",
+            us(s.us_per_request),
+            each.join(", ")
+        ));
+    }
+    if let Some(c) = &report.client_cpu {
+        parts.push(format!("kv-bench {} µs", us(c.us_per_request)));
+    }
+    (!parts.is_empty()).then(|| format!("CPU per successful request: {}", parts.join(", ")))
 }
 
 /// Microseconds as milliseconds with three decimals.

@@ -334,9 +334,10 @@ pub async fn empty_key() -> ApiError {
     )
 }
 
-/// `GET /v1/{key}?watch=true`: the key's changes, from this node's feed when it replicates the
-/// key; otherwise a `307` to the key's first replica (the LB routes there directly).
-fn watch_key(
+/// `GET /v1/{key}?watch=true`: the key's changes, from the feeds of its replicas merged
+/// (`watch_merge.rs`) when this node is one; otherwise a `307` to the key's first replica (the LB
+/// routes there directly).
+async fn watch_key(
     app: &AppState,
     key: String,
     parts: &axum::http::request::Parts,
@@ -344,11 +345,9 @@ fn watch_key(
     let after = watch::last_event_id(&parts.headers)?;
     let cluster = app.cluster();
     if cluster.is_replica(&key) {
-        return Ok(watch::stream(
-            cluster.watch_hub(),
-            watch::Filter::Key(key),
-            after,
-        ));
+        return Ok(
+            crate::watch_merge::merged(cluster.clone(), watch::Filter::Key(key), after).await,
+        );
     }
     let replica = cluster
         .replicas(&key)
@@ -380,7 +379,7 @@ pub async fn data(State(app): State<AppState>, request: Request) -> Result<Respo
     )?;
     if parts.method == Method::GET && watch::wants_watch(parts.uri.query())? {
         let key = parse_key(parts.uri.path(), "/v1/", config.max_key_bytes)?;
-        return watch_key(&app, key, &parts);
+        return watch_key(&app, key, &parts).await;
     }
     let kind = match parts.method {
         Method::GET | Method::HEAD => OpKind::Get,

@@ -74,7 +74,7 @@ pub async fn list(State(app): State<AppState>, request: Request) -> Result<Respo
     }
     let query = parse_query(parts.uri.query())?;
     if parts.method == axum::http::Method::GET && watch::wants_watch(parts.uri.query())? {
-        return watch_prefix(&app, query.prefix, &parts.headers);
+        return watch_prefix(&app, query.prefix, &parts.headers).await;
     }
     let rid = request_id(&parts.headers);
     let page_query = kv_cluster::peer::PageQuery {
@@ -101,23 +101,18 @@ pub async fn list(State(app): State<AppState>, request: Request) -> Result<Respo
     Ok(axum::Json(body).into_response())
 }
 
-/// `GET /v1?prefix=P&watch=true`: the changes of every key under the prefix: this node's own
-/// feed when it holds every key (N >= nodes), else that feed merged with every peer's.
-fn watch_prefix(
+/// `GET /v1?prefix=P&watch=true`: the changes of every key under the prefix, from this node's
+/// feed merged with every peer's (`watch_merge.rs`).
+async fn watch_prefix(
     app: &AppState,
     prefix: String,
     headers: &axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
     let after = watch::last_event_id(headers)?;
-    let cluster = app.cluster();
-    if !cluster.holds_every_key() {
-        return Ok(crate::watch_merge::merged(cluster.clone(), prefix, after));
-    }
-    Ok(watch::stream(
-        cluster.watch_hub(),
-        watch::Filter::Prefix(prefix),
-        after,
-    ))
+    Ok(
+        crate::watch_merge::merged(app.cluster().clone(), watch::Filter::Prefix(prefix), after)
+            .await,
+    )
 }
 
 #[cfg(test)]

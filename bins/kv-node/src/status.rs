@@ -47,6 +47,7 @@ pub async fn status(State(app): State<AppState>) -> Json<Value> {
         "read_repairs": cluster.read_repairs,
         "watch": {
             "watchers": app.cluster().watch_hub().watchers(),
+            "peer_feeds": app.cluster().watch_hub().peer_feeds(),
             "history_events": app.cluster().watch_hub().held().0,
             "history_bytes": app.cluster().watch_hub().held().1,
         },

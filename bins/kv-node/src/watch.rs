@@ -10,7 +10,7 @@ use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use bytes::Bytes;
-use kv_cluster::watch::{Change, Read, Start};
+use kv_cluster::watch::{Change, Read, Reader, Start};
 use kv_cluster::WatchHub;
 use kv_core::Version;
 use tokio::sync::mpsc;
@@ -25,7 +25,7 @@ pub const QUEUED_FRAMES: usize = 8;
 /// Events read from the history per frame (a frame also stops at `FRAME_BYTES`).
 const EVENTS_PER_READ: usize = 256;
 /// A frame is sent once it holds this many bytes.
-const FRAME_BYTES: usize = 256 * 1024;
+pub const FRAME_BYTES: usize = 256 * 1024;
 /// A watcher that takes no frame for this long is dropped (it reads nothing at all).
 const STALLED_AFTER: Duration = Duration::from_secs(30);
 /// Reconnection delay suggested to clients (`retry:`), in milliseconds.
@@ -41,7 +41,7 @@ pub enum Filter {
 }
 
 impl Filter {
-    fn matches(&self, key: &str) -> bool {
+    pub fn matches(&self, key: &str) -> bool {
         match self {
             Filter::Key(k) => k == key,
             Filter::Prefix(p) => key.starts_with(p.as_str()),
@@ -105,17 +105,24 @@ pub async fn own_feed(
         app.cluster().watch_hub(),
         Filter::Prefix(prefix),
         after,
+        Some(Reader::Peer),
     ))
 }
 
-/// Starts streaming the changes `filter` selects, after `after` if given.
-pub fn stream(hub: Arc<WatchHub>, filter: Filter, after: Option<Version>) -> Response {
+/// Starts streaming the changes `filter` selects, after `after` if given; counted in the
+/// node's status as `reader` (`None`: part of a merged watch, which counts itself).
+pub fn stream(
+    hub: Arc<WatchHub>,
+    filter: Filter,
+    after: Option<Version>,
+    reader: Option<Reader>,
+) -> Response {
     let wake = hub.subscribe();
     let (tx, rx) = mpsc::channel::<Bytes>(QUEUED_FRAMES);
     let opening = opening();
     match hub.start(after) {
         Ok(start) => {
-            tokio::spawn(pump(hub, filter, start, wake, tx, opening));
+            tokio::spawn(pump(hub, filter, start, wake, tx, opening, reader));
         }
         Err(gone) => {
             let mut frame = opening.to_vec();
@@ -168,8 +175,9 @@ async fn pump(
     mut wake: tokio::sync::watch::Receiver<u64>,
     tx: mpsc::Sender<Bytes>,
     opening: Bytes,
+    reader: Option<Reader>,
 ) {
-    let _counted = hub.watcher();
+    let _counted = reader.map(|reader| hub.watcher(reader));
     if !send(&tx, opening).await {
         return;
     }
@@ -373,7 +381,12 @@ mod tests {
         hub.push(change_at("x/other", ms - 1_000));
         let resume_from = change_at("k/last", ms).version;
         hub.push(change_at("k/last", ms));
-        let response = stream(hub.clone(), Filter::Prefix("k/".into()), Some(resume_from));
+        let response = stream(
+            hub.clone(),
+            Filter::Prefix("k/".into()),
+            Some(resume_from),
+            Some(Reader::Client),
+        );
         assert_eq!(
             response.headers()[header::CONTENT_TYPE],
             "text/event-stream"
@@ -395,7 +408,12 @@ mod tests {
             max_bytes: 1 << 20,
         };
         let hub = Arc::new(WatchHub::new(limits, Version::ZERO));
-        let response = stream(hub.clone(), Filter::Prefix(String::new()), None);
+        let response = stream(
+            hub.clone(),
+            Filter::Prefix(String::new()),
+            None,
+            Some(Reader::Client),
+        );
         // The pump has not run yet (one thread): it falls behind before its first read.
         for ms in 1..=10 {
             hub.push(change_at("k", ms));
@@ -406,7 +424,7 @@ mod tests {
             "{text}"
         );
 
-        let gone = stream(hub, Filter::Key("k".into()), Some(Version::ZERO));
+        let gone = stream(hub, Filter::Key("k".into()), Some(Version::ZERO), None);
         let text = read_until(gone, "event: lagged").await;
         assert!(text.contains("history_gone"), "{text}");
     }

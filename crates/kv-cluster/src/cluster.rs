@@ -113,6 +113,9 @@ pub struct PeerView {
     pub hints_pending: u64,
 }
 
+/// An opened peer change feed (`Cluster::open_peer_watch`): read it with `chunk()`.
+pub type PeerWatch = reqwest::Response;
+
 /// A node's view of the cluster and the code paths that span it. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Cluster {
@@ -394,18 +397,16 @@ impl Cluster {
         prefix: &str,
         after: Option<kv_core::Version>,
         request_id: &str,
-    ) -> std::result::Result<reqwest::Response, crate::peer::CallError> {
+    ) -> std::result::Result<PeerWatch, crate::peer::CallError> {
         self.inner
             .peers
             .watch(peer, prefix, after, request_id)
             .await
     }
 
-    /// True when every member holds every key (N >= members): then this node's own change feed
-    /// has every change of the cluster.
-    pub fn holds_every_key(&self) -> bool {
-        let topology = self.topology();
-        topology.members().count() <= topology.replication_factor()
+    /// This node's URL (its name in the ring).
+    pub fn url(&self) -> Arc<str> {
+        self.inner.me.clone()
     }
 
     /// The local storage engine.

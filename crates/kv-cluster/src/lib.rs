@@ -50,7 +50,7 @@ pub mod watch;
 
 pub use antientropy::{AntiEntropyConfig, RepairReport};
 pub use clock::{ClockSample, ClockState};
-pub use cluster::{Cluster, ClusterConfig, ClusterStatus, PeerView, Route};
+pub use cluster::{Cluster, ClusterConfig, ClusterStatus, PeerView, PeerWatch, Route};
 pub use consistency::Consistency;
 pub use detector::{PeerState, PeerStatus};
 pub use error::{Error, Result};

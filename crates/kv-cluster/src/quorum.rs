@@ -183,10 +183,12 @@ impl Tries {
                 newest,
             } => (stored, newer, newest),
         };
-        if self.above_acknowledged && stored + newer >= self.needed {
+        if self.above_acknowledged && stored > 0 && stored + newer >= self.needed {
             // Overtaken by concurrent writes only, and W replicas hold this write or a newer
             // one: it takes effect just before the write that overtook it (no later quorum read
-            // can return anything older).
+            // can return anything older). At least one replica must have applied it, so that it
+            // is a change in that replica's feed that watchers see (`watch_merge.rs`); a write
+            // that no replica applied goes above again.
             return Next::Done(Ok(Written {
                 version,
                 acks: stored + newer,
@@ -770,6 +772,26 @@ mod tests {
         // Second try above 9, overtaken again: only a concurrent write can be newer now, and W
         // replicas hold this write or newer, so it is acknowledged.
         let next = tries.judge(v(10), superseded(1, 1, 12), false);
+        assert!(
+            matches!(next, Next::Done(Ok(Written { acks: 2, .. }))),
+            "{next:?}"
+        );
+    }
+
+    #[test]
+    fn a_write_no_replica_applied_is_never_acknowledged_as_overtaken() {
+        let mut tries = Tries::new(2, 2);
+        assert!(matches!(
+            tries.judge(v(5), superseded(0, 2, 9), false),
+            Next::TryAbove(_)
+        ));
+        // Above everything acknowledged, but every replica already held a newer write: no feed
+        // has this one, so it goes above once more instead of being acknowledged unseen.
+        assert!(matches!(
+            tries.judge(v(10), superseded(0, 3, 12), false),
+            Next::TryAbove(newest) if newest == v(12)
+        ));
+        let next = tries.judge(v(13), superseded(1, 1, 14), false);
         assert!(
             matches!(next, Next::Done(Ok(Written { acks: 2, .. }))),
             "{next:?}"

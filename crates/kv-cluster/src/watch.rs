@@ -112,17 +112,30 @@ pub struct WatchHub {
     next_seq: tokio::sync::watch::Sender<u64>,
     limits: HistoryLimits,
     closed: std::sync::atomic::AtomicBool,
+    /// Open client watches.
     watchers: std::sync::atomic::AtomicUsize,
+    /// Open feeds that peers read for their merged watches.
+    peer_feeds: std::sync::atomic::AtomicUsize,
 }
 
-/// Counts one open watch in [`WatchHub::watchers`] for as long as it lives.
+/// Who reads a stream, for the counts in the node's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reader {
+    /// A client's watch.
+    Client,
+    /// A peer merging this node's feed into a client's watch.
+    Peer,
+}
+
+/// Counts one open stream in [`WatchHub::watchers`] or [`WatchHub::peer_feeds`] for as long as
+/// it lives.
 #[derive(Debug)]
-pub struct WatcherGuard(Arc<WatchHub>);
+pub struct WatcherGuard(Arc<WatchHub>, Reader);
 
 impl Drop for WatcherGuard {
     fn drop(&mut self) {
         self.0
-            .watchers
+            .counter(self.1)
             .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
@@ -142,6 +155,7 @@ impl WatchHub {
             limits,
             closed: std::sync::atomic::AtomicBool::new(false),
             watchers: std::sync::atomic::AtomicUsize::new(0),
+            peer_feeds: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -227,16 +241,28 @@ impl WatchHub {
         self.closed.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Counts a watch as open until the guard is dropped.
-    pub fn watcher(self: &Arc<Self>) -> WatcherGuard {
-        self.watchers
+    /// Counts a stream as open until the guard is dropped.
+    pub fn watcher(self: &Arc<Self>, reader: Reader) -> WatcherGuard {
+        self.counter(reader)
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        WatcherGuard(self.clone())
+        WatcherGuard(self.clone(), reader)
     }
 
-    /// Watches open on this node now.
+    fn counter(&self, reader: Reader) -> &std::sync::atomic::AtomicUsize {
+        match reader {
+            Reader::Client => &self.watchers,
+            Reader::Peer => &self.peer_feeds,
+        }
+    }
+
+    /// Client watches open on this node now.
     pub fn watchers(&self) -> usize {
         self.watchers.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Feeds open for peers' merged watches now.
+    pub fn peer_feeds(&self) -> usize {
+        self.peer_feeds.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Events and bytes held now (for status and tests).
@@ -382,10 +408,13 @@ mod tests {
             "close wakes watchers"
         );
         let hub = Arc::new(hub);
-        let guard = hub.watcher();
-        assert_eq!(hub.watchers(), 1);
+        let guard = hub.watcher(Reader::Client);
+        let peer = hub.watcher(Reader::Peer);
+        assert_eq!((hub.watchers(), hub.peer_feeds()), (1, 1));
         drop(guard);
-        assert_eq!(hub.watchers(), 0);
+        assert_eq!((hub.watchers(), hub.peer_feeds()), (0, 1));
+        drop(peer);
+        assert_eq!(hub.peer_feeds(), 0);
         let Read::Events(events, _) = hub.read(0, 1) else {
             panic!("lagged")
         };

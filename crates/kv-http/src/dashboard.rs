@@ -205,13 +205,18 @@ fn unix_now() -> Duration {
         .unwrap_or_default()
 }
 
-/// Counts one request in the process-wide window: `route` as `METHOD /template`.
+/// Counts one request in the process-wide window: `route` as `METHOD /template`. The
+/// dashboard's own page and polls (`/ui...`) are not counted, so an open page does not show up
+/// in the throughput it draws.
 pub fn record_request(method: &str, route: &str, status: u16, elapsed: Duration) {
+    if route.starts_with("/ui") {
+        return;
+    }
     record_named(&format!("{method} {route}"), status, elapsed);
 }
 
 /// [`record_request`] for a caller that keeps its `METHOD /template` names ready (a hot path
-/// with a fixed set of routes), saving the formatting.
+/// with a fixed set of routes, none of them the dashboard's), saving the formatting.
 pub fn record_named(name: &str, status: u16, elapsed: Duration) {
     ROUTES.record(unix_now().as_secs(), name, status, elapsed);
 }
@@ -290,6 +295,16 @@ impl Visit for LineVisitor {
 mod tests {
     use super::*;
     use tracing_subscriber::layer::SubscriberExt;
+
+    #[test]
+    fn the_dashboards_own_requests_are_not_counted() {
+        record_request("GET", "/ui/stats", 200, Duration::from_millis(1));
+        record_request("GET", "/ui", 200, Duration::from_millis(1));
+        record_request("GET", "/v1/{*key}", 200, Duration::from_millis(1));
+        let text = routes_json().to_string();
+        assert!(text.contains("GET /v1/{*key}"), "{text}");
+        assert!(!text.contains("/ui"), "{text}");
+    }
 
     #[test]
     fn window_counts_errors_and_p99_per_second() {
