@@ -6,21 +6,25 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::body::Body;
+use axum::extract::{Request, State};
 use axum::http::{Method, Uri};
 use axum::middleware::{from_fn, from_fn_with_state};
-use axum::routing::{any, get, post};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use parking_lot::RwLock;
 
 use crate::config::LbConfig;
 use crate::error::ApiError;
+use crate::front::{self, DataRoute};
 use crate::health::health_route;
 use crate::metrics::metrics_route;
 use crate::routing::Routing;
 use crate::status::{status_route, Counters};
 use crate::upstream::Upstream;
-use crate::{auth, proxy, request_context, ui};
+use crate::{auth, request_context, ui};
 
 /// Slack allowed above `MAX_VALUE_BYTES` for the JSON around the value (`{"value": ...}`).
 pub const BODY_MARGIN_BYTES: usize = 64 * 1024;
@@ -101,28 +105,39 @@ impl LbState {
     }
 }
 
-/// The whole application: status routes, data routes behind auth, JSON fallbacks.
+/// The whole application as one axum `Router`: status routes, the dashboard, JSON fallbacks,
+/// and the data routes. The server answers data routes before the router (`front.rs`); they
+/// are here too, to the same code, so that the router alone is the whole LB (unit tests).
 pub fn app(state: SharedState) -> Router {
+    // Data routes keep their own request context (`front::data`): no layer here.
     let data = Router::new()
-        .route("/v1", any(proxy::any_node))
-        .route("/v1/", any(proxy::any_node))
-        .route("/v1/{*key}", any(proxy::key_owner))
-        .route("/batch", post(proxy::any_node).fallback(method_not_allowed))
-        .route_layer(from_fn_with_state(Arc::clone(&state), auth::require_token));
+        .route("/v1", any(data_route))
+        .route("/v1/", any(data_route))
+        .route("/v1/{*key}", any(data_route))
+        .route("/batch", any(data_route));
     // The page holds no data and is open; what it polls needs the token (README, Security).
     let dashboard = Router::new()
         .route("/ui/stats", get(ui::stats).fallback(method_not_allowed))
         .route_layer(from_fn_with_state(Arc::clone(&state), auth::require_token))
         .route("/ui", get(ui::page).fallback(method_not_allowed));
-    Router::new()
+    let rare = Router::new()
         .route("/", get(status_route).fallback(method_not_allowed))
         .route("/health", get(health_route).fallback(method_not_allowed))
         .route("/metrics", get(metrics_route).fallback(method_not_allowed))
-        .merge(data)
         .merge(dashboard)
         .fallback(not_found)
-        .layer(from_fn(request_context::track))
-        .with_state(state)
+        .layer(from_fn(request_context::track));
+    data.merge(rare).with_state(state)
+}
+
+/// A data route reached through the router: the same code as the server's front door.
+async fn data_route(State(state): State<SharedState>, request: Request) -> Response {
+    match DataRoute::of(request.uri().path()) {
+        Some(route) => front::data(&state, route, request).await.map(Body::new),
+        None => not_found(request.method().clone(), request.uri().clone())
+            .await
+            .into_response(),
+    }
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {

@@ -5,7 +5,10 @@
 //! - `config`: environment variables -> [`config::LbConfig`]; `--help` text.
 //! - `app`: the router and shared state; `request_context` (request id, span, metrics) and
 //!   `auth` (bearer token) wrap the routes.
-//! - `proxy`: ring lookup, healthy-first order, failover rules; `upstream`: the pooled client.
+//! - `front`: the front door: data routes matched by hand and answered with hyper directly, the
+//!   rest handed to the router.
+//! - `proxy`: ring lookup, healthy-first order, failover rules; `upstream`: connections to the
+//!   nodes, driven in the client connection's task.
 //! - `health`: node health, the active checker, `GET /health`; `status`: `GET /`;
 //!   `metrics`: `GET /metrics`; `error`: the one mapping of errors to JSON responses.
 
@@ -13,6 +16,7 @@ mod app;
 mod auth;
 mod config;
 mod error;
+mod front;
 mod health;
 mod metrics;
 mod proxy;
@@ -24,6 +28,7 @@ mod upstream;
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -150,11 +155,13 @@ async fn run(config: LbConfig, tls: LbTls) -> Result<(), String> {
         config.health_check_interval,
         config.health_check_timeout,
     ));
+    let upstream = state.upstream.clone();
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval(metrics::UPKEEP_INTERVAL);
         loop {
             ticks.tick().await;
             handle.run_upkeep();
+            upstream.sweep();
         }
     });
     let listener = TcpListener::bind(config.listen)
@@ -174,7 +181,7 @@ async fn run(config: LbConfig, tls: LbTls) -> Result<(), String> {
         info!("shutting down: finishing requests in flight");
     };
     let drain = config.request_timeout + SHUTDOWN_GRACE;
-    let app = app::app(state);
+    let app = front::Front::new(Arc::clone(&state), app::app(Arc::clone(&state)));
     let limits = config.serve_limits;
     if !kv_http::serve(listener, app, limits, tls.acceptor, shutdown, drain).await {
         warn!("requests still in flight after the drain period; exiting anyway");

@@ -1,10 +1,12 @@
 //! Prometheus metrics of the load balancer: names, the recorder, and one function per event so
 //! label sets stay consistent. `GET /metrics` renders the handle; there is no separate listener.
 
+use std::cell::RefCell;
 use std::time::Duration;
 
 use axum::extract::State;
-use metrics::{counter, gauge, histogram};
+use axum::http::Method;
+use metrics::{counter, gauge, histogram, Counter, Histogram};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::app::SharedState;
@@ -76,4 +78,84 @@ pub fn retry() {
 /// A request was answered by a node other than its first choice.
 pub fn failover() {
     counter!(FAILOVERS).increment(1);
+}
+
+/// The data routes' labels, in [`crate::front::DataRoute`] order.
+const DATA_ROUTES: [&str; 4] = ["/v1", "/v1/", "/v1/{*key}", "/batch"];
+/// Methods whose metric handles are kept; others take the slower path.
+const KEPT_METHODS: [Method; 7] = [
+    Method::GET,
+    Method::HEAD,
+    Method::POST,
+    Method::PUT,
+    Method::DELETE,
+    Method::PATCH,
+    Method::OPTIONS,
+];
+
+/// Metric handles of the data routes, made on first use and kept per worker thread, so a
+/// request costs no label formatting or registry lookup.
+#[derive(Default)]
+struct DataHandles {
+    /// `kv_lb_requests_total` by (route, method, status).
+    counters: Vec<((usize, usize, u16), Counter)>,
+    /// `kv_lb_request_duration_seconds` by (route, method).
+    histograms: Vec<((usize, usize), Histogram)>,
+    /// The dashboard's `METHOD /template` names by (route, method).
+    names: Vec<((usize, usize), String)>,
+}
+
+thread_local! {
+    static DATA_HANDLES: RefCell<DataHandles> = RefCell::new(DataHandles::default());
+}
+
+/// [`request_done`] plus the dashboard's record, for a data route (`route` indexes
+/// [`DATA_ROUTES`]), with handles kept per thread.
+pub fn data_request_done(route: usize, method: &Method, status: u16, elapsed: Duration) {
+    let (Some(route_label), Some(m)) = (
+        DATA_ROUTES.get(route),
+        KEPT_METHODS.iter().position(|kept| kept == method),
+    ) else {
+        let route_label = DATA_ROUTES.get(route).copied().unwrap_or("unmatched");
+        request_done(route_label, method.as_str(), status, elapsed);
+        kv_http::dashboard::record_request(method.as_str(), route_label, status, elapsed);
+        return;
+    };
+    DATA_HANDLES.with_borrow_mut(|handles| {
+        let key = (route, m, status);
+        match handles.counters.iter().find(|(k, _)| *k == key) {
+            Some((_, counter)) => counter.increment(1),
+            None => {
+                let labels = [
+                    ("route", (*route_label).to_owned()),
+                    ("method", method.as_str().to_owned()),
+                    ("status", status.to_string()),
+                ];
+                let counter = counter!(REQUESTS, &labels);
+                counter.increment(1);
+                handles.counters.push((key, counter));
+            }
+        }
+        let key = (route, m);
+        match handles.histograms.iter().find(|(k, _)| *k == key) {
+            Some((_, histogram)) => histogram.record(elapsed.as_secs_f64()),
+            None => {
+                let labels = [
+                    ("route", (*route_label).to_owned()),
+                    ("method", method.as_str().to_owned()),
+                ];
+                let histogram = histogram!(REQUEST_DURATION, &labels);
+                histogram.record(elapsed.as_secs_f64());
+                handles.histograms.push((key, histogram));
+            }
+        }
+        match handles.names.iter().find(|(k, _)| *k == key) {
+            Some((_, name)) => kv_http::dashboard::record_named(name, status, elapsed),
+            None => {
+                let name = format!("{method} {route_label}");
+                kv_http::dashboard::record_named(&name, status, elapsed);
+                handles.names.push((key, name));
+            }
+        }
+    });
 }

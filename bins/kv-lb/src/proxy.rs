@@ -14,70 +14,90 @@
 //!   `If-None-Match`) and other routes are not retried: they get 504 / 502;
 //! - a 5xx answer: reads move on to the next replica; writes return the node's answer.
 
+use std::fmt::Display;
 use std::time::{Duration, Instant};
 
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, Request, State};
-use axum::http::{header, HeaderValue, Method};
-use axum::response::Response;
+use axum::http::{header, HeaderValue, Method, Request};
+use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use hyper::body::Incoming;
+use hyper::Response;
 use tracing::{debug, warn};
 
-use crate::app::{LbState, SharedState};
+use crate::app::LbState;
 use crate::error::ApiError;
 use crate::metrics;
 use crate::routing::Routing;
 use crate::upstream::{
     into_client_response, strip_hop_by_hop, strip_internal_headers, BufferedRequest, Outcome,
-    RESEND_AGE_HEADER, RESEND_HEADER, VERSION_HEADER, WRITE_ID_HEADER,
+    ProxyBody, RESEND_AGE_HEADER, RESEND_HEADER, VERSION_HEADER, WRITE_ID_HEADER,
 };
 
-/// `/v1/{*key}`, any method: to the key's first healthy replica.
-pub async fn key_owner(
-    State(state): State<SharedState>,
-    key: Result<Path<String>, PathRejection>,
-    request: Request,
-) -> Result<Response, ApiError> {
-    let Path(key) = key.map_err(|e| {
-        ApiError::InvalidKey(format!(
-            "the key is not valid UTF-8 once percent-decoded: {e}"
-        ))
-    })?;
+/// `/v1/{*key}`, any method: to the key's first healthy replica. `raw_key` is the path after
+/// `/v1/`, still percent-encoded.
+pub async fn key_owner<B>(
+    state: &LbState,
+    raw_key: &str,
+    request: Request<B>,
+    request_id: &str,
+) -> Result<Response<ProxyBody>, ApiError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Display + Send + Sync + 'static + Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let key = percent_encoding::percent_decode_str(raw_key)
+        .decode_utf8()
+        .map_err(|e| {
+            ApiError::InvalidKey(format!(
+                "the key is not valid UTF-8 once percent-decoded: {e}"
+            ))
+        })?;
     let routing = state.routing();
     let preference = routing
         .ring
         .preference_list(&key, routing.replication_factor);
-    debug!(%key, ?preference, "routing by key");
-    forward(&state, &routing, &preference, request, true).await
+    debug!(request_id, %key, ?preference, "routing by key");
+    forward(state, &routing, &preference, request, true, request_id).await
 }
 
 /// `/batch`, `/v1` (listing): to any healthy node, round-robin.
-pub async fn any_node(
-    State(state): State<SharedState>,
-    request: Request,
-) -> Result<Response, ApiError> {
+pub async fn any_node<B>(
+    state: &LbState,
+    request: Request<B>,
+    request_id: &str,
+) -> Result<Response<ProxyBody>, ApiError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Display + Send + Sync + 'static + Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let routing = state.routing();
     let preference = state.round_robin(&routing);
-    forward(&state, &routing, &preference, request, false).await
+    forward(state, &routing, &preference, request, false, request_id).await
 }
 
 /// Sends the request to `preference` (healthy nodes first) until one answers or retrying is
 /// no longer safe, all within `REQUEST_TIMEOUT_MS`. With `name_writes`, plain writes get a
 /// write id so that they may be resent too.
-async fn forward(
+async fn forward<B>(
     state: &LbState,
     routing: &Routing,
     preference: &[usize],
-    request: Request,
+    request: Request<B>,
     name_writes: bool,
-) -> Result<Response, ApiError> {
+    request_id: &str,
+) -> Result<Response<ProxyBody>, ApiError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Display + Send + Sync + 'static + Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     state.counters.request();
     let mut request = buffer(request, state.body_limit, state.request_timeout).await?;
     let retryable = is_read(&request.method) || (name_writes && name_write(&mut request));
     let deadline = Instant::now() + state.request_timeout;
     let order = routing.health.healthy_first(preference);
-    let mut failures = Failures::default();
+    let mut failures = Failures {
+        request_id,
+        ..Failures::default()
+    };
     let (first_sent, mut resend) = (Instant::now(), false);
     for (position, &node) in order.iter().enumerate() {
         let Some(url) = routing.health.url(node) else {
@@ -132,7 +152,7 @@ struct Attempt<'a> {
 /// What to do after an attempt.
 enum Step {
     /// Send this answer to the client.
-    Answer(hyper::Response<Incoming>),
+    Answer(Response<ProxyBody>),
     /// Try the next candidate (the failure is noted).
     TryNext,
     /// Stop: retrying would not be safe.
@@ -215,20 +235,25 @@ impl Attempt<'_> {
 /// Why every candidate failed so far, and the last 5xx a node sent (a read's best answer
 /// when no replica does better: it carries the node's own explanation).
 #[derive(Default)]
-struct Failures {
+struct Failures<'a> {
+    request_id: &'a str,
     tried: usize,
     last_reason: String,
-    last_server_error: Option<hyper::Response<Incoming>>,
+    last_server_error: Option<Response<ProxyBody>>,
 }
 
-impl Failures {
+impl Failures<'_> {
     fn note(&mut self, node: &str, reason: String) {
-        warn!(node, %reason, "attempt at a replica failed");
+        warn!(request_id = self.request_id, node, %reason, "attempt at a replica failed");
         self.tried += 1;
         self.last_reason = format!("{node}: {reason}");
     }
 
-    fn into_result(self, deadline_passed: bool, timeout: Duration) -> Result<Response, ApiError> {
+    fn into_result(
+        self,
+        deadline_passed: bool,
+        timeout: Duration,
+    ) -> Result<Response<ProxyBody>, ApiError> {
         if let Some(response) = self.last_server_error {
             return Ok(into_client_response(response));
         }
@@ -297,11 +322,16 @@ fn attempt_budget(remaining: Duration, retryable: bool, candidates_left: usize) 
 }
 
 /// Reads the whole body (at most `limit` bytes, within `timeout`) so it can be sent again.
-async fn buffer(
-    request: Request,
+/// A request without a body (most reads) costs no timer.
+async fn buffer<B>(
+    request: Request<B>,
     limit: usize,
     timeout: Duration,
-) -> Result<BufferedRequest, ApiError> {
+) -> Result<BufferedRequest, ApiError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Display + Send + Sync + 'static + Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let (mut parts, body) = request.into_parts();
     let declared = parts
         .headers
@@ -310,28 +340,37 @@ async fn buffer(
     if declared.is_some_and(|length| length > limit as u64) {
         return Err(ApiError::PayloadTooLarge { limit });
     }
-    let collected = tokio::time::timeout(timeout, Limited::new(body, limit).collect())
-        .await
-        .map_err(|_| ApiError::BodyTimeout(timeout))?
-        .map_err(|e| {
-            if e.downcast_ref::<LengthLimitError>().is_some() {
-                ApiError::PayloadTooLarge { limit }
-            } else {
-                ApiError::BadRequest(format!("the request body could not be read: {e}"))
-            }
-        })?;
+    let body = if body.is_end_stream() {
+        Bytes::new()
+    } else {
+        tokio::time::timeout(timeout, Limited::new(body, limit).collect())
+            .await
+            .map_err(|_| ApiError::BodyTimeout(timeout))?
+            .map_err(|e| {
+                if e.downcast_ref::<LengthLimitError>().is_some() {
+                    ApiError::PayloadTooLarge { limit }
+                } else {
+                    ApiError::BadRequest(format!("the request body could not be read: {e}"))
+                }
+            })?
+            .to_bytes()
+    };
     strip_hop_by_hop(&mut parts.headers);
     strip_internal_headers(&mut parts.headers);
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |pq| pq.as_str())
-        .to_owned();
+    let uri = match parts.uri.path_and_query() {
+        // The origin form: what a node expects on the request line.
+        Some(pq) if parts.uri.scheme().is_some() => pq
+            .as_str()
+            .parse()
+            .map_err(|e| ApiError::BadRequest(format!("bad request target: {e}")))?,
+        Some(_) => parts.uri,
+        None => axum::http::Uri::from_static("/"),
+    };
     Ok(BufferedRequest {
         method: parts.method,
-        path_and_query,
+        uri,
         headers: parts.headers,
-        body: collected.to_bytes(),
+        body,
     })
 }
 

@@ -50,7 +50,7 @@ pub async fn track(mut request: Request, next: Next) -> Response {
 }
 
 /// The client's id when it is a short printable token, else a new random 128-bit hex id.
-fn request_id(headers: &HeaderMap) -> HeaderValue {
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     let supplied = headers.get(&X_REQUEST_ID).filter(|value| {
         let bytes = value.as_bytes();
         (1..=MAX_REQUEST_ID_LEN).contains(&bytes.len()) && bytes.iter().all(u8::is_ascii_graphic)
@@ -62,8 +62,14 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
 }
 
 fn generated_id() -> HeaderValue {
-    let id = format!("{:032x}", rand::random::<u128>());
-    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = [0u8; 32];
+    let mut bits = rand::random::<u128>();
+    for digit in id.iter_mut().rev() {
+        *digit = HEX[(bits & 0xf) as usize];
+        bits >>= 4;
+    }
+    HeaderValue::from_bytes(&id).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 #[cfg(test)]

@@ -12,7 +12,6 @@ use axum::body::Body;
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 const IDLE: u8 = 0;
@@ -31,8 +30,6 @@ pub(crate) struct Activity {
     since_ms: AtomicU64,
     in_flight: AtomicUsize,
     opened: Instant,
-    /// Fires when a head starts: its deadline is usually earlier than the idle one.
-    head_started: Notify,
 }
 
 impl Activity {
@@ -42,7 +39,6 @@ impl Activity {
             since_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             opened: Instant::now(),
-            head_started: Notify::new(),
         })
     }
 
@@ -57,7 +53,6 @@ impl Activity {
             .is_ok();
         if started {
             self.since_ms.store(self.now_ms(), Ordering::Release);
-            self.head_started.notify_one();
         }
     }
 
@@ -74,11 +69,6 @@ impl Activity {
         };
         let since = Duration::from_millis(self.since_ms.load(Ordering::Acquire));
         Some(self.opened + since + allowed)
-    }
-
-    /// Resolves when bytes of a new request head arrive.
-    pub(crate) async fn head_started(&self) {
-        self.head_started.notified().await;
     }
 }
 
@@ -109,13 +99,13 @@ impl Drop for RequestGuard {
 
 /// A response body that holds its request's [`RequestGuard`] until it is dropped.
 #[derive(Debug)]
-pub(crate) struct GuardedBody {
-    inner: Body,
+pub(crate) struct GuardedBody<B = Body> {
+    inner: B,
     _guard: RequestGuard,
 }
 
-impl GuardedBody {
-    pub(crate) fn new(inner: Body, guard: RequestGuard) -> GuardedBody {
+impl<B> GuardedBody<B> {
+    pub(crate) fn new(inner: B, guard: RequestGuard) -> GuardedBody<B> {
         GuardedBody {
             inner,
             _guard: guard,
@@ -123,14 +113,17 @@ impl GuardedBody {
     }
 }
 
-impl http_body::Body for GuardedBody {
+impl<B> http_body::Body for GuardedBody<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
     type Data = Bytes;
-    type Error = axum::Error;
+    type Error = B::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 

@@ -24,6 +24,6 @@ pub mod tls;
 pub use bearer::bearer_matches;
 pub use error::Error;
 pub use error_body::{error_body, error_response};
-pub use serve::{serve, ServeLimits};
+pub use serve::{serve, Handler, ServeLimits};
 pub use signal::shutdown_signal;
 pub use tls::TlsAcceptor;

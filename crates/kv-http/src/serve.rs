@@ -13,6 +13,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::Router;
+use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -33,6 +34,8 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Default largest request head, in bytes.
 pub const DEFAULT_MAX_HEAD_BYTES: usize = 32 * 1024;
+/// Shortest time between two looks of a connection's watchdog.
+const MIN_LOOK: Duration = Duration::from_millis(1);
 /// Pause after a failed `accept` (such as too many open files) before the next one.
 const ACCEPT_RETRY_PAUSE: Duration = Duration::from_millis(50);
 
@@ -61,12 +64,50 @@ impl Default for ServeLimits {
     }
 }
 
+/// What the serve loop hands each request to: an axum [`Router`], or a binary's own hot path
+/// (kv-lb answers its data routes with hyper directly and passes the rest to a `Router`).
+pub trait Handler: Clone + Send + Sync + 'static {
+    /// The response body.
+    type Body: http_body::Body<Data = Bytes, Error = Self::BodyError> + Send + Unpin + 'static;
+    /// The response body's error.
+    type BodyError: Into<Box<dyn std::error::Error + Send + Sync>>;
+
+    /// Answers one request that arrived from `peer`.
+    fn handle(
+        &self,
+        request: hyper::Request<Incoming>,
+        peer: SocketAddr,
+    ) -> impl Future<Output = hyper::Response<Self::Body>> + Send + use<Self>;
+}
+
+impl Handler for Router {
+    type Body = Body;
+    type BodyError = axum::Error;
+
+    fn handle(
+        &self,
+        request: hyper::Request<Incoming>,
+        peer: SocketAddr,
+    ) -> impl Future<Output = hyper::Response<Body>> + Send + use<> {
+        let mut request = request.map(Body::new);
+        // The client's address, for handlers that log who sent what.
+        request.extensions_mut().insert(ConnectInfo(peer));
+        let app = self.clone();
+        async move {
+            match app.oneshot(request).await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            }
+        }
+    }
+}
+
 /// Serves `app` on `listener` (over TLS when `tls` is given) until `shutdown` resolves, then
 /// stops accepting and waits up to `grace` for open connections to finish their requests.
 /// Returns whether they all did.
-pub async fn serve(
+pub async fn serve<H: Handler>(
     listener: TcpListener,
-    app: Router,
+    app: H,
     limits: ServeLimits,
     tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
@@ -145,14 +186,14 @@ fn http1_builder(limits: &ServeLimits) -> http1::Builder {
 }
 
 /// What one connection task needs.
-struct Door {
-    app: Router,
+struct Door<H> {
+    app: H,
     http: Arc<http1::Builder>,
     limits: ServeLimits,
     stop: watch::Receiver<bool>,
 }
 
-impl Door {
+impl<H: Handler> Door<H> {
     /// Serves one connection until the client closes it, a deadline of [`ServeLimits`] passes
     /// (the connection is dropped), or shutdown drains it.
     async fn serve_connection<S>(mut self, stream: S, peer: SocketAddr)
@@ -164,12 +205,9 @@ impl Door {
         let (app, requests) = (self.app.clone(), Arc::clone(&activity));
         let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
             let guard = RequestGuard::new(Arc::clone(&requests));
-            let app = app.clone();
+            let answer = app.handle(request, peer);
             async move {
-                let mut request = request.map(Body::new);
-                // The client's address, for handlers that log who sent what.
-                request.extensions_mut().insert(ConnectInfo(peer));
-                let response = app.oneshot(request).await?;
+                let response = answer.await;
                 Ok::<_, std::convert::Infallible>(
                     response.map(|body| GuardedBody::new(body, guard)),
                 )
@@ -181,11 +219,20 @@ impl Door {
         if draining {
             connection.as_mut().graceful_shutdown();
         }
+        // One watchdog timer per connection, never re-armed per request: it wakes at the
+        // connection's deadline, and never later than one head timeout from its last look, so
+        // a head that starts in between is caught exactly at its own deadline (the look after
+        // it finds the head's deadline ahead and sleeps until then).
+        let (head_timeout, idle_timeout) = (self.limits.head_timeout, self.limits.idle_timeout);
+        let next_look = |now: tokio::time::Instant| {
+            let limit = now + head_timeout.max(MIN_LOOK);
+            activity
+                .deadline(head_timeout, idle_timeout)
+                .map_or(limit, |deadline| deadline.min(limit))
+        };
+        let watchdog = tokio::time::sleep_until(next_look(tokio::time::Instant::now()));
+        tokio::pin!(watchdog);
         loop {
-            let deadline = activity.deadline(self.limits.head_timeout, self.limits.idle_timeout);
-            // Busy: no deadline of ours; look again after an idle period at the latest.
-            let wake =
-                deadline.unwrap_or_else(|| tokio::time::Instant::now() + self.limits.idle_timeout);
             tokio::select! {
                 ended = connection.as_mut() => {
                     if let Err(e) = ended {
@@ -193,14 +240,14 @@ impl Door {
                     }
                     return;
                 }
-                () = activity.head_started() => {}
-                () = tokio::time::sleep_until(wake) => {
+                () = &mut watchdog => {
                     let now = tokio::time::Instant::now();
-                    let current = activity.deadline(self.limits.head_timeout, self.limits.idle_timeout);
+                    let current = activity.deadline(head_timeout, idle_timeout);
                     if current.is_some_and(|d| d <= now) {
                         debug!("closing a connection: idle, or its request head is late");
                         return;
                     }
+                    watchdog.as_mut().reset(next_look(now));
                 }
                 changed = self.stop.changed(), if !draining => {
                     draining = true;
@@ -303,6 +350,29 @@ mod tests {
         assert!(
             after >= HEAD - Duration::from_millis(50),
             "closed too early: {after:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_head_half_sent_after_a_request_is_cut_at_its_own_deadline() {
+        let (addr, _stop) = start(8).await;
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(GET).await.unwrap();
+        let mut buf = [0u8; 1024];
+        assert!(stream.read(&mut buf).await.unwrap() > 0);
+        tokio::time::sleep(HEAD / 3).await;
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let (_, after) = read_until_closed(&mut stream, IDLE * 2).await;
+        assert!(
+            after >= HEAD - Duration::from_millis(50),
+            "closed too early: {after:?}"
+        );
+        assert!(
+            after < HEAD + HEAD / 2,
+            "the head's own deadline, not the next look: {after:?}"
         );
     }
 
