@@ -339,19 +339,29 @@ impl<K: ReadKind> Worker<K> {
         let Some(conn) = self.conn.as_mut() else {
             return Err(fail("no connection".into(), false));
         };
-        let (response, ended) = drive(&mut conn.driver, conn.sender.send_request(request)).await;
+        let mut send = Box::pin(conn.sender.send_request(request));
+        let response = match drive(&mut conn.driver, &mut send).await {
+            Some(response) => response,
+            None => {
+                // The connection ended first (the peer closed it, or died): drop it, which
+                // settles the request it may still hold, and the next call connects again.
+                self.conn = None;
+                send.await
+            }
+        };
         let response = response.map_err(|e| fail(e.to_string(), true))?;
         let status = response.status();
-        let body = Limited::new(response.into_body(), MAX_BATCH_BYTES).collect();
-        let (collected, closed) = if ended {
-            (body.await, true)
-        } else {
-            drive(&mut conn.driver, body).await
+        let mut body = Box::pin(Limited::new(response.into_body(), MAX_BATCH_BYTES).collect());
+        let collected = match self.conn.as_mut() {
+            Some(conn) => match drive(&mut conn.driver, &mut body).await {
+                Some(collected) => collected,
+                None => {
+                    self.conn = None;
+                    body.await
+                }
+            },
+            None => body.await,
         };
-        if closed {
-            // Used up (the peer closed it): the next call connects again.
-            self.conn = None;
-        }
         let bytes = collected
             .map_err(|e| fail(e.to_string(), false))?
             .to_bytes();
@@ -448,17 +458,16 @@ impl<K: ReadKind> Worker<K> {
     }
 }
 
-/// Polls `fut` while driving the connection it needs. When the connection ends first (the
-/// peer closed it, maybe right after its last answer), `fut` is polled on alone: it ends with
-/// what the connection delivered, or with an error. The flag says the connection ended.
-async fn drive<F: Future>(driver: &mut Driver, fut: F) -> (F::Output, bool) {
-    tokio::pin!(fut);
+/// Polls `fut` while driving the connection it needs; `None` when the connection ended first
+/// (the peer closed it, maybe right after its last answer, or died). The caller must then drop
+/// the connection before polling `fut` on: an ended connection that is still held keeps the
+/// request it had not sent, and `fut` would wait for it until the deadline.
+async fn drive<F: Future + Unpin>(driver: &mut Driver, fut: &mut F) -> Option<F::Output> {
     tokio::select! {
         biased;
-        out = &mut fut => return (out, false),
-        _ = driver.as_mut() => {}
+        out = fut => Some(out),
+        _ = driver.as_mut() => None,
     }
-    (fut.await, true)
 }
 
 #[cfg(test)]
