@@ -64,6 +64,11 @@ impl DataRoute {
     fn index(self) -> usize {
         self as usize
     }
+
+    /// The route's template, as in metrics and logs (`/v1/{*key}`).
+    pub fn template(self) -> &'static str {
+        crate::metrics::DATA_ROUTES[self.index()]
+    }
 }
 
 /// The whole front door: data routes here, the rest to `router`.
@@ -131,7 +136,7 @@ where
     debug!(
         request_id = id_text,
         %method,
-        route = ?route,
+        route = route.template(),
         status,
         elapsed_ms = elapsed.as_secs_f64() * 1000.0,
         "answered"

@@ -81,7 +81,7 @@ pub fn failover() {
 }
 
 /// The data routes' labels, in [`crate::front::DataRoute`] order.
-const DATA_ROUTES: [&str; 4] = ["/v1", "/v1/", "/v1/{*key}", "/batch"];
+pub(crate) const DATA_ROUTES: [&str; 4] = ["/v1", "/v1/", "/v1/{*key}", "/batch"];
 /// Methods whose metric handles are kept; others take the slower path.
 const KEPT_METHODS: [Method; 7] = [
     Method::GET,

@@ -507,12 +507,15 @@ mod tests {
 
     /// A fake peer: answers `/internal/entries` with an entry for keys starting with `k`, none
     /// for others, bytes that decode to nothing for the key `bad`; 401 without the secret. With
-    /// `one_shot` it closes every connection after one answer. Counts its requests.
-    async fn fake_peer(one_shot: bool) -> (String, Arc<AtomicUsize>) {
+    /// `one_shot` it closes every connection after one answer. Counts its requests; the tasks
+    /// serving its connections are kept, so a test can cut them.
+    async fn fake_peer(one_shot: bool) -> (String, Arc<AtomicUsize>, Served) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let requests = Arc::new(AtomicUsize::new(0));
         let counted = requests.clone();
+        let served = Served::default();
+        let connections = served.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let counted = counted.clone();
@@ -541,15 +544,19 @@ mod tests {
                         Ok::<_, hyper::Error>(response)
                     }
                 });
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .keep_alive(!one_shot)
-                        .serve_connection(TokioIo::new(stream), service),
-                );
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .keep_alive(!one_shot)
+                    .serve_connection(TokioIo::new(stream), service);
+                connections.lock().push(tokio::spawn(async move {
+                    let _ = connection.await;
+                }));
             }
         });
-        (url, requests)
+        (url, requests, served)
     }
+
+    /// The tasks serving a fake peer's connections.
+    type Served = Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>;
 
     fn lanes(secret: &'static str) -> Arc<ReadLanes<EntriesRead>> {
         Arc::new(ReadLanes::new(Arc::new(LaneConfig {
@@ -573,7 +580,7 @@ mod tests {
 
     #[tokio::test]
     async fn reads_get_their_own_entries_and_concurrent_ones_share_calls() {
-        let (peer, requests) = fake_peer(false).await;
+        let (peer, requests, _) = fake_peer(false).await;
         let lanes = lanes("s3cret");
         assert_eq!(read(&lanes, &peer, "k1").await.unwrap(), Some(record("k1")));
         assert_eq!(read(&lanes, &peer, "x1").await.unwrap(), None);
@@ -603,7 +610,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_bad_answer_or_a_refusal_is_an_error_and_the_lane_goes_on() {
-        let (peer, _) = fake_peer(false).await;
+        let (peer, _, _) = fake_peer(false).await;
         let good = lanes("s3cret");
         assert!(read(&good, &peer, "bad").await.is_err());
         assert_eq!(read(&good, &peer, "k2").await.unwrap(), Some(record("k2")));
@@ -615,13 +622,29 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_the_peer_closed_is_replaced_without_an_error() {
-        let (peer, requests) = fake_peer(true).await;
+        let (peer, requests, _) = fake_peer(true).await;
         let lanes = lanes("s3cret");
         for i in 0..5 {
             let key = format!("k{i}");
             assert_eq!(read(&lanes, &peer, &key).await.unwrap(), Some(record(&key)));
         }
         assert!(requests.load(Ordering::SeqCst) >= 5);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_peer_dropped_while_idle_is_replaced_at_once() {
+        // A peer killed and restarted drops the lane's idle connection. The next read must not
+        // wait for the request deadline (5 s here) on the dead connection.
+        let (peer, _, served) = fake_peer(false).await;
+        let lanes = lanes("s3cret");
+        assert_eq!(read(&lanes, &peer, "k1").await.unwrap(), Some(record("k1")));
+        for connection in served.lock().drain(..) {
+            connection.abort();
+        }
+        let again = tokio::time::timeout(Duration::from_secs(1), read(&lanes, &peer, "k2"))
+            .await
+            .expect("answered well before the request deadline");
+        assert_eq!(again.unwrap(), Some(record("k2")));
     }
 
     #[tokio::test]
