@@ -656,3 +656,36 @@ fn a_prefix_watch_merges_the_peers_feeds_when_nodes_outnumber_replicas() {
     assert_eq!(value, "here");
     drop(redirected);
 }
+
+#[test]
+fn a_peer_feed_of_one_key_carries_that_key_only() {
+    // What a node asks its peers for when it serves a key watch (`/internal/watch?key=K`; the
+    // `prefix=K` beside it is for peers that predate `key=`).
+    let c = TestCluster::start_with(Options {
+        nodes: 1,
+        replication_factor: 1,
+        ..Options::default()
+    });
+    let base = c.url(0).to_owned();
+    let feed = read_events(open(&format!("{base}/internal/watch?prefix=a&key=a"), None).unwrap());
+    let prefix_feed = read_events(open(&format!("{base}/internal/watch?prefix=a"), None).unwrap());
+    put(&base, "ab", "{\"value\": 1}").unwrap();
+    put(&base, "a", "{\"value\": 2}").unwrap();
+    let first_event = |events: &mpsc::Receiver<Item>| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match events.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(Item::Event { data, .. }) => break data["key"].as_str().unwrap().to_owned(),
+                Ok(_) => continue,
+                Err(e) => panic!("no event on the feed: {e}"),
+            }
+        }
+    };
+    assert_eq!(first_event(&feed), "a", "the key feed skips ab");
+    assert_eq!(
+        first_event(&prefix_feed),
+        "ab",
+        "the prefix feed has ab first"
+    );
+    assert_eq!(c.nodes[0].status()["watch"]["peer_feeds"], 2);
+}

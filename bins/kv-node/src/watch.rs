@@ -89,21 +89,26 @@ pub fn last_event_id(headers: &HeaderMap) -> Result<Option<Version>, ApiError> {
     })
 }
 
-/// `GET /internal/watch?prefix=P` (peers only): this node's own feed of the prefix, which a
-/// peer merges into a prefix watch (`watch_merge.rs`).
+/// `GET /internal/watch?prefix=P` (or `?key=K` for one key; peers only): this node's own feed,
+/// which a peer merges into a watch (`watch_merge.rs`).
 pub async fn own_feed(
     axum::extract::State(app): axum::extract::State<crate::routes::AppState>,
     headers: HeaderMap,
     uri: axum::http::Uri,
 ) -> Result<Response, ApiError> {
     let after = last_event_id(&headers)?;
-    let prefix = url::form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
-        .find(|(name, _)| name == "prefix")
-        .map(|(_, value)| value.into_owned())
-        .unwrap_or_default();
+    let param = |wanted: &str| {
+        url::form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
+            .find(|(name, _)| name == wanted)
+            .map(|(_, value)| value.into_owned())
+    };
+    let filter = match param("key") {
+        Some(key) => Filter::Key(key),
+        None => Filter::Prefix(param("prefix").unwrap_or_default()),
+    };
     Ok(stream(
         app.cluster().watch_hub(),
-        Filter::Prefix(prefix),
+        filter,
         after,
         Some(Reader::Peer),
     ))

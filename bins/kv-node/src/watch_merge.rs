@@ -338,14 +338,15 @@ pub async fn merged(cluster: Cluster, filter: Filter, after: Option<Version>) ->
             .collect(),
         Filter::Prefix(_) => cluster.other_members(),
     };
-    // A key watch asks peers for the key as a prefix (the feed's only filter) and drops the
-    // other keys that shares.
-    let prefix = match &filter {
-        Filter::Key(key) | Filter::Prefix(key) => key.clone(),
+    // A key watch asks peers for that key alone (a peer too old for `key=` sends the key as a
+    // prefix, and the merge drops the other keys that shares).
+    let (prefix, exact_key) = match &filter {
+        Filter::Key(key) => (key.clone(), true),
+        Filter::Prefix(prefix) => (prefix.clone(), false),
     };
     let local = watch::stream(hub.clone(), filter.clone(), after, None);
     let opened = futures::future::join_all(peers.iter().map(|peer| {
-        let open = cluster.open_peer_watch(peer, &prefix, after, "watch");
+        let open = cluster.open_peer_watch(peer, &prefix, exact_key, after, "watch");
         async move { tokio::time::timeout(OPEN_WAIT, open).await.ok()?.ok() }
     }))
     .await;
@@ -366,6 +367,7 @@ pub async fn merged(cluster: Cluster, filter: Filter, after: Option<Version>) ->
             source: i + 1,
             peer: peer.clone(),
             prefix: prefix.clone(),
+            exact_key,
             after,
         };
         tokio::spawn(feed.follow(first, sources.clone()));
@@ -418,6 +420,8 @@ struct PeerFeed {
     source: usize,
     peer: Arc<str>,
     prefix: String,
+    /// The feed of `prefix` as one key.
+    exact_key: bool,
     /// The last version it sent (where a reopened feed resumes).
     after: Option<Version>,
 }
@@ -435,9 +439,13 @@ impl PeerFeed {
             let response = match first.take() {
                 Some(response) => Some(response),
                 None => {
-                    let open =
-                        self.cluster
-                            .open_peer_watch(&self.peer, &self.prefix, self.after, "watch");
+                    let open = self.cluster.open_peer_watch(
+                        &self.peer,
+                        &self.prefix,
+                        self.exact_key,
+                        self.after,
+                        "watch",
+                    );
                     match open.await {
                         Ok(response) => {
                             if sources

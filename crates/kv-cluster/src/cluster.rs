@@ -390,17 +390,19 @@ impl Cluster {
             .collect()
     }
 
-    /// Opens `peer`'s change feed of `prefix` after `after` (see [`PeerClient::watch`]).
+    /// Opens `peer`'s change feed of `prefix` (of that one key with `exact_key`) after `after`
+    /// (see [`PeerClient::watch`]).
     pub async fn open_peer_watch(
         &self,
         peer: &str,
         prefix: &str,
+        exact_key: bool,
         after: Option<kv_core::Version>,
         request_id: &str,
     ) -> std::result::Result<PeerWatch, crate::peer::CallError> {
         self.inner
             .peers
-            .watch(peer, prefix, after, request_id)
+            .watch(peer, prefix, exact_key, after, request_id)
             .await
     }
 

@@ -430,19 +430,26 @@ impl PeerClient {
         Ok((records, full))
     }
 
-    /// Opens `peer`'s own change feed of the keys under `prefix` (`GET /internal/watch`, SSE,
-    /// resumed after `after`); the answer's body streams for as long as the peer serves it (at
+    /// Opens `peer`'s own change feed of the keys under `prefix`, or of that one key with
+    /// `exact_key` (`GET /internal/watch`, SSE, resumed after `after`); the answer's body streams for as long as the peer serves it (at
     /// most [`WATCH_CALL_TIMEOUT`], then the caller reopens it).
     pub async fn watch(
         &self,
         peer: &str,
         prefix: &str,
+        exact_key: bool,
         after: Option<kv_core::Version>,
         request_id: &str,
     ) -> Result<reqwest::Response, CallError> {
-        let query = url::form_urlencoded::Serializer::new(String::new())
-            .append_pair("prefix", prefix)
-            .finish();
+        let query = {
+            let mut query = url::form_urlencoded::Serializer::new(String::new());
+            query.append_pair("prefix", prefix);
+            if exact_key {
+                // Only that key (a peer before this parameter streams the prefix: a superset).
+                query.append_pair("key", prefix);
+            }
+            query.finish()
+        };
         let mut request = self
             .request(
                 Method::GET,
