@@ -139,17 +139,7 @@ fn refuse_future_versions(records: &[Record], max_ahead: Duration) -> Result<(),
 /// `POST /internal/entries`: this node's entries for a list of keys (tombstones included; none
 /// for a key it does not hold), in the order asked.
 pub async fn entries(State(app): State<AppState>, request: Request) -> Result<Response, ApiError> {
-    let ids = request.headers().get(BATCH_REQUEST_IDS_HEADER).cloned();
-    let body = body(request, "key list").await?;
-    let keys = decode_keys(&body, app.config().max_key_bytes)
-        .map_err(|e| ApiError::bad_request("invalid_batch", e))?;
-    if let Some(ids) = ids {
-        debug!(
-            keys = keys.len(),
-            request_ids = ids.to_str().unwrap_or_default(),
-            "entries batch"
-        );
-    }
+    let keys = key_list(&app, request, "entries batch").await?;
     let cluster = app.cluster();
     let entries: Vec<_> = keys.iter().map(|key| cluster.local_record(key)).collect();
     Ok(octets(encode_entries(&entries)))
@@ -159,6 +149,15 @@ pub async fn entries(State(app): State<AppState>, request: Request) -> Result<Re
 /// (tombstones included; none for a key it does not hold), in the order asked, without values:
 /// the digest read of a coordinator that holds the value itself.
 pub async fn versions(State(app): State<AppState>, request: Request) -> Result<Response, ApiError> {
+    let keys = key_list(&app, request, "versions batch").await?;
+    let cluster = app.cluster();
+    let versions: Vec<_> = keys.iter().map(|key| cluster.local_version(key)).collect();
+    Ok(octets(encode_versions(&versions)))
+}
+
+/// The key list of a batched peer read (`decode_keys`), logged at debug level as `what` with
+/// the request ids of the reads merged into it.
+async fn key_list(app: &AppState, request: Request, what: &str) -> Result<Vec<String>, ApiError> {
     let ids = request.headers().get(BATCH_REQUEST_IDS_HEADER).cloned();
     let body = body(request, "key list").await?;
     let keys = decode_keys(&body, app.config().max_key_bytes)
@@ -167,12 +166,10 @@ pub async fn versions(State(app): State<AppState>, request: Request) -> Result<R
         debug!(
             keys = keys.len(),
             request_ids = ids.to_str().unwrap_or_default(),
-            "versions batch"
+            "{what}"
         );
     }
-    let cluster = app.cluster();
-    let versions: Vec<_> = keys.iter().map(|key| cluster.local_version(key)).collect();
-    Ok(octets(encode_versions(&versions)))
+    Ok(keys)
 }
 
 /// `GET /internal/entry/{key}`: this node's entry for the key as an encoded record (tombstones
