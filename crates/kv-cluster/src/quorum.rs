@@ -184,12 +184,15 @@ impl Tries {
                 newest,
             } => (stored, newer, newest),
         };
-        if self.above_acknowledged && stored > 0 && stored + newer >= self.needed {
+        let last_try = self.attempt >= MAX_WRITE_TRIES;
+        if self.above_acknowledged && (stored > 0 || last_try) && stored + newer >= self.needed {
             // Overtaken by concurrent writes only, and W replicas hold this write or a newer
             // one: it takes effect just before the write that overtook it (no later quorum read
-            // can return anything older). At least one replica must have applied it, so that it
-            // is a change in that replica's feed that watchers see (`watch_merge.rs`); a write
-            // that no replica applied goes above again.
+            // can return anything older). While tries remain, at least one replica must have
+            // applied it, so that it is a change in that replica's feed that watchers see
+            // (`watch_merge.rs`); a write that no replica applied goes above again. On the last
+            // try it is acknowledged all the same (a hot key under heavy contention), rather
+            // than answered 504.
             return Next::Done(Ok(Written {
                 version,
                 acks: stored + newer,
@@ -974,7 +977,7 @@ mod tests {
     }
 
     #[test]
-    fn a_write_no_replica_applied_is_never_acknowledged_as_overtaken() {
+    fn a_write_no_replica_applied_goes_above_while_tries_remain() {
         let mut tries = Tries::new(2, 2);
         assert!(matches!(
             tries.judge(v(5), superseded(0, 2, 9), false),
@@ -990,6 +993,19 @@ mod tests {
         assert!(
             matches!(next, Next::Done(Ok(Written { acks: 2, .. }))),
             "{next:?}"
+        );
+        // Overtaken everywhere on every try: the last one is acknowledged, not a 504.
+        let mut tries = Tries::new(2, 2);
+        let mut last = None;
+        for attempt in 0..MAX_WRITE_TRIES as u64 {
+            match tries.judge(v(attempt * 10), superseded(0, 3, attempt * 10 + 5), false) {
+                Next::TryAbove(_) => {}
+                Next::Done(result) => last = Some(result),
+            }
+        }
+        assert!(
+            matches!(last, Some(Ok(Written { acks: 3, .. }))),
+            "{last:?}"
         );
     }
 
