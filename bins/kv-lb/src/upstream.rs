@@ -252,20 +252,40 @@ impl Upstream {
                 Some(Err(e)) => return Outcome::Failed(error_chain(&e)),
                 None => return Outcome::Failed("the connection closed".to_owned()),
             }
-            match drive(connection, sender.try_send_request(request)).await {
-                Some(Ok(response)) => {
+            let mut send = Box::pin(sender.try_send_request(request));
+            let sent = match drive(connection, &mut send).await {
+                Some(sent) => sent,
+                None => {
+                    // The connection ended first (the node closed it or died): dropping it
+                    // settles the request, and tells whether it was ever written.
+                    drop(conn);
+                    match send.await {
+                        Err(mut e) => match e.take_message() {
+                            Some(unsent) if reused => {
+                                request = unsent;
+                                continue;
+                            }
+                            // Never written: as safe to send elsewhere as a refused connect.
+                            Some(_) => return Outcome::ConnectFailed(error_chain(e.error())),
+                            None => return Outcome::Failed(error_chain(e.error())),
+                        },
+                        Ok(_) => return Outcome::Failed("the connection closed".to_owned()),
+                    }
+                }
+            };
+            match sent {
+                Ok(response) => {
                     return Outcome::Answered(response.map(|body| ProxyBody {
                         body,
                         connection: Some(conn),
                         pool,
                     }))
                 }
-                Some(Err(mut e)) => match e.take_message() {
+                Err(mut e) => match e.take_message() {
                     // Never written: safe to send on another connection.
                     Some(unsent) if reused => request = unsent,
                     _ => return Outcome::Failed(error_chain(e.error())),
                 },
-                None => return Outcome::Failed("the connection closed".to_owned()),
             }
         }
     }
