@@ -11,7 +11,8 @@ use std::process::Command;
 /// A base port with `count` free ports after it, and one more free port for the LB.
 fn free_port_run(count: u16) -> (u16, u16) {
     for _ in 0..200 {
-        let base = 20_000 + (rand_u16() % 30_000);
+        // below the kernel's ephemeral range (32768-), where client connections take their ports
+        let base = 10_000 + (rand_u16() % 22_000);
         let listeners: Vec<_> = (0..=count)
             .filter_map(|i| TcpListener::bind(("127.0.0.1", base + i)).ok())
             .collect();

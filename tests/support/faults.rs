@@ -6,7 +6,7 @@
 use crate::proxy::{Link, Proxy};
 use crate::{bin_dir, send, wait_until, Node, START_DEADLINE};
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -149,11 +149,6 @@ pub fn node_ip(i: usize) -> IpAddr {
     ))
 }
 
-fn free_port_on(ip: IpAddr) -> u16 {
-    let listener = TcpListener::bind((ip, 0)).expect("bind a free port");
-    listener.local_addr().expect("local addr").port()
-}
-
 impl ChaosCluster {
     /// Starts everything and waits until every node (and the LB) answers `/health`.
     pub fn start(options: &ChaosOptions) -> ChaosCluster {
@@ -166,7 +161,7 @@ impl ChaosCluster {
             } else {
                 IpAddr::V4(Ipv4Addr::LOCALHOST)
             };
-            let listen = SocketAddr::new(ip, free_port_on(ip));
+            let listen = SocketAddr::new(ip, crate::free_port_on(ip));
             if options.proxied {
                 proxies.push(Proxy::start(listen));
             }
@@ -334,7 +329,7 @@ fn start_lb(
     options: &ChaosOptions,
     extra: &[(String, String)],
 ) -> Lb {
-    let port = free_port_on(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let port = crate::free_port();
     let log = dir.join(if index == 0 {
         "lb.log".to_owned()
     } else {

@@ -51,8 +51,42 @@ pub fn bin_dir() -> &'static Path {
 
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("local addr").port()
+    free_port_on(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
+}
+
+/// Lowest port handed out; below it are well-known services (and the quick start's 9000-9003).
+const PORT_FLOOR: u16 = 10_000;
+/// One past the highest port handed out: the kernel's ephemeral range (32768-60999 by default)
+/// starts here.
+const PORT_CEILING: u16 = 32_768;
+
+/// A port that was free a moment ago on `ip`, for a server the test starts later.
+///
+/// Ports come from below the kernel's ephemeral range, so no outgoing connection of a parallel
+/// test can take one between this probe and the server's bind (a port from `bind(0)` is in that
+/// range, and a client's local port could land on it: a node then failed with "Address already
+/// in use"). Within one test process the ports go round from a per-process start, so two tests
+/// of the binary never get the same port while the range lasts.
+pub fn free_port_on(ip: std::net::IpAddr) -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let span = u32::from(PORT_CEILING - PORT_FLOOR);
+    if NEXT.load(Ordering::Relaxed) == 0 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let start = (nanos ^ std::process::id().wrapping_mul(2_654_435_761)) % span;
+        let _ = NEXT.compare_exchange(0, start + 1, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    for _ in 0..span {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        let port = PORT_FLOOR + u16::try_from(offset).expect("offset below the span");
+        if TcpListener::bind((ip, port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on {ip} between {PORT_FLOOR} and {PORT_CEILING}");
 }
 
 /// Polls `check` every 20 ms until it holds or `within` has passed; panics naming `what`.
