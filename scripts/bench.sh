@@ -59,6 +59,11 @@
 #                     Results in $OUT/soak.json and under "soak" in $OUT/summary.json. A run
 #                     shorter than 600 s or below 70 % is judged, but the target is reported as
 #                     not measured.
+#  14 post-lb-paced   durable POST through the LB like post-lb-quorum, but paced (open loop) at
+#                     BENCH_PACED_RATE writes/s (750: the writes of the 95/5 mix at its peak), so
+#                     writes come one at a time and share no fsync and no peer request: the CPU
+#                     per write here is what each write inside the mix costs
+#  15 etcd-put-paced  reference, not kv: etcd-put paced at BENCH_PACED_RATE, the same comparison
 #
 # Server CPU of each row (the "CPU µs/req" columns): kv rows through the LB and get-lb-repair:
 # the three nodes + kv-lb; get-owner-one: the three nodes; single-*: the single node;
@@ -70,6 +75,7 @@
 #   BENCH_NODE_ENV    extra VAR=VALUE settings for every kv-node, space-separated, e.g.
 #                     "ANTI_ENTROPY_BYTES_PER_SEC=4194304"
 #   BENCH_SOAK_PERCENT       soak rate, % of the measured peak (70)
+#   BENCH_PACED_RATE         writes/s of post-lb-paced and etcd-put-paced (750)
 #   BENCH_SOAK_SECS          soak measured time in seconds (600)
 #   BENCH_SOAK_WARMUP_SECS   soak warm-up in seconds (30)
 #   BENCH_SOAK_CONNS         soak connections (64)
@@ -89,10 +95,12 @@ HEALTH_WAIT_SECS=30   # how long a process may take to answer /health
 STOP_WAIT_SECS=10     # how long a process may take to exit after SIGTERM
 
 ALL_SCENARIOS=(get-lb-quorum get-lb-one get-owner-one post-lb-quorum post-lb-one mix-lb-zipf
-    single-get single-post get-proxy-one get-lb-repair etcd-put etcd-get soak)
+    single-get single-post get-proxy-one get-lb-repair etcd-put etcd-get soak post-lb-paced
+    etcd-put-paced)
 # Scenarios that "all" leaves out: the soak takes 10+ minutes, so it only runs when named.
 NOT_IN_ALL=(soak)
 SOAK_PERCENT="${BENCH_SOAK_PERCENT:-70}"
+PACED_RATE="${BENCH_PACED_RATE:-750}"
 SOAK_SECS="${BENCH_SOAK_SECS:-600}"
 SOAK_WARMUP_SECS="${BENCH_SOAK_WARMUP_SECS:-30}"
 SOAK_CONNS="${BENCH_SOAK_CONNS:-64}"
@@ -707,12 +715,13 @@ scenario() {
         get-owner-one) url="$NODE1_URL"; args=(--mix read=100 --r one) ;;
         post-lb-quorum) ensure_cluster; url="$LB_URL"; args=(--mix write=100 --w quorum) ;;
         post-lb-one) ensure_cluster; url="$LB_URL"; args=(--mix write=100 --w one) ;;
+        post-lb-paced) ensure_cluster; url="$LB_URL"; args=(--mix write=100 --w quorum --rate "$PACED_RATE") ;;
         mix-lb-zipf) url="$LB_URL"; args=(--mix "read=95,write=5" --dist zipf:0.99) ;;
         single-get) ensure_single; preload single "$SINGLE_URL" --w one; url="$SINGLE_URL"; args=(--mix read=100) ;;
         single-post) ensure_single; url="$SINGLE_URL"; args=(--mix write=100) ;;
         get-proxy-one) ensure_proxy; url="$PROXY_URL"; args=(--mix read=100 --r one) ;;
         get-lb-repair) repair_setup; url="$LB_URL"; args=(--mix read=100 --r quorum) ;;
-        etcd-put | etcd-get)
+        etcd-put | etcd-get | etcd-put-paced)
             if ! ensure_etcd; then
                 info "$1: not run: $ETCD_MISSING"
                 echo "$ETCD_MISSING" >"$OUT/$1.not-run"
@@ -721,6 +730,7 @@ scenario() {
             fi
             pids="$ETCD_PIDS"; url="$ETCD_URL" ;;&
         etcd-put) args=(--target etcd --mix write=100) ;;
+        etcd-put-paced) args=(--target etcd --mix write=100 --rate "$PACED_RATE") ;;
         etcd-get) preload etcd "$ETCD_URL" --target etcd; args=(--target etcd --mix read=100) ;;
         *) die "unknown scenario $1 (known: ${ALL_SCENARIOS[*]})" ;;
     esac
@@ -970,6 +980,14 @@ for what, kv_name, etcd_name in [("durable writes", "post-lb-quorum", "etcd-put"
                        "etcd_ops_per_sec": e, "kv_cpu_us_per_req": kc, "etcd_cpu_us_per_req": ec,
                        "ratio": ratio, "cpu_ratio": cpu_ratio, "verdict": verdict})
 
+# Paced writes (one at a time, no batching): no throughput target, the CPU per write is the point.
+(kc, why_k), (ec, why_e) = value("post-lb-paced", "cpu_us_per_req"), value("etcd-put-paced", "cpu_us_per_req")
+if kc is not None and ec is not None:
+    say(f"  {'paced writes':<19} post-lb-paced {f(kc, '.1f'):>7} µs/write | etcd-put-paced"
+          f" {f(ec, '.1f'):>7} µs/write | CPU per write, etcd's over kv's {ec / kc:.2f}x (no target)")
+    comparison.append({"what": "paced writes", "kv": "post-lb-paced", "etcd": "etcd-put-paced",
+                       "kv_cpu_us_per_req": kc, "etcd_cpu_us_per_req": ec, "cpu_ratio": ec / kc})
+
 with open(os.path.join(out, "summary.json"), "w") as fh:
     json.dump({"scenarios": rows, "issue18_targets": results, "kv_vs_etcd": comparison,
                "etcd_version": os.environ.get("ETCD_VERSION") or None, "soak": soak}, fh, indent=2)
@@ -985,7 +1003,7 @@ main() {
     fi
     for name in kv-node kv-lb kv-bench; do [[ -x "$BIN_DIR/$name" ]] || die "missing $BIN_DIR/$name"; done
     local var
-    for var in SOAK_PERCENT SOAK_SECS SOAK_CONNS; do
+    for var in SOAK_PERCENT SOAK_SECS SOAK_CONNS PACED_RATE; do
         [[ "${!var}" =~ ^[1-9][0-9]{0,6}$ ]] || die "BENCH_$var=${!var}: expected a positive integer"
     done
     [[ "$SOAK_WARMUP_SECS" =~ ^[0-9]{1,6}$ ]] || die "BENCH_SOAK_WARMUP_SECS=$SOAK_WARMUP_SECS: expected an integer"
