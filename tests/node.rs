@@ -375,3 +375,23 @@ fn help_lists_every_variable_and_version_prints() {
     let out = run_node(&[], &["--version"]);
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("kv-node "));
 }
+
+/// `THP_enabled` of /proc/PID/status: `Some(false)` once the process turned transparent huge
+/// pages off for itself (`None` on a kernel without the line).
+fn thp_enabled(pid: u32) -> Option<bool> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("THP_enabled:"))?;
+    Some(line.split_whitespace().nth(1)? != "0")
+}
+
+#[test]
+fn the_node_turns_transparent_huge_pages_off_unless_mimalloc_allow_thp_is_set() {
+    let off = single(&[]);
+    let Some(enabled) = thp_enabled(off.nodes[0].pid().unwrap()) else {
+        eprintln!("skipped: this kernel's /proc/PID/status has no THP_enabled line");
+        return;
+    };
+    assert!(!enabled, "THP still enabled for kv-node by default");
+    let kept = single(&[("MIMALLOC_ALLOW_THP", "1")]);
+    assert_eq!(thp_enabled(kept.nodes[0].pid().unwrap()), Some(true));
+}

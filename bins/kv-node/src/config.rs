@@ -107,7 +107,8 @@ pub struct NodeConfig {
     pub hint_max_bytes: u64,
     /// Most changes kept for watchers to resume from (`WATCH_HISTORY_EVENTS`).
     pub watch_history_events: usize,
-    /// Most bytes (keys and values) of the changes kept for watchers (`WATCH_HISTORY_BYTES`).
+    /// Most bytes (keys, values and 128 per change) of the changes kept for watchers
+    /// (`WATCH_HISTORY_BYTES`).
     pub watch_history_bytes: usize,
     /// Default W.
     pub write_consistency: Consistency,

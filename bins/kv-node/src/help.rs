@@ -105,7 +105,7 @@ pub const HELP_VARIABLES: &[(&str, &str, &str)] = &[
     (
         "WATCH_HISTORY_BYTES",
         "33554432",
-        "bytes (keys and values) of the changes kept for watchers",
+        "memory of the changes kept for watchers: keys, values and 128 bytes each",
     ),
     (
         "WRITE_CONSISTENCY",
@@ -189,6 +189,11 @@ pub const HELP_VARIABLES: &[(&str, &str, &str)] = &[
     ),
     ("RUST_LOG", "info", "tracing filter"),
     ("LOG_FORMAT", "text", "text | json"),
+    (
+        "MIMALLOC_ALLOW_THP",
+        "unset",
+        "unset: transparent huge pages off for this process; 1: keep them",
+    ),
     (
         "TLS_CERT_FILE",
         "unset",

@@ -24,6 +24,11 @@ pub const PAGE: &str = include_str!("dashboard.html");
 /// Seconds of history kept per route (the charts' width).
 pub const WINDOW_SECS: u64 = 60;
 
+/// The last seconds whose latency histograms are kept whole, for the totals' p99 (which merges
+/// them). An older second keeps only its own p99: one histogram is about 10 KiB, so keeping one
+/// per route for the whole window would cost a node some 4 MiB for a chart.
+pub const TOTAL_SECS: u64 = 10;
+
 /// Recent warnings kept.
 pub const WARNINGS_KEPT: usize = 50;
 
@@ -38,7 +43,16 @@ const HIST_MAX_MICROS: u64 = 100_000_000;
 struct RouteSecond {
     count: u64,
     errors: u64,
-    micros: Option<Histogram<u64>>,
+    /// The latencies, while the second is one of the last [`TOTAL_SECS`].
+    micros: Option<Histogram<u32>>,
+    /// The second's p99, once its histogram is dropped.
+    p99_ms: Option<f64>,
+}
+
+impl RouteSecond {
+    fn p99_ms(&self) -> Option<f64> {
+        self.micros.as_ref().map(p99_ms).or(self.p99_ms)
+    }
 }
 
 /// One second of requests, by route (`METHOD template`).
@@ -75,6 +89,19 @@ impl RouteWindow {
         {
             seconds.pop_front();
         }
+        if fresh {
+            // Seconds that left the totals keep their p99 only.
+            for second in seconds
+                .iter_mut()
+                .filter(|s| s.unix_secs + TOTAL_SECS <= now_secs)
+            {
+                for r in second.routes.values_mut() {
+                    if let Some(hist) = r.micros.take() {
+                        r.p99_ms = Some(p99_ms(&hist));
+                    }
+                }
+            }
+        }
         // A clock stepping back lands in the newest bucket rather than reordering them.
         let Some(second) = seconds.back_mut() else {
             return;
@@ -86,6 +113,7 @@ impl RouteWindow {
                 count: 0,
                 errors: 0,
                 micros: Histogram::new_with_bounds(1, HIST_MAX_MICROS, 2).ok(),
+                p99_ms: None,
             });
         entry.count += 1;
         if status >= 500 {
@@ -100,7 +128,7 @@ impl RouteWindow {
     /// The window as JSON, for seconds `now_secs - WINDOW_SECS + 1 ..= now_secs`:
     /// `{"window_secs", "end_unix_secs", "routes": [{"route", "count", "errors",
     /// "p99_ms", "series": [[count, errors, p99_ms|null] per second, oldest first]}]}`.
-    /// Totals (`count`, `errors`, `p99_ms`) are over the last 10 seconds.
+    /// Totals (`count`, `errors`, `p99_ms`) are over the last [`TOTAL_SECS`] seconds.
     pub fn to_json(&self, now_secs: u64) -> Value {
         let seconds = self.lock();
         let first = now_secs.saturating_sub(WINDOW_SECS - 1);
@@ -111,19 +139,19 @@ impl RouteWindow {
             let mut series = vec![json!([0, 0, null]); WINDOW_SECS as usize];
             let mut count = 0u64;
             let mut errors = 0u64;
-            let mut recent: Option<Histogram<u64>> = None;
+            let mut recent: Option<Histogram<u32>> = None;
             for second in seconds.iter().filter(|s| s.unix_secs >= first) {
                 let Some(r) = second.routes.get(name) else {
                     continue;
                 };
-                let p99 = r.micros.as_ref().map(p99_ms);
+                let p99 = r.p99_ms();
                 if let Some(slot) = usize::try_from(second.unix_secs - first)
                     .ok()
                     .and_then(|i| series.get_mut(i))
                 {
                     *slot = json!([r.count, r.errors, p99]);
                 }
-                if second.unix_secs + 10 > now_secs {
+                if second.unix_secs + TOTAL_SECS > now_secs {
                     count += r.count;
                     errors += r.errors;
                     if let Some(h) = &r.micros {
@@ -152,7 +180,7 @@ impl RouteWindow {
     }
 }
 
-fn p99_ms(hist: &Histogram<u64>) -> f64 {
+fn p99_ms(hist: &Histogram<u32>) -> f64 {
     hist.value_at_quantile(0.99) as f64 / 1000.0
 }
 
@@ -341,6 +369,58 @@ mod tests {
         window.record(215, "GET /", 200, Duration::from_millis(1));
         let seconds = window.lock().len();
         assert_eq!(seconds, 1, "seconds older than the window are dropped");
+    }
+
+    #[test]
+    fn window_keeps_latency_histograms_for_the_totals_only() {
+        let window = RouteWindow::default();
+        let routes = ["GET /a", "POST /a", "POST /internal/replicate"];
+        let first = 1000;
+        let last = first + WINDOW_SECS - 1;
+        for sec in first..=last {
+            for route in routes {
+                window.record(sec, route, 200, Duration::from_micros(100 + sec - first));
+            }
+        }
+        let (held, bytes) = {
+            let seconds = window.lock();
+            let hists: Vec<&Histogram<u32>> = seconds
+                .iter()
+                .flat_map(|s| s.routes.values())
+                .filter_map(|r| r.micros.as_ref())
+                .collect();
+            let bytes: usize = hists
+                .iter()
+                .map(|h| h.distinct_values() * std::mem::size_of::<u32>())
+                .sum();
+            (hists.len(), bytes)
+        };
+        assert_eq!(held, TOTAL_SECS as usize * routes.len(), "histograms held");
+        assert!(
+            bytes <= 12 * 1024 * held,
+            "{bytes} bytes in {held} histograms"
+        );
+        let json = window.to_json(last);
+        for (i, route) in json["routes"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            assert_eq!(
+                route["count"], TOTAL_SECS,
+                "route {i}: totals of the last seconds"
+            );
+            let p99 = route["p99_ms"].as_f64().unwrap_or_default();
+            assert!((0.155..0.161).contains(&p99), "route {i}: {p99}");
+            let series = route["series"].as_array().cloned().unwrap_or_default();
+            // The oldest second lost its histogram but kept its p99 (100 µs).
+            let oldest = series[0][2].as_f64().unwrap_or_default();
+            assert!((0.099..0.101).contains(&oldest), "route {i}: {oldest}");
+            let newest = series[59][2].as_f64().unwrap_or_default();
+            assert!((0.158..0.161).contains(&newest), "route {i}: {newest}");
+        }
     }
 
     #[test]
