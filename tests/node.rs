@@ -385,12 +385,24 @@ fn thp_enabled(pid: u32) -> Option<bool> {
 }
 
 #[test]
-fn the_node_turns_transparent_huge_pages_off_unless_mimalloc_allow_thp_is_set() {
+fn node_and_lb_turn_transparent_huge_pages_off_unless_mimalloc_allow_thp_is_set() {
     let off = single(&[]);
     let enabled = thp_enabled(off.nodes[0].pid().unwrap()).expect(
         "this test needs Linux 5.0+ (/proc/PID/status with a THP_enabled line), which it lacks",
     );
     assert!(!enabled, "THP still enabled for kv-node by default");
+    let with_lb = TestCluster::start_with(Options {
+        nodes: 1,
+        replication_factor: 1,
+        lb: true,
+        ..Options::default()
+    });
+    let lb_pid = with_lb.lb_pid().expect("the LB runs");
+    assert_eq!(
+        thp_enabled(lb_pid),
+        Some(false),
+        "THP still enabled for kv-lb by default"
+    );
     let kept = single(&[("MIMALLOC_ALLOW_THP", "1")]);
     assert_eq!(thp_enabled(kept.nodes[0].pid().unwrap()), Some(true));
 }

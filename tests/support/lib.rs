@@ -521,6 +521,11 @@ impl TestCluster {
         self.lb_url = Some(url);
     }
 
+    /// The load balancer's process id, when one runs.
+    pub fn lb_pid(&self) -> Option<u32> {
+        self.lb.as_ref().map(Child::id)
+    }
+
     /// The URL of node `i` (0-based).
     pub fn url(&self, i: usize) -> &str {
         &self.nodes[i].url

@@ -50,6 +50,7 @@ Configuration is read from the environment (default in brackets):
   MAX_VALUE_BYTES           value size limit (body cap: + 64 KiB) [{DEFAULT_MAX_VALUE_BYTES}]
   RUST_LOG                  tracing filter                        [info]
   LOG_FORMAT                text or json                          [text]
+  MIMALLOC_ALLOW_THP        1: keep transparent huge pages        [unset: off for kv-lb]
   MAX_CONNECTIONS           client connections served at once     [{DEFAULT_MAX_CONNECTIONS}]
   HEAD_TIMEOUT_MS           deadline of a request head once begun [{DEFAULT_HEAD_TIMEOUT_MS}]
   IDLE_TIMEOUT_MS           idle keep-alive connection closed     [{DEFAULT_IDLE_TIMEOUT_MS}]

@@ -47,6 +47,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    let thp_warning = kv_http::limit_transparent_huge_pages();
     if let Some(code) = answer_arguments() {
         return code;
     }
@@ -65,6 +66,9 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(&config);
+    if let Some(warning) = thp_warning {
+        tracing::warn!("{warning}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -37,28 +37,8 @@ const HINT_DELIVERY_BUDGET: Duration = Duration::from_secs(2);
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Turns transparent huge pages off for this process, unless `MIMALLOC_ALLOW_THP` decides.
-///
-/// mimalloc asks the kernel for huge pages on its arenas (`madvise(MADV_HUGEPAGE)`), so with the
-/// common THP setting `madvise` every 2 MiB region the node touches, or khugepaged collapses,
-/// becomes resident whole: a node with 10,000 keys sat at 50 MB of RSS instead of 33 MB, and
-/// its RSS moved by megabytes as khugepaged collapsed and mimalloc's purges split huge pages.
-/// `MIMALLOC_ALLOW_THP=1` keeps them (`=0` has mimalloc turn them off itself).
-fn limit_transparent_huge_pages() -> Option<String> {
-    if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
-        return None;
-    }
-    #[cfg(target_os = "linux")]
-    if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
-        return Some(format!(
-            "cannot turn transparent huge pages off (prctl PR_SET_THP_DISABLE): {e}"
-        ));
-    }
-    None
-}
-
 fn main() -> ExitCode {
-    let thp_warning = limit_transparent_huge_pages();
+    let thp_warning = kv_http::limit_transparent_huge_pages();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("--help" | "-h") => return help::print_help(),

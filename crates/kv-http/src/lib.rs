@@ -10,6 +10,7 @@
 //! - [`bearer_matches`]: the `Authorization: Bearer` check (RFC 7235, constant time).
 //! - [`error_body`]: the JSON error body `{"error": code, "message": text}`.
 //! - [`dashboard`]: the `/ui` page, the per-route request window and recent warnings it shows.
+//! - [`limit_transparent_huge_pages`]: the process memory setting both binaries apply at start.
 //! - [`Error`]: the crate's one error enum.
 
 mod bearer;
@@ -17,6 +18,7 @@ mod connection;
 pub mod dashboard;
 mod error;
 mod error_body;
+mod memory;
 pub mod serve;
 mod signal;
 pub mod tls;
@@ -24,6 +26,7 @@ pub mod tls;
 pub use bearer::bearer_matches;
 pub use error::Error;
 pub use error_body::{error_body, error_response};
+pub use memory::limit_transparent_huge_pages;
 pub use serve::{serve, Handler, ServeLimits};
 pub use signal::shutdown_signal;
 pub use tls::TlsAcceptor;
