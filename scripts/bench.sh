@@ -616,6 +616,10 @@ for k, name in enumerate(names):
             top = max(window)
             r.update(max_last_5min_kb=top, max_last_5min_pct=(top / base - 1) * 100,
                      last_pct=(last[1][k] / base - 1) * 100, flat=top <= RSS_LIMIT * base)
+            # Information beside the rule: growth within the last 5 minutes alone (against the
+            # window's first sample), which bounded buffers filling early on do not count in.
+            if window[0]:
+                r["steady_last_5min_pct"] = (top / window[0] - 1) * 100
     rss[name] = r
 
 def verdict(ok, measured=True):
@@ -686,6 +690,9 @@ for name, r in rss.items():
           f"{mb(r['last_kb']):>7} ({fmt(r['last_t'], 'd')} s) {fmt(r['last_pct'], '+.1f')} % / "
           f"{mb(r['max_last_5min_kb']):>7} {fmt(r['max_last_5min_pct'], '+.1f')} %"
           f"{'' if r['flat'] else '  NOT FLAT'}{'  (' + r['note'] + ')' if r.get('note') else ''}")
+print("  information, not the rule: largest of the last 5 minutes vs the first sample of those"
+      " 5 minutes: " + ", ".join(f"{name} {fmt(r.get('steady_last_5min_pct'), '+.1f')} %"
+                                  for name, r in rss.items()))
 print("  verdict:")
 print(f"    errors: {doc['rules']['errors']}: {checks['errors']}")
 print(f"    RSS flat: {doc['rules']['rss_flat']}: {checks['rss_flat']}")
