@@ -113,6 +113,16 @@ impl HealthTable {
         healthy
     }
 
+    /// [`HealthTable::healthy_first`] in place, for the data path: a list whose nodes are all
+    /// healthy (the usual case) is left as it is, without allocating.
+    pub fn order_healthy_first(&self, candidates: &mut [usize]) {
+        if candidates.iter().all(|&i| self.is_healthy(i)) {
+            return;
+        }
+        // Stable: both groups keep their ring order.
+        candidates.sort_by_key(|&i| !self.is_healthy(i));
+    }
+
     /// Every node's current state.
     pub fn report(&self) -> Vec<NodeReport> {
         self.nodes
@@ -224,6 +234,11 @@ mod tests {
         assert_eq!(table.healthy_first(&[3, 1, 4, 0]), vec![4, 0, 3, 1]);
         assert_eq!(table.healthy_first(&[2, 0]), vec![2, 0]);
         assert_eq!(table.healthy_first(&[]), Vec::<usize>::new());
+        for candidates in [vec![3, 1, 4, 0], vec![2, 0], vec![], vec![4, 2, 0]] {
+            let mut in_place = candidates.clone();
+            table.order_healthy_first(&mut in_place);
+            assert_eq!(in_place, table.healthy_first(&candidates), "{candidates:?}");
+        }
     }
 
     #[test]

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use axum::http::{header, HeaderValue, Method, Request};
 use bytes::Bytes;
+use http_body::Body as _;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::Response;
 use tracing::{debug, warn};
@@ -28,8 +29,8 @@ use crate::error::ApiError;
 use crate::metrics;
 use crate::routing::Routing;
 use crate::upstream::{
-    into_client_response, strip_hop_by_hop, strip_internal_headers, BufferedRequest, Outcome,
-    ProxyBody, RESEND_AGE_HEADER, RESEND_HEADER, VERSION_HEADER, WRITE_ID_HEADER,
+    into_client_response, strip_client_headers, BufferedRequest, Outcome, ProxyBody,
+    RESEND_AGE_HEADER, RESEND_HEADER, VERSION_HEADER, WRITE_ID_HEADER,
 };
 
 /// `/v1/{*key}`, any method: to the key's first healthy replica. `raw_key` is the path after
@@ -56,7 +57,7 @@ where
         .ring
         .preference_list(&key, routing.replication_factor);
     debug!(request_id, %key, ?preference, "routing by key");
-    forward(state, &routing, &preference, request, true, request_id).await
+    forward(state, &routing, preference, request, true, request_id).await
 }
 
 /// `/batch`, `/v1` (listing): to any healthy node, round-robin.
@@ -71,7 +72,7 @@ where
 {
     let routing = state.routing();
     let preference = state.round_robin(&routing);
-    forward(state, &routing, &preference, request, false, request_id).await
+    forward(state, &routing, preference, request, false, request_id).await
 }
 
 /// Sends the request to `preference` (healthy nodes first) until one answers or retrying is
@@ -80,7 +81,7 @@ where
 async fn forward<B>(
     state: &LbState,
     routing: &Routing,
-    preference: &[usize],
+    mut order: Vec<usize>,
     request: Request<B>,
     name_writes: bool,
     request_id: &str,
@@ -92,18 +93,26 @@ where
     state.counters.request();
     let mut request = buffer(request, state.body_limit, state.request_timeout).await?;
     let retryable = is_read(&request.method) || (name_writes && name_write(&mut request));
-    let deadline = Instant::now() + state.request_timeout;
-    let order = routing.health.healthy_first(preference);
+    // One clock read for the deadline, the first send and the first attempt's budget.
+    let first_sent = Instant::now();
+    let deadline = first_sent + state.request_timeout;
+    let first_choice = order.first().copied();
+    routing.health.order_healthy_first(&mut order);
     let mut failures = Failures {
         request_id,
         ..Failures::default()
     };
-    let (first_sent, mut resend) = (Instant::now(), false);
+    let mut resend = false;
     for (position, &node) in order.iter().enumerate() {
         let Some(url) = routing.health.url(node) else {
             continue;
         };
-        let remaining = deadline.saturating_duration_since(Instant::now());
+        let (now, remaining) = if position == 0 {
+            (first_sent, state.request_timeout)
+        } else {
+            let now = Instant::now();
+            (now, deadline.saturating_duration_since(now))
+        };
         if remaining.is_zero() {
             break;
         }
@@ -121,13 +130,16 @@ where
         if resend {
             mark_resend(&mut request, first_sent);
         }
-        let outcome = state.upstream.send(url, &request, attempt.budget).await?;
+        let outcome = state
+            .upstream
+            .send(url, &request, now + attempt.budget)
+            .await?;
         // The node may have applied it: from now on, each send of a named write is a resend.
         resend |= matches!(outcome, Outcome::TimedOut | Outcome::Failed(_))
             && request.headers.contains_key(WRITE_ID_HEADER);
         match attempt.judge(state, routing, outcome, &mut failures) {
             Step::Answer(response) => {
-                if preference.first() != Some(&node) {
+                if first_choice != Some(node) {
                     state.counters.failover();
                 }
                 return Ok(into_client_response(response));
@@ -301,8 +313,18 @@ fn mark_resend(request: &mut BufferedRequest, first_sent: Instant) {
 
 /// A random 64-bit write id as 16 lowercase hex digits.
 fn new_write_id() -> HeaderValue {
-    HeaderValue::from_str(&format!("{:016x}", rand::random::<u64>()))
-        .unwrap_or_else(|_| HeaderValue::from_static("0000000000000000"))
+    write_id_of(rand::random::<u64>())
+}
+
+/// `bits` as 16 lowercase hex digits, most significant first (no `format!`: a write's hot path).
+fn write_id_of(mut bits: u64) -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = [0u8; 16];
+    for digit in id.iter_mut().rev() {
+        *digit = HEX[(bits & 0xf) as usize];
+        bits >>= 4;
+    }
+    HeaderValue::from_bytes(&id).unwrap_or_else(|_| HeaderValue::from_static("0000000000000000"))
 }
 
 /// `GET` and `HEAD` change nothing, so they may be retried after any failure.
@@ -343,20 +365,9 @@ where
     let body = if body.is_end_stream() {
         Bytes::new()
     } else {
-        tokio::time::timeout(timeout, Limited::new(body, limit).collect())
-            .await
-            .map_err(|_| ApiError::BodyTimeout(timeout))?
-            .map_err(|e| {
-                if e.downcast_ref::<LengthLimitError>().is_some() {
-                    ApiError::PayloadTooLarge { limit }
-                } else {
-                    ApiError::BadRequest(format!("the request body could not be read: {e}"))
-                }
-            })?
-            .to_bytes()
+        read_body(body, limit, timeout).await?
     };
-    strip_hop_by_hop(&mut parts.headers);
-    strip_internal_headers(&mut parts.headers);
+    strip_client_headers(&mut parts.headers);
     let uri = match parts.uri.path_and_query() {
         // The origin form: what a node expects on the request line.
         Some(pq) if parts.uri.scheme().is_some() => pq
@@ -374,6 +385,98 @@ where
     })
 }
 
+/// Reads a whole body of at most `limit` bytes. The frames already received are taken without
+/// a timer (a small body usually arrives with its head); only a body still on its way is read
+/// under `timeout`. One frame is kept as it is; several are joined once.
+async fn read_body<B>(body: B, limit: usize, timeout: Duration) -> Result<Bytes, ApiError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Display + Send + Sync + 'static + Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut body = std::pin::pin!(Limited::new(body, limit));
+    let mut read = BodyRead::default();
+    // What is there now, without a timer.
+    let finished = std::future::poll_fn(|cx| loop {
+        match body.as_mut().poll_frame(cx) {
+            std::task::Poll::Ready(Some(frame)) => {
+                if let Err(e) = read.frame(frame.map(Some), limit) {
+                    return std::task::Poll::Ready(Err(e));
+                }
+            }
+            std::task::Poll::Ready(None) => return std::task::Poll::Ready(Ok(true)),
+            std::task::Poll::Pending => return std::task::Poll::Ready(Ok(false)),
+        }
+    })
+    .await?;
+    if !finished {
+        let rest = async {
+            while let Some(frame) = body.as_mut().frame().await {
+                read.frame(Some(frame).transpose(), limit)?;
+            }
+            Ok::<(), ApiError>(())
+        };
+        tokio::time::timeout(timeout, rest)
+            .await
+            .map_err(|_| ApiError::BodyTimeout(timeout))??;
+    }
+    Ok(read.into_bytes())
+}
+
+/// The data frames of a body read so far: the first kept as it is, later ones joined.
+#[derive(Default)]
+struct BodyRead {
+    first: Option<Bytes>,
+    joined: Option<bytes::BytesMut>,
+}
+
+impl BodyRead {
+    /// Takes one polled frame (`Ok(None)`: a frame that is not data, such as trailers).
+    fn frame<E>(
+        &mut self,
+        frame: Result<Option<http_body::Frame<Bytes>>, E>,
+        limit: usize,
+    ) -> Result<(), ApiError>
+    where
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let frame = frame.map_err(|e| body_error(e.into(), limit))?;
+        let Some(data) = frame.and_then(|f| f.into_data().ok()) else {
+            return Ok(());
+        };
+        if data.is_empty() {
+            return Ok(());
+        }
+        match (&mut self.joined, self.first.take()) {
+            (Some(joined), _) => joined.extend_from_slice(&data),
+            (None, None) => self.first = Some(data),
+            (None, Some(first)) => {
+                let mut joined = bytes::BytesMut::with_capacity(first.len() + data.len());
+                joined.extend_from_slice(&first);
+                joined.extend_from_slice(&data);
+                self.joined = Some(joined);
+            }
+        }
+        Ok(())
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match (self.joined, self.first) {
+            (Some(joined), _) => joined.freeze(),
+            (None, Some(first)) => first,
+            (None, None) => Bytes::new(),
+        }
+    }
+}
+
+/// The error of a body that could not be read: too large, or broken off.
+fn body_error(error: Box<dyn std::error::Error + Send + Sync>, limit: usize) -> ApiError {
+    if error.downcast_ref::<LengthLimitError>().is_some() {
+        ApiError::PayloadTooLarge { limit }
+    } else {
+        ApiError::BadRequest(format!("the request body could not be read: {error}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -384,6 +487,109 @@ mod tests {
         assert_eq!(attempt_budget(ten, true, 2), Duration::from_secs(5));
         assert_eq!(attempt_budget(ten, true, 1), ten);
         assert_eq!(attempt_budget(ten, false, 3), ten);
+    }
+
+    #[test]
+    fn write_ids_are_16_lowercase_hex_digits() {
+        assert_eq!(write_id_of(0x0123_4567_89ab_cdef), "0123456789abcdef");
+        assert_eq!(write_id_of(0), "0000000000000000");
+        assert_eq!(write_id_of(u64::MAX), "ffffffffffffffff");
+        let id = new_write_id();
+        assert_eq!(id.len(), 16);
+        assert!(id
+            .as_bytes()
+            .iter()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+    }
+
+    /// A body that hands out `frames` one by one, each after one `Pending` (a body still on its
+    /// way), and then either ends or (`hang`) never does.
+    struct Trickle {
+        frames: std::collections::VecDeque<&'static [u8]>,
+        ready: bool,
+        hang: bool,
+    }
+
+    impl http_body::Body for Trickle {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+            if self.frames.is_empty() && self.hang {
+                return std::task::Poll::Pending;
+            }
+            if !self.ready {
+                self.ready = true;
+                cx.waker().wake_by_ref();
+                return std::task::Poll::Pending;
+            }
+            self.ready = false;
+            std::task::Poll::Ready(
+                self.frames
+                    .pop_front()
+                    .map(|f| Ok(http_body::Frame::data(Bytes::from_static(f)))),
+            )
+        }
+    }
+
+    fn trickle(frames: &[&'static [u8]], hang: bool) -> Trickle {
+        Trickle {
+            frames: frames.iter().copied().collect(),
+            ready: false,
+            hang,
+        }
+    }
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    #[tokio::test]
+    async fn a_body_already_received_is_read_whole() {
+        let body = http_body_util::Full::new(Bytes::from_static(b"{\"value\": 1}"));
+        let read = read_body(body, 100, SECOND).await.unwrap();
+        assert_eq!(read, "{\"value\": 1}");
+    }
+
+    #[tokio::test]
+    async fn a_body_on_its_way_is_joined_from_its_frames() {
+        let read = read_body(trickle(&[b"ab", b"", b"cd", b"e"], false), 100, SECOND)
+            .await
+            .unwrap();
+        assert_eq!(read, "abcde");
+        let one = read_body(trickle(&[b"abc"], false), 100, SECOND)
+            .await
+            .unwrap();
+        assert_eq!(one, "abc");
+        let none = read_body(trickle(&[], false), 100, SECOND).await.unwrap();
+        assert!(none.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_refused() {
+        let full = http_body_util::Full::new(Bytes::from_static(b"0123456789"));
+        let error = read_body(full, 4, SECOND).await.unwrap_err();
+        assert!(
+            matches!(error, ApiError::PayloadTooLarge { limit: 4 }),
+            "{error:?}"
+        );
+        let late = read_body(trickle(&[b"012", b"345"], false), 4, SECOND).await;
+        assert!(
+            matches!(late, Err(ApiError::PayloadTooLarge { limit: 4 })),
+            "{late:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_that_stops_coming_times_out() {
+        let started = Instant::now();
+        let timeout = Duration::from_millis(100);
+        let error = read_body(trickle(&[b"ab"], true), 100, timeout)
+            .await
+            .unwrap_err();
+        assert!(matches!(error, ApiError::BodyTimeout(_)), "{error:?}");
+        assert!(started.elapsed() >= timeout);
     }
 
     #[test]

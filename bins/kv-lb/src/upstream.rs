@@ -211,12 +211,13 @@ impl Upstream {
         Ok(pool)
     }
 
-    /// Sends `request` to the node at `node_url` and waits at most `deadline` for its head.
+    /// Sends `request` to the node at `node_url` and waits until `deadline` at most for its
+    /// head.
     pub async fn send(
         &self,
         node_url: &str,
         request: &BufferedRequest,
-        deadline: Duration,
+        deadline: Instant,
     ) -> Result<Outcome, ApiError> {
         let pool = self.pool(node_url)?;
         let mut outgoing = Request::new(Full::new(request.body.clone()));
@@ -224,9 +225,11 @@ impl Upstream {
         *outgoing.uri_mut() = request.uri.clone();
         let headers = outgoing.headers_mut();
         *headers = request.headers.clone();
+        // Replaces the client's `Host`.
         headers.insert(header::HOST, pool.host.clone());
         let attempt = self.exchange(pool, outgoing);
-        Ok(tokio::time::timeout(deadline, attempt)
+        let deadline = tokio::time::Instant::from_std(deadline);
+        Ok(tokio::time::timeout_at(deadline, attempt)
             .await
             .unwrap_or(Outcome::TimedOut))
     }
@@ -237,7 +240,9 @@ impl Upstream {
         loop {
             let (mut conn, reused) = match pool.take() {
                 Some(conn) => (conn, true),
-                None => match self.connect(&pool.uri).await {
+                // Boxed: the connect and handshake futures (TLS state included) would otherwise
+                // widen every request's future, which is moved whole into place per request.
+                None => match Box::pin(self.connect(&pool.uri)).await {
                     Ok(conn) => (conn, false),
                     Err(reason) => return Outcome::ConnectFailed(reason),
                 },
@@ -252,14 +257,14 @@ impl Upstream {
                 Some(Err(e)) => return Outcome::Failed(error_chain(&e)),
                 None => return Outcome::Failed("the connection closed".to_owned()),
             }
-            let mut send = Box::pin(sender.try_send_request(request));
+            let mut send = std::pin::pin!(sender.try_send_request(request));
             let sent = match drive(connection, &mut send).await {
                 Some(sent) => sent,
                 None => {
                     // The connection ended first (the node closed it or died): dropping it
                     // settles the request, and tells whether it was ever written.
                     drop(conn);
-                    match send.await {
+                    match send.as_mut().await {
                         Err(mut e) => match e.take_message() {
                             Some(unsent) if reused => {
                                 request = unsent;
@@ -453,14 +458,22 @@ impl Drop for ProxyBody {
     }
 }
 
-/// Prepares a client's headers for a node: hop-by-hop headers removed, `Host` too (the client
-/// sets it from the node URL), and `Expect` (the body has already been read in full).
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// Prepares a client's headers for a node, with one look at each header and removals (each a
+/// lookup) only for what is there: hop-by-hop headers, `Expect` (the body has already been read
+/// in full) and the node-to-node headers ([`strip_internal_headers`]) go. `Host` is left for
+/// [`Upstream::send`], which sets it from the node's URL (replacing the client's).
+pub fn strip_client_headers(headers: &mut HeaderMap) {
+    let strip = |name: &HeaderName| {
+        HOP_BY_HOP.contains(name) || name == header::EXPECT || is_internal_header(name.as_str())
+    };
+    if !headers.keys().any(strip) {
+        return;
+    }
     for name in &HOP_BY_HOP {
         headers.remove(name);
     }
-    headers.remove(header::HOST);
     headers.remove(header::EXPECT);
+    strip_internal_headers(headers);
 }
 
 /// Removes every node-to-node header a client may have sent (`x-kv-forwarded`, `x-kv-secret`,
@@ -496,12 +509,15 @@ pub const RESEND_AGE_HEADER: &str = "x-kv-resend-age-ms";
 const INTERNAL_HEADER_PREFIX: &str = "x-kv-";
 
 /// Turns a node's response into ours: status, headers (minus hop-by-hop) and streamed body.
-pub fn into_client_response<B>(response: Response<B>) -> Response<B> {
-    let (mut parts, body) = response.into_parts();
-    for name in &HOP_BY_HOP {
-        parts.headers.remove(name);
+pub fn into_client_response<B>(mut response: Response<B>) -> Response<B> {
+    let headers = response.headers_mut();
+    // One look at each header; removals (each a lookup) only when one is there.
+    if headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        for name in &HOP_BY_HOP {
+            headers.remove(name);
+        }
     }
-    Response::from_parts(parts, body)
+    response
 }
 
 fn node_uri(node_url: &str, path_and_query: &str) -> Result<Uri, ApiError> {
@@ -583,7 +599,11 @@ mod tests {
 
     async fn body_of(upstream: &Upstream, url: &str) -> Bytes {
         let second = Duration::from_secs(5);
-        match upstream.send(url, &get("/v1/k"), second).await.unwrap() {
+        match upstream
+            .send(url, &get("/v1/k"), Instant::now() + second)
+            .await
+            .unwrap()
+        {
             Outcome::Answered(response) => response.into_body().collect().await.unwrap().to_bytes(),
             other => panic!("no answer: {other:?}"),
         }
@@ -619,10 +639,66 @@ mod tests {
         let url = format!("http://{}", listener.local_addr().unwrap());
         drop(listener);
         let outcome = upstream()
-            .send(&url, &get("/v1/k"), Duration::from_secs(5))
+            .send(&url, &get("/v1/k"), Instant::now() + Duration::from_secs(5))
             .await
             .unwrap();
         assert!(matches!(outcome, Outcome::ConnectFailed(_)), "{outcome:?}");
+    }
+
+    #[test]
+    fn client_headers_lose_hop_by_hop_expect_and_internal_ones_only() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("connection", "keep-alive"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("expect", "100-continue"),
+            ("x-kv-forwarded", "1"),
+            ("x-kv-version", "0000000000000001-00000001"),
+            ("x-request-id", "abc"),
+            ("authorization", "Bearer t"),
+            ("content-type", "application/json"),
+        ] {
+            headers.append(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        strip_client_headers(&mut headers);
+        let mut left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(
+            left,
+            [
+                "authorization",
+                "content-type",
+                "x-kv-version",
+                "x-request-id"
+            ]
+        );
+        // Nothing to strip: the map is left as it was.
+        let before = headers.clone();
+        strip_client_headers(&mut headers);
+        assert_eq!(headers, before);
+    }
+
+    #[test]
+    fn a_node_answer_loses_its_hop_by_hop_headers_only() {
+        let mut response = Response::new(());
+        let headers = response.headers_mut();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        headers.insert("x-kv-version", HeaderValue::from_static("v"));
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        let response = into_client_response(response);
+        let mut left: Vec<&str> = response.headers().keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-type", "x-kv-version"]);
+        let plain = into_client_response(Response::new(()));
+        assert!(plain.headers().is_empty());
     }
 
     #[test]

@@ -106,15 +106,21 @@ impl RouteWindow {
         let Some(second) = seconds.back_mut() else {
             return;
         };
-        let entry = second
-            .routes
-            .entry(route.to_owned())
-            .or_insert_with(|| RouteSecond {
-                count: 0,
-                errors: 0,
-                micros: Histogram::new_with_bounds(1, HIST_MAX_MICROS, 2).ok(),
-                p99_ms: None,
-            });
+        // The name is copied only the first time the route is seen in this second.
+        if !second.routes.contains_key(route) {
+            second.routes.insert(
+                route.to_owned(),
+                RouteSecond {
+                    count: 0,
+                    errors: 0,
+                    micros: Histogram::new_with_bounds(1, HIST_MAX_MICROS, 2).ok(),
+                    p99_ms: None,
+                },
+            );
+        }
+        let Some(entry) = second.routes.get_mut(route) else {
+            return;
+        };
         entry.count += 1;
         if status >= 500 {
             entry.errors += 1;
