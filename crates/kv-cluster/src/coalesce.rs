@@ -1,5 +1,9 @@
 //! Coalescing of small peer calls: concurrent calls of one kind to one peer share HTTP requests.
 //!
+//! Quorum reads and replicated writes to `http://` peers take the leaner lanes of
+//! [`read_lane`](crate::read_lane) (the same batching, on plain hyper); this coalescer serves
+//! them for `https://` peers, on the reqwest client.
+//!
 //! Every replicated write and every remote quorum read is one small message to a peer. Sent one
 //! request each, the HTTP round trips (client, server, loopback TCP, wake-ups) cost several times
 //! the work itself. A [`Coalescer`] keeps, per peer, a queue and at most
