@@ -606,56 +606,68 @@ mod tests {
     /// for others, bytes that decode to nothing for the key `bad`; 401 without the secret. With
     /// `one_shot` it closes every connection after one answer. Counts its requests; the tasks
     /// serving its connections are kept, so a test can cut them.
-    async fn fake_peer(one_shot: bool) -> (String, Arc<AtomicUsize>, Served) {
+    /// Serves `answer` on a free loopback port for the rest of the test; with `one_shot` every
+    /// connection closes after one answer. The URL, and the tasks serving its connections (kept,
+    /// so a test can cut them).
+    async fn serve_fake<F, Fut>(one_shot: bool, answer: F) -> (String, Served)
+    where
+        F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Result<hyper::Response<Full<Bytes>>, hyper::Error>> + Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let requests = Arc::new(AtomicUsize::new(0));
-        let counted = requests.clone();
         let served = Served::default();
         let connections = served.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let counted = counted.clone();
-                let service = service_fn(move |request: Request<Incoming>| {
-                    let counted = counted.clone();
-                    async move {
-                        counted.fetch_add(1, Ordering::SeqCst);
-                        let authorised = request.headers().get(SECRET_HEADER)
-                            == Some(&HeaderValue::from_static("s3cret"));
-                        let path_ok = request.uri().path() == EntriesRead::PATH;
-                        let body = request.into_body().collect().await?.to_bytes();
-                        let keys = decode_keys(&body, 100).unwrap_or_default();
-                        let mut response =
-                            hyper::Response::new(Full::new(if keys.iter().any(|k| k == "bad") {
-                                Bytes::from_static(b"\x01\x00\x00\x00junk")
-                            } else {
-                                let entries: Vec<_> = keys
-                                    .iter()
-                                    .map(|k| k.starts_with('k').then(|| record(k)))
-                                    .collect();
-                                encode_entries(&entries)
-                            }));
-                        if !authorised || !path_ok {
-                            *response.status_mut() = StatusCode::UNAUTHORIZED;
-                        }
-                        Ok::<_, hyper::Error>(response)
-                    }
-                });
                 let connection = hyper::server::conn::http1::Builder::new()
                     .keep_alive(!one_shot)
-                    .serve_connection(TokioIo::new(stream), service);
+                    .serve_connection(TokioIo::new(stream), service_fn(answer.clone()));
                 connections.lock().push(tokio::spawn(async move {
                     let _ = connection.await;
                 }));
             }
         });
+        (url, served)
+    }
+
+    async fn fake_peer(one_shot: bool) -> (String, Arc<AtomicUsize>, Served) {
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counted = requests.clone();
+        let (url, served) = serve_fake(one_shot, move |request: Request<Incoming>| {
+            let counted = counted.clone();
+            async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let authorised = request.headers().get(SECRET_HEADER)
+                    == Some(&HeaderValue::from_static("s3cret"));
+                let path_ok = request.uri().path() == EntriesRead::PATH;
+                let body = request.into_body().collect().await?.to_bytes();
+                let keys = decode_keys(&body, 100).unwrap_or_default();
+                let mut response =
+                    hyper::Response::new(Full::new(if keys.iter().any(|k| k == "bad") {
+                        Bytes::from_static(b"\x01\x00\x00\x00junk")
+                    } else {
+                        let entries: Vec<_> = keys
+                            .iter()
+                            .map(|k| k.starts_with('k').then(|| record(k)))
+                            .collect();
+                        encode_entries(&entries)
+                    }));
+                if !authorised || !path_ok {
+                    *response.status_mut() = StatusCode::UNAUTHORIZED;
+                }
+                Ok::<_, hyper::Error>(response)
+            }
+        })
+        .await;
         (url, requests, served)
     }
 
     /// The tasks serving a fake peer's connections.
     type Served = Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>;
 
-    fn lanes(secret: &'static str) -> Arc<Lanes<EntriesRead>> {
+    /// Lanes of kind `K` that send `secret` as the cluster secret.
+    fn lanes_of<K: LaneKind>(secret: &'static str) -> Arc<Lanes<K>> {
         Arc::new(Lanes::new(Arc::new(LaneConfig {
             secret: Some(HeaderValue::from_static(secret)),
             connect_timeout: Duration::from_secs(2),
@@ -788,87 +800,72 @@ mod tests {
     }
 
     async fn fake_replica(mode: Replica, one_shot: bool) -> (String, Arc<Mutex<Seen>>, Served) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
         let seen = Arc::new(Mutex::new(Seen::default()));
         let state = seen.clone();
-        let served = Served::default();
-        let connections = served.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let state = state.clone();
-                let service = service_fn(move |request: Request<Incoming>| {
-                    let state = state.clone();
-                    async move {
-                        let authorised = request.headers().get(SECRET_HEADER)
-                            == Some(&HeaderValue::from_static("s3cret"));
-                        let path_ok = request.uri().path() == ReplicateWrite::PATH;
-                        let header = |name: &str| {
-                            request
-                                .headers()
-                                .get(name)
-                                .and_then(|v| v.to_str().ok())
-                                .map(str::to_owned)
-                        };
-                        let ids = header(BATCH_WRITE_IDS_HEADER);
-                        let rids = header(BATCH_REQUEST_IDS_HEADER)
-                            .or_else(|| header(REQUEST_ID_HEADER))
-                            .unwrap_or_default();
-                        let body = request.into_body().collect().await?.to_bytes();
-                        let records = decode_batch(&body).unwrap_or_default();
-                        let mut seen = state.lock();
-                        seen.requests += 1;
-                        seen.request_ids.extend(rids.split(',').map(str::to_owned));
-                        match ids {
-                            Some(ids) => seen
-                                .write_ids
-                                .extend(decode_write_ids(&ids, records.len()).unwrap()),
-                            None => seen.write_ids.extend(records.iter().map(|_| None)),
-                        }
-                        let mut held = Vec::new();
-                        for record in &records {
-                            let now = seen.held.entry(record.key.clone()).or_insert(Version::ZERO);
-                            *now = (*now).max(record.version);
-                            held.push(now.to_string());
-                        }
-                        if mode == Replica::Short {
-                            held.pop();
-                        }
-                        let answer = ReplicateAnswer {
-                            applied: records.len(),
-                            held: Some(held),
-                        };
-                        let body = match mode {
-                            Replica::Garbage => Bytes::from_static(b"{\"applied\": \"many\"}"),
-                            _ => Bytes::from(serde_json::to_vec(&answer).unwrap()),
-                        };
-                        let mut response = hyper::Response::new(Full::new(body));
-                        if !authorised || !path_ok {
-                            *response.status_mut() = StatusCode::UNAUTHORIZED;
-                        } else if mode == Replica::Refuses {
-                            *response.status_mut() = StatusCode::INSUFFICIENT_STORAGE;
-                        }
-                        Ok::<_, hyper::Error>(response)
-                    }
-                });
-                let connection = hyper::server::conn::http1::Builder::new()
-                    .keep_alive(!one_shot)
-                    .serve_connection(TokioIo::new(stream), service);
-                connections.lock().push(tokio::spawn(async move {
-                    let _ = connection.await;
-                }));
+        let (url, served) = serve_fake(one_shot, move |request: Request<Incoming>| {
+            let state = state.clone();
+            async move {
+                let authorised = request.headers().get(SECRET_HEADER)
+                    == Some(&HeaderValue::from_static("s3cret"));
+                let path_ok = request.uri().path() == ReplicateWrite::PATH;
+                let header = |name: &str| {
+                    request
+                        .headers()
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned)
+                };
+                let ids = header(BATCH_WRITE_IDS_HEADER);
+                let rids = header(BATCH_REQUEST_IDS_HEADER)
+                    .or_else(|| header(REQUEST_ID_HEADER))
+                    .unwrap_or_default();
+                let body = request.into_body().collect().await?.to_bytes();
+                let records = decode_batch(&body).unwrap_or_default();
+                let mut seen = state.lock();
+                seen.requests += 1;
+                seen.request_ids.extend(rids.split(',').map(str::to_owned));
+                match ids {
+                    Some(ids) => seen
+                        .write_ids
+                        .extend(decode_write_ids(&ids, records.len()).unwrap()),
+                    None => seen.write_ids.extend(records.iter().map(|_| None)),
+                }
+                let mut held = Vec::new();
+                for record in &records {
+                    let now = seen.held.entry(record.key.clone()).or_insert(Version::ZERO);
+                    *now = (*now).max(record.version);
+                    held.push(now.to_string());
+                }
+                if mode == Replica::Short {
+                    held.pop();
+                }
+                let answer = ReplicateAnswer {
+                    applied: records.len(),
+                    held: Some(held),
+                };
+                let body = match mode {
+                    Replica::Garbage => Bytes::from_static(b"{\"applied\": \"many\"}"),
+                    _ => Bytes::from(serde_json::to_vec(&answer).unwrap()),
+                };
+                let mut response = hyper::Response::new(Full::new(body));
+                if !authorised || !path_ok {
+                    *response.status_mut() = StatusCode::UNAUTHORIZED;
+                } else if mode == Replica::Refuses {
+                    *response.status_mut() = StatusCode::INSUFFICIENT_STORAGE;
+                }
+                Ok::<_, hyper::Error>(response)
             }
-        });
+        })
+        .await;
         (url, seen, served)
     }
 
+    fn lanes(secret: &'static str) -> Arc<Lanes<EntriesRead>> {
+        lanes_of(secret)
+    }
+
     fn write_lanes(secret: &'static str) -> Arc<Lanes<ReplicateWrite>> {
-        Arc::new(Lanes::new(Arc::new(LaneConfig {
-            secret: Some(HeaderValue::from_static(secret)),
-            connect_timeout: Duration::from_secs(2),
-            request_timeout: Duration::from_secs(5),
-            local_address: None,
-        })))
+        lanes_of(secret)
     }
 
     fn versioned(key: &str, hlc: u64) -> Record {
