@@ -72,6 +72,9 @@
 # and kv against etcd; $OUT/summary.json holds all of it.
 #
 #   BENCH_REPAIR_KEYS keys loaded for get-lb-repair (1000000)
+#   BENCH_NODE_WORKERS  WORKER_THREADS of each node of the 3-node cluster (default: cores / 3,
+#                     at least 1, as scripts/cluster.sh gives them; the 1-node kv-node: one per
+#                     core)
 #   BENCH_NODE_ENV    extra VAR=VALUE settings for every kv-node, space-separated, e.g.
 #                     "ANTI_ENTROPY_BYTES_PER_SEC=4194304"
 #   BENCH_SOAK_PERCENT       soak rate, % of the measured peak (70)
@@ -89,6 +92,7 @@ WARMUP="${BENCH_WARMUP:-2s}"
 CONNS="${BENCH_CONNS:-32}"
 KEYS="${BENCH_KEYS:-10000}"
 ROUNDS="${BENCH_ROUNDS:-1}"
+CORES="$(nproc 2>/dev/null || echo 1)"
 SELECTED="${BENCH_SCENARIOS:-all}"
 OUT="${BENCH_OUT:-$(mktemp -d -t kv-bench.XXXXXX)}"
 HEALTH_WAIT_SECS=30   # how long a process may take to answer /health
@@ -164,16 +168,21 @@ wait_healthy() {
 }
 
 # start_node NAME PORT CLUSTER_NODES N [DATA]: one kv-node, WAL_SYNC=always, on DATA or a fresh
-# data folder; sets LAST_DATA.
+# data folder; sets LAST_DATA. Like scripts/cluster.sh, each node of a cluster gets its share of
+# the cores as worker threads (cores / nodes, at least 1; BENCH_NODE_WORKERS overrides it); the
+# single node gets one per core.
 start_node() {
-    local name="$1" port="$2" cluster="$3" n="$4" data="${5:-}"
+    local name="$1" port="$2" cluster="$3" n="$4" data="${5:-}" nodes workers
     if [[ -z "$data" ]]; then
         data="$(mktemp -d -t "kv-bench-$name.XXXXXX")"
         DATA_DIRS+=("$data")
     fi
     LAST_DATA="$data"
+    nodes="$(tr ',' '\n' <<<"$cluster" | grep -c .)"
+    workers="${BENCH_NODE_WORKERS:-$((CORES / nodes > 0 ? CORES / nodes : 1))}"
     launch "$name" env NODE_NAME="$name" PORT="$port" CURRENT_NODE_URL="http://127.0.0.1:$port" \
         CLUSTER_NODES="$cluster" REPLICATION_FACTOR="$n" DATA_DIR="$data" WAL_SYNC=always \
+        WORKER_THREADS="$workers" \
         RUST_LOG="${RUST_LOG:-warn}" ${BENCH_NODE_ENV:-} "$BIN_DIR/kv-node"
 }
 

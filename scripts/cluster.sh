@@ -16,7 +16,8 @@
 #
 # Runs from the repository root (or $KV_ROOT). Logs and pid files go to ./run/, node data to
 # ./data/node$i. Every other variable in the environment (WAL_SYNC, RUST_LOG, AUTH_TOKEN,
-# VNODES, REPLICATION_FACTOR, ...) reaches the processes unchanged. `up` gives the cluster a random
+# VNODES, REPLICATION_FACTOR, ...) reaches the processes unchanged; nodes get WORKER_THREADS =
+# cores / nodes (at least 1) unless it is set. `up` gives the cluster a random
 # CLUSTER_SECRET (or keeps the one in the environment), kept in run/cluster.env (mode 0600): nodes
 # refuse /internal calls without it, and /admin calls take it as a bearer token. With --tls, a
 # throwaway CA and certificate go to ./run/tls/ and every process serves (and calls its peers
@@ -190,11 +191,21 @@ save_cluster_env() {
     )
 }
 
+# Worker threads of each node when WORKER_THREADS is unset: the nodes share this machine, so
+# each gets its share of the cores (at least 1); a worker per core in every process makes them
+# wake each other's idle workers (README, Performance: "Worker threads").
+node_workers() {
+    local cores
+    cores="$(nproc 2>/dev/null || echo 1)"
+    echo $((cores / NODES > 0 ? cores / NODES : 1))
+}
+
 # Starts node $1 (a number) on its port; CLUSTER_NODES is $2.
 launch_node() {
     local i="$1" cluster_nodes="$2" port=$((BASE_PORT + $1 - 1)) tls=()
     mapfile -t tls < <(tls_vars)
     launch "node$i" env NODE_NAME="node$i" PORT="$port" CLUSTER_SECRET="${CLUSTER_SECRET:-}" \
+        WORKER_THREADS="${WORKER_THREADS:-$(node_workers)}" \
         CURRENT_NODE_URL="$(scheme)://127.0.0.1:$port" CLUSTER_NODES="$cluster_nodes" \
         REPLICATION_FACTOR="${REPLICATION_FACTOR:-3}" DATA_DIR="./data/node$i" \
         "${tls[@]}" "$BIN_DIR/kv-node"

@@ -106,6 +106,26 @@ fn cluster_sh_up_round_trip_down_leaves_nothing_behind() {
     let started = pids(root.path());
     assert_eq!(started.len(), 4, "3 nodes and the LB");
     assert!(started.iter().all(|p| alive(*p)));
+    // The three nodes share this machine: each gets its share of the cores as workers, the LB
+    // one per core.
+    let nproc = Command::new("nproc").output().unwrap();
+    let nproc: usize = String::from_utf8_lossy(&nproc.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    let node_log = std::fs::read_to_string(root.path().join("run/node1.log")).unwrap();
+    let wanted = format!("workers={}", (nproc / 3).max(1));
+    assert!(
+        node_log.contains(&wanted),
+        "{wanted} in node1's log:\n{node_log}"
+    );
+    let lb_log = std::fs::read_to_string(root.path().join("run/lb.log")).unwrap();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let wanted = format!("workers={cores}");
+    assert!(
+        lb_log.contains(&wanted),
+        "{wanted} in the LB's log:\n{lb_log}"
+    );
 
     let lb_url = format!("http://127.0.0.1:{lb}");
     let put = send(

@@ -54,6 +54,7 @@ Configuration is read from the environment (default in brackets):
   MAX_CONNECTIONS           client connections served at once     [{DEFAULT_MAX_CONNECTIONS}]
   HEAD_TIMEOUT_MS           deadline of a request head once begun [{DEFAULT_HEAD_TIMEOUT_MS}]
   IDLE_TIMEOUT_MS           idle keep-alive connection closed     [{DEFAULT_IDLE_TIMEOUT_MS}]
+  WORKER_THREADS            async worker threads (0: 1 per core)  [0]
   TLS_CERT_FILE             PEM certificate; with the key: HTTPS  [unset: plain HTTP]
   TLS_KEY_FILE              PEM private key of TLS_CERT_FILE      [unset]
   TLS_CA_FILE               PEM CA the nodes (https://) chain to  [unset]
@@ -81,6 +82,7 @@ struct LbEnv {
     max_connections: Option<String>,
     head_timeout_ms: Option<String>,
     idle_timeout_ms: Option<String>,
+    worker_threads: Option<String>,
     tls_cert_file: Option<String>,
     tls_key_file: Option<String>,
     tls_ca_file: Option<String>,
@@ -122,6 +124,8 @@ pub struct LbConfig {
     pub log_format: LogFormat,
     /// Limits of the client-facing door (`MAX_CONNECTIONS`, `HEAD_TIMEOUT_MS`, `IDLE_TIMEOUT_MS`).
     pub serve_limits: kv_http::ServeLimits,
+    /// Async worker threads (`WORKER_THREADS`; unset or 0: one per core).
+    pub worker_threads: usize,
     /// PEM certificate chain and key to serve HTTPS with (`TLS_CERT_FILE`, `TLS_KEY_FILE`).
     pub tls_identity: Option<(PathBuf, PathBuf)>,
     /// PEM CA that `https://` nodes must chain to (`TLS_CA_FILE`).
@@ -239,6 +243,7 @@ impl LbEnv {
                 )?,
                 ..kv_http::ServeLimits::default()
             },
+            worker_threads: parse_worker_threads(self.worker_threads.as_deref())?,
             tls_identity: parse_tls_identity(self.tls_cert_file, self.tls_key_file)?,
             tls_ca_file: non_empty(self.tls_ca_file).map(PathBuf::from),
         })
@@ -342,6 +347,20 @@ fn parse_bind_addr(raw: Option<&str>) -> Result<IpAddr, ConfigError> {
 }
 
 /// A whole number in `1..=max`, or `default` when unset.
+/// `WORKER_THREADS`: 1 to [`kv_http::MAX_WORKER_THREADS`]; unset or 0: one per core.
+fn parse_worker_threads(raw: Option<&str>) -> Result<usize, ConfigError> {
+    let max = kv_http::MAX_WORKER_THREADS;
+    match raw.map(|r| (r, r.trim().parse::<usize>())) {
+        None | Some((_, Ok(0))) => Ok(kv_http::default_worker_threads()),
+        Some((_, Ok(n))) if n <= max => Ok(n),
+        Some((raw, _)) => Err(ConfigError::new(
+            "WORKER_THREADS",
+            raw,
+            format!("a whole number from 0 to {max} (0: one per core)"),
+        )),
+    }
+}
+
 fn parse_count(
     variable: &'static str,
     raw: Option<&str>,
@@ -429,6 +448,12 @@ mod tests {
         assert_eq!(config.serve_limits.max_connections, 1024);
         assert_eq!(config.serve_limits.head_timeout, Duration::from_secs(10));
         assert_eq!(config.serve_limits.idle_timeout, Duration::from_secs(60));
+        assert_eq!(config.worker_threads, kv_http::default_worker_threads());
+        assert_eq!(
+            env(&[("WORKER_THREADS", "0")]).unwrap().worker_threads,
+            kv_http::default_worker_threads()
+        );
+        assert_eq!(env(&[("WORKER_THREADS", "2")]).unwrap().worker_threads, 2);
         assert_eq!(config.tls_identity, None);
         assert_eq!(config.tls_ca_file, None);
     }
@@ -509,6 +534,8 @@ mod tests {
             ("MAX_CONNECTIONS", "0", "MAX_CONNECTIONS=0: expected a whole number from 1 to 1000000"),
             ("HEAD_TIMEOUT_MS", "0", "HEAD_TIMEOUT_MS=0: expected a whole number of milliseconds"),
             ("IDLE_TIMEOUT_MS", "x", "IDLE_TIMEOUT_MS=x: expected a whole number of milliseconds"),
+            ("WORKER_THREADS", "two", "WORKER_THREADS=two: expected a whole number from 0 to 1024 (0: one per core)"),
+            ("WORKER_THREADS", "1025", "WORKER_THREADS=1025: expected a whole number from 0 to 1024"),
             ("TLS_CERT_FILE", "cert.pem", "TLS_KEY_FILE=: expected the private key file of TLS_CERT_FILE=cert.pem"),
             ("TLS_KEY_FILE", "key.pem", "TLS_CERT_FILE=: expected the certificate file of TLS_KEY_FILE=key.pem"),
         ];

@@ -69,10 +69,7 @@ fn main() -> ExitCode {
     if let Some(warning) = thp_warning {
         tracing::warn!("{warning}");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match kv_http::runtime(config.worker_threads) {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("kv-lb: cannot start the async runtime: {e}");
@@ -178,6 +175,7 @@ async fn run(config: LbConfig, tls: LbTls) -> Result<(), String> {
         vnodes = state.vnodes,
         auth = config.auth_token.is_some(),
         tls = tls.acceptor.is_some(),
+        workers = config.worker_threads,
         "kv-lb listening"
     );
     let shutdown = async {

@@ -49,6 +49,7 @@ struct NodeEnv {
     shutdown_grace_secs: Option<String>,
     transfer_keys_per_sec: Option<String>,
     max_connections: Option<String>,
+    worker_threads: Option<String>,
     log_format: Option<String>,
     // TLS (see `TlsFiles`).
     tls_cert_file: Option<String>,
@@ -149,6 +150,8 @@ pub struct NodeConfig {
     pub transfer_keys_per_sec: u64,
     /// Connections served at once.
     pub max_connections: usize,
+    /// Async worker threads (`WORKER_THREADS`; unset or 0: one per core).
+    pub worker_threads: usize,
     /// Log output format.
     pub log_format: LogFormat,
     /// TLS files (`TLS_CERT_FILE`, `TLS_KEY_FILE`, `TLS_CA_FILE`); all `None`: plain HTTP.
@@ -558,6 +561,16 @@ impl NodeEnv {
                 1,
                 1_000_000,
             )?,
+            worker_threads: match parse_num(
+                "WORKER_THREADS",
+                self.worker_threads.as_deref(),
+                0,
+                0,
+                kv_http::MAX_WORKER_THREADS,
+            )? {
+                0 => kv_http::default_worker_threads(),
+                n => n,
+            },
             log_format,
             tls: TlsFiles::from_env(self.tls_cert_file, self.tls_key_file, self.tls_ca_file)?,
         })
@@ -615,6 +628,18 @@ mod tests {
         assert_eq!(c.wal_prealloc_bytes, 64 << 20);
         assert_eq!(c.wal_batch_delay, Duration::from_micros(100));
         assert_eq!(c.write_consistency, Consistency::Quorum);
+        assert_eq!(c.worker_threads, kv_http::default_worker_threads());
+    }
+
+    #[test]
+    fn worker_threads_are_read_zero_meaning_one_per_core() {
+        assert_eq!(env(&[("WORKER_THREADS", "1")]).unwrap().worker_threads, 1);
+        let zero = env(&[("WORKER_THREADS", "0")]).unwrap();
+        assert_eq!(zero.worker_threads, kv_http::default_worker_threads());
+        for bad in ["-1", "many", "1025"] {
+            let e = env(&[("WORKER_THREADS", bad)]).unwrap_err().to_string();
+            assert!(e.contains("WORKER_THREADS"), "{e}");
+        }
     }
 
     #[test]

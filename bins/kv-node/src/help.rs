@@ -187,6 +187,11 @@ pub const HELP_VARIABLES: &[(&str, &str, &str)] = &[
         "1024",
         "client and peer connections served at once; more wait",
     ),
+    (
+        "WORKER_THREADS",
+        "0",
+        "async worker threads; 0: one per core (scripts/cluster.sh: cores / nodes)",
+    ),
     ("RUST_LOG", "info", "tracing filter"),
     ("LOG_FORMAT", "text", "text | json"),
     (

@@ -71,10 +71,7 @@ fn main() -> ExitCode {
     if let Some(warning) = thp_warning {
         warn!("{warning}");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match kv_http::runtime(config.worker_threads) {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("kv-node: cannot start the async runtime: {e}");
@@ -153,7 +150,7 @@ async fn run(config: NodeConfig, tls: tls::NodeTls) -> Result<(), Failure> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
-    info!(node = %config.name, url = %config.url, listen = %config.listen, nodes = config.nodes.len(), tls = tls.acceptor.is_some(), "serving");
+    info!(node = %config.name, url = %config.url, listen = %config.listen, nodes = config.nodes.len(), tls = tls.acceptor.is_some(), workers = config.worker_threads, "serving");
     let grace = config.shutdown_grace;
     let limits = kv_http::ServeLimits {
         max_connections: config.max_connections,

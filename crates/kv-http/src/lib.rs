@@ -11,6 +11,7 @@
 //! - [`error_body`]: the JSON error body `{"error": code, "message": text}`.
 //! - [`dashboard`]: the `/ui` page, the per-route request window and recent warnings it shows.
 //! - [`limit_transparent_huge_pages`]: the process memory setting both binaries apply at start.
+//! - [`runtime()`]: the async runtime both binaries run on, `WORKER_THREADS` workers.
 //! - [`Error`]: the crate's one error enum.
 
 mod bearer;
@@ -19,6 +20,7 @@ pub mod dashboard;
 mod error;
 mod error_body;
 mod memory;
+mod runtime;
 pub mod serve;
 mod signal;
 pub mod tls;
@@ -27,6 +29,7 @@ pub use bearer::bearer_matches;
 pub use error::Error;
 pub use error_body::{error_body, error_response};
 pub use memory::limit_transparent_huge_pages;
+pub use runtime::{default_worker_threads, runtime, MAX_WORKER_THREADS};
 pub use serve::{serve, Handler, ServeLimits};
 pub use signal::shutdown_signal;
 pub use tls::TlsAcceptor;

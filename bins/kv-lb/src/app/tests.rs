@@ -129,6 +129,7 @@ fn config(nodes: &[&str]) -> LbConfig {
         log_filter: "info".into(),
         log_format: LogFormat::Text,
         serve_limits: kv_http::ServeLimits::default(),
+        worker_threads: 1,
         tls_identity: None,
         tls_ca_file: None,
     }
