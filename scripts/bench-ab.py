@@ -57,7 +57,8 @@ class Cluster:
         base = free_base(5)
         self.base, self.lb = base, base + 4
         self.env = dict(os.environ, KV_ROOT=self.root, KV_BIN_DIR=self.bin_dir, WAL_SYNC="always",
-                        RUST_LOG="warn", **env)
+                        RUST_LOG="warn")
+        self.env.update(env)
 
     def script(self, *args):
         return subprocess.run(["bash", CLUSTER, *args], env=self.env, capture_output=True,

@@ -462,7 +462,7 @@ impl Cluster {
     /// Passes a client request to the first replica that takes it; the answer comes back unchanged.
     /// A refused connection moves on to the next replica; other failures do so only for reads,
     /// since a write may already have been applied.
-    #[instrument(skip_all, fields(method = %request.method))]
+    #[instrument(level = "debug", skip_all, fields(method = %request.method))]
     pub async fn forward(
         &self,
         targets: &[Arc<str>],

@@ -305,7 +305,7 @@ impl Cluster {
     /// (they catch this node up later by read repair). When the other replicas cannot make W
     /// without it, the write is refused up front with [`kv_core::Error::DiskFull`] (507), and
     /// nothing is written anywhere.
-    #[instrument(skip(self, write), fields(%w))]
+    #[instrument(level = "debug", skip(self, write), fields(%w))]
     pub async fn write(
         &self,
         key: &str,
@@ -496,7 +496,7 @@ impl Cluster {
     /// return anything older; `r=one` repairs in the background only. When they agree the read
     /// answers at once. The clock observes the newest version, so a write that follows this read
     /// on this node gets a greater one.
-    #[instrument(skip(self), fields(%r))]
+    #[instrument(level = "debug", skip(self), fields(%r))]
     pub async fn read(&self, key: &str, r: Consistency, request_id: &str) -> Result<Option<Entry>> {
         let replicas = self.read_order(self.replicas(key));
         let n = replicas.len();
