@@ -193,7 +193,7 @@ save_cluster_env() {
 
 # Worker threads of each node when WORKER_THREADS is unset: the nodes share this machine, so
 # each gets its share of the cores (at least 1); a worker per core in every process makes them
-# wake each other's idle workers (README, Performance: "Worker threads").
+# wake each other's idle workers (docs/PERFORMANCE.md, "Worker threads").
 node_workers() {
     local cores
     cores="$(nproc 2>/dev/null || echo 1)"

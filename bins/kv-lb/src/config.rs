@@ -346,7 +346,6 @@ fn parse_bind_addr(raw: Option<&str>) -> Result<IpAddr, ConfigError> {
     })
 }
 
-/// A whole number in `1..=max`, or `default` when unset.
 /// `WORKER_THREADS`: 1 to [`kv_http::MAX_WORKER_THREADS`]; unset or 0: one per core.
 fn parse_worker_threads(raw: Option<&str>) -> Result<usize, ConfigError> {
     let max = kv_http::MAX_WORKER_THREADS;
@@ -361,6 +360,7 @@ fn parse_worker_threads(raw: Option<&str>) -> Result<usize, ConfigError> {
     }
 }
 
+/// A whole number in `1..=max`, or `default` when unset.
 fn parse_count(
     variable: &'static str,
     raw: Option<&str>,

@@ -3,8 +3,8 @@
 //! One worker per core (tokio's default) suits a process that has the machine to itself. Several
 //! kv processes on one machine (the local cluster of `scripts/cluster.sh`: three nodes and the load
 //! balancer) each with a worker per core keep waking each other's idle workers to steal work they
-//! do not need; on two cores, nodes with one worker each served 10-15 % more requests per CPU
-//! second (docs/PERFORMANCE.md, "Worker threads"). `cluster.sh` therefore gives each node its
+//! do not need; on two cores, nodes with one worker each used 7-19 % less CPU per request than
+//! with two (docs/PERFORMANCE.md, "Worker threads"). `cluster.sh` therefore gives each node its
 //! share of the cores unless `WORKER_THREADS` is set.
 
 /// Most worker threads `WORKER_THREADS` accepts.
