@@ -667,6 +667,12 @@ mod tests {
     type Served = Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>;
 
     /// Lanes of kind `K` that send `secret` as the cluster secret.
+    /// The URL of a loopback port that nothing listens on (bound, then released).
+    fn unreachable_peer() -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    }
+
     fn lanes_of<K: LaneKind>(secret: &'static str) -> Arc<Lanes<K>> {
         Arc::new(Lanes::new(Arc::new(LaneConfig {
             secret: Some(HeaderValue::from_static(secret)),
@@ -758,9 +764,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreachable_peer_is_a_connect_error_and_https_is_not_served_here() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let peer = format!("http://{}", listener.local_addr().unwrap());
-        drop(listener);
+        let peer = unreachable_peer();
         let lanes = lanes("s3cret");
         let error = read(&lanes, &peer, "k1").await.unwrap_err();
         assert!(error.is_connect(), "{error}");
@@ -989,9 +993,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreachable_replica_is_a_connect_error_and_https_keeps_its_write() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let peer = format!("http://{}", listener.local_addr().unwrap());
-        drop(listener);
+        let peer = unreachable_peer();
         let lanes = write_lanes("s3cret");
         let error = write(&lanes, &peer, (versioned("a", 1), None))
             .await
